@@ -1,0 +1,121 @@
+"""What every stage shares: the data section, stage folders and their result files, MLflow logging glue.
+
+A stage writes into its own folder ``<out>/<stage>/``::
+
+    model/          the speaker model (svlib model folder) the next stage starts from
+    head.safetensors  the AAM classifier weights (training stages), so the next stage can continue them
+    ckpt/           training checkpoints (resume)
+    result.json     written last: its presence means the stage is complete (the pipeline skips it)
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from svlib.config import check_relative, save_config
+from svlib.data.lists import DataDir, Trials, read_trials
+
+RESULT = "result.json"
+
+
+@dataclass
+class DataConfig:
+    """Kaldi-style data dirs and trial lists, relative to the repo root (``make prepare`` writes them)."""
+
+    train: str | None = None
+    val: str | None = None
+    val_trials: str | None = None
+    test: str | None = None
+    test_trials: dict[str, str] = field(default_factory=dict)  # name -> trial list
+    noise_list: str | None = None  # `name category path` (prepare musan)
+    rir_list: str | None = None    # `name category path` (prepare rirs)
+
+    def __post_init__(self) -> None:
+        for key in ("train", "val", "val_trials", "test", "noise_list", "rir_list"):
+            check_relative(getattr(self, key), f"data.{key}")
+        for name, path in self.test_trials.items():
+            check_relative(path, f"data.test_trials.{name}")
+
+    def load_dir(self, key: str) -> DataDir:
+        path = getattr(self, key)
+        if path is None:
+            raise ValueError(f"data.{key} is not set in the config")
+        return DataDir.load(path)
+
+    def validation(self) -> tuple[DataDir, Trials] | None:
+        if self.val is None or self.val_trials is None:
+            return None
+        return self.load_dir("val"), read_trials(self.val_trials)
+
+    def tests(self) -> tuple[DataDir, dict[str, Trials]] | None:
+        if self.test is None or not self.test_trials:
+            return None
+        return self.load_dir("test"), {name: read_trials(path) for name, path in self.test_trials.items()}
+
+    def list_files(self) -> list[str]:
+        paths = [self.train, self.val, self.val_trials, self.test, self.noise_list, self.rir_list]
+        return [p for p in paths + list(self.test_trials.values()) if p is not None and os.path.exists(p)]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def read_result(stage_dir: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(stage_dir) / RESULT
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_result(stage_dir: str | os.PathLike, result: dict[str, Any]) -> Path:
+    path = Path(stage_dir) / RESULT
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def write_stage_config(stage_dir: Path, cfg: Any, tracker=None) -> None:
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, stage_dir / "config.yaml")
+    if tracker is not None:
+        tracker.log_artifact(stage_dir / "config.yaml")
+
+
+def metrics_of(results: dict[str, dict], prefix: str = "") -> dict[str, float]:
+    """``{list: summary}`` -> flat MLflow metrics ``{prefix}{list}_eer_pct`` etc. (scores left out)."""
+    flat = {}
+    for name, summary in results.items():
+        for key in ("eer_pct", "mindcf_0.01", "mindcf_0.05"):
+            flat[f"{prefix}{name}_{key}"] = float(summary[key])
+    return flat
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    @property
+    def minutes(self) -> float:
+        return (time.perf_counter() - self.start) / 60.0
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str], title: str | None = None) -> str:
+    """A plain fixed-width table (also returned, for logs)."""
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ([title] if title else []) + ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text

@@ -1,0 +1,298 @@
+"""Additive noise (MUSAN noise / music / babble) and reverberation (RIR convolution), in torch on the batch.
+
+Per utterance, independently:
+
+* with probability ``reverb_prob``: ``y = (x * h)[n + p]`` where ``h`` is a random RIR scaled to unit energy
+  (``sum h^2 = 1``) and ``p = argmax |h|`` its direct-path peak. Reading the full convolution from ``p`` on
+  keeps the speech where it was (labels, crops and lengths stay valid) and a unit delta RIR returns ``x``
+  exactly. The convolution is done with real FFTs of size ``>= N + R - 1`` (no circular wrap).
+* with probability ``noise_prob``: a category is chosen uniformly among those with files (``noise``, ``music``,
+  ``babble`` = sum of ``babble_speakers`` speech files, each first scaled to unit power so no talker
+  dominates), an SNR ``s`` is drawn uniformly from that category's range, and
+  ``y = x + g * n`` with ``g = sqrt(P_x / (P_n * 10^(s/10)))``, powers ``P = mean(v^2)`` taken over the
+  utterance's valid (unpadded) samples only, so padding neither dilutes the speech power nor gets noise.
+
+Reverberation comes first, as in a room: the noise is not reverberated by the speaker's room.
+All random choices come from the ``torch.Generator`` passed in, so a seeded generator reproduces a batch.
+Noise and RIR files are decoded once and kept on the CPU; only the crops of one batch go to the device.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from svlib.audio import SAMPLE_RATE, load_audio
+from svlib.data.lists import ListError, read_audio_list
+
+__all__ = ["AugmentConfig", "Augmenter", "read_noise_list", "read_rir_list", "add_noise", "reverberate"]
+
+NOISE_CATEGORIES = ("noise", "music", "speech")
+
+
+@dataclass
+class AugmentConfig:
+    """Probabilities per utterance and SNR ranges (dB) per noise category; ``babble_speakers`` inclusive."""
+
+    noise_prob: float = 0.0
+    reverb_prob: float = 0.0
+    snr_noise: tuple[float, float] = (0.0, 15.0)
+    snr_music: tuple[float, float] = (5.0, 15.0)
+    snr_babble: tuple[float, float] = (13.0, 20.0)
+    babble_speakers: tuple[int, int] = (3, 7)
+
+    def __post_init__(self) -> None:
+        for name in ("noise_prob", "reverb_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        for name in ("snr_noise", "snr_music", "snr_babble"):
+            lo, hi = getattr(self, name)
+            if not lo <= hi:
+                raise ValueError(f"{name} must be (low, high) with low <= high, got {getattr(self, name)}")
+        lo, hi = self.babble_speakers
+        if not 1 <= lo <= hi:
+            raise ValueError(f"babble_speakers must be (low, high) with 1 <= low <= high, got {self.babble_speakers}")
+
+
+def read_noise_list(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``name category path`` lines (category noise / music / speech) -> ``[(path, category)]``."""
+    out = []
+    for entry in read_audio_list(path):
+        if entry.category not in NOISE_CATEGORIES:
+            raise ListError(f"{path}: entry '{entry.name}' has category {entry.category!r}; "
+                            f"expected one of {list(NOISE_CATEGORIES)}")
+        out.append((entry.path, entry.category))
+    if not out:
+        raise ListError(f"{path}: noise list is empty")
+    return out
+
+
+def read_rir_list(path: str | os.PathLike) -> list[str]:
+    """RIR list -> paths. Lines are ``name path`` or ``name category path`` (category, e.g. room size, ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ListError(f"{path}: file not found")
+    out, seen = [], {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) not in (2, 3):
+            raise ListError(f"{path}:{number}: expected '<name> <path>' or '<name> <category> <path>', "
+                            f"got {len(fields)} field(s)")
+        if fields[0] in seen:
+            raise ListError(f"{path}:{number}: duplicate name '{fields[0]}' (first on line {seen[fields[0]]})")
+        seen[fields[0]] = number
+        out.append(fields[-1])
+    if not out:
+        raise ListError(f"{path}: RIR list is empty")
+    return out
+
+
+def _valid_mask(lengths: torch.Tensor | None, batch: int, num: int, device) -> torch.Tensor:
+    if lengths is None:
+        return torch.ones(batch, num, dtype=torch.bool, device=device)
+    return torch.arange(num, device=device)[None, :] < lengths.to(device)[:, None]
+
+
+def add_noise(waves: torch.Tensor, noise: torch.Tensor, snr_db: torch.Tensor,
+              lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """``x + g n`` with ``g = sqrt(P_x / (P_n 10^(snr/10)))``, powers over valid samples; rows [B, N].
+
+    A silent noise row (``P_n = 0``) leaves its utterance unchanged instead of dividing by zero.
+    """
+    mask = _valid_mask(lengths, waves.shape[0], waves.shape[1], waves.device).to(waves.dtype)
+    noise = noise * mask
+    p_x = (waves * waves * mask).sum(1)
+    p_n = (noise * noise).sum(1)  # the count of valid samples cancels in the ratio
+    gain = torch.where(p_n > 0, torch.sqrt(p_x / (p_n.clamp_min(1e-30) * 10.0 ** (snr_db.to(waves) / 10.0))),
+                       torch.zeros_like(p_n))
+    return waves + gain[:, None] * noise
+
+
+def reverberate(waves: torch.Tensor, rirs: torch.Tensor, peaks: torch.Tensor | Sequence[int],
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Row ``b`` becomes ``(x_b * h_b)[n + peaks[b]]`` for ``n < lengths[b]`` (padding is kept as it was).
+
+    ``rirs`` [B, R] are used as given (normalise them first); FFT size ``>= N + R - 1`` so the linear
+    convolution does not wrap around.
+    """
+    batch, num = waves.shape
+    mask = _valid_mask(lengths, batch, num, waves.device)
+    x = waves * mask
+    size = num + rirs.shape[1] - 1
+    size = 1 << (size - 1).bit_length()  # power of two: fastest FFT path on both CPU and GPU
+    full = torch.fft.irfft(torch.fft.rfft(x, n=size) * torch.fft.rfft(rirs.to(x), n=size), n=size)
+    peaks = torch.as_tensor(peaks, device=waves.device, dtype=torch.long)
+    index = peaks[:, None] + torch.arange(num, device=waves.device)[None, :]
+    shifted = torch.gather(full, 1, index)
+    return torch.where(mask, shifted, waves)
+
+
+class Augmenter:
+    """``augmenter(waves [B, N], lengths [B] | None, generator) -> waves`` on ``waves.device``.
+
+    ``noises``: ``(path, category)`` pairs, or ``(array, category)`` with 16-kHz audio already in memory;
+    category in noise / music / speech (speech files make babble). ``rirs``: paths or arrays.
+    ``max_noise_seconds`` reads only the start of each noise file (MUSAN music files run for minutes, and
+    all of MUSAN held in memory would take tens of GB); ``None`` keeps whole files.
+    """
+
+    def __init__(self, cfg: AugmentConfig, noises: Iterable = (), rirs: Iterable = (), sample_rate: int = SAMPLE_RATE,
+                 max_noise_seconds: float | None = None):
+        self.cfg = cfg
+        self.sample_rate = sample_rate
+        self.max_noise_seconds = max_noise_seconds
+        self._noises: dict[str, list] = {c: [] for c in NOISE_CATEGORIES}
+        for item in noises:
+            try:
+                source, category = item
+            except (TypeError, ValueError):
+                raise ValueError(f"noise entries must be (path or array, category) pairs, got {item!r}") from None
+            if category not in NOISE_CATEGORIES:
+                raise ValueError(f"noise {source if isinstance(source, (str, Path)) else 'array'}: category "
+                                 f"{category!r} is not one of {list(NOISE_CATEGORIES)}")
+            self._noises[category].append(self._check_source(source, "noise"))
+        self._rirs = [self._check_source(r, "RIR") for r in rirs]
+        # babble is made of speech files; the name the SNR range uses is "babble".
+        self.categories = [name for name, src in (("noise", "noise"), ("music", "music"), ("babble", "speech"))
+                           if self._noises[src]]
+        if cfg.noise_prob > 0 and not self.categories:
+            raise ValueError(f"noise_prob={cfg.noise_prob} but no noise files were given")
+        if cfg.reverb_prob > 0 and not self._rirs:
+            raise ValueError(f"reverb_prob={cfg.reverb_prob} but no RIR files were given")
+        self._noise_cache: dict[tuple[str, int], torch.Tensor] = {}
+        self._rir_cache: dict[int, tuple[torch.Tensor, int]] = {}
+
+    @staticmethod
+    def _check_source(source, what: str):
+        if isinstance(source, (str, os.PathLike)):
+            return str(source)
+        array = torch.as_tensor(np.asarray(source, dtype=np.float32)).reshape(-1)
+        if array.numel() == 0 or not torch.isfinite(array).all():
+            raise ValueError(f"an in-memory {what} signal is empty or not finite")
+        return array
+
+    @classmethod
+    def from_lists(cls, cfg: AugmentConfig, noise_list_path: str | os.PathLike | None = None,
+                   rir_list_path: str | os.PathLike | None = None, **kwargs) -> "Augmenter":
+        """Build from the lists that ``svlib.data.prepare`` writes (either may be None when unused)."""
+        noises = read_noise_list(noise_list_path) if noise_list_path is not None else []
+        rirs = read_rir_list(rir_list_path) if rir_list_path is not None else []
+        return cls(cfg, noises, rirs, **kwargs)
+
+    @property
+    def num_noises(self) -> dict[str, int]:
+        return {c: len(v) for c, v in self._noises.items()}
+
+    @property
+    def num_rirs(self) -> int:
+        return len(self._rirs)
+
+    # ---- audio ------------------------------------------------------------------------------------
+    def _noise(self, category: str, index: int) -> torch.Tensor:
+        key = (category, index)
+        if key not in self._noise_cache:
+            source = self._noises[category][index]
+            if isinstance(source, str):
+                source = torch.from_numpy(load_audio(source, self.sample_rate, self.max_noise_seconds))
+            self._noise_cache[key] = source
+        return self._noise_cache[key]
+
+    def _rir(self, index: int) -> tuple[torch.Tensor, int]:
+        """RIR ``index`` scaled to unit energy, and the index of its direct-path peak."""
+        if index not in self._rir_cache:
+            source = self._rirs[index]
+            rir = torch.from_numpy(load_audio(source, self.sample_rate)) if isinstance(source, str) else source
+            energy = float((rir.double() ** 2).sum())
+            if energy <= 0:
+                raise ValueError(f"RIR {source if isinstance(source, str) else '(array)'} is all zeros")
+            rir = (rir.double() / energy ** 0.5).float()
+            self._rir_cache[index] = (rir, int(rir.abs().argmax()))
+        return self._rir_cache[index]
+
+    # ---- randomness -------------------------------------------------------------------------------
+    @staticmethod
+    def _uniform(n: int, generator: torch.Generator | None) -> list[float]:
+        device = generator.device if generator is not None else "cpu"
+        return torch.rand(n, generator=generator, device=device, dtype=torch.float64).tolist()
+
+    def _randint(self, high: int, generator) -> int:
+        """Uniform integer in ``[0, high)``."""
+        return min(int(self._uniform(1, generator)[0] * high), high - 1)
+
+    def _crop(self, signal: torch.Tensor, num: int, generator) -> torch.Tensor:
+        """``num`` samples from a random offset, wrapping around (repeat-padding) when the signal is short."""
+        length = signal.numel()
+        if length >= num:
+            start = self._randint(length - num + 1, generator)
+            return signal[start:start + num]
+        start = self._randint(length, generator)
+        return signal.roll(-start).repeat(-(-num // length))[:num]
+
+    # ---- the transform ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, waves: torch.Tensor, lengths: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        if isinstance(lengths, torch.Generator):
+            # The short contract form augmenter(waves, generator) passes the generator second.
+            lengths, generator = None, lengths
+        if waves.dim() != 2:
+            raise ValueError(f"Augmenter expects waves [B, N], got shape {tuple(waves.shape)}")
+        cfg = self.cfg
+        if (cfg.noise_prob == 0 and cfg.reverb_prob == 0) or waves.numel() == 0:
+            return waves
+        batch, num = waves.shape
+        device, dtype = waves.device, waves.dtype
+        out = waves.to(torch.float32, copy=True)  # never modify the caller's batch in place
+        draws = self._uniform(2 * batch, generator)
+        reverb_rows = [b for b in range(batch) if draws[b] < cfg.reverb_prob]
+        noise_rows = [b for b in range(batch) if draws[batch + b] < cfg.noise_prob]
+
+        if reverb_rows:
+            picked = [self._rir(self._randint(len(self._rirs), generator)) for _ in reverb_rows]
+            rirs = torch.zeros(len(picked), max(r.numel() for r, _ in picked))
+            for i, (r, _) in enumerate(picked):
+                rirs[i, :r.numel()] = r
+            rows = torch.tensor(reverb_rows, device=device)
+            sub_lengths = lengths[rows.to(lengths.device)] if lengths is not None else None
+            out[rows] = reverberate(out[rows], rirs.to(device), [p for _, p in picked], sub_lengths)
+
+        if noise_rows:
+            noise = torch.empty(len(noise_rows), num)
+            snrs = torch.empty(len(noise_rows), dtype=torch.float64)
+            for i in range(len(noise_rows)):
+                category = self.categories[self._randint(len(self.categories), generator)]
+                lo, hi = getattr(cfg, f"snr_{category}")
+                snrs[i] = lo + (hi - lo) * self._uniform(1, generator)[0]
+                if category == "babble":
+                    noise[i] = self._babble(num, generator)
+                else:
+                    files = self._noises[category]
+                    noise[i] = self._crop(self._noise(category, self._randint(len(files), generator)), num, generator)
+            rows = torch.tensor(noise_rows, device=device)
+            sub_lengths = lengths[rows.to(lengths.device)] if lengths is not None else None
+            out[rows] = add_noise(out[rows], noise.to(device), snrs.to(device), sub_lengths)
+        return out.to(dtype)
+
+    def _babble(self, num: int, generator) -> torch.Tensor:
+        lo, hi = self.cfg.babble_speakers
+        count = lo + self._randint(hi - lo + 1, generator)
+        files = self._noises["speech"]
+        if count <= len(files):
+            device = generator.device if generator is not None else "cpu"
+            chosen = torch.randperm(len(files), generator=generator, device=device)[:count].tolist()
+        else:  # fewer speech files than talkers: repeats still differ by their crop offset
+            chosen = [self._randint(len(files), generator) for _ in range(count)]
+        total = torch.zeros(num)
+        for index in chosen:
+            seg = self._crop(self._noise("speech", index), num, generator)
+            power = float((seg.double() ** 2).mean())
+            if power > 0:
+                total += seg / power ** 0.5
+        return total

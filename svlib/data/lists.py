@@ -1,0 +1,492 @@
+"""Kaldi-style data directories, trial lists and typed audio lists (noise / RIR).
+
+A data directory holds
+  ``wav.scp``   ``<utt> <path>`` (or ``<recording> <path>`` when ``segments`` exists)
+  ``utt2spk``   ``<utt> <speaker>``
+  ``segments``  optional, ``<utt> <recording> <start-seconds> <end-seconds>`` (Kaldi; ``end`` -1 = end of file)
+  ``utt2dur``   optional, ``<utt> <seconds>``, so that length-aware sampling need not open every file
+  ``spk2utt``   derived; written for Kaldi tools, checked against ``utt2spk`` when present on load.
+
+Paths in ``wav.scp`` are plain file names, never Kaldi command pipes. A relative path resolves against the
+*current working directory* (the Kaldi convention), so svlib writes paths relative to the repo root and is
+run from there; ``DataDir.load(..., root=...)`` resolves them against another folder instead.
+
+Every parse error is a ``ListError`` that names the file and the 1-based line, because a list of a
+million lines is only fixable when the message says where to look.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from svlib.audio import SAMPLE_RATE, AudioError, audio_seconds, load_audio
+
+__all__ = [
+    "ListError",
+    "DataDir",
+    "Trials",
+    "read_trials",
+    "write_trials",
+    "AudioEntry",
+    "read_audio_list",
+    "write_audio_list",
+    "read_segment",
+]
+
+
+class ListError(ValueError):
+    """A malformed or inconsistent list file (message names file and line)."""
+
+
+def _raw_lines(path: Path) -> Iterator[tuple[int, str, list[str]]]:
+    """Yield ``(line_number, stripped line, fields)`` for non-blank lines; CRLF and trailing blanks are tolerated."""
+    if not path.is_file():
+        raise ListError(f"{path}: file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ListError(f"{path}: not UTF-8 text ({err})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if fields:
+            yield number, line.strip(), fields
+
+
+def _lines(path: Path) -> Iterator[tuple[int, list[str]]]:
+    for number, _, fields in _raw_lines(path):
+        yield number, fields
+
+
+def _read_table(path: Path, num_fields: int | None, what: str) -> dict[str, tuple[int, list[str]]]:
+    """Key -> (line, other fields). ``num_fields`` None means "key plus the rest of the line as one field"."""
+    out: dict[str, tuple[int, list[str]]] = {}
+    for number, line, fields in _raw_lines(path):
+        if num_fields is None:
+            if len(fields) < 2:
+                raise ListError(f"{path}:{number}: expected '{what}', got {len(fields)} field(s)")
+            # Kaldi takes the rest of the line as the file name, so paths with spaces survive.
+            rest = [line[len(fields[0]):].strip()]
+        else:
+            if len(fields) != num_fields:
+                raise ListError(f"{path}:{number}: expected {num_fields} fields '{what}', got {len(fields)}")
+            rest = fields[1:]
+        key = fields[0]
+        if key in out:
+            raise ListError(f"{path}:{number}: duplicate key '{key}' (first on line {out[key][0]})")
+        out[key] = (number, rest)
+    return out
+
+
+def _check_token(value: str, what: str) -> None:
+    if not value or any(c.isspace() for c in value):
+        raise ListError(f"{what} {value!r} is empty or contains whitespace, which Kaldi lists cannot hold")
+
+
+@dataclass
+class DataDir:
+    """One Kaldi data directory in memory.
+
+    ``wavs`` always maps *utterance* -> audio path, also for segmented directories (where several utterances
+    share one recording's path); ``segments`` then gives each utterance's (start, end) in seconds, end None
+    meaning "to the end of the recording". ``utt2rec`` keeps recording ids so that ``write`` reproduces them;
+    ``durations`` (``utt2dur``) lets samplers avoid opening files. Read audio with ``load_wave`` and lengths
+    with ``seconds``: both honour segments, whereas ``load_audio(wavs[utt])`` would return the whole recording.
+    """
+
+    wavs: dict[str, str]
+    utt2spk: dict[str, str]
+    segments: dict[str, tuple[float, float | None]] | None = None
+    utt2rec: dict[str, str] | None = None
+    durations: dict[str, float] | None = None
+    _seconds_cache: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for utt in self.wavs:
+            if utt not in self.utt2spk:
+                raise ListError(f"utterance '{utt}' has a path but no speaker (missing from utt2spk)")
+        for utt, spk in self.utt2spk.items():
+            if utt not in self.wavs:
+                raise ListError(f"utterance '{utt}' has a speaker but no path (missing from wav.scp)")
+            _check_token(utt, "utterance id")
+            _check_token(spk, f"speaker of '{utt}'")
+        if self.segments is not None:
+            if set(self.segments) != set(self.wavs):
+                odd = sorted(set(self.segments) ^ set(self.wavs))[0]
+                raise ListError(f"utterance '{odd}' is in only one of segments and wav.scp: a segmented "
+                                "directory needs a segment for every utterance")
+            for utt, (start, end) in self.segments.items():
+                if start < 0 or (end is not None and end <= start):
+                    raise ListError(f"segment '{utt}': bad times start={start} end={end}")
+        if self.utt2rec is not None:
+            if self.segments is None or set(self.utt2rec) != set(self.segments):
+                raise ListError("utt2rec needs segments with exactly the same utterances")
+            rec_path: dict[str, str] = {}
+            for utt, rec in self.utt2rec.items():
+                _check_token(rec, f"recording of '{utt}'")
+                if rec_path.setdefault(rec, self.wavs[utt]) != self.wavs[utt]:
+                    raise ListError(f"recording '{rec}' maps to two paths: {rec_path[rec]!r} and {self.wavs[utt]!r}")
+        if self.durations is not None:
+            extra = sorted(set(self.durations) - set(self.wavs))
+            if extra:
+                raise ListError(f"utt2dur names utterance '{extra[0]}' that is not in the directory")
+
+    # ---- views -------------------------------------------------------------------------------------
+    @property
+    def spk2utt(self) -> dict[str, list[str]]:
+        """Speaker -> sorted utterances, speakers in sorted order."""
+        out: dict[str, list[str]] = {}
+        for utt in sorted(self.utt2spk):
+            out.setdefault(self.utt2spk[utt], []).append(utt)
+        return {spk: out[spk] for spk in sorted(out)}
+
+    @property
+    def speakers(self) -> list[str]:
+        return sorted(set(self.utt2spk.values()))
+
+    @property
+    def utts(self) -> list[str]:
+        return sorted(self.wavs)
+
+    def __len__(self) -> int:
+        return len(self.wavs)
+
+    def __contains__(self, utt: object) -> bool:
+        return utt in self.wavs
+
+    def _need(self, utt: str) -> None:
+        if utt not in self.wavs:
+            raise ListError(f"unknown utterance '{utt}'")
+
+    def seconds(self, utt: str) -> float:
+        """Duration: from segments, else utt2dur, else the file header (cached)."""
+        self._need(utt)
+        if self.segments is not None and self.segments[utt][1] is not None:
+            start, end = self.segments[utt]
+            return round(end - start, 6)
+        if self.durations is not None and utt in self.durations:
+            return self.durations[utt]
+        if utt not in self._seconds_cache:
+            total = audio_seconds(self.wavs[utt])
+            start = self.segments[utt][0] if self.segments is not None else 0.0
+            self._seconds_cache[utt] = max(0.0, total - start)
+        return self._seconds_cache[utt]
+
+    def load_wave(self, utt: str, max_seconds: float | None = None, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+        """Mono float32 audio of ``utt`` at ``sample_rate``; only the segment's frames are read."""
+        self._need(utt)
+        path = self.wavs[utt]
+        if self.segments is None:
+            return load_audio(path, sample_rate=sample_rate, max_seconds=max_seconds)
+        start, end = self.segments[utt]
+        if max_seconds is not None:
+            end = start + max_seconds if end is None else min(end, start + max_seconds)
+        return read_segment(path, start, end, sample_rate=sample_rate)
+
+    def subset(self, utts) -> "DataDir":
+        """A new DataDir with only ``utts`` (all must exist)."""
+        keep = sorted(set(utts))
+        for utt in keep:
+            self._need(utt)
+
+        def pick(table):
+            return None if table is None else {u: table[u] for u in keep if u in table}
+
+        durations = pick(self.durations)
+        return DataDir(wavs={u: self.wavs[u] for u in keep}, utt2spk={u: self.utt2spk[u] for u in keep},
+                       segments=pick(self.segments), utt2rec=pick(self.utt2rec), durations=durations)
+
+    # ---- files -------------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, dirpath: str | os.PathLike, check_files: bool = False, root: str | os.PathLike | None = None) -> "DataDir":
+        """Read a data directory. ``check_files`` verifies that every audio path exists; ``root`` resolves
+        relative paths against that folder instead of the current working directory."""
+        dirpath = Path(dirpath)
+        if not dirpath.is_dir():
+            raise ListError(f"{dirpath}: data directory not found")
+        scp_path, u2s_path, seg_path = dirpath / "wav.scp", dirpath / "utt2spk", dirpath / "segments"
+        scp = _read_table(scp_path, None, "<id> <path>")
+        u2s = _read_table(u2s_path, 2, "<utt> <speaker>")
+
+        def resolve(p: str) -> str:
+            return os.path.join(root, p) if root is not None and not os.path.isabs(p) else p
+
+        for key, (number, (p,)) in scp.items():
+            if p.endswith("|") or p.startswith("|"):
+                raise ListError(f"{scp_path}:{number}: command pipes are not supported, give a plain file path")
+            if check_files and not os.path.isfile(resolve(p)):
+                raise ListError(f"{scp_path}:{number}: audio file of '{key}' not found: {resolve(p)} "
+                                f"(relative paths resolve against {root or os.getcwd()})")
+
+        segments = utt2rec = None
+        if seg_path.exists():
+            seg = _read_table(seg_path, 4, "<utt> <recording> <start> <end>")
+            segments, utt2rec, wavs = {}, {}, {}
+            for utt, (number, (rec, start_s, end_s)) in seg.items():
+                try:
+                    start, end = float(start_s), float(end_s)
+                except ValueError:
+                    raise ListError(f"{seg_path}:{number}: start/end must be numbers, got {start_s!r} {end_s!r}") from None
+                if not (math.isfinite(start) and math.isfinite(end)) or start < 0:
+                    raise ListError(f"{seg_path}:{number}: bad start time {start_s!r}")
+                if end == -1:
+                    end_v = None
+                elif end <= start:
+                    raise ListError(f"{seg_path}:{number}: end {end_s} is not after start {start_s}")
+                else:
+                    end_v = end
+                if rec not in scp:
+                    raise ListError(f"{seg_path}:{number}: recording '{rec}' of segment '{utt}' is not in {scp_path}")
+                segments[utt], utt2rec[utt], wavs[utt] = (start, end_v), rec, resolve(scp[rec][1][0])
+            keyed, keyed_path = seg, seg_path
+        else:
+            wavs = {utt: resolve(p) for utt, (_, (p,)) in scp.items()}
+            keyed, keyed_path = scp, scp_path
+
+        for utt, (number, _) in keyed.items():
+            if utt not in u2s:
+                raise ListError(f"{keyed_path}:{number}: utterance '{utt}' is missing from {u2s_path}")
+        for utt, (number, (spk,)) in u2s.items():
+            if utt not in keyed:
+                raise ListError(f"{u2s_path}:{number}: utterance '{utt}' is missing from {keyed_path}")
+        utt2spk = {utt: spk for utt, (_, (spk,)) in u2s.items()}
+
+        durations = None
+        dur_path = dirpath / "utt2dur"
+        if dur_path.exists():
+            durations = {}
+            for utt, (number, (value,)) in _read_table(dur_path, 2, "<utt> <seconds>").items():
+                if utt not in utt2spk:
+                    raise ListError(f"{dur_path}:{number}: utterance '{utt}' is missing from {u2s_path}")
+                try:
+                    durations[utt] = float(value)
+                except ValueError:
+                    raise ListError(f"{dur_path}:{number}: duration must be a number, got {value!r}") from None
+                if not math.isfinite(durations[utt]) or durations[utt] <= 0:
+                    raise ListError(f"{dur_path}:{number}: duration must be positive, got {value!r}")
+
+        s2u_path = dirpath / "spk2utt"
+        if s2u_path.exists():
+            # A stale spk2utt (utt2spk edited, spk2utt not regenerated) silently breaks Kaldi tools; catch it.
+            seen: set[str] = set()
+            for number, fields in _lines(s2u_path):
+                spk = fields[0]
+                for utt in fields[1:]:
+                    if utt2spk.get(utt) != spk:
+                        raise ListError(f"{s2u_path}:{number}: '{utt}' listed under '{spk}' but utt2spk says "
+                                        f"{utt2spk.get(utt)!r}; delete spk2utt or regenerate it")
+                    seen.add(utt)
+            if len(seen) != len(utt2spk):
+                missing = sorted(set(utt2spk) - seen)[0]
+                raise ListError(f"{s2u_path}: utterance '{missing}' of utt2spk is not listed; regenerate spk2utt")
+
+        try:
+            return cls(wavs=wavs, utt2spk=utt2spk, segments=segments, utt2rec=utt2rec, durations=durations)
+        except ListError as err:
+            raise ListError(f"{dirpath}: {err}") from None
+
+    def write(self, dirpath: str | os.PathLike) -> Path:
+        """Write wav.scp, utt2spk, spk2utt (+ segments, utt2dur); lines sorted like Kaldi's C-locale sort."""
+        dirpath = Path(dirpath)
+        dirpath.mkdir(parents=True, exist_ok=True)
+        utts = self.utts
+        stale = ["segments", "utt2dur"]
+        if self.segments is not None:
+            utt2rec = self.utt2rec or self._derive_recordings()
+            rec2path = {utt2rec[u]: self.wavs[u] for u in utts}
+            _write_lines(dirpath / "wav.scp", (f"{r} {rec2path[r]}" for r in sorted(rec2path)))
+            _write_lines(dirpath / "segments", (f"{u} {utt2rec[u]} {_fmt_time(self.segments[u][0])} "
+                                                f"{_fmt_time(self.segments[u][1])}" for u in utts))
+            stale.remove("segments")
+        else:
+            _write_lines(dirpath / "wav.scp", (f"{u} {self.wavs[u]}" for u in utts))
+        _write_lines(dirpath / "utt2spk", (f"{u} {self.utt2spk[u]}" for u in utts))
+        _write_lines(dirpath / "spk2utt", (f"{s} {' '.join(us)}" for s, us in self.spk2utt.items()))
+        if self.durations is not None:
+            _write_lines(dirpath / "utt2dur", (f"{u} {self.durations[u]:.4f}".rstrip("0").rstrip(".")
+                                               for u in utts if u in self.durations))
+            stale.remove("utt2dur")
+        for name in stale:
+            # A segments file left from an earlier write would re-key wav.scp on the next load.
+            (dirpath / name).unlink(missing_ok=True)
+        return dirpath
+
+    def _derive_recordings(self) -> dict[str, str]:
+        """Recording ids from file stems (unique per path), for segmented dirs built without utt2rec."""
+        rec_of_path: dict[str, str] = {}
+        used: set[str] = set()
+        for p in sorted(set(self.wavs.values())):
+            base = "".join("_" if c.isspace() else c for c in Path(p).stem) or "rec"
+            name, k = base, 1
+            while name in used:
+                k += 1
+                name = f"{base}-{k}"
+            used.add(name)
+            rec_of_path[p] = name
+        return {u: rec_of_path[self.wavs[u]] for u in self.wavs}
+
+
+def _fmt_time(t: float | None) -> str:
+    return "-1" if t is None else f"{t:.3f}"
+
+
+def _write_lines(path: Path, lines) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for line in lines:
+            f.write(line + "\n")
+    os.replace(tmp, path)
+
+
+def read_segment(path: str | os.PathLike, start: float, end: float | None, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Frames [start, end) seconds of ``path`` (end None: to the end) as mono float32 at ``sample_rate``.
+
+    Seeks instead of decoding the whole recording: a 1-hour file cut into 3-s segments would otherwise
+    be decoded once per segment.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"{path}: audio file not found")
+    try:
+        info = sf.info(str(path))
+        first = int(round(start * info.samplerate))
+        last = info.frames if end is None else int(round(end * info.samplerate))
+        # A few ms of overrun come from rounding times to milliseconds; more means a wrong segments file.
+        if first >= info.frames or last > info.frames + int(0.01 * info.samplerate):
+            raise AudioError(f"{path}: segment {start:.3f}-{end if end is not None else 'end'} s lies outside "
+                             f"the recording ({info.frames / info.samplerate:.3f} s)")
+        wave, rate = sf.read(str(path), start=first, stop=min(last, info.frames), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
+        raise AudioError(f"{path}: not a readable audio file ({err})") from None
+    if wave.shape[0] == 0:
+        raise AudioError(f"{path}: empty segment {start}-{end} s")
+    wave = wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0]
+    if not np.isfinite(wave).all():
+        raise AudioError(f"{path}: audio contains NaN or infinite samples")
+    if rate != sample_rate:
+        wave = soxr.resample(wave, rate, sample_rate, quality="HQ").astype(np.float32)
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+# ---- trials ----------------------------------------------------------------------------------------
+@dataclass
+class Trials:
+    """Verification trials; ``labels`` 1 = same speaker (target), 0 = different (non-target)."""
+
+    enroll: list[str]
+    test: list[str]
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.enroll, self.test = list(self.enroll), list(self.test)
+        labels = np.asarray(self.labels)
+        if not (len(self.enroll) == len(self.test) == len(labels)):
+            raise ListError(f"trials: enroll/test/labels lengths differ ({len(self.enroll)}, {len(self.test)}, {len(labels)})")
+        if labels.size and not np.isin(labels, (0, 1)).all():
+            raise ListError("trials: labels must be 0 or 1")
+        self.labels = labels.astype(np.int8).reshape(-1)
+
+    def __len__(self) -> int:
+        return len(self.enroll)
+
+    @property
+    def num_target(self) -> int:
+        return int(self.labels.sum())
+
+    @property
+    def num_nontarget(self) -> int:
+        return len(self) - self.num_target
+
+    @property
+    def utterances(self) -> set[str]:
+        return set(self.enroll) | set(self.test)
+
+
+_KALDI_LABELS = {"target": 1, "nontarget": 0}
+
+
+def read_trials(path: str | os.PathLike) -> Trials:
+    """Read ``1 enroll test`` (VoxCeleb) or ``enroll test target|nontarget`` (Kaldi); the form is taken
+    from the first line and every other line must match it."""
+    path = Path(path)
+    enroll, test, labels = [], [], []
+    form = None
+    for number, fields in _lines(path):
+        if len(fields) != 3:
+            raise ListError(f"{path}:{number}: expected 3 fields ('1 enroll test' or 'enroll test target'), got {len(fields)}")
+        if form is None:
+            # Check the Kaldi word first: a Kaldi enroll id could legitimately be "1", a test id is never "target".
+            form = "kaldi" if fields[2] in _KALDI_LABELS else "voxceleb" if fields[0] in ("0", "1") else None
+            if form is None:
+                raise ListError(f"{path}:{number}: neither '0|1 enroll test' nor 'enroll test target|nontarget': {' '.join(fields)!r}")
+        if form == "kaldi":
+            if fields[2] not in _KALDI_LABELS:
+                raise ListError(f"{path}:{number}: label must be 'target' or 'nontarget' (Kaldi form), got {fields[2]!r}")
+            enroll.append(fields[0]); test.append(fields[1]); labels.append(_KALDI_LABELS[fields[2]])
+        else:
+            if fields[0] not in ("0", "1"):
+                raise ListError(f"{path}:{number}: label must be 0 or 1 (VoxCeleb form), got {fields[0]!r}")
+            labels.append(int(fields[0])); enroll.append(fields[1]); test.append(fields[2])
+    if not labels:
+        raise ListError(f"{path}: no trials")
+    return Trials(enroll, test, np.asarray(labels, dtype=np.int8))
+
+
+def write_trials(path: str | os.PathLike, trials: Trials, form: str = "voxceleb") -> Path:
+    """Write trials in ``voxceleb`` (``1 enroll test``) or ``kaldi`` (``enroll test target``) form, LF endings."""
+    if form not in ("voxceleb", "kaldi"):
+        raise ValueError(f"trial form must be 'voxceleb' or 'kaldi', got {form!r}")
+    for e, t in zip(trials.enroll, trials.test):
+        _check_token(e, "trial utterance")
+        _check_token(t, "trial utterance")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if form == "voxceleb":
+        lines = (f"{int(l)} {e} {t}" for e, t, l in zip(trials.enroll, trials.test, trials.labels))
+    else:
+        lines = (f"{e} {t} {'target' if l else 'nontarget'}" for e, t, l in zip(trials.enroll, trials.test, trials.labels))
+    _write_lines(path, lines)
+    return path
+
+
+# ---- noise / RIR lists -----------------------------------------------------------------------------
+class AudioEntry(NamedTuple):
+    """One line of a noise or RIR list: ``name category path`` (MUSAN noise/music/speech; RIR room size)."""
+
+    name: str
+    category: str
+    path: str
+
+
+def read_audio_list(path: str | os.PathLike, check_files: bool = False) -> list[AudioEntry]:
+    """Read a ``name category path`` list (noise or RIR); relative paths resolve against the cwd."""
+    path = Path(path)
+    out, seen = [], {}
+    for number, fields in _lines(path):
+        if len(fields) != 3:
+            raise ListError(f"{path}:{number}: expected 3 fields '<name> <category> <path>', got {len(fields)}")
+        name, category, file = fields
+        if name in seen:
+            raise ListError(f"{path}:{number}: duplicate name '{name}' (first on line {seen[name]})")
+        if check_files and not os.path.isfile(file):
+            raise ListError(f"{path}:{number}: audio file of '{name}' not found: {file}")
+        seen[name] = number
+        out.append(AudioEntry(name, category, file))
+    return out
+
+
+def write_audio_list(path: str | os.PathLike, entries) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entries = sorted(entries)
+    for e in entries:
+        for value, what in zip(e, ("name", "category", "path")):
+            _check_token(value, what)
+    _write_lines(path, (f"{e.name} {e.category} {e.path}" for e in entries))
+    return path

@@ -1,0 +1,167 @@
+"""The speaker model (features -> front-end -> back-end) and its folder format.
+
+A model folder is what travels between stages::
+
+    svlib_model.json     format name + version, back-end config, shapes, free-form ``meta``
+    encoder/             the front-end as a Hugging Face folder (config.json + model.safetensors, LoRA merged)
+    model.safetensors    the back-end weights (keys ``backend.*``)
+
+The encoder lives in its own HF folder so it loads through ``load_encoder`` (where pruned, per-layer sized
+encoders are handled) and can be used by HF tools directly.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from svlib.config import ConfigError, from_dict, to_dict
+from svlib.features import W2VBertFbank
+from svlib.model.backends import BackendConfig, build_backend
+from svlib.model.frontend import (
+    Frontend,
+    FrontendConfig,
+    WeightsMismatchError,
+    build_frontend,
+    check_state_dict,
+    load_encoder,
+    save_encoder,
+)
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ModelFormatError",
+    "SpeakerModelConfig",
+    "SpeakerModel",
+    "build_speaker_model",
+    "save_model",
+    "load_model",
+]
+
+FORMAT = "svlib-speaker-model"
+FORMAT_VERSION = 1
+MANIFEST = "svlib_model.json"
+ENCODER_DIR = "encoder"
+BACKEND_WEIGHTS = "model.safetensors"
+
+
+class ModelFormatError(ValueError):
+    """A model folder that is not (this version of) an svlib speaker model."""
+
+
+@dataclass
+class SpeakerModelConfig:
+    frontend: FrontendConfig
+    backend: BackendConfig
+
+
+class SpeakerModel(nn.Module):
+    """waves [B, N] + lengths [B] -> embeddings [B, E]; features are computed inside, on the model's device."""
+
+    def __init__(self, frontend: Frontend, backend: nn.Module, features: nn.Module | None = None) -> None:
+        super().__init__()
+        self.features = features if features is not None else W2VBertFbank()
+        self.frontend = frontend
+        self.backend = backend
+        self.meta: dict[str, Any] = {}
+
+    @property
+    def embed_dim(self) -> int:
+        return self.backend.embed_dim
+
+    def embed_features(self, feats: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.backend(self.frontend(feats, attention_mask), attention_mask)
+
+    def forward(self, waves: Tensor, lengths: Tensor) -> Tensor:
+        feats, mask = self.features(waves, lengths)
+        return self.embed_features(feats, mask)
+
+
+def build_speaker_model(cfg: SpeakerModelConfig, root: str | os.PathLike | None = None) -> SpeakerModel:
+    frontend = build_frontend(cfg.frontend, root=root)
+    backend = build_backend(cfg.backend, frontend.num_states, frontend.hidden_size)
+    return SpeakerModel(frontend, backend)
+
+
+def save_model(model: SpeakerModel, folder: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
+    """Write the model folder (LoRA merged into the encoder weights). ``meta`` must be JSON-serialisable."""
+    folder = Path(folder)
+    meta = dict(meta or {})
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "encoder": ENCODER_DIR,
+        "backend": to_dict(model.backend.to_config()),
+        "num_states": model.frontend.num_states,
+        "hidden_size": model.frontend.hidden_size,
+        "embed_dim": model.embed_dim,
+        "meta": meta,
+    }
+    try:
+        text = json.dumps(manifest, indent=2, sort_keys=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"save_model: meta is not JSON-serialisable ({err})") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    # The manifest is written last and atomically: a folder with one is complete.
+    (folder / MANIFEST).unlink(missing_ok=True)
+    save_encoder(model.frontend.encoder, folder / ENCODER_DIR)
+    backend_state = {f"backend.{k}": v.detach().to("cpu").contiguous() for k, v in model.backend.state_dict().items()}
+    save_file(backend_state, str(folder / BACKEND_WEIGHTS), metadata={"format": "pt"})
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, folder / MANIFEST)
+    return folder
+
+
+def load_model(folder: str | os.PathLike) -> SpeakerModel:
+    """Load a model folder written by ``save_model``; returns the model in eval mode with ``.meta`` set."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ModelFormatError(f"{folder}: not an svlib model folder (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelFormatError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ModelFormatError(f"{path}: format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+                               f"expected {FORMAT!r}")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ModelFormatError(f"{path}: format version {version!r}; this svlib reads version {FORMAT_VERSION} only")
+    required = ("encoder", "backend", "num_states", "hidden_size", "embed_dim", "meta")
+    missing = [k for k in required if k not in manifest]
+    if missing:
+        raise ModelFormatError(f"{path}: missing key(s) {missing}")
+    try:
+        backend_cfg = from_dict(BackendConfig, manifest["backend"], "backend")
+    except ConfigError as err:
+        raise ModelFormatError(f"{path}: {err}") from None
+
+    frontend = Frontend(load_encoder(folder / manifest["encoder"]))
+    if (frontend.num_states, frontend.hidden_size) != (manifest["num_states"], manifest["hidden_size"]):
+        raise ModelFormatError(
+            f"{path}: encoder has {frontend.num_states} states of size {frontend.hidden_size}, manifest says "
+            f"{manifest['num_states']} of size {manifest['hidden_size']}"
+        )
+    backend = build_backend(backend_cfg, frontend.num_states, frontend.hidden_size)
+    weights_path = folder / BACKEND_WEIGHTS
+    if not weights_path.is_file():
+        raise ModelFormatError(f"{folder}: missing {BACKEND_WEIGHTS} (back-end weights)")
+    raw = load_file(str(weights_path), device="cpu")
+    stray = sorted(k for k in raw if not k.startswith("backend."))
+    state = {k[len("backend."):]: v for k, v in raw.items() if k.startswith("backend.")}
+    if stray:
+        raise WeightsMismatchError(f"{weights_path}: unexpected keys outside 'backend.': {stray[:20]}")
+    check_state_dict(backend, state, str(weights_path))
+    backend.load_state_dict(state, strict=True)
+
+    model = SpeakerModel(frontend, backend)
+    model.meta = manifest["meta"]
+    return model.eval()

@@ -1,0 +1,209 @@
+"""Manifest splits on the shared data, and VoxCeleb / MUSAN / RIRS_NOISES layouts on fake trees."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from svlib.data.lists import DataDir, ListError, read_audio_list, read_trials
+from svlib.data.prepare import main, prepare_manifest, prepare_musan, prepare_rirs, prepare_voxceleb
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+def _need(name: str) -> Path:
+    manifest = DATA / name / "manifest.csv"
+    if not manifest.is_file():
+        pytest.skip(f"shared data absent: {manifest}")
+    return manifest
+
+
+def _load_split(out: Path) -> dict[str, DataDir]:
+    # Paths are written relative to the repo root, so resolve them from there.
+    return {s: DataDir.load(out / s, check_files=True, root=REPO) for s in ("train", "val", "test")}
+
+
+def _check_common(out: Path, summary: dict, test_trials: int, test_target: int) -> dict[str, DataDir]:
+    d = _load_split(out)
+    spk = {s: set(x.speakers) for s, x in d.items()}
+    assert not spk["train"] & spk["val"] and not spk["train"] & spk["test"] and not spk["val"] & spk["test"]
+    assert all(s.startswith("ls") for s in spk["test"]) and len(spk["test"]) == 10
+
+    test = read_trials(out / "test_trials.txt")
+    assert (len(test), test.num_target) == (test_trials, test_target)
+    assert test.utterances == set(d["test"].utts)
+    val = read_trials(out / "val_trials.txt")
+    assert val.utterances <= set(d["val"].utts)
+    same = [d["val"].utt2spk[e] == d["val"].utt2spk[t] for e, t in zip(val.enroll, val.test)]
+    assert np.array_equal(np.asarray(same, dtype=np.int8), val.labels)
+    assert len(set(zip(val.enroll, val.test))) == len(val)
+
+    on_disk = json.loads((out / "split_summary.json").read_text())
+    assert on_disk == summary
+    for s, x in d.items():
+        assert summary["splits"][s]["speakers"] == len(x.speakers)
+        assert summary["splits"][s]["utterances"] == len(x)
+    assert summary["trials"]["test"] == {"trials": test_trials, "target": test_target,
+                                         "nontarget": test_trials - test_target}
+    assert summary["trials"]["val"]["trials"] == len(val)
+    return d
+
+
+def test_sv_mini_split(tmp_path):
+    manifest = _need("sv-mini")
+    summary = prepare_manifest(manifest, tmp_path / "mini", seed=0, relative_to=REPO, verbose=False)
+    d = _check_common(tmp_path / "mini", summary, 435, 30)
+    # No train-clean-100 in sv-mini: val is 6 Arabic speakers with all 4 words each, all pairs.
+    assert len(d["val"].speakers) == 6 and len(d["val"]) == 24
+    assert summary["trials"]["val"] == {"trials": 276, "target": 36, "nontarget": 240}
+    assert (len(d["train"].speakers), len(d["train"])) == (24, 96)
+    # Written relative to the repo root (portable), resolved against it on load.
+    scp = (tmp_path / "mini" / "train" / "wav.scp").read_text().splitlines()
+    assert len(scp) == 96 and all(line.split()[1].startswith("../shared/data/sv-mini/arabic_sc/") for line in scp)
+    assert all(p.startswith(str(REPO)) for p in d["train"].wavs.values())
+    assert summary["unused"]["utterances"] == 0
+
+
+def test_sv_bench_split(tmp_path):
+    manifest = _need("sv-bench")
+    summary = prepare_manifest(manifest, tmp_path / "bench", seed=0, relative_to=REPO, verbose=False)
+    d = _check_common(tmp_path / "bench", summary, 4950, 450)
+    val, train = d["val"], d["train"]
+    assert len(val.speakers) == 46 and summary["val_composition"]["long_speakers"] == 40
+    assert len(train.speakers) == 235 and len(train) == 211 + 24 * 102
+    vt = summary["trials"]["val"]
+    assert vt["nontarget"] == 10 * vt["target"]
+    assert summary["unused"]["utterances"] == 6 * (102 - 10)
+
+    # Pieces of one recording: >= 3 s, non-overlapping, inside the file; loading reads exactly that span.
+    by_rec: dict[str, list[tuple[float, float]]] = {}
+    for utt, rec in val.utt2rec.items():
+        by_rec.setdefault(rec, []).append(val.segments[utt])
+    long_recs = [r for r in by_rec if r.startswith("ls")]
+    assert len(long_recs) == 40
+    for rec in long_recs:
+        spans = sorted(by_rec[rec])
+        assert len(spans) >= 2 and all(e - s >= 3.0 for s, e in spans)
+        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    utt = sorted(u for u in val.utts if u.startswith("ls"))[1]
+    start, end = val.segments[utt]
+    wave = val.load_wave(utt)
+    assert len(wave) == round(end * 16000) - round(start * 16000)
+    path = REPO / val.wavs[utt]
+    full, _ = sf.read(str(path), dtype="float32")
+    np.testing.assert_array_equal(wave, full[round(start * 16000):round(end * 16000)])
+    assert full.shape[0] / 16000 >= max(e for _, e in by_rec[val.utt2rec[utt]])
+
+
+def test_split_is_deterministic_for_a_seed(tmp_path):
+    manifest = _need("sv-bench")
+    kw = dict(relative_to=REPO, verbose=False)
+    prepare_manifest(manifest, tmp_path / "a", seed=3, **kw)
+    prepare_manifest(manifest, tmp_path / "b", seed=3, **kw)
+    prepare_manifest(manifest, tmp_path / "c", seed=4, **kw)
+    for name in ("val/segments", "val_trials.txt", "train/utt2spk", "test_trials.txt"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert (tmp_path / "a" / "val/utt2spk").read_bytes() != (tmp_path / "c" / "val/utt2spk").read_bytes()
+    assert (tmp_path / "a" / "test_trials.txt").read_bytes() == (tmp_path / "c" / "test_trials.txt").read_bytes()
+
+
+def test_manifest_errors_name_line(tmp_path):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("path,speaker,source,licence,seconds,sample_rate\n"
+                        "librispeech_test-other/1/a.flac,ls1,x,y,2.0,16000\n"
+                        "arabic_sc/2/b.wav,asc2,x,y,abc,16000\n")
+    with pytest.raises(ListError, match=rf"{manifest}:3: seconds must be a number"):
+        prepare_manifest(manifest, tmp_path / "out", verbose=False)
+    manifest.write_text("path,speaker,seconds\nlibrispeech_test-other/1/a.flac,ls1,2\n/abs/b.wav,s,1\n")
+    with pytest.raises(ListError, match=rf"{manifest}:3: path must be relative"):
+        prepare_manifest(manifest, tmp_path / "out", verbose=False)
+    manifest.write_text("path,speaker\na.wav,s\n")
+    with pytest.raises(ListError, match=rf"{manifest}:1: header lacks column\(s\) \['seconds'\]"):
+        prepare_manifest(manifest, tmp_path / "out", verbose=False)
+
+
+def test_cli_manifest(tmp_path, capsys):
+    manifest = _need("sv-mini")
+    assert main(["--relative-to", str(REPO), "manifest", "--manifest", str(manifest), "--out", str(tmp_path / "m")]) == 0
+    table = capsys.readouterr().out
+    assert "test" in table and "435" in table
+    assert main(["manifest", "--manifest", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "m")]) == 2
+    assert "manifest not found" in capsys.readouterr().err
+
+
+# ---- corpus layouts on fake trees ------------------------------------------------------------------
+def _tiny(path: Path, seconds: float = 0.1) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), np.zeros(int(16000 * seconds), dtype=np.float32), 16000)
+
+
+def test_voxceleb_layout(tmp_path):
+    vox1 = tmp_path / "vox1" / "wav"
+    for spk, video, n in (("id10270", "x6uYqmx31kE", 2), ("id10270", "8jEAjG6SegY", 1), ("id10300", "ize_eiCFEg0", 1)):
+        for i in range(1, n + 1):
+            _tiny(vox1 / spk / video / f"{i:05d}.wav")
+    (vox1 / "readme.txt").write_text("not a speaker")
+    (vox1 / "id10300" / "ize_eiCFEg0" / "notes.txt").write_text("skip me")
+    vox2 = tmp_path / "vox2" / "aac" / "id00012" / "21Uxsk56VDQ"
+    vox2.mkdir(parents=True)
+    (vox2 / "00001.m4a").write_bytes(b"\0" * 16)  # listed as-is, never decoded here
+
+    d = prepare_voxceleb([vox1, tmp_path / "vox2" / "aac"], tmp_path / "out", relative_to=tmp_path)
+    assert d.utts == ["id00012/21Uxsk56VDQ/00001.m4a", "id10270/8jEAjG6SegY/00001.wav",
+                      "id10270/x6uYqmx31kE/00001.wav", "id10270/x6uYqmx31kE/00002.wav",
+                      "id10300/ize_eiCFEg0/00001.wav"]
+    assert d.speakers == ["id00012", "id10270", "id10300"]
+    assert d.wavs["id10270/x6uYqmx31kE/00002.wav"] == "vox1/wav/id10270/x6uYqmx31kE/00002.wav"
+    back = DataDir.load(tmp_path / "out", check_files=True, root=tmp_path)
+    assert back.spk2utt["id10270"] == d.spk2utt["id10270"]
+    assert back.load_wave("id10300/ize_eiCFEg0/00001.wav").shape == (1600,)
+    with pytest.raises(ListError, match="no .wav"):
+        prepare_voxceleb(tmp_path / "vox2" / "aac", extensions=(".wav",))
+    with pytest.raises(ListError, match="also found under"):
+        prepare_voxceleb([vox1, vox1])
+
+
+def test_musan_layout(tmp_path):
+    root = tmp_path / "musan"
+    for rel in ("noise/free-sound/noise-free-sound-0000.wav", "noise/sound-bible/noise-sound-bible-0001.wav",
+                "music/fma/music-fma-0003.wav", "speech/librivox/speech-librivox-0007.wav"):
+        _tiny(root / rel)
+    (root / "noise" / "free-sound" / "ANNOTATIONS").write_text("x")
+    out = tmp_path / "lists" / "musan.list"
+    assert main(["--relative-to", str(tmp_path), "musan", "--root", str(tmp_path), "--out", str(out)]) == 0
+    entries = read_audio_list(out)
+    assert [(e.name, e.category) for e in entries] == [
+        ("music-fma-0003", "music"), ("noise-free-sound-0000", "noise"),
+        ("noise-sound-bible-0001", "noise"), ("speech-librivox-0007", "speech")]
+    assert entries[0].path == "musan/music/fma/music-fma-0003.wav"
+    _tiny(root / "music" / "rfm" / "noise-free-sound-0000.wav")
+    with pytest.raises(ListError, match="also used by"):
+        prepare_musan(root)
+
+
+def test_rirs_layout(tmp_path):
+    root = tmp_path / "RIRS_NOISES"
+    for rel in ("simulated_rirs/smallroom/Room001/Room001-00001.wav",
+                "simulated_rirs/smallroom/Room001/Room001-00002.wav",
+                "simulated_rirs/largeroom/Room200/Room200-00001.wav",
+                "real_rirs_isotropic_noises/RVB2014_type1_rir_largeroom1_near_angla.wav",
+                "real_rirs_isotropic_noises/air_type1_air_binaural_lecture_0_1.wav",
+                "real_rirs_isotropic_noises/RVB2014_type1_noise_largeroom1_1.wav",
+                "pointsource_noises/noise-free-sound-0001.wav"):
+        _tiny(root / rel)
+    (root / "simulated_rirs" / "smallroom" / "rir_list").write_text("not a room")
+    entries = prepare_rirs(root, tmp_path / "rirs.list", relative_to=tmp_path)
+    assert [(e.name, e.category) for e in entries] == [
+        ("largeroom-Room200-Room200-00001", "largeroom"),
+        ("real-RVB2014_type1_rir_largeroom1_near_angla", "real"),
+        ("real-air_type1_air_binaural_lecture_0_1", "real"),
+        ("smallroom-Room001-Room001-00001", "smallroom"),
+        ("smallroom-Room001-Room001-00002", "smallroom")]
+    assert read_audio_list(tmp_path / "rirs.list") == entries
+    assert entries[0].path == "RIRS_NOISES/simulated_rirs/largeroom/Room200/Room200-00001.wav"
+    with pytest.raises(ListError, match="no RIRs"):
+        prepare_rirs(tmp_path / "empty")

@@ -1,0 +1,230 @@
+"""Training batches: labels with speed classes, speaker balance, crops, determinism, resume, workers."""
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from svlib.config import ConfigError, from_dict
+from svlib.data.lists import DataDir
+from svlib.data.sampling import Batch, SamplingConfig, TrainLoader, iterate_by_length, speed_change
+
+SR = 16000
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def peak_hz(x: np.ndarray) -> float:
+    """Frequency of the largest FFT bin of a Hann-windowed signal, refined by parabolic interpolation."""
+    spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    k = int(np.argmax(spec[1:-1])) + 1
+    a, b, c = np.log(spec[k - 1:k + 2] + 1e-12)
+    return (k + 0.5 * (a - c) / (a - 2 * b + c)) * SR / len(x)
+
+
+@pytest.fixture(scope="module")
+def mini() -> DataDir:
+    root = DATA / "sv-mini"
+    if not (root / "manifest.csv").is_file():
+        pytest.skip(f"sv-mini not found at {root} (CI always has it; clone next to ../shared)")
+    wavs, utt2spk = {}, {}
+    with open(root / "manifest.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            utt = Path(row["path"]).with_suffix("").as_posix().replace("/", "-")
+            wavs[utt] = str(root / row["path"])
+            utt2spk[utt] = row["speaker"]
+    return DataDir(wavs=wavs, utt2spk=utt2spk)
+
+
+# Speaker k's files are pure tones at TONES[k], so the content of a crop tells which speaker and which speed
+# produced it, independently of the label the loader assigns.
+TONES = [300.0, 500.0, 700.0, 900.0]
+
+
+@pytest.fixture(scope="module")
+def tones(tmp_path_factory) -> DataDir:
+    folder = tmp_path_factory.mktemp("tones")
+    wavs, utt2spk = {}, {}
+    for k, freq in enumerate(TONES):
+        for u, seconds in enumerate((1.3, 2.5, 4.0)):
+            t = np.arange(int(seconds * SR)) / SR
+            utt = f"spk{k}-u{u}"
+            path = folder / f"{utt}.wav"
+            sf.write(path, (0.5 * np.sin(2 * np.pi * freq * t + u)).astype(np.float32), SR)
+            wavs[utt], utt2spk[utt] = str(path), f"spk{k}"
+    return DataDir(wavs=wavs, utt2spk=utt2spk)
+
+
+def same(a: Batch, b: Batch) -> bool:
+    return (a.utts == b.utts and torch.equal(a.waves, b.waves) and torch.equal(a.labels, b.labels)
+            and torch.equal(a.lengths, b.lengths))
+
+
+def test_config_is_strict_and_validated():
+    cfg = from_dict(SamplingConfig, {"batch_size": 8, "crop_seconds": [1, 2], "speed_perturb": True})
+    assert cfg.crop_seconds == (1.0, 2.0) and cfg.speeds == (0.9, 1.0, 1.1)
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(SamplingConfig, {"batchsize": 8})
+    with pytest.raises(ConfigError, match="crop_seconds"):
+        from_dict(SamplingConfig, {"crop_seconds": [3.0, 2.0]})
+    with pytest.raises(ConfigError, match="1.0"):
+        from_dict(SamplingConfig, {"speed_perturb": True, "speeds": [0.9, 1.1]})
+    with pytest.raises(ConfigError, match="speakers_per_batch"):
+        from_dict(SamplingConfig, {"batch_size": 4, "speakers_per_batch": 5})
+
+
+def test_speed_change_length_and_frequency():
+    t = np.arange(SR) / SR
+    x = np.sin(2 * np.pi * 440.0 * t).astype(np.float32)
+    for speed in (1.1, 0.9):
+        y = speed_change(x, speed)
+        assert y.dtype == np.float32
+        assert abs(len(y) - len(x) / speed) <= 1, (speed, len(y))
+        # Measure away from the edges, where the resampler's filter has its transient.
+        assert peak_hz(y[800:-800]) == pytest.approx(440.0 * speed, abs=0.5)
+    assert speed_change(x, 1.0) is x
+
+
+def test_speed_classes_labels_match_content(tones):
+    cfg = SamplingConfig(batch_size=12, crop_seconds=(1.0, 1.5), speakers_per_batch=4, speed_perturb=True)
+    loader = TrainLoader(tones, cfg, seed=3)
+    assert loader.num_speakers == 4 and loader.num_classes == 12
+    assert loader.speed_order == (1.0, 0.9, 1.1)
+    assert loader.speaker_index == {"spk0": 0, "spk1": 1, "spk2": 2, "spk3": 3}
+    assert loader.label_of("spk2", 1.0) == 2 and loader.label_of("spk2", 0.9) == 6 and loader.label_of("spk2", 1.1) == 10
+    counts = Counter()
+    for i in range(10):
+        batch = loader.batch(i)
+        for utt, label, wave in zip(batch.utts, batch.labels.tolist(), batch.waves.numpy()):
+            spk, speed_idx = label % 4, label // 4
+            assert spk == loader.speaker_index[tones.utt2spk[utt]]
+            expected = TONES[spk] * loader.speed_order[speed_idx]
+            assert peak_hz(wave) == pytest.approx(expected, rel=0.01), (utt, label)
+            counts[speed_idx] += 1
+    # 120 draws, uniform over 3 speeds: each speed 40 +- ~16 (3 sigma), i.e. about 2/3 perturbed.
+    assert sum(counts.values()) == 120 and all(25 <= counts[j] <= 55 for j in range(3)), counts
+
+
+def test_without_speed_perturbation_classes_are_speakers(mini):
+    loader = TrainLoader(mini, SamplingConfig(batch_size=8, crop_seconds=(1.0, 1.0)), seed=0)
+    assert loader.num_classes == 40 == len(mini.speakers)
+    batch = loader.batch(0)
+    assert batch.labels.tolist() == [loader.speaker_index[mini.utt2spk[u]] for u in batch.utts]
+
+
+def test_speaker_balanced_batches(mini):
+    loader = TrainLoader(mini, SamplingConfig(batch_size=12, speakers_per_batch=4, crop_seconds=(1.0, 1.0)), seed=1)
+    for i in range(5):
+        batch = loader.batch(i)
+        per_spk = Counter(mini.utt2spk[u] for u in batch.utts)
+        assert sorted(per_spk.values()) == [3, 3, 3, 3]
+        # Every sv-mini speaker has >= 3 files, so a speaker's 3 utterances are distinct files.
+        assert len(set(batch.utts)) == 12
+    default = TrainLoader(mini, SamplingConfig(batch_size=10, crop_seconds=(1.0, 1.0)), seed=1).batch(0)
+    assert sorted(Counter(mini.utt2spk[u] for u in default.utts).values()) == [2] * 5
+    uneven = TrainLoader(mini, SamplingConfig(batch_size=10, speakers_per_batch=4, crop_seconds=(1.0, 1.0)), seed=1).batch(0)
+    assert sorted(Counter(mini.utt2spk[u] for u in uneven.utts).values()) == [2, 2, 3, 3]
+    with pytest.raises(ValueError, match="only 40 speakers"):
+        TrainLoader(mini, SamplingConfig(batch_size=64, speakers_per_batch=41), seed=0)
+
+
+def test_speakers_are_sampled_uniformly(tones):
+    loader = TrainLoader(tones, SamplingConfig(batch_size=2, speakers_per_batch=2, crop_seconds=(0.5, 0.5)), seed=0)
+    counts = Counter(tones.utt2spk[u] for i in range(200) for u in loader.batch(i).utts)
+    # 400 draws over 4 speakers: 100 each, 3 sigma ~ 26.
+    assert all(70 <= counts[s] <= 130 for s in tones.speakers), counts
+
+
+def test_crop_length_in_range_and_constant_per_batch(mini):
+    cfg = SamplingConfig(batch_size=6, crop_seconds=(2.0, 3.0), speed_perturb=True)
+    loader = TrainLoader(mini, cfg, seed=7)
+    sizes = set()
+    for i in range(6):
+        batch = loader.batch(i)
+        n = batch.waves.shape[1]
+        assert batch.waves.dtype == torch.float32 and batch.waves.shape[0] == 6
+        assert 2.0 * SR <= n <= 3.0 * SR
+        assert batch.lengths.tolist() == [n] * 6 and batch.labels.dtype == torch.long
+        assert torch.isfinite(batch.waves).all() and (batch.waves.abs().amax(1) > 1e-3).all()
+        sizes.add(n)
+    assert len(sizes) == 6  # a fresh crop length per batch
+
+
+def test_short_files_are_repeat_padded(tones):
+    one = tones.subset(["spk0-u0"])
+    loader = TrainLoader(one, SamplingConfig(batch_size=2, crop_seconds=(3.0, 3.0)), seed=0)
+    wave = loader.batch(0).waves[0].numpy()
+    length = int(1.3 * SR)
+    # Tiling puts the file end to end, so the crop repeats with the file's period.
+    np.testing.assert_array_equal(wave[:3 * SR - length], wave[length:])
+
+
+def test_batches_are_a_pure_function_of_seed_step_rank(mini):
+    cfg = SamplingConfig(batch_size=8, crop_seconds=(1.0, 2.0), speed_perturb=True)
+    a, b = TrainLoader(mini, cfg, seed=5), TrainLoader(mini, cfg, seed=5)
+    assert same(a.batch(3), b.batch(3)) and same(a.batch(3), a.batch(3))
+    assert not same(a.batch(3), a.batch(4))
+    assert not same(a.batch(3), TrainLoader(mini, cfg, seed=6).batch(3))
+    r1 = TrainLoader(mini, cfg, seed=5, rank=1, world_size=2)
+    assert not same(a.batch(3), r1.batch(3))
+    with pytest.raises(ValueError, match="rank"):
+        TrainLoader(mini, cfg, seed=5, rank=2, world_size=2)
+
+
+def test_resume_from_state_dict_continues_the_stream(mini):
+    cfg = SamplingConfig(batch_size=4, crop_seconds=(1.0, 1.5))
+    full = TrainLoader(mini, cfg, seed=11)
+    it = iter(full)
+    reference = [next(it) for _ in range(5)]
+    first = TrainLoader(mini, cfg, seed=11)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = first.state_dict()
+    assert state == {"step": 3, "seed": 11}
+    resumed = TrainLoader(mini, cfg, seed=11)
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    assert same(next(it), reference[3]) and same(next(it), reference[4])
+    assert resumed.step == 5
+    assert same(next(iter(TrainLoader(mini, cfg, seed=11, start_step=4))), reference[4])
+    with pytest.raises(ValueError, match="seed 11"):
+        TrainLoader(mini, cfg, seed=12).load_state_dict(state)
+
+
+def test_workers_give_the_same_batches(mini):
+    base = dict(batch_size=6, crop_seconds=(1.0, 2.0), speed_perturb=True)
+    serial = iter(TrainLoader(mini, SamplingConfig(**base, num_workers=0), seed=2))
+    parallel_loader = TrainLoader(mini, SamplingConfig(**base, num_workers=2), seed=2)
+    parallel = iter(parallel_loader)
+    for _ in range(4):
+        assert same(next(serial), next(parallel))
+    # Prefetched batches are not counted: the state names the next batch the caller will see.
+    assert parallel_loader.state_dict()["step"] == 4
+
+
+def test_iterate_by_length(mini):
+    utts = sorted(mini.wavs)
+    seen = []
+    previous_longest = float("inf")
+    for names, waves, lengths in iterate_by_length(mini, utts, max_seconds=3.0, max_batch_seconds=12.0):
+        assert waves.shape == (len(names), int(lengths.max())) and waves.dtype == torch.float32
+        assert int(lengths.max()) <= 3 * SR
+        longest = int(lengths.max()) / SR
+        assert len(names) == 1 or len(names) * longest <= 12.0 + 1e-6
+        assert longest <= previous_longest + 1e-6
+        previous_longest = longest
+        for b, utt in enumerate(names):
+            n = int(lengths[b])
+            assert n == min(round(mini.seconds(utt) * SR), 3 * SR)
+            expected = mini.load_wave(utt, max_seconds=3.0)
+            np.testing.assert_array_equal(waves[b, :n].numpy(), expected)
+            assert not waves[b, n:].any()
+        seen.extend(names)
+    assert sorted(seen) == utts
+    with pytest.raises(ValueError, match="max_batch_seconds"):
+        next(iterate_by_length(mini, utts, max_batch_seconds=0))
