@@ -1,0 +1,1 @@
+"""Optuna sweeps over svlib pipelines (storage, workers, MLflow join); see ``sweeps.study``."""

@@ -1,0 +1,490 @@
+"""Optuna studies that many worker processes (on one or many machines) share through one database.
+
+The layer under every svlib sweep; the objective (prune -> fine-tune -> evaluate) is plugged in from
+outside. One study lives in an SQLAlchemy database: SQLite (``sqlite:///sweeps/<name>.db``, the default,
+fine for a few workers on one machine) or PostgreSQL for workers on many machines. Robustness rules:
+
+- every worker heart-beats its running trial; a worker that dies (OOM, SIGKILL, preempted node) leaves a
+  trial whose heartbeat stops, and the next worker that starts a trial marks it FAIL and re-queues it once
+  with the same parameters (``max_retry``);
+- an objective that raises is recorded FAIL and the worker goes on with the next trial;
+- ``n_trials`` is the number of COMPLETE trials the *study* should hold, all workers together, so an
+  interrupted sweep is resumed by simply starting the workers again.
+
+MLflow: :func:`tracked_objective` gives each trial a run nested under one parent run per study
+(tags ``kind``, ``optuna_study``, ``optuna_trial``), so stages the objective tracks nest under the trial.
+
+CLI (one worker; start as many as you like, each with its own ``--worker`` index)::
+
+    python -m sweeps.study worker --study NAME --objective pkg.module:objective --n-trials 40 \
+        [--storage postgresql+psycopg2://user:pw@host/db] [--directions minimize minimize] [--track]
+    python -m sweeps.study pareto --study NAME [--storage URL]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import itertools
+import json
+import logging
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import optuna
+import sqlalchemy.exc
+from optuna.trial import TrialState
+
+__all__ = [
+    "SweepError", "WorkerReport", "default_storage", "make_storage", "open_study", "load_study", "grid_sampler",
+    "GridSweepSampler", "run_worker", "pareto_front", "tracked_objective", "study_parent_run", "main",
+]
+
+log = logging.getLogger("sweeps.study")
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# optuna >= 4.9 renamed the retry callback; keep working with the older name that pyproject allows.
+_RetryCallback = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+
+
+class SweepError(RuntimeError):
+    """A sweep that cannot be opened or run as asked (the message says what to change)."""
+
+
+def default_storage(name: str) -> str:
+    """``sqlite:///sweeps/<name>.db``, relative to the working directory (the repo root)."""
+    return f"sqlite:///sweeps/{name}.db"
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise SweepError(f"study name {name!r}: use letters, digits, '.', '_' or '-' (it names a file and MLflow runs)")
+    return name
+
+
+def make_storage(url: str, *, heartbeat_interval: int = 60, grace_period: int | None = None,
+                 max_retry: int = 1) -> optuna.storages.RDBStorage:
+    """RDBStorage with heartbeats: a trial whose worker stops heart-beating is FAILED, then retried ``max_retry`` times."""
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # Several processes write to one SQLite file; wait for the lock instead of failing at once.
+        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
+    else:
+        # Long trials leave pooled connections idle for hours; servers drop them.
+        engine_kwargs = {"pool_pre_ping": True}
+    # Workers started together on a fresh database race to create its tables; the losers see an
+    # integrity or "already exists" error once, then find the tables made.
+    for attempt in range(5):
+        try:
+            return _rdb_storage(url, engine_kwargs, heartbeat_interval, grace_period, max_retry)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as err:
+            if attempt == 4:
+                raise SweepError(f"cannot open Optuna storage {_redact(url)}: {str(err).splitlines()[0]}") from err
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _rdb_storage(url, engine_kwargs, heartbeat_interval, grace_period, max_retry) -> optuna.storages.RDBStorage:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=dict(engine_kwargs), heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period, heartbeat_stale_trial_callback=_RetryCallback(max_retry=max_retry))
+        except TypeError:  # optuna < 4.9 names the argument failed_trial_callback
+            return optuna.storages.RDBStorage(
+                url, engine_kwargs=dict(engine_kwargs), heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period, failed_trial_callback=_RetryCallback(max_retry=max_retry))
+
+
+def _worker_seed(seed: int, worker: int) -> int:
+    # Workers that share a seed would draw the same random start-up points: give each its own stream.
+    return (int(seed) * 1_000_003 + int(worker)) % (2**32)
+
+
+def open_study(name: str, storage: str | None = None, directions: Sequence[str] = ("minimize",), *,
+               seed: int = 0, worker: int = 0, sampler: optuna.samplers.BaseSampler | None = None,
+               metric_names: Sequence[str] | None = None, load_if_exists: bool = True,
+               heartbeat_interval: int = 60, grace_period: int | None = None,
+               max_retry: int = 1) -> optuna.Study:
+    """Create or join study ``name`` in ``storage`` (default :func:`default_storage`).
+
+    ``worker`` is this process' index among the workers: it offsets the default sampler's seed (TPE with
+    ``constant_liar`` so concurrent workers avoid each other's running points). A ``sampler`` given here
+    is used as is (a grid must be built with the same seed in every worker, see :func:`grid_sampler`).
+    ``heartbeat_interval``/``grace_period`` are seconds; a dead worker's trial is noticed after ``grace_period``
+    (default ``2 * heartbeat_interval``) by whichever worker starts the next trial.
+    """
+    _check_name(name)
+    directions = [str(d).lower() for d in directions]
+    bad = [d for d in directions if d not in ("minimize", "maximize")]
+    if not directions or bad:
+        raise SweepError(f"study {name}: directions must be 'minimize'/'maximize', got {list(directions)}")
+    if metric_names is not None and len(metric_names) != len(directions):
+        raise SweepError(f"study {name}: {len(metric_names)} metric names for {len(directions)} directions")
+    url = storage or default_storage(name)
+    store = make_storage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period, max_retry=max_retry)
+    if sampler is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(seed=_worker_seed(seed, worker), constant_liar=True)
+    try:
+        study = optuna.create_study(storage=store, sampler=sampler, study_name=name, directions=directions,
+                                    load_if_exists=load_if_exists)
+    except optuna.exceptions.DuplicatedStudyError:
+        raise SweepError(f"study {name} already exists in {_redact(url)}; pass load_if_exists=True to resume it") from None
+    stored = [d.name.lower() for d in study.directions]
+    if stored != directions:
+        raise SweepError(f"study {name} in {_redact(url)} has directions {stored}, not {directions}: "
+                         "use another study name for another objective")
+    if metric_names is not None:
+        if study.metric_names is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(list(metric_names))
+        elif list(study.metric_names) != list(metric_names):
+            raise SweepError(f"study {name} has metric names {study.metric_names}, not {list(metric_names)}")
+    return study
+
+
+def load_study(name: str, storage: str | None = None) -> optuna.Study:
+    """Open an existing study read-mostly (no sampler or directions needed), e.g. for reports."""
+    url = storage or default_storage(_check_name(name))
+    try:
+        return optuna.load_study(study_name=name, storage=make_storage(url))
+    except KeyError:
+        raise SweepError(f"no study {name!r} in {_redact(url)}") from None
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+class GridSweepSampler(optuna.samplers.GridSampler):
+    """GridSampler that can tell which grid points nobody has started yet (for :func:`run_worker`)."""
+
+    def __init__(self, search_space: Mapping[str, Sequence[Any]], seed: int = 0) -> None:
+        super().__init__(search_space, seed=seed)
+        self.search_space = {k: list(v) for k, v in search_space.items()}
+        self.n_points = len(list(itertools.product(*self.search_space.values())))
+
+    def pending(self, study: optuna.Study) -> int:
+        """Grid points neither finished nor running (a re-queued WAITING retry counts as taken)."""
+        taken = set()
+        for t in study.get_trials(deepcopy=False):
+            grid_id = t.system_attrs.get("grid_id")
+            if grid_id is not None and t.system_attrs.get("search_space") == self.search_space:
+                taken.add(grid_id)
+        return self.n_points - len(taken)
+
+
+def grid_sampler(values: Iterable[float], param: str = "target_sparsity", seed: int = 0) -> GridSweepSampler:
+    """Grid over one parameter (default: the target sparsity of a pruning sweep).
+
+    Every worker must use the same ``values`` and ``seed`` (they fix the order of the grid); each point is
+    evaluated once, a point whose trial failed is not re-run (except a heartbeat retry).
+    """
+    values = list(values)
+    if not values:
+        raise SweepError("grid_sampler: no values")
+    if len(set(values)) != len(values):
+        raise SweepError(f"grid_sampler: duplicate values in {values}")
+    return GridSweepSampler({param: values}, seed=seed)
+
+
+@dataclasses.dataclass
+class WorkerReport:
+    """What one :func:`run_worker` call did (the study itself may hold more from other workers)."""
+
+    ran: int = 0
+    complete: int = 0
+    failed: int = 0
+    pruned: int = 0
+    stopped_because: str = ""
+
+
+def _counts(study: optuna.Study) -> dict[TrialState, int]:
+    counts = {state: 0 for state in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state] += 1
+    return counts
+
+
+def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], n_trials: int, *,
+               catch: tuple[type[BaseException], ...] = (Exception,), max_failures: int | None = None,
+               timeout: float | None = None, callbacks: Sequence[Callable] = ()) -> WorkerReport:
+    """Run trials until the study holds ``n_trials`` COMPLETE trials (counting every worker's).
+
+    Trials already COMPLETE (from an interrupted run) count, so restarting a worker resumes the sweep.
+    Re-queued (WAITING) trials are run first. The worker leaves when the remaining trials are all being
+    run by others, after ``max_failures`` failed trials of its own (default ``n_trials``: a broken
+    objective must not loop forever), after ``timeout`` seconds (checked between trials), or when a grid
+    sampler has no point left. An exception in ``catch`` marks the trial FAIL and the worker goes on.
+    """
+    if n_trials < 1:
+        raise SweepError(f"n_trials must be >= 1, got {n_trials}")
+    max_failures = n_trials if max_failures is None else max_failures
+    report = WorkerReport()
+    start = time.monotonic()
+    grid = study.sampler if isinstance(study.sampler, GridSweepSampler) else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        while True:
+            # Turn dead workers' trials into FAIL + a WAITING retry before deciding what is left to do.
+            optuna.storages.fail_stale_trials(study)
+            counts = _counts(study)
+            done, running, waiting = counts[TrialState.COMPLETE], counts[TrialState.RUNNING], counts[TrialState.WAITING]
+            if done >= n_trials:
+                report.stopped_because = f"study has {done} complete trials (target {n_trials})"
+                break
+            if waiting == 0:
+                if grid is not None and grid.pending(study) == 0:
+                    report.stopped_because = "grid: every point is finished or being run"
+                    break
+                if done + running >= n_trials:
+                    report.stopped_because = f"remaining trials are being run by other workers ({running} running)"
+                    break
+            if report.failed >= max_failures:
+                report.stopped_because = f"{report.failed} failed trials in this worker (max_failures={max_failures})"
+                log.warning("worker stops: %s", report.stopped_because)
+                break
+            if timeout is not None and time.monotonic() - start >= timeout:
+                report.stopped_because = f"timeout {timeout} s"
+                break
+            finished: list[optuna.trial.FrozenTrial] = []
+            study.optimize(objective, n_trials=1, catch=catch,
+                           callbacks=[*callbacks, lambda _study, trial: finished.append(trial)])
+            report.ran += 1
+            state = finished[-1].state if finished else TrialState.FAIL
+            if state == TrialState.COMPLETE:
+                report.complete += 1
+            elif state == TrialState.PRUNED:
+                report.pruned += 1
+            else:
+                report.failed += 1
+    return report
+
+
+def pareto_front(study: optuna.Study) -> list[dict[str, Any]]:
+    """The non-dominated COMPLETE trials (the best one(s) of a single-objective study), best first objective first.
+
+    Each item: ``number``, ``params``, ``values`` (metric name -> value; names ``value_i`` when unset)
+    and ``user_attrs`` (``mlflow_run_id`` when the trial was tracked).
+    """
+    names = study.metric_names or ([f"value_{i}" for i in range(len(study.directions))]
+                                   if len(study.directions) > 1 else ["value"])
+    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        return []
+    front = []
+    for t in study.best_trials:
+        front.append({"number": t.number, "params": dict(t.params),
+                      "values": dict(zip(names, t.values)), "user_attrs": dict(t.user_attrs)})
+    front.sort(key=lambda item: (list(item["values"].values()), item["number"]))
+    return front
+
+
+# ---------------------------------------------------------------------------------------------- MLflow join
+
+def study_parent_run(tracker, study_name: str, study: optuna.Study | None = None) -> str:
+    """Id of the parent MLflow run of ``study_name`` (run name ``study``, tags ``kind=study``, ``optuna_study``).
+
+    Created on first use and marked FINISHED right away (it is a container; trials run under it from many
+    workers). Two workers that create it at the same time converge on the earliest one and delete theirs.
+    """
+    from mlflow import MlflowClient
+
+    from svlib.tracking import git_commit
+
+    client = MlflowClient(tracker.tracking_uri)
+    experiment = client.get_experiment_by_name(tracker.experiment)
+    if experiment is None:
+        raise SweepError(f"MLflow experiment {tracker.experiment!r} not found at {tracker.tracking_uri}")
+    query = f"tags.kind = 'study' and tags.optuna_study = '{_check_name(study_name)}'"
+
+    def _parents() -> list:
+        runs = client.search_runs([experiment.experiment_id], query, max_results=50)
+        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+    existing = _parents()
+    if existing:
+        return existing[0].info.run_id
+    tags = {"kind": "study", "optuna_study": study_name, "git_commit": git_commit()}
+    own = client.create_run(experiment.experiment_id, run_name="study", tags=tags)
+    own_id = own.info.run_id
+    if study is not None:
+        client.log_param(own_id, "directions", ",".join(d.name.lower() for d in study.directions))
+        client.log_param(own_id, "sampler", type(study.sampler).__name__)
+        if study.metric_names:
+            client.log_param(own_id, "metric_names", ",".join(study.metric_names))
+    client.set_terminated(own_id, "FINISHED")
+    winner = _parents()[0].info.run_id
+    if winner != own_id:
+        client.delete_run(own_id)
+    return winner
+
+
+def tracked_objective(tracker, study_name: str, objective: Callable[[optuna.Trial], Any]) -> Callable[[optuna.Trial], Any]:
+    """Wrap ``objective`` so each trial is an MLflow run nested under the study's parent run.
+
+    The trial run is named ``trial-<number>`` and tagged ``kind=trial``, ``optuna_study``, ``optuna_trial``
+    (``optuna_retry_of`` for a heartbeat retry) and ``optuna_state``; it logs the trial's params and the
+    returned values as metrics (the study's metric names, else ``value``/``value_i``). A raising objective
+    leaves the run FAILED, a pruned one KILLED. The run is the active MLflow run while the objective runs,
+    so ``tracker.run(stage, nested=True)`` inside the objective nests stages under the trial.
+    """
+    _check_name(study_name)
+    parent: dict[str, str] = {}
+
+    def wrapped(trial: optuna.Trial):
+        from mlflow import MlflowClient
+
+        from svlib.tracking import git_commit
+
+        if tracker.active_run_id is not None:
+            raise SweepError("tracked_objective: an MLflow run is already active in this thread; "
+                             "trial runs are nested under the study run, end the active run first")
+        if "id" not in parent:
+            parent["id"] = study_parent_run(tracker, study_name, trial.study)
+        client = MlflowClient(tracker.tracking_uri)
+        tags = {"kind": "trial", "optuna_study": study_name, "optuna_trial": str(trial.number),
+                "mlflow.parentRunId": parent["id"], "git_commit": git_commit()}
+        # A heartbeat retry inherits the user attrs of the trial it replaces: close that trial's run,
+        # which its dead worker left RUNNING.
+        previous = trial.user_attrs.get("trial_number")
+        if previous is not None and previous != trial.number:
+            tags["optuna_retry_of"] = str(previous)
+            old_run = trial.user_attrs.get("mlflow_run_id")
+            if old_run:
+                try:
+                    if client.get_run(old_run).info.status == "RUNNING":
+                        # The dead worker never got to log the params; the retry carries the same ones.
+                        for key, value in trial.params.items():
+                            client.log_param(old_run, key, value)
+                        client.set_tag(old_run, "optuna_state", "FAIL")
+                        client.set_terminated(old_run, "FAILED")
+                except Exception as err:  # a missing old run must not fail the retry
+                    log.warning("could not close MLflow run %s of trial %s: %s", old_run, previous, err)
+        state, pruned_exc = "FAIL", None
+        with tracker.run(f"trial-{trial.number}", tags=tags) as run_id:
+            trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr("trial_number", trial.number)
+            try:
+                result = objective(trial)
+            except optuna.TrialPruned as err:
+                state, pruned_exc = "PRUNED", err
+            finally:
+                if trial.params:
+                    tracker.log_params(dict(trial.params))
+                tracker.set_tags({"optuna_state": state})
+            if pruned_exc is None:
+                values = list(result) if isinstance(result, (list, tuple)) else [result]
+                names = trial.study.metric_names or ([f"value_{i}" for i in range(len(values))]
+                                                     if len(values) > 1 else ["value"])
+                if len(names) != len(values):
+                    raise SweepError(f"objective returned {len(values)} values for metrics {names}")
+                tracker.log_metrics({n: float(v) for n, v in zip(names, values)})
+                tracker.set_tags({"optuna_state": "COMPLETE"})
+        if pruned_exc is not None:
+            client.set_terminated(run_id, "KILLED")
+            raise pruned_exc
+        return result
+
+    return wrapped
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+def _load_objective(spec: str) -> Callable[[optuna.Trial], Any]:
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise SweepError(f"--objective {spec!r}: expected 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise SweepError(f"--objective {spec!r}: cannot import {module_name} ({err})") from None
+    func = getattr(module, attr, None)
+    if not callable(func):
+        raise SweepError(f"--objective {spec!r}: {module_name} has no callable {attr!r}")
+    return func
+
+
+def _make_tracker(experiment: str, uri: str | None):
+    from mlflow.exceptions import MlflowException
+
+    from svlib.tracking import Tracker
+
+    # Workers starting together race to create the experiment; the loser finds it on the second try.
+    for attempt in range(3):
+        try:
+            return Tracker(experiment, tracking_uri=uri)
+        except MlflowException:
+            if attempt == 2:
+                raise
+            time.sleep(0.5)
+
+
+def _parse_grid(spec: str) -> tuple[str, list[float]]:
+    param, sep, values = spec.partition("=")
+    try:
+        parsed = [float(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        parsed = []
+    if not sep or not param or not parsed:
+        raise SweepError(f"--grid {spec!r}: expected NAME=v1,v2,... (numbers)")
+    return param, parsed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sweeps.study", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--study", required=True, help="study name (also the MLflow experiment)")
+    common.add_argument("--storage", default=None, help="SQLAlchemy URL (default sqlite:///sweeps/<study>.db)")
+    w = sub.add_parser("worker", parents=[common], help="run trials until the study has --n-trials complete ones")
+    w.add_argument("--directions", nargs="+", default=["minimize"])
+    w.add_argument("--metric-names", nargs="+", default=None)
+    w.add_argument("--objective", required=True, help="package.module:function taking an optuna.Trial")
+    w.add_argument("--n-trials", type=int, required=True)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--worker", type=int, default=0, help="this worker's index (offsets the sampler seed)")
+    w.add_argument("--grid", default=None, help="grid sweep over one parameter: NAME=v1,v2,...")
+    w.add_argument("--heartbeat", type=int, default=60, help="heartbeat interval, s")
+    w.add_argument("--grace", type=int, default=None, help="grace period before a silent trial is failed, s")
+    w.add_argument("--max-retry", type=int, default=1)
+    w.add_argument("--max-failures", type=int, default=None)
+    w.add_argument("--track", action="store_true", help="log trials to MLflow (nested under the study run)")
+    w.add_argument("--mlflow-uri", default=None, help="tracking URI (default: svlib's default, implies --track)")
+    sub.add_parser("pareto", parents=[common], help="print the Pareto front as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        if args.command == "pareto":
+            study = load_study(args.study, args.storage)
+            print(json.dumps(pareto_front(study), indent=1, default=str))
+            return 0
+        objective = _load_objective(args.objective)
+        sampler = None
+        if args.grid:
+            param, values = _parse_grid(args.grid)
+            sampler = grid_sampler(values, param=param, seed=args.seed)
+        study = open_study(args.study, args.storage, args.directions, seed=args.seed, worker=args.worker,
+                           sampler=sampler, metric_names=args.metric_names, heartbeat_interval=args.heartbeat,
+                           grace_period=args.grace, max_retry=args.max_retry)
+        if args.track or args.mlflow_uri:
+            objective = tracked_objective(_make_tracker(args.study, args.mlflow_uri), args.study, objective)
+        report = run_worker(study, objective, args.n_trials, max_failures=args.max_failures)
+    except SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps({"worker": args.worker, **dataclasses.asdict(report)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

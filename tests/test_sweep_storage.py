@@ -1,0 +1,358 @@
+"""Sweep storage and workers: shared trials, dead workers, failing trials, resume, grid, Pareto, MLflow join.
+
+Every storage test runs on SQLite and, when ``SVLIB_TEST_POSTGRES_URL`` is set (CI starts a server with
+.ci/postgres.sh), on PostgreSQL. Multi-worker tests start real ``python -m sweeps.study worker`` processes
+on ``tests/sweep_objective.py``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from sweeps.study import (GridSweepSampler, SweepError, grid_sampler, load_study, open_study, pareto_front,
+                          run_worker, tracked_objective)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sweep_objective  # noqa: E402  (tests/ is not a package)
+
+REPO = Path(__file__).resolve().parents[1]
+NO_PG = "no PostgreSQL server: set SVLIB_TEST_POSTGRES_URL (CI starts one via .ci/postgres.sh)"
+NO_PG_MLFLOW = "no PostgreSQL MLflow store: set SVLIB_TEST_MLFLOW_PG_URL (CI starts one via .ci/postgres.sh)"
+PROC_TIMEOUT_S = 240  # the CPU is shared: generous, but every wait is bounded
+HEARTBEAT_S, GRACE_S = 1, 2
+METRICS = ["eer_pct", "params_frac"]
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def mlflow_sqlite(tmp_path_factory) -> str:
+    """One SQLite MLflow store for the module: creating its tables costs seconds, experiments keep tests apart."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+    MlflowClient(uri).search_experiments()
+    return uri
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request, tmp_path, mlflow_sqlite):
+    """(storage URL, MLflow tracking URI) on one backend; study names are unique per test."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/optuna.db", mlflow_sqlite
+    url = os.environ.get("SVLIB_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip(NO_PG)
+    return url, os.environ.get("SVLIB_TEST_MLFLOW_PG_URL")
+
+
+def _name(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def _start_worker(study: str, storage: str, n_trials: int, worker: int, markers: Path, *, extra_env=None,
+                  args=()) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update({"SVLIB_SWEEP_MARKERS": str(markers), "PYTHONPATH": str(REPO)}, **(extra_env or {}))
+    cmd = [sys.executable, "-m", "sweeps.study", "worker", "--study", study, "--storage", storage,
+           "--objective", "tests.sweep_objective:objective", "--n-trials", str(n_trials),
+           "--directions", "minimize", "minimize", "--metric-names", *METRICS, "--worker", str(worker),
+           "--heartbeat", str(HEARTBEAT_S), "--grace", str(GRACE_S), *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen) -> dict:
+    """Wait for a worker (bounded) and return its JSON report; the worker's stderr is shown on failure."""
+    try:
+        out, err = proc.communicate(timeout=PROC_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"worker {proc.pid} did not finish in {PROC_TIMEOUT_S} s:\n{err[-3000:]}")
+    assert proc.returncode == 0, f"worker exited {proc.returncode}:\n{err[-3000:]}"
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _kill_all(procs) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def _wait_for(predicate, what: str, timeout: float = PROC_TIMEOUT_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def _open(name: str, storage: str, **kw):
+    return open_study(name, storage, ["minimize", "minimize"], metric_names=METRICS,
+                      heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **kw)
+
+
+# ------------------------------------------------------------------------------ several worker processes
+
+@pytest.mark.parametrize("mode", ["tpe", "grid"])
+def test_two_worker_processes_share_one_study(backend, tmp_path, mode):
+    storage, _ = backend
+    name = _name("share")
+    grid = [0.1, 0.25, 0.4, 0.55, 0.7, 0.85]
+    n_trials = 6
+    args = ("--grid", "target_sparsity=" + ",".join(map(str, grid))) if mode == "grid" else ()
+    # The grid is a ceiling: asking for more complete trials than points must still stop at the grid.
+    n_arg = 50 if mode == "grid" else n_trials
+    # Both workers must have a trial in flight before either proceeds, so they really overlap.
+    env = {"SVLIB_SWEEP_BARRIER": "2", "SVLIB_SWEEP_SLEEP": "0.3"}
+    procs = [_start_worker(name, storage, n_arg, k, tmp_path, extra_env=env, args=args) for k in (0, 1)]
+    try:
+        reports = [_finish(p) for p in procs]
+    finally:
+        _kill_all(procs)
+
+    trials = load_study(name, storage).get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert all(r["ran"] >= 1 for r in reports), reports
+    assert sum(r["ran"] for r in reports) == len(trials)
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    params = [t.params["target_sparsity"] for t in complete]
+    assert len(set(params)) == len(params), f"duplicate params across workers: {params}"
+    if mode == "grid":
+        assert sorted(params) == grid
+    else:
+        # A race between the last two trials may add one, never more (two workers).
+        assert n_trials <= len(complete) <= n_trials + 1
+    # Each trial number was started by exactly one process.
+    starts = {}
+    for marker in tmp_path.glob("start-*"):
+        _, number, pid = marker.name.split("-")
+        starts.setdefault(int(number), set()).add(pid)
+    assert {n: len(p) for n, p in starts.items()} == {t.number: 1 for t in trials}
+    assert len({pid for pids in starts.values() for pid in pids}) == 2
+    # The values are the objective's, computed by svlib's EER.
+    for t in complete:
+        assert t.values[0] == pytest.approx(sweep_objective.synthetic_eer_pct(t.params["target_sparsity"]))
+
+
+def test_killed_worker_trial_fails_by_heartbeat_and_is_retried(backend, tmp_path):
+    storage, mlflow_uri = backend
+    name = _name("kill")
+    track = ("--mlflow-uri", mlflow_uri) if mlflow_uri else ()
+    victim = _start_worker(name, storage, 3, 0, tmp_path, extra_env={"SVLIB_SWEEP_SLEEP": "120"}, args=track)
+    try:
+        marker = _wait_for(lambda: next(tmp_path.glob("start-*"), None), "the first trial to start")
+        killed_number = int(marker.name.split("-")[1])
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.communicate(timeout=30)
+        # Before the grace period the trial still looks RUNNING to everyone.
+        study = _open(name, storage)
+        assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
+        time.sleep(GRACE_S + 1.5)
+        survivor = _start_worker(name, storage, 3, 1, tmp_path, extra_env={"SVLIB_SWEEP_SLEEP": "0.1"}, args=track)
+        report = _finish(survivor)
+    finally:
+        _kill_all([victim])
+
+    trials = load_study(name, storage).get_trials()
+    by_number = {t.number: t for t in trials}
+    assert by_number[killed_number].state == TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed_number]
+    assert len(retries) == 1, "the killed trial is retried exactly once"
+    retry = retries[0]
+    assert retry.state == TrialState.COMPLETE
+    assert retry.params == by_number[killed_number].params
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
+    assert report == {**report, "ran": 3, "complete": 3, "failed": 0}
+
+    if not mlflow_uri:
+        pytest.skip(NO_PG_MLFLOW + " (the Optuna part passed)")
+    runs = _mlflow_runs(mlflow_uri, name)
+    parents = [r for r in runs if r.data.tags.get("kind") == "study"]
+    assert len(parents) == 1 and parents[0].data.tags["optuna_study"] == name
+    trial_runs = {r.data.tags["optuna_trial"]: r for r in runs if r.data.tags.get("kind") == "trial"}
+    assert set(trial_runs) == {str(t.number) for t in trials}
+    for number, run in trial_runs.items():
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["optuna_study"] == name
+        assert run.info.run_name == f"trial-{number}"
+        assert float(run.data.params["target_sparsity"]) == by_number[int(number)].params["target_sparsity"]
+    # The dead worker's run is closed by the retry, not left RUNNING forever.
+    assert trial_runs[str(killed_number)].info.status == "FAILED"
+    assert trial_runs[str(retry.number)].data.tags["optuna_retry_of"] == str(killed_number)
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            run = trial_runs[str(t.number)]
+            assert run.info.status == "FINISHED"
+            assert run.data.metrics == pytest.approx(dict(zip(METRICS, t.values)))
+            assert t.user_attrs["mlflow_run_id"] == run.info.run_id
+
+
+def _mlflow_runs(uri: str, experiment: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment} in {uri}"
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+# ------------------------------------------------------------------------------ in-process worker loop
+
+def test_raising_trial_is_failed_and_the_study_goes_on(backend, monkeypatch):
+    storage, _ = backend
+    monkeypatch.setenv("SVLIB_SWEEP_FAIL_TRIALS", "1")
+    study = _open(_name("raise"), storage)
+    report = run_worker(study, sweep_objective.objective, 3)
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert (report.ran, report.complete, report.failed) == (4, 3, 1)
+    assert "3 complete" in report.stopped_because
+
+
+def test_always_failing_objective_stops_after_max_failures(tmp_path):
+    def broken(trial):
+        trial.suggest_float("target_sparsity", 0.1, 0.9)
+        raise ValueError("broken objective")
+
+    study = _open("broken", f"sqlite:///{tmp_path}/s.db")
+    report = run_worker(study, broken, 10, max_failures=3)
+    assert (report.ran, report.failed, report.complete) == (3, 3, 0)
+    assert "max_failures=3" in report.stopped_because
+    # An exception outside `catch` is not swallowed.
+    with pytest.raises(ValueError, match="broken objective"):
+        run_worker(study, broken, 10, catch=(KeyError,))
+
+
+def test_interrupted_study_resumes_with_load_if_exists(backend):
+    storage, _ = backend
+    name = _name("resume")
+    first = run_worker(_open(name, storage), sweep_objective.objective, 2)
+    assert first.complete == 2
+    # A fresh process/worker joins the same study: only the missing trials are run.
+    resumed = _open(name, storage, worker=1)
+    assert len(resumed.trials) == 2
+    second = run_worker(resumed, sweep_objective.objective, 5)
+    assert (second.ran, second.complete) == (3, 3)
+    assert [t.number for t in resumed.trials if t.state == TrialState.COMPLETE] == [0, 1, 2, 3, 4]
+    again = run_worker(_open(name, storage), sweep_objective.objective, 5)
+    assert again.ran == 0
+    with pytest.raises(SweepError, match="already exists"):
+        _open(name, storage, load_if_exists=False)
+    with pytest.raises(SweepError, match="directions"):
+        open_study(name, storage, ["minimize"])
+
+
+def test_grid_sweep_runs_each_point_once(tmp_path):
+    values = [0.2, 0.5, 0.8]
+    sampler = grid_sampler(values)
+    assert isinstance(sampler, GridSweepSampler) and sampler.n_points == 3
+    study = _open("grid", f"sqlite:///{tmp_path}/s.db", sampler=sampler)
+    report = run_worker(study, sweep_objective.objective, 100)
+    assert report.ran == 3 and report.stopped_because.startswith("grid")
+    assert sorted(t.params["target_sparsity"] for t in study.trials) == values
+    with pytest.raises(SweepError, match="duplicate"):
+        grid_sampler([0.1, 0.1])
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_workers_with_one_seed_but_different_indices_propose_different_points(tmp_path):
+    storage = f"sqlite:///{tmp_path}/s.db"
+    a = _open("seeds", storage, seed=7, worker=0)
+    b = _open("seeds", storage, seed=7, worker=1)
+    ta, tb = a.ask(), b.ask()
+    assert ta.suggest_float("x", 0, 1) != tb.suggest_float("x", 0, 1)
+
+
+def test_pareto_front_is_the_non_dominated_set(tmp_path):
+    study = _open("pareto", f"sqlite:///{tmp_path}/s.db", seed=3)
+    run_worker(study, sweep_objective.objective, 12)
+    front = pareto_front(study)
+    values = np.array([t.values for t in study.trials if t.state == TrialState.COMPLETE])
+    expected = {tuple(v) for v in values
+                if not any(np.all(o <= v) and np.any(o < v) for o in values)}
+    assert {tuple(item["values"][m] for m in METRICS) for item in front} == expected
+    assert [item["values"]["eer_pct"] for item in front] == sorted(item["values"]["eer_pct"] for item in front)
+    assert set(front[0]) == {"number", "params", "values", "user_attrs"}
+    assert pareto_front(_open("empty", f"sqlite:///{tmp_path}/s.db")) == []
+
+
+def test_open_study_rejects_bad_input(tmp_path):
+    with pytest.raises(SweepError, match="study name"):
+        open_study("../escape", f"sqlite:///{tmp_path}/s.db")
+    with pytest.raises(SweepError, match="directions"):
+        open_study("ok", f"sqlite:///{tmp_path}/s.db", ["down"])
+    with pytest.raises(SweepError, match="metric names"):
+        open_study("ok", f"sqlite:///{tmp_path}/s.db", ["minimize"], metric_names=["a", "b"])
+    with pytest.raises(SweepError, match="no study"):
+        load_study("missing", f"sqlite:///{tmp_path}/s.db")
+
+
+def test_default_storage_is_sqlite_under_sweeps(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study = open_study("local", None)
+    assert (tmp_path / "sweeps" / "local.db").is_file()
+    assert study.study_name == "local"
+
+
+def test_tracked_objective_nests_trials_under_one_study_run(tmp_path, monkeypatch, mlflow_sqlite):
+    from svlib.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = mlflow_sqlite
+    tracker = Tracker("tracked", tracking_uri=uri)
+
+    def objective(trial):
+        sparsity = trial.suggest_float("target_sparsity", 0.1, 0.9)
+        if trial.number == 1:
+            raise RuntimeError("boom")
+        if trial.number == 2:
+            raise optuna.TrialPruned()
+        with tracker.run("prune1", nested=True, tags={"stage": "prune1"}):
+            tracker.log_metrics({"expected_sparsity": sparsity}, step=0)
+        return sweep_objective.synthetic_eer_pct(sparsity), 1.0 - sparsity
+
+    study = _open("tracked", f"sqlite:///{tmp_path}/s.db")
+    report = run_worker(study, tracked_objective(tracker, "tracked", objective), 2)
+    assert (report.complete, report.failed, report.pruned) == (2, 1, 1)
+    # A second worker (new wrapper, no cache) finds the same parent run.
+    run_worker(study, tracked_objective(tracker, "tracked", objective), 3)
+
+    runs = _mlflow_runs(uri, "tracked")
+    parents = [r for r in runs if r.data.tags.get("kind") == "study"]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.run_name == "study" and parent.data.params["directions"] == "minimize,minimize"
+    trial_runs = {int(r.data.tags["optuna_trial"]): r for r in runs if r.data.tags.get("kind") == "trial"}
+    assert sorted(trial_runs) == [0, 1, 2, 3, 4]
+    assert {n: r.info.status for n, r in trial_runs.items()} == {
+        0: "FINISHED", 1: "FAILED", 2: "KILLED", 3: "FINISHED", 4: "FINISHED"}
+    assert trial_runs[1].data.tags["optuna_state"] == "FAIL"
+    assert trial_runs[2].data.tags["optuna_state"] == "PRUNED"
+    assert "target_sparsity" in trial_runs[1].data.params  # params of a failed trial are kept
+    for n, run in trial_runs.items():
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    stages = [r for r in runs if r.data.tags.get("stage") == "prune1"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in stages} == {trial_runs[n].info.run_id for n in (0, 3, 4)}
+    assert trial_runs[0].data.metrics.keys() == set(METRICS)
+
+
+def test_unreachable_storage_is_a_clear_error():
+    # Port 1 on 127.0.0.1: nothing listens there, the connection is refused at once.
+    with pytest.raises(SweepError, match=r"cannot open Optuna storage postgresql\+psycopg2://u:\*\*\*@127.0.0.1:1/x"):
+        open_study("unreachable", "postgresql+psycopg2://u:secret@127.0.0.1:1/x")
