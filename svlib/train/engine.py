@@ -1,0 +1,385 @@
+"""The training loop: one function, read it top to bottom.
+
+``train(model, head, loader, cfg, out_dir)`` runs ``cfg.steps`` optimizer updates of ``head(model(waves,
+lengths), labels)`` with AdamW (separate learning rates for the front-end and everything else), optional
+AMP, gradient clipping, an LR schedule and a margin schedule that are pure functions of the step, periodic
+checkpoints and validation-based model selection (``best.pt``).
+
+Exact resume. Everything that decides update k+1 after update k is either in the checkpoint or a pure
+function of k: weights, optimizer moments, grad-scaler state, the loader position (batch i is a function of
+(seed, i, rank)), the RNG states of every rank, and the best validation metric so far. Learning rate and
+margin are recomputed from the step. So ``train(steps=k)`` followed by ``train(steps=n, resume=True)``
+performs the same arithmetic as ``train(steps=n)``: on CPU the final weights are bitwise equal.
+
+Distributed. Launch with ``torchrun``; call ``setup_distributed()`` before building the loader (it needs
+the rank). When a process group exists, ``train`` wraps model and head together in one
+DistributedDataParallel (the head's class weights are trained too, so they must be all-reduced as well).
+Every rank computes; only rank 0 logs, validates and writes files.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from svlib.config import to_dict
+from svlib.losses import MarginSchedule
+from svlib.train.checkpoint import (checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint,
+                                    prune_checkpoints, save_checkpoint)
+from svlib.train.schedules import ScheduleConfig, apply_lr, lr_factor
+
+
+@dataclass
+class OptimConfig:
+    lr_frontend: float = 5e-5
+    lr_backend: float = 1e-3
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_checkpoints: int = 3          # step checkpoints kept on disk (best.pt is separate); 0 keeps all
+    val_every: int = 0                 # 0: never validate
+    val_metric: str = "eer_pct"        # key of the dict returned by ``validate``
+    val_mode: Literal["min", "max"] = "min"
+    grad_clip: float = 5.0             # max global grad norm; 0 disables clipping
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    margin: MarginSchedule | None = None   # None: leave the head's margin as constructed
+    seed: int = 42
+    find_unused_parameters: bool = False   # DDP: set when some trainable parameters get no gradient
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "log_every", "ckpt_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.val_every < 0 or self.keep_checkpoints < 0:
+            raise ValueError("val_every and keep_checkpoints must be >= 0")
+
+
+@dataclass
+class TrainResult:
+    best_metric: float | None
+    best_step: int | None
+    final_step: int
+    last_checkpoint: Path | None
+    best_checkpoint: Path | None
+    checkpoints: list[Path]
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+def setup_distributed() -> tuple[int, int, int]:
+    """Join the process group described by torchrun's env vars; returns (rank, world_size, local_rank).
+
+    Without ``WORLD_SIZE > 1`` nothing is initialised and (0, 1, 0) is returned, so the same script runs
+    under plain ``python`` and under ``torchrun``.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            backend = "nccl"
+        else:
+            backend = "gloo"
+        dist.init_process_group(backend=backend)
+    return rank, world, local_rank
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _dist()[1] > 1:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        # numpy arrays are not allowed by weights_only loading; the MT19937 key fits a tensor exactly
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _all_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG state (collective): each rank draws its own dropout masks, augmentation, etc."""
+    rank, world = _dist()
+    mine = _rng_state()
+    if world == 1:
+        return [mine]
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def build_optimizer(model: nn.Module, head: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with groups ``frontend`` (``model.frontend``) and ``backend`` (the rest of the model + head).
+
+    Frozen parameters are left out, so LoRA / pruning stages only pay optimizer memory for what they train.
+    """
+    frontend = getattr(model, "frontend", None)
+    front_ids = {id(p) for p in frontend.parameters()} if isinstance(frontend, nn.Module) else set()
+    front, back, seen = [], [], set()
+    for p in list(model.parameters()) + list(head.parameters()):
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (front if id(p) in front_ids else back).append(p)
+    groups = [{"name": name, "params": params, "lr": lr, "base_lr": lr}
+              for name, params, lr in (("frontend", front, cfg.lr_frontend), ("backend", back, cfg.lr_backend))
+              if params]
+    if not groups:
+        raise ValueError("no trainable parameters (everything has requires_grad=False)")
+    return torch.optim.AdamW(groups, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+class _ModelAndHead(nn.Module):
+    """Model + loss head as one module so that a single DDP wrapper all-reduces both."""
+
+    def __init__(self, model: nn.Module, head: nn.Module):
+        super().__init__()
+        self.model = model
+        self.head = head
+
+    def forward(self, waves, lengths, labels):
+        return self.head(self.model(waves, lengths), labels)
+
+
+def _is_better(value: float, best: float | None, mode: str) -> bool:
+    if not math.isfinite(value):
+        return False
+    return best is None or (value < best if mode == "min" else value > best)
+
+
+# ---------------------------------------------------------------------------------------------------- loop
+
+def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: str | os.PathLike, *,
+          resume: bool = False, validate: Callable[[nn.Module], dict] | None = None,
+          log: Callable[[dict, int], None] | None = None,
+          augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> TrainResult:
+    """Train ``model`` + ``head`` on ``loader`` for ``cfg.steps`` updates in total (see module docstring).
+
+    ``model`` must already be on its device; ``head`` is moved there. ``validate(model)`` runs on rank 0
+    under ``torch.no_grad()`` in eval mode and returns metrics including ``cfg.val_metric``; it is the
+    only input to model selection (never pass a test-set evaluation here). ``augment(waves, lengths)`` runs
+    on the training device after the batch is moved there (noise/reverb on the GPU, not in the loader); it
+    draws from the global torch RNG, which checkpoints hold, so resume stays exact.
+    """
+    rank, world = _dist()
+    is_main = rank == 0
+    out_dir = Path(out_dir)
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    head.to(device)
+    _seed_everything(cfg.seed + rank)
+
+    optimizer = build_optimizer(model, head, cfg.optim)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    use_amp = amp_dtype is not None and device.type == "cuda"
+    if amp_dtype is not None and not use_amp and is_main:
+        print(f"[train] amp={cfg.amp} needs CUDA; running in float32 on {device}")
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype is torch.float16)
+
+    # ---- resume: everything the next update depends on
+    step, best_metric, best_step = 0, None, None
+    ckpt_path = latest_checkpoint(out_dir) if resume else None
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+        model.load_state_dict(ckpt["model"])
+        head.load_state_dict(ckpt["head"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        # load_state_dict also restores the saved hyperparameters; the config is the truth for those
+        # (only the moments and step counts are state), so a deliberately changed lr takes effect.
+        for group in optimizer.param_groups:
+            group["base_lr"] = cfg.optim.lr_frontend if group["name"] == "frontend" else cfg.optim.lr_backend
+            group.update(weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        scaler.load_state_dict(ckpt["scaler"])
+        step, best_metric, best_step = ckpt["step"], ckpt["best_metric"], ckpt["best_step"]
+        rng = ckpt["rng"]
+        if len(rng) != world and is_main:
+            print(f"[train] {ckpt_path} was saved by {len(rng)} ranks, now {world}: RNG streams restart per rank")
+        _set_rng_state(rng[rank] if len(rng) == world else rng[0])
+        if hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(ckpt["loader"])
+        if is_main:
+            print(f"[train] resumed from {ckpt_path} at step {step}")
+    elif resume and is_main:
+        print(f"[train] resume requested but no checkpoint in {out_dir}; starting from step 0")
+
+    net: nn.Module = _ModelAndHead(model, head)
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.find_unused_parameters)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    batches = iter(loader)
+    if ckpt_path is not None and not hasattr(loader, "load_state_dict"):
+        # A deterministic loader without saved state still resumes exactly, just slowly: replay it.
+        for _ in range(step):
+            next(batches)
+
+    def save(step: int) -> Path:
+        rng = _all_rng_states()  # collective: every rank must call save()
+        path = out_dir / checkpoint_name(step)
+        if is_main:
+            save_checkpoint(path, {
+                "step": step, "model": model.state_dict(), "head": head.state_dict(),
+                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "loader": loader.state_dict() if hasattr(loader, "state_dict") else {"step": step},
+                "rng": rng, "best_metric": best_metric, "best_step": best_step,
+                "world_size": world, "config": to_dict(cfg),
+            })
+            prune_checkpoints(out_dir, cfg.keep_checkpoints)
+        _barrier()
+        return path
+
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, accuracy since the last log
+    window = 0
+    pbar = tqdm(total=cfg.steps, initial=step, disable=not (is_main and cfg.progress), dynamic_ncols=True)
+    model.train()
+    head.train()
+    t0 = time.perf_counter()
+    while step < cfg.steps:
+        try:
+            batch = next(batches)
+        except StopIteration:  # finite loaders start another epoch
+            batches = iter(loader)
+            batch = next(batches)
+        waves = batch.waves.to(device, non_blocking=True)
+        lengths = batch.lengths.to(device, non_blocking=True)
+        labels = batch.labels.to(device, non_blocking=True)
+        if augment is not None:
+            with torch.no_grad():
+                waves = augment(waves, lengths)
+
+        factor = lr_factor(cfg.schedule, step, cfg.steps)
+        apply_lr(optimizer, factor)
+        if cfg.margin is not None:
+            head.margin = cfg.margin(step)
+
+        with torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext():
+            loss, accuracy = net(waves, lengths, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        step += 1
+        pbar.update(1)
+        sums += torch.stack([loss.detach().double(), accuracy.detach().double()])
+        window += 1
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            # Reducing only here keeps the device free of per-step host syncs.
+            if world > 1:
+                dist.all_reduce(sums)
+            mean_loss, mean_acc = (sums / (window * world)).tolist()
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"loss is {mean_loss} at step {step}; last lr factor {factor:.3g}")
+            record = {
+                "loss": mean_loss, "accuracy": mean_acc,
+                "lr_frontend": cfg.optim.lr_frontend * factor, "lr_backend": cfg.optim.lr_backend * factor,
+                "margin": float(getattr(head, "margin", float("nan"))),
+                "steps_per_s": window / (time.perf_counter() - t0),
+            }
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            sums.zero_()
+            window = 0
+            t0 = time.perf_counter()
+            if is_main:
+                pbar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{mean_acc:.3f}")
+                if log is not None:
+                    log(record, step)
+
+        if cfg.val_every > 0 and step % cfg.val_every == 0:
+            # The condition must not depend on the rank (or on ``validate``, which a worker may omit): every
+            # rank has to reach the barrier below.
+            if is_main and validate is not None:
+                model.eval()
+                # Validation must not shift the training RNG streams: enabling it may not change training.
+                py_state, np_state = random.getstate(), np.random.get_state()
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+                    metrics = dict(validate(model))
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+                model.train()
+                if cfg.val_metric not in metrics:
+                    raise KeyError(f"validate() returned {sorted(metrics)}, no {cfg.val_metric!r} (cfg.val_metric)")
+                value = float(metrics[cfg.val_metric])
+                if _is_better(value, best_metric, cfg.val_mode):
+                    best_metric, best_step = value, step
+                    save_checkpoint(out_dir / "best.pt", {
+                        "step": step, "metric": value, "metrics": {k: float(v) for k, v in metrics.items()},
+                        "model": model.state_dict(), "head": head.state_dict()})
+                if log is not None:
+                    log({f"val_{k}": float(v) for k, v in metrics.items()}
+                        | {f"best_{cfg.val_metric}": best_metric}, step)
+            _barrier()
+            t0 = time.perf_counter()  # do not count validation time in the training speed
+
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            save(step)
+    pbar.close()
+    if hasattr(batches, "close"):
+        batches.close()  # a generator over worker processes: shut them down now, not at garbage collection
+    if world > 1:
+        # DDP syncs buffers (BatchNorm running stats) at the *start* of each forward, so after the last step
+        # every rank holds its own; hand back rank 0's (the ones saved) so all ranks end with one model.
+        for buffer in list(model.buffers()) + list(head.buffers()):
+            dist.broadcast(buffer.data, src=0)
+
+    best_path = out_dir / "best.pt"
+    return TrainResult(
+        best_metric=best_metric, best_step=best_step, final_step=step,
+        last_checkpoint=latest_checkpoint(out_dir), best_checkpoint=best_path if best_path.is_file() else None,
+        checkpoints=list_checkpoints(out_dir))

@@ -1,0 +1,343 @@
+"""Training loop: loss goes down, exact resume (simulated and real SIGKILL), DDP on gloo, atomic checkpoints,
+schedules as pure functions of the step."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import ddp_worker as w  # noqa: E402
+from svlib.config import from_dict  # noqa: E402
+from svlib.losses import MarginSchedule  # noqa: E402
+from svlib.scoring.metrics import compute_eer  # noqa: E402
+from svlib.train import checkpoint as ck  # noqa: E402
+from svlib.train.engine import OptimConfig, TrainConfig, build_optimizer, train  # noqa: E402
+from svlib.train.schedules import ScheduleConfig, apply_lr, lr_factor  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TOTAL = 12  # steps of the reference run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On a shared 2-core machine two OpenMP threads spin against each other's load (30x slower here);
+    # the SIGKILL worker uses one thread as well, so its arithmetic matches this process bit for bit.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def train_data(sv_mini):
+    return w.load_speakers("asc", 8, sv_mini)
+
+
+@pytest.fixture(scope="module")
+def val_data(sv_mini):
+    # held-out speakers (LibriSpeech part), never seen in training
+    waves, labels, _ = w.load_speakers("ls", 6, sv_mini)
+    crops = torch.from_numpy(np.stack([w.fit_length(x, 16000) for x in waves]))
+    return crops, np.array(labels)
+
+
+@pytest.fixture(scope="module")
+def validate(val_data):
+    crops, labels = val_data
+    i, j = np.triu_indices(len(labels), k=1)
+    trial_labels = (labels[i] == labels[j]).astype(np.int8)
+
+    def run(model):
+        emb = torch.nn.functional.normalize(model(crops, torch.full((len(crops),), crops.shape[1])), dim=1)
+        scores = (emb[i] * emb[j]).sum(dim=1).numpy()
+        return {"eer_pct": 100.0 * compute_eer(scores, trial_labels)[0]}
+
+    return run
+
+
+def run_fresh(train_data, out, steps, validate=None, resume=False, **overrides):
+    waves, labels, utts = train_data
+    model, head = w.build(max(labels) + 1)
+    loader = w.MiniLoader(waves, labels, utts)
+    history = []
+    cfg = w.make_config(steps, val_every=4, **overrides) if validate else w.make_config(steps, **overrides)
+    result = train(model, head, loader, cfg, out, resume=resume, validate=validate,
+                   log=lambda rec, step: history.append((step, rec)))
+    return model, head, result, history
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, atol: float = 0.0):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        diff = (sa[k].double() - sb[k].double()).abs().max().item()
+        assert diff <= atol, f"{k}: max |diff| {diff}"
+
+
+@pytest.fixture(scope="module")
+def reference(train_data, validate, tmp_path_factory):
+    """The uninterrupted run every resume test must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    model, head, result, history = run_fresh(train_data, out, TOTAL, validate=validate)
+    return model, head, result, history
+
+
+# --------------------------------------------------------------------------------------------------- loop
+
+def test_loss_goes_down(train_data, tmp_path):
+    waves, labels, utts = train_data
+    model, head = w.build(max(labels) + 1, margin=0.2)
+    loader = w.MiniLoader(waves, labels, utts, batch_size=16, num_samples=w.LEARN_SAMPLES)
+    cfg = w.make_config(30, log_every=5, ckpt_every=100, margin=None,
+                        schedule=ScheduleConfig(kind="cosine", warmup_steps=3),
+                        optim=OptimConfig(lr_frontend=1e-2, lr_backend=1e-2))
+    history = []
+    result = train(model, head, loader, cfg, tmp_path, log=lambda rec, step: history.append((step, rec)))
+    steps = [s for s, _ in history]
+    losses = [r["loss"] for _, r in history]
+    assert steps == [5, 10, 15, 20, 25, 30]
+    assert sum(losses[-2:]) < 0.8 * sum(losses[:2]), losses
+    assert history[-1][1]["accuracy"] > history[0][1]["accuracy"] + 0.2
+    # cosine schedule ends at ~0 and each group keeps its own base rate
+    assert history[0][1]["lr_frontend"] == pytest.approx(1e-2 * lr_factor(cfg.schedule, 4, 30))
+    assert history[-1][1]["lr_backend"] == pytest.approx(1e-2 * lr_factor(cfg.schedule, 29, 30))
+    assert result.final_step == 30 and result.last_checkpoint.name == "ckpt_00000030.pt"
+
+
+def test_log_records_and_schedules_are_applied(reference):
+    _, head, result, history = reference
+    train_logs = {s: r for s, r in history if "loss" in r}
+    assert sorted(train_logs) == list(range(1, TOTAL + 1))
+    cfg = w.make_config(TOTAL)
+    for step, rec in train_logs.items():
+        factor = lr_factor(cfg.schedule, step - 1)  # record at step s describes update s-1 (0-based)
+        assert rec["lr_frontend"] == pytest.approx(2e-3 * factor)
+        assert rec["lr_backend"] == pytest.approx(5e-3 * factor)
+        assert rec["margin"] == pytest.approx(cfg.margin(step - 1))
+        assert set(rec) >= {"loss", "accuracy", "lr_frontend", "lr_backend", "margin", "grad_norm"}
+    assert train_logs[1]["lr_backend"] == pytest.approx(5e-3 / 3)   # warm-up 1/3
+    assert train_logs[9]["lr_backend"] == pytest.approx(5e-3 * 0.7)  # first decay at update 8
+    assert head.margin == pytest.approx(0.2)
+    # validation at steps 4, 8, 12 on held-out speakers; best.pt holds the best of them
+    val = {s: r["val_eer_pct"] for s, r in history if "val_eer_pct" in r}
+    assert sorted(val) == [4, 8, 12]
+    best_step = min(val, key=lambda s: (val[s], s))
+    assert result.best_step == best_step and result.best_metric == pytest.approx(val[best_step])
+    best = ck.load_checkpoint(result.best_checkpoint)
+    assert best["step"] == best_step and set(best) >= {"model", "head", "metric"}
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+def test_resume_after_stop_matches_uninterrupted(reference, train_data, validate, tmp_path):
+    ref_model, ref_head, ref_result, _ = reference
+    run_fresh(train_data, tmp_path, 5, validate=validate)  # "killed" after 5 steps (checkpoint at 5)
+    assert ck.latest_checkpoint(tmp_path).name == "ckpt_00000005.pt"
+    model, head, result, history = run_fresh(train_data, tmp_path, TOTAL, validate=validate, resume=True)
+    assert_same_weights(model, ref_model)
+    assert_same_weights(head, ref_head)
+    assert (result.best_metric, result.best_step) == (ref_result.best_metric, ref_result.best_step)
+    assert history[0][0] == 6  # continued, did not restart
+    # keep_checkpoints=2: only the two newest step checkpoints survive
+    assert [p.name for p in result.checkpoints] == ["ckpt_00000009.pt", "ckpt_00000012.pt"]
+    # the optimizer state was restored, not rebuilt: Adam's step counter covers all updates
+    state = ck.load_checkpoint(result.last_checkpoint)
+    assert all(float(s["step"]) == TOTAL for s in state["optimizer"]["state"].values())
+    assert state["loader"] == {"step": TOTAL}
+
+
+def test_resume_after_sigkill_matches_uninterrupted(reference, train_data, tmp_path):
+    ref_model, ref_head, _, _ = reference
+    # the reference validated, this run does not: validation must not change the training trajectory
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "ddp_worker.py"), "kill", str(tmp_path), str(TOTAL)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO)
+    deadline = time.monotonic() + 60
+    try:
+        while ck.latest_checkpoint(tmp_path) is None:
+            assert proc.poll() is None, f"worker exited early:\n{proc.stdout.read().decode()}"
+            assert time.monotonic() < deadline, "no checkpoint within 60 s"
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = ck.load_checkpoint(ck.latest_checkpoint(tmp_path))["step"]
+    assert 3 <= killed_at < TOTAL
+    model, head, result, history = run_fresh(train_data, tmp_path, TOTAL, resume=True)
+    assert history[0][0] == killed_at + 1
+    # bitwise in practice (same build, same thread count); the tolerance only covers another process's
+    # kernel choices, which the in-process resume tests above do not have to allow for
+    assert_same_weights(model, ref_model, atol=1e-6)
+    assert_same_weights(head, ref_head, atol=1e-6)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_amp_request_on_cpu_runs_float32(reference, train_data, tmp_path):
+    # autocast is CUDA-only here: on CPU an amp config must neither fail nor change the arithmetic
+    ref_model, _, _, _ = reference
+    model, _, _, _ = run_fresh(train_data, tmp_path, TOTAL, amp="fp16")
+    assert_same_weights(model, ref_model)
+
+
+def test_resume_takes_learning_rates_from_the_config(train_data, tmp_path):
+    run_fresh(train_data, tmp_path, 3)
+    run_fresh(train_data, tmp_path, 4, resume=True, optim=OptimConfig(lr_frontend=1e-4, lr_backend=2e-4))
+    groups = {g["name"]: g for g in ck.load_checkpoint(tmp_path / "ckpt_00000004.pt")["optimizer"]["param_groups"]}
+    assert groups["frontend"]["base_lr"] == 1e-4 and groups["backend"]["base_lr"] == 2e-4
+    assert groups["backend"]["lr"] == pytest.approx(2e-4 * lr_factor(w.make_config(4).schedule, 3))
+
+
+def test_resume_without_checkpoint_starts_fresh(train_data, tmp_path):
+    _, _, result, history = run_fresh(train_data, tmp_path, 2, resume=True)
+    assert history[0][0] == 1 and result.final_step == 2
+
+
+def test_failed_checkpoint_write_keeps_previous_and_resume_is_exact(reference, train_data, tmp_path, monkeypatch):
+    ref_model, ref_head, _, _ = reference
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def save_then_crash(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # third checkpoint (step 9): write half a file, then die
+            real_save(obj, f, *args, **kwargs)
+            f.seek(f.tell() // 2)
+            f.truncate()
+            raise OSError("disk full")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_then_crash)
+    with pytest.raises(OSError, match="disk full"):
+        run_fresh(train_data, tmp_path, TOTAL)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["ckpt_00000003.pt", "ckpt_00000006.pt"]
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert ck.load_checkpoint(tmp_path / "ckpt_00000006.pt")["step"] == 6
+    model, head, _, _ = run_fresh(train_data, tmp_path, TOTAL, resume=True)
+    assert_same_weights(model, ref_model)
+    assert_same_weights(head, ref_head)
+
+
+# ---------------------------------------------------------------------------------------------------- DDP
+
+def test_ddp_two_processes_gloo(sv_mini, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "ddp_worker.py"), "ddp", str(tmp_path), "24"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    for part in ("model", "head"):
+        for k in r0[part]:
+            assert torch.equal(r0[part][k], r1[part][k]), f"ranks differ in {part}.{k}"
+    import json
+    log = json.loads((tmp_path / "history.json").read_text())
+    assert log["world"] == 2 and log["final_step"] == 24
+    losses = [rec["loss"] for _, rec in log["history"] if "loss" in rec]
+    assert len(losses) == 12
+    assert [s for s, rec in log["history"] if "val_eer_pct" in rec] == [8, 16, 24]
+    assert log["best_step"] in (8, 16, 24)
+    assert sum(losses[-3:]) < 0.85 * sum(losses[:3]), losses
+    # only rank 0 writes checkpoints; the final one holds both ranks' RNG streams
+    state = ck.load_checkpoint(tmp_path / "run" / "ckpt_00000024.pt")
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+
+
+# -------------------------------------------------------------------------------------- checkpoint files
+
+def test_atomic_save_failure_keeps_previous(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt_00000001.pt"
+    ck.save_checkpoint(path, {"step": 1, "w": torch.arange(5.0)})
+    real_save = torch.save
+
+    def partial_then_raise(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 half a zip")
+        raise RuntimeError("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", partial_then_raise)
+    with pytest.raises(RuntimeError, match="mid-write"):
+        ck.save_checkpoint(path, {"step": 2, "w": torch.zeros(5)})
+    monkeypatch.setattr(torch, "save", real_save)
+    state = ck.load_checkpoint(path)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.arange(5.0))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(ck.CheckpointError, match="ckpt_00000007.pt: checkpoint not found"):
+        ck.load_checkpoint(tmp_path / "ckpt_00000007.pt")
+    bad = tmp_path / "ckpt_00000008.pt"
+    ck.save_checkpoint(bad, {"step": 8, "w": torch.ones(1000)})
+    bad.write_bytes(bad.read_bytes()[:300])  # truncated, as by a non-atomic writer
+    with pytest.raises(ck.CheckpointError, match=r"ckpt_00000008\.pt: not a readable checkpoint"):
+        ck.load_checkpoint(bad)
+
+
+def test_latest_and_prune(tmp_path):
+    assert ck.latest_checkpoint(tmp_path / "missing") is None
+    for step in (2, 10, 1, 30):
+        ck.save_checkpoint(tmp_path / ck.checkpoint_name(step), {"step": step})
+    ck.save_checkpoint(tmp_path / "best.pt", {"step": 2})
+    (tmp_path / "ckpt_notes.txt").write_text("not a checkpoint")
+    assert ck.latest_checkpoint(tmp_path).name == "ckpt_00000030.pt"  # numeric, not lexicographic by luck
+    removed = ck.prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in removed] == ["ckpt_00000001.pt", "ckpt_00000002.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "ckpt_00000010.pt", "ckpt_00000030.pt",
+                                                          "ckpt_notes.txt"]
+
+
+# ----------------------------------------------------------------------------------------------- schedules
+
+def test_step_decay_schedule():
+    cfg = ScheduleConfig(kind="step", warmup_steps=4, step_size=10, gamma=0.5)
+    got = [lr_factor(cfg, s) for s in (0, 1, 3, 4, 13, 14, 23, 24, 44)]
+    assert got == [0.25, 0.5, 1.0, 1.0, 1.0, 0.5, 0.5, 0.25, 0.0625]
+
+
+def test_cosine_schedule():
+    cfg = ScheduleConfig(kind="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(cfg, 4, 110) == pytest.approx(0.5)
+    assert lr_factor(cfg, 10, 110) == pytest.approx(1.0)
+    assert lr_factor(cfg, 60, 110) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(cfg, 85, 110) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(0.75 * math.pi)))
+    assert lr_factor(cfg, 110, 110) == pytest.approx(0.1) == lr_factor(cfg, 500, 110)
+    # an explicit decay length wins over the run length (so stop points do not change the schedule)
+    fixed = ScheduleConfig(kind="cosine", decay_steps=100)
+    assert lr_factor(fixed, 50, 7) == pytest.approx(0.5)
+    assert lr_factor(ScheduleConfig(kind="constant", warmup_steps=2), 0) == 0.5
+    assert lr_factor(ScheduleConfig(kind="constant"), 10**6) == 1.0
+
+
+def test_param_groups_and_apply_lr():
+    model, head = w.build(4)
+    frozen = next(model.frontend.parameters())
+    frozen.requires_grad_(False)
+    opt = build_optimizer(model, head, OptimConfig(lr_frontend=1e-4, lr_backend=1e-2))
+    groups = {g["name"]: g for g in opt.param_groups}
+    front = {id(p) for p in model.frontend.parameters() if p.requires_grad}
+    assert {id(p) for p in groups["frontend"]["params"]} == front
+    assert id(head.weight) in {id(p) for p in groups["backend"]["params"]}
+    assert id(frozen) not in {id(p) for g in opt.param_groups for p in g["params"]}
+    n_trainable = sum(1 for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad)
+    assert sum(len(g["params"]) for g in opt.param_groups) == n_trainable
+    assert apply_lr(opt, 0.5) == {"frontend": 5e-5, "backend": 5e-3}
+
+
+def test_train_config_from_yaml_mapping():
+    cfg = from_dict(TrainConfig, {"steps": 50, "amp": "bf16", "optim": {"lr_frontend": "2e-5"},
+                                  "schedule": {"kind": "step", "step_size": 10},
+                                  "margin": {"final_margin": 0.3, "start_step": 5, "end_step": 20}})
+    assert cfg.optim.lr_frontend == 2e-5 and cfg.schedule.kind == "step"
+    assert cfg.margin == MarginSchedule(final_margin=0.3, start_step=5, end_step=20)
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
