@@ -36,3 +36,33 @@ def sv_bench() -> Path:
 @pytest.fixture(scope="session")
 def veri_test2() -> Path:
     return _require(DATA / "voxceleb-trials" / "veri_test2.txt")
+
+
+SMOKE_CONFIG = REPO / "experiments" / "configs" / "smoke" / "pipeline.yaml"
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, sv_mini):
+    """The smoke pipeline (every stage, tiny model, sv-mini), run once per session into a fresh MLflow store.
+
+    Returns a dict with ``workdir`` (where exp/ and data/ live), ``tracking_uri``, ``experiment``, ``summary``.
+    Tests that read the store (MLflow server, notebooks) share this one run.
+    """
+    import os
+
+    from experiments import pipeline
+    from svlib.config import load_config
+    from svlib.data.prepare import prepare_manifest
+    from svlib.tracking import Tracker
+
+    workdir = tmp_path_factory.mktemp("smoke")
+    old = os.getcwd()
+    os.chdir(workdir)
+    try:
+        prepare_manifest(sv_mini / "manifest.csv", workdir / "data" / "sv-mini", seed=0)
+        uri = f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
+        cfg = load_config(SMOKE_CONFIG, pipeline.PipelineConfig)
+        summary = pipeline.run(cfg, SMOKE_CONFIG.parent, Tracker("smoke", tracking_uri=uri))
+    finally:
+        os.chdir(old)
+    return {"workdir": workdir, "tracking_uri": uri, "experiment": "smoke", "summary": summary, "config": cfg}

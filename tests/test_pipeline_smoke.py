@@ -1,0 +1,70 @@
+"""The whole demo recipe (s1 -> merge -> s2 -> s3 -> eval) on sv-mini with the tiny model, tracked in MLflow."""
+from __future__ import annotations
+
+import time
+
+import mlflow
+import pytest
+
+from experiments import pipeline
+from experiments.common import read_result
+from tests.conftest import SMOKE_CONFIG
+
+
+def test_every_stage_ran_and_reported(smoke_run):
+    summary = smoke_run["summary"]
+    assert list(summary["stages"]) == ["s1", "merge", "s2", "s3", "eval"]
+    for name in ("s1", "s2", "s3"):
+        record = summary["stages"][name]
+        assert record["test"]["test"]["num_trials"] == 435 and record["test"]["test"]["num_target"] == 30
+        assert 0.0 <= record["test"]["test"]["eer_pct"] <= 100.0
+        # model selection happened on validation
+        assert record["best_step"] is not None and record["best_val_eer_pct"] is not None
+    # LoRA is gone after the merge, and merging changed no embedding
+    assert summary["stages"]["merge"]["max_abs_diff"] < 1e-4
+    assert summary["stages"]["merge"]["params_lora"] == 2 * 2 * 4 * (32 + 32)  # 2 layers x (q, v) x r(d_in + d_out)
+    assert summary["stages"]["s1"]["params_encoder"] - summary["stages"]["s2"]["params_encoder"] == 1024
+    # stage 3 drops speed perturbation: 24 training speakers instead of 3 x 24 classes
+    assert summary["stages"]["s2"]["num_classes"] == 72 and summary["stages"]["s3"]["num_classes"] == 24
+    evaluated = summary["stages"]["eval"]["test"]
+    assert evaluated["test"]["eer_pct"] == pytest.approx(summary["stages"]["s3"]["test"]["test"]["eer_pct"])
+    assert set(summary["baselines"]) == {"fbank", "random_init"}
+    workdir = smoke_run["workdir"]
+    assert (workdir / "exp/smoke/eval/det.png").stat().st_size > 10_000
+    lines = (workdir / "exp/smoke/eval/scores/test.txt").read_text().splitlines()
+    assert len(lines) == 435 and lines[0].split()[3] in ("target", "nontarget")
+
+
+def test_mlflow_holds_parent_and_nested_stage_runs(smoke_run):
+    mlflow.set_tracking_uri(smoke_run["tracking_uri"])
+    runs = mlflow.search_runs(experiment_names=[smoke_run["experiment"]], output_format="list")
+    parents = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
+    assert len(parents) == 1
+    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(children) == {"s1", "merge", "s2", "s3", "eval"}
+    s1 = children["s1"]
+    assert "train_loss" in s1.data.metrics and "val_eer_pct" in s1.data.metrics and "test_eer_pct" in s1.data.metrics
+    assert s1.data.params["train.optim.lr_frontend"] == "0.001"
+    assert len(s1.data.tags["git_commit"]) >= 7 and len(s1.data.tags["data_fingerprint"]) == 16
+    history = mlflow.tracking.MlflowClient().get_metric_history(s1.info.run_id, "train_loss")
+    assert [m.step for m in history] == [2, 4, 6]
+    artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(children["eval"].info.run_id)}
+    assert {"det.png", "scores"} <= artifacts
+
+
+def test_rerun_skips_finished_stages_and_resumes_the_rest(smoke_run, monkeypatch):
+    workdir = smoke_run["workdir"]
+    monkeypatch.chdir(workdir)
+    cfg = smoke_run["config"]
+    before = read_result(workdir / "exp/smoke/s3")
+    # a stage killed after its checkpoints but before its result: only it (and what follows) runs again
+    (workdir / "exp/smoke/s3/result.json").unlink()
+    (workdir / "exp/smoke/eval/result.json").unlink()
+    start = time.perf_counter()
+    summary = pipeline.run(cfg, SMOKE_CONFIG.parent, None)
+    assert summary["stages"]["s1"] == read_result(workdir / "exp/smoke/s1")  # reused, not retrained
+    after = summary["stages"]["s3"]
+    # s3 resumed from its final checkpoint: same selected step and the same test EER
+    assert after["best_step"] == before["best_step"]
+    assert after["test"]["test"]["eer_pct"] == pytest.approx(before["test"]["test"]["eer_pct"], abs=1e-9)
+    assert time.perf_counter() - start < 120
