@@ -1,7 +1,8 @@
-"""The MLflow UI/REST server over an svlib store: parent run, nested stage runs and their metric histories.
+"""The MLflow UI/REST server over the smoke pipeline's store: parent run, nested stage runs, metric histories.
 
-The store is filled here through ``svlib.tracking.Tracker`` with the MLflow schema of docs/CONTRACTS.md;
-the server runs as a subprocess on 127.0.0.1 and is stopped by its process group.
+The store is the one the session's ``smoke_run`` fixture filled (docs/CONTRACTS.md "MLflow schema"); the
+server runs as a subprocess on 127.0.0.1 and is stopped by its process group. What the REST API returns is
+checked against the same store read directly through MLflow.
 """
 from __future__ import annotations
 
@@ -18,27 +19,7 @@ import pytest
 
 from svlib.services import ServiceError, free_port, process_group_alive, start_mlflow_server, stop_process
 
-EXPERIMENT = "ui-smoke"
-S1_LOSS = [2.0, 1.5, 1.1, 0.9, 0.8]
-S2_EER = {0: 9.5, 2: 7.25, 4: 6.0}
-
-
-def _fill_store(uri: str) -> dict[str, str]:
-    from svlib.tracking import Tracker
-
-    tracker = Tracker(EXPERIMENT, tracking_uri=uri)
-    ids = {}
-    with tracker.run("pipeline", tags={"kind": "pipeline"}, params={"name": EXPERIMENT, "seed": 1}) as parent:
-        ids["pipeline"] = parent
-        with tracker.run("s1", nested=True, tags={"stage": "s1"}, params={"train": {"lr_frontend": 1e-4}}) as s1:
-            ids["s1"] = s1
-            for step, loss in enumerate(S1_LOSS):
-                tracker.log_metrics({"train_loss": loss, "lr_backend": 1e-3 / (step + 1)}, step=step)
-        with tracker.run("s2", nested=True, tags={"stage": "s2"}) as s2:
-            ids["s2"] = s2
-            for step, eer in S2_EER.items():
-                tracker.log_metrics({"val_eer_pct": eer, "train_loss": 1.0 / (step + 1)}, step=step)
-    return ids
+STAGES = {"s1", "merge", "s2", "s3", "eval"}
 
 
 def _get(url: str, path: str, **query) -> dict:
@@ -60,37 +41,55 @@ def _port_open(url: str) -> bool:
         return sock.connect_ex((host, int(port))) == 0
 
 
-def test_mlflow_server_serves_pipeline_runs(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    ids = _fill_store(uri)
+def test_mlflow_server_serves_pipeline_runs(smoke_run, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = smoke_run["tracking_uri"]
+    direct = MlflowClient(uri)
+    # the store's own artifact locations are absolute file URIs, so the server's --artifacts-destination
+    # (a scratch folder here) only matters for uploads through it
     proc, url = start_mlflow_server(uri, tmp_path / "artifacts", timeout=120)
     try:
         assert url.startswith("http://127.0.0.1:")
-        experiment = _get(url, "/api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
+        experiment = _get(url, "/api/2.0/mlflow/experiments/get-by-name",
+                          experiment_name=smoke_run["experiment"])["experiment"]
         runs = _post(url, "/api/2.0/mlflow/runs/search",
                      {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
-        by_name = {r["info"]["run_name"]: r for r in runs}
-        assert set(by_name) == {"pipeline", "s1", "s2"}
-        assert {name: r["info"]["run_id"] for name, r in by_name.items()} == ids
+        tags = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for r in runs}
+        parents = [r for r in runs if tags[r["info"]["run_id"]].get("kind") == "pipeline"]
+        assert len(parents) == 1 and "mlflow.parentRunId" not in tags[parents[0]["info"]["run_id"]]
+        parent_id = parents[0]["info"]["run_id"]
         assert all(r["info"]["status"] == "FINISHED" for r in runs)
 
-        tags = {name: {t["key"]: t["value"] for t in r["data"].get("tags", [])} for name, r in by_name.items()}
-        assert tags["pipeline"]["kind"] == "pipeline" and "mlflow.parentRunId" not in tags["pipeline"]
-        for stage in ("s1", "s2"):
-            assert tags[stage]["mlflow.parentRunId"] == ids["pipeline"]
-            assert tags[stage]["stage"] == stage
-        params = {p["key"]: p["value"] for p in by_name["s1"]["data"]["params"]}
-        assert params == {"train.lr_frontend": "0.0001"}
+        # nested stage runs are found through the parent tag, exactly as the UI groups them
+        children = {tags[r["info"]["run_id"]]["stage"]: r for r in runs
+                    if tags[r["info"]["run_id"]].get("mlflow.parentRunId") == parent_id}
+        assert set(children) == STAGES and len(runs) == 1 + len(STAGES)
+        for stage, run in children.items():
+            assert run["info"]["run_name"] == stage
+            assert len(tags[run["info"]["run_id"]]["data_fingerprint"]) == 16
+        params = {p["key"]: p["value"] for p in children["s1"]["data"]["params"]}
+        assert params["train.optim.lr_frontend"] == "0.001"
 
         # The UI plots histories: every step must be there, not only the last value.
-        history = _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=ids["s1"], metric_key="train_loss")["metrics"]
-        assert [(m["step"], m["value"]) for m in sorted(history, key=lambda m: m["step"])] == list(enumerate(S1_LOSS))
-        history = _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=ids["s2"], metric_key="val_eer_pct")["metrics"]
-        assert {m["step"]: m["value"] for m in history} == S2_EER
-        latest = {m["key"]: m["value"] for m in by_name["s2"]["data"]["metrics"]}
-        assert latest["val_eer_pct"] == S2_EER[4]
+        s1 = children["s1"]["info"]["run_id"]
+        history = _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=s1, metric_key="train_loss")["metrics"]
+        served = [(m["step"], m["value"]) for m in sorted(history, key=lambda m: m["step"])]
+        assert [step for step, _ in served] == [2, 4, 6]
+        assert served == [(m.step, m.value) for m in sorted(direct.get_metric_history(s1, "train_loss"),
+                                                            key=lambda m: m.step)]
+        s2 = children["s2"]["info"]["run_id"]
+        history = _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=s2, metric_key="lr_frontend")["metrics"]
+        assert len(history) >= 2 and len({m["value"] for m in history}) > 1  # a schedule, not a constant
+        latest = {m["key"]: m["value"] for m in children["eval"]["data"]["metrics"]}
+        assert latest["test_eer_pct"] == pytest.approx(smoke_run["summary"]["stages"]["eval"]["test"]["test"]["eer_pct"])
+        assert {"test_mindcf_0.01", "test_mindcf_0.05", "params_total"} <= set(latest)
+
+        # artifacts the UI lists for the eval run
+        eval_id = children["eval"]["info"]["run_id"]
+        files = {f["path"] for f in _get(url, "/api/2.0/mlflow/artifacts/list", run_id=eval_id).get("files", [])}
+        assert {"det.png", "scores"} <= files
 
         # The UI itself (what a browser or a screenshot gets).
         with urllib.request.urlopen(url + "/", timeout=30) as resp:

@@ -1,0 +1,727 @@
+"""Queries and plots over an svlib MLflow store (and Optuna study) for the notebooks in ``notebooks/``.
+
+The notebooks only pick parameters and call these functions, so the logic is unit-tested here and the
+notebooks stay short. Everything reads the MLflow schema of docs/CONTRACTS.md:
+
+* a parent run per pipeline (tag ``kind=pipeline``) or study (``kind=study``), a nested run per stage
+  (tag ``stage``) or sweep trial (``kind=trial``, ``optuna_study``, ``optuna_trial``);
+* metrics ``{split}_eer_pct`` / ``{split}_mindcf_0.01`` / ``{split}_mindcf_0.05``, ``params_encoder``,
+  pruning metrics per step (``expected_sparsity``, ``target_sparsity``, ``lambda1`` ...), and for trials
+  ``achieved_sparsity`` and the param ``target_sparsity``;
+* artifacts ``scores/NAME.txt`` (``enroll test score target|nontarget``), ``structure.json`` and
+  ``model/encoder/config.json`` (HF config; a shrunk encoder carries ``svlib_pruned_layers``).
+
+A store that lacks some of these (no pruning runs yet, no sweep) gives empty frames, never an error:
+:func:`missing_note` turns that into a sentence the notebooks print.
+
+Plot functions draw with ``matplotlib.pyplot`` (so Jupyter's inline backend shows them) and return the
+figure; they never select a backend themselves.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "PRUNE_STAGES", "TEACHER_STAGES", "KINDS", "resolve_uri", "load_runs", "stage_runs", "trial_runs",
+    "metric_histories", "pruning_points", "teacher_reference", "pareto_mask", "study_pareto",
+    "plot_pruning_curve", "parse_structure", "load_structures", "plot_structure_heatmap", "plot_structure_bars",
+    "plot_training_curves", "score_files", "read_scores", "plot_det_curves", "missing_note",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+# Stages whose output is a pruned (or being pruned) encoder, in pipeline order.
+PRUNE_STAGES = ("prune1", "shrink", "prune2", "graft", "ps1", "ps2", "ps3")
+# Where the dense teacher's numbers live, preferred first (s1 still carries unmerged LoRA params).
+TEACHER_STAGES = ("s3", "eval", "s2", "merge")
+KINDS = ("heads", "ffn1", "ffn2", "conv")
+_KIND_ALIASES = {"heads": "heads", "attention_heads": "heads", "num_heads": "heads", "attn": "heads",
+                 "ffn1": "ffn1", "ffn_1": "ffn1", "ffn2": "ffn2", "ffn_2": "ffn2",
+                 "conv": "conv", "conv_channels": "conv", "channels": "conv"}
+_BASE_COLUMNS = ["run_id", "run_name", "experiment_id", "status", "start_time", "end_time", "parent_run_id",
+                 "stage", "kind", "optuna_study", "optuna_trial", "artifact_uri"]
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+def resolve_uri(uri: str, roots: Sequence[str | os.PathLike] = ()) -> str:
+    """Make a relative ``sqlite:///path`` absolute: found under the cwd, else under ``roots``, else the repo.
+
+    Notebooks run with their own folder as the cwd, while the default store lives at the repo root.
+    Other URIs (absolute sqlite, http, postgresql) are returned unchanged.
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri[len(prefix):].startswith("/") or uri.endswith(":memory:"):
+        return uri
+    rel = uri[len(prefix):]
+    for root in (Path.cwd(), *map(Path, roots), REPO):
+        if (root / rel).exists():
+            return prefix + str((root / rel).resolve())
+    return prefix + str((Path.cwd() / rel).resolve())
+
+
+def _sqlite_missing(uri: str) -> bool:
+    # Opening a sqlite URI that names no file would silently create an empty store: treat it as absent.
+    return uri.startswith("sqlite:///") and not uri.endswith(":memory:") and not Path(uri[len("sqlite:///"):]).exists()
+
+
+def load_runs(tracking_uri: str, experiment: str | Sequence[str]) -> pd.DataFrame:
+    """Every run of ``experiment`` (a name or several) as one row, like ``mlflow.search_runs``.
+
+    Columns: ``run_id, run_name, experiment_id, status, start_time, end_time, parent_run_id, stage, kind,
+    optuna_study, optuna_trial, artifact_uri`` plus ``metrics.*`` (latest values), ``params.*`` and
+    ``tags.*``. An absent store or experiment gives an empty frame with the base columns. Rows are sorted
+    by start time. ``df.attrs["tracking_uri"]`` remembers the store for the artifact helpers.
+    """
+    from mlflow import MlflowClient
+
+    names = [experiment] if isinstance(experiment, str) else list(experiment)
+    empty = pd.DataFrame(columns=_BASE_COLUMNS)
+    empty.attrs["tracking_uri"] = tracking_uri
+    if _sqlite_missing(tracking_uri):
+        return empty
+    client = MlflowClient(tracking_uri)
+    ids = [e.experiment_id for e in (client.get_experiment_by_name(n) for n in names) if e is not None]
+    if not ids:
+        return empty
+    rows, token = [], None
+    for _page in range(10_000):  # bounded: 10M runs is far beyond any store a notebook reads
+        page = client.search_runs(ids, max_results=1000, page_token=token)
+        for run in page:
+            tags = run.data.tags
+            row = {"run_id": run.info.run_id, "run_name": run.info.run_name, "experiment_id": run.info.experiment_id,
+                   "status": run.info.status, "start_time": pd.to_datetime(run.info.start_time, unit="ms"),
+                   "end_time": pd.to_datetime(run.info.end_time, unit="ms") if run.info.end_time else pd.NaT,
+                   "parent_run_id": tags.get("mlflow.parentRunId"), "stage": tags.get("stage"),
+                   "kind": tags.get("kind"), "optuna_study": tags.get("optuna_study"),
+                   "optuna_trial": tags.get("optuna_trial"), "artifact_uri": run.info.artifact_uri}
+            row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
+            row.update({f"params.{k}": v for k, v in run.data.params.items()})
+            row.update({f"tags.{k}": v for k, v in tags.items()})
+            rows.append(row)
+        token = page.token
+        if not token:
+            break
+    df = pd.DataFrame(rows, columns=None) if rows else empty.copy()
+    for col in _BASE_COLUMNS:
+        if col not in df:
+            df[col] = None
+    df = df.sort_values("start_time", kind="stable").reset_index(drop=True)
+    df.attrs["tracking_uri"] = tracking_uri
+    return df
+
+
+def _keep_attrs(new: pd.DataFrame, old: pd.DataFrame) -> pd.DataFrame:
+    new.attrs.update(old.attrs)
+    return new
+
+
+def stage_runs(runs: pd.DataFrame, stages: Iterable[str] | None = None, *, pipeline: str | None = "latest") -> pd.DataFrame:
+    """Stage runs (tag ``stage``), optionally only ``stages``, of one pipeline parent run.
+
+    ``pipeline``: ``"latest"`` (the most recently started ``kind=pipeline`` run), a parent run id, or
+    ``None`` for stage runs of every pipeline (and of sweep trials).
+    """
+    if runs.empty:
+        return runs
+    out = runs[runs["stage"].notna()]
+    if stages is not None:
+        out = out[out["stage"].isin(list(stages))]
+    if pipeline is not None:
+        parents = runs[runs["kind"] == "pipeline"]
+        if pipeline == "latest":
+            if parents.empty:
+                return _keep_attrs(out.iloc[0:0], runs)
+            pipeline = parents.iloc[-1]["run_id"]
+        out = out[out["parent_run_id"] == pipeline]
+    return _keep_attrs(out, runs)
+
+
+def trial_runs(runs: pd.DataFrame, study: str | None = None) -> pd.DataFrame:
+    """Sweep trial runs (tag ``kind=trial``), optionally of one study."""
+    if runs.empty:
+        return runs
+    out = runs[runs["kind"] == "trial"]
+    if study is not None:
+        out = out[out["optuna_study"] == study]
+    return _keep_attrs(out, runs)
+
+
+def _label(row: pd.Series) -> str:
+    if row.get("kind") == "trial":
+        return f"trial {row.get('optuna_trial')}"
+    return str(row.get("stage") or row.get("run_name"))
+
+
+def metric_histories(runs: pd.DataFrame, metrics: Sequence[str], tracking_uri: str | None = None) -> pd.DataFrame:
+    """Long frame ``run_id, label, metric, step, value`` with every logged step of ``metrics``.
+
+    Only (run, metric) pairs the run actually has are queried, so asking for absent metrics costs nothing.
+    """
+    from mlflow import MlflowClient
+
+    rows: list[dict] = []
+    uri = tracking_uri or runs.attrs.get("tracking_uri")
+    if runs.empty or uri is None:
+        return pd.DataFrame(columns=["run_id", "label", "metric", "step", "value"])
+    client = MlflowClient(uri)
+    for order, (_, row) in enumerate(runs.iterrows()):
+        for key in metrics:
+            if pd.isna(row.get(f"metrics.{key}", np.nan)):
+                continue
+            for m in client.get_metric_history(row["run_id"], key):
+                rows.append({"run_id": row["run_id"], "label": _label(row), "metric": key,
+                             "step": m.step, "value": m.value, "_order": order})
+    out = pd.DataFrame(rows, columns=["run_id", "label", "metric", "step", "value", "_order"])
+    # runs keep the order of ``runs`` (start time: s1 before s2), so legends and colours follow the pipeline
+    out = out.sort_values(["_order", "metric", "step"], kind="stable").drop(columns="_order")
+    return out.reset_index(drop=True)
+
+
+def missing_note(runs: pd.DataFrame, metrics: Sequence[str] = (), what: str = "") -> str:
+    """A one-line note naming the ``metrics`` no run has (empty string when all exist)."""
+    if runs.empty:
+        return f"note: no runs{' for ' + what if what else ''} in this store/experiment."
+    absent = [m for m in metrics if f"metrics.{m}" not in runs or runs[f"metrics.{m}"].isna().all()]
+    if not absent:
+        return ""
+    return (f"note: no run{' of ' + what if what else ''} has {', '.join(absent)} yet "
+            "(logged by the pruning stages and sweeps); plotted what exists.")
+
+
+# --------------------------------------------------------------------------------------- pruning curve
+
+def _col(df: pd.DataFrame, name: str) -> pd.Series:
+    return pd.to_numeric(df[name], errors="coerce") if name in df else pd.Series(np.nan, index=df.index)
+
+
+def _target_sparsity(df: pd.DataFrame) -> pd.Series:
+    # Sweep trials log it as a param; pipeline prune stages as a per-step metric (its last value is the
+    # final target) or inside the flattened stage config (e.g. ``prune.target_sparsity``).
+    out = _col(df, "params.target_sparsity")
+    out = out.fillna(_col(df, "metrics.target_sparsity"))
+    for col in sorted(c for c in df.columns if c.startswith("params.") and c.endswith(".target_sparsity")):
+        out = out.fillna(_col(df, col))
+    return out
+
+
+def _fill_params_from_init(df: pd.DataFrame, params: pd.Series) -> pd.Series:
+    # The eval stage logs params_total only; its encoder is the one of the stage named by its ``init``
+    # param (a sibling run under the same parent).
+    if "params.init" not in df:
+        return params
+    params = params.copy()
+    for idx in df.index[params.isna() & df["params.init"].notna()]:
+        sib = df[(df["parent_run_id"] == df.at[idx, "parent_run_id"]) & (df["stage"] == df.at[idx, "params.init"])]
+        if not sib.empty:
+            params[idx] = _col(sib, "metrics.params_encoder").iloc[-1]
+    return params
+
+
+def teacher_reference(runs: pd.DataFrame, split: str = "test", run_id: str | None = None) -> dict | None:
+    """The dense teacher's ``{run_id, label, params_encoder, eer_pct, mindcf_0.01, mindcf_0.05}`` or None.
+
+    ``run_id`` picks it; otherwise the largest encoder among the latest pipeline runs of
+    :data:`TEACHER_STAGES` that report both params and ``{split}_eer_pct`` (a pruning pipeline's final
+    eval stage has a smaller encoder, so it is not mistaken for the teacher).
+    """
+    if runs.empty:
+        return None
+    df = runs.copy()
+    df["_params"] = _fill_params_from_init(df, _col(df, "metrics.params_encoder"))
+    df["_eer"] = _col(df, f"metrics.{split}_eer_pct")
+    if run_id is not None:
+        cand = df[df["run_id"] == run_id]
+    else:
+        cand = df[df["stage"].isin(TEACHER_STAGES) & (df["kind"] != "trial") & df["_params"].notna() & df["_eer"].notna()]
+        if cand.empty:
+            return None
+        cand = cand[cand["_params"] == cand["_params"].max()]
+        order = {s: i for i, s in enumerate(TEACHER_STAGES)}
+        # latest pipeline first, then the preferred stage within it
+        cand = cand.assign(_rank=cand["stage"].map(order)).sort_values(["start_time", "_rank"], ascending=[False, True])
+        latest_parent = cand.iloc[0]["parent_run_id"]
+        cand = cand[cand["parent_run_id"] == latest_parent].sort_values("_rank")
+    if cand.empty:
+        return None
+    row = cand.iloc[0]
+    return {"run_id": row["run_id"], "label": _label(row), "params_encoder": float(row["_params"]),
+            "eer_pct": float(row["_eer"]),
+            "mindcf_0.01": float(_col(cand, f"metrics.{split}_mindcf_0.01").iloc[0]),
+            "mindcf_0.05": float(_col(cand, f"metrics.{split}_mindcf_0.05").iloc[0])}
+
+
+def pruning_points(runs: pd.DataFrame, split: str = "test", teacher: Mapping | None = None) -> pd.DataFrame:
+    """One row per evaluated model: ``source`` (dense | pruned | trial), ``run_id``, ``label``,
+    ``target_sparsity``, ``achieved_sparsity``, ``params_encoder``, ``eer_pct``, ``mindcf_0.01``,
+    ``mindcf_0.05``, ``val_eer_pct``, ``pareto``.
+
+    Points are the sweep trial runs and the pipeline stage runs that report ``{split}_eer_pct``; stage runs
+    nested in a trial are left out (the trial run carries the numbers). ``achieved_sparsity`` is the
+    logged metric when there is one, else ``1 - params_encoder / teacher params``. ``pareto`` marks the
+    non-dominated points in (params_encoder, eer_pct) among the pruned and trial ones.
+    """
+    columns = ["source", "run_id", "label", "stage", "target_sparsity", "achieved_sparsity", "params_encoder",
+               "eer_pct", "mindcf_0.01", "mindcf_0.05", "val_eer_pct", "pareto"]
+    if runs.empty:
+        return pd.DataFrame(columns=columns)
+    teacher = teacher if teacher is not None else teacher_reference(runs, split)
+    trial_ids = set(runs.loc[runs["kind"] == "trial", "run_id"])
+    df = runs[(runs["kind"] == "trial") | (runs["stage"].notna() & ~runs["parent_run_id"].isin(trial_ids))]
+    params = _fill_params_from_init(runs, _col(runs, "metrics.params_encoder"))
+    # a prune stage may end before its encoder is shrunk: its expected size is the best estimate we have
+    params = params.fillna(_col(runs, "metrics.expected_params"))
+    out = pd.DataFrame({
+        "run_id": df["run_id"], "label": [_label(r) for _, r in df.iterrows()], "stage": df["stage"],
+        "target_sparsity": _target_sparsity(df), "achieved_sparsity": _col(df, "metrics.achieved_sparsity"),
+        "params_encoder": params.loc[df.index], "eer_pct": _col(df, f"metrics.{split}_eer_pct"),
+        "mindcf_0.01": _col(df, f"metrics.{split}_mindcf_0.01"), "mindcf_0.05": _col(df, f"metrics.{split}_mindcf_0.05"),
+        "val_eer_pct": _col(df, "metrics.val_eer_pct"),
+    }, index=df.index)
+    out = out[out["eer_pct"].notna()]
+    if teacher is not None and teacher.get("params_encoder"):
+        derived = 1.0 - out["params_encoder"] / float(teacher["params_encoder"])
+        out["achieved_sparsity"] = out["achieved_sparsity"].fillna(derived.clip(lower=0.0))
+    is_trial = df.loc[out.index, "kind"] == "trial"
+    pruned = df.loc[out.index, "stage"].isin(PRUNE_STAGES) | (out["achieved_sparsity"].fillna(0) > 0.005)
+    out.insert(0, "source", np.where(is_trial, "trial", np.where(pruned, "pruned", "dense")))
+    cand = (out["source"] != "dense") & out["params_encoder"].notna()
+    out["pareto"] = False
+    if cand.any():
+        out.loc[cand, "pareto"] = pareto_mask(out.loc[cand, "params_encoder"], out.loc[cand, "eer_pct"])
+    return out[columns].reset_index(drop=True)
+
+
+def pareto_mask(params: Sequence[float], eer: Sequence[float]) -> np.ndarray:
+    """Boolean mask of the points no other point dominates when minimising both ``params`` and ``eer``.
+
+    A point is dominated when another is <= in both and < in one; exact duplicates are all kept. NaN
+    points are never on the front.
+    """
+    p = np.asarray(params, dtype=float)
+    e = np.asarray(eer, dtype=float)
+    if p.shape != e.shape:
+        raise ValueError(f"pareto_mask: {p.shape} params vs {e.shape} eer")
+    ok = ~(np.isnan(p) | np.isnan(e))
+    mask = np.zeros(p.shape, dtype=bool)
+    idx = np.flatnonzero(ok)
+    # sort by params then eer: a point is on the front iff its eer beats every point before it
+    # (ties in params need the group's best eer, handled by the <= / < pair below)
+    order = idx[np.lexsort((e[idx], p[idx]))]
+    best = math.inf
+    best_p = None
+    for i in order:
+        if e[i] < best or (e[i] == best and p[i] == best_p):
+            mask[i] = True
+            best, best_p = e[i], p[i]
+    return mask
+
+
+def study_pareto(storage: str, study_name: str) -> pd.DataFrame:
+    """The Pareto front (best trials) of an Optuna study: ``number, mlflow_run_id, params.*, values.*``.
+
+    Read directly with optuna (the ``sweeps`` package need not be importable from a notebook); an absent
+    SQLite file gives an empty frame instead of a new, empty study database.
+    """
+    import optuna
+
+    if _sqlite_missing(storage):
+        return pd.DataFrame(columns=["number", "mlflow_run_id"])
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    names = study.metric_names or ([f"value_{i}" for i in range(len(study.directions))]
+                                   if len(study.directions) > 1 else ["value"])
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        return pd.DataFrame(columns=["number", "mlflow_run_id"])
+    rows = []
+    for t in study.best_trials:
+        row = {"number": t.number, "mlflow_run_id": t.user_attrs.get("mlflow_run_id")}
+        row.update({f"params.{k}": v for k, v in t.params.items()})
+        row.update({f"values.{n}": v for n, v in zip(names, t.values)})
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("number").reset_index(drop=True)
+
+
+def plot_pruning_curve(points: pd.DataFrame, teacher: Mapping | None = None, *, pareto_run_ids: Iterable[str] | None = None,
+                       metrics: Sequence[str] = ("eer_pct", "mindcf_0.01"), split: str = "test"):
+    """EER/minDCF against encoder parameters (left column) and achieved sparsity (right column).
+
+    Dense stages are grey squares, pruning-pipeline models circles, sweep trials triangles (annotated
+    with their target sparsity); the Pareto front (``pareto_run_ids`` from an Optuna study, else the
+    ``pareto`` column) is joined by a line; the teacher is a dashed horizontal line (and a star).
+    """
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(11, 3.6 * len(metrics)), squeeze=False)
+    front = points["run_id"].isin(set(pareto_run_ids)) if pareto_run_ids is not None else points.get("pareto", False)
+    front = pd.Series(front, index=points.index).fillna(False).astype(bool) if len(points) else pd.Series(dtype=bool)
+    styles = {"dense": dict(marker="s", color="0.45"), "pruned": dict(marker="o", color="tab:blue"),
+              "trial": dict(marker="^", color="tab:orange")}
+    for r, metric in enumerate(metrics):
+        for c, x in enumerate(("params_encoder", "achieved_sparsity")):
+            ax = axes[r, c]
+            for source, style in styles.items():
+                sel = points[points["source"] == source] if len(points) else points
+                if len(sel):
+                    ax.scatter(sel[x], sel[metric], s=36, label=source, alpha=0.85, **style)
+            if len(points) and front.any():
+                f = points[front].sort_values(x)
+                ax.plot(f[x], f[metric], color="tab:red", linewidth=1.3, zorder=3)
+                ax.scatter(f[x], f[metric], s=90, facecolors="none", edgecolors="tab:red", linewidths=1.4,
+                           label="Pareto front", zorder=4)
+            for _, row in points.iterrows() if len(points) else ():
+                if pd.isna(row[x]) or pd.isna(row[metric]):
+                    continue
+                # trials are told apart by their target; pipeline models by their stage name
+                if row["source"] == "trial":
+                    text = f"{row['target_sparsity']:.2f}" if pd.notna(row["target_sparsity"]) else ""
+                else:
+                    text = str(row["label"])
+                ax.annotate(text, (row[x], row[metric]), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                            color=styles[row["source"]]["color"])
+            if teacher is not None and teacher.get(metric) is not None and not math.isnan(teacher[metric]):
+                ax.axhline(teacher[metric], color="k", linestyle="--", linewidth=1,
+                           label=f"teacher ({teacher.get('label', '')}) {teacher[metric]:.3g}")
+                tx = teacher.get("params_encoder") if x == "params_encoder" else 0.0
+                if tx is not None:
+                    ax.scatter([tx], [teacher[metric]], marker="*", s=160, color="k", zorder=5)
+            ax.set_xlabel("encoder parameters" if x == "params_encoder" else "achieved sparsity")
+            ax.set_ylabel(f"{split} {metric.replace('_pct', ' (%)')}")
+            ax.grid(True, color="0.9")
+            if x == "params_encoder":
+                ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
+            if r == 0 and c == 0 and ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="best")
+            if not len(points):
+                ax.text(0.5, 0.5, "no evaluated runs", transform=ax.transAxes, ha="center", color="0.5")
+    fig.suptitle(f"{split} EER / minDCF vs size")
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ structure
+
+def _width(value: Any) -> float:
+    if isinstance(value, Mapping):
+        for key in ("kept", "num", "n", "width", "size"):
+            if key in value:
+                return float(value[key])
+        raise ValueError(f"structure: cannot read a width from {value!r}")
+    if isinstance(value, (list, tuple)):
+        return float(len(value))  # a list of kept indices
+    return float(value)
+
+
+def _layers_frame(layers: Sequence[Mapping]) -> pd.DataFrame:
+    rows = []
+    for i, layer in enumerate(layers):
+        row = {"layer": int(layer.get("layer", i))}
+        for key, value in layer.items():
+            kind = _KIND_ALIASES.get(str(key).lower())
+            if kind is not None:
+                row[kind] = _width(value)
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=["layer", *KINDS])
+    return df.set_index("layer").astype(float)
+
+
+def parse_structure(obj: Any) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """``structure.json`` content -> ``(kept, dense)`` frames indexed by layer, columns heads/ffn1/ffn2/conv.
+
+    Accepted shapes (the pruning stage writes the first; the others keep older/other writers readable):
+    ``{"layers": [{"heads": 3, "ffn1": 512, ...}, ...], "dense"|"original": [...] or {...}}``, a bare list of
+    per-layer dicts, or a dict of per-kind lists ``{"heads": [...], ...}``. A width may be a number, a list
+    of kept indices, or ``{"kept": n, "total": m}`` (the totals then give ``dense``). ``dense`` is None when
+    the file does not say.
+    """
+    dense = None
+    if isinstance(obj, Mapping) and "layers" in obj:
+        layers = obj["layers"]
+        ref = next((obj[k] for k in ("dense", "original", "full", "total") if k in obj), None)
+        if isinstance(ref, Mapping) and not any(isinstance(v, Mapping) for v in ref.values()):
+            ref = [ref] * len(layers)
+        if ref is not None:
+            dense = _layers_frame(ref)
+    elif isinstance(obj, Mapping) and any(_KIND_ALIASES.get(str(k).lower()) for k in obj):
+        lists = {_KIND_ALIASES[str(k).lower()]: v for k, v in obj.items() if _KIND_ALIASES.get(str(k).lower())}
+        n = max(len(v) for v in lists.values())
+        layers = [{k: v[i] for k, v in lists.items() if i < len(v)} for i in range(n)]
+    elif isinstance(obj, list):
+        layers = obj
+    else:
+        raise ValueError(f"structure: unrecognised layout (top-level {type(obj).__name__})")
+    kept = _layers_frame(layers)
+    totals = [{k: v["total"] for k, v in layer.items() if isinstance(v, Mapping) and "total" in v} for layer in layers]
+    if dense is None and any(totals):
+        dense = _layers_frame(totals)
+    return kept, dense
+
+
+def _encoder_config_structure(config: Mapping) -> tuple[pd.DataFrame, pd.DataFrame]:
+    # dense widths as svlib.pruning.counting.dense_sizes (kept local: reading a JSON must not import torch)
+    full = {"heads": config["num_attention_heads"], "ffn1": config["intermediate_size"],
+            "ffn2": config["intermediate_size"], "conv": config["hidden_size"]}
+    dense = _layers_frame([full] * int(config["num_hidden_layers"]))
+    pruned = config.get("svlib_pruned_layers")
+    return (_layers_frame(pruned) if pruned else dense.copy()), dense
+
+
+def _download(uri: str, run_id: str, path: str, dst: str) -> Path | None:
+    import mlflow
+
+    # tqdm bars per small file would bury a notebook's output
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=dst,
+                                                        tracking_uri=uri))
+    except Exception:  # absent artifact: the caller reports what it did not find
+        return None
+
+
+def _artifact_paths(client, run_id: str, folder: str | None = None) -> set[str]:
+    try:
+        return {a.path for a in client.list_artifacts(run_id, folder)}
+    except Exception:
+        return set()
+
+
+def load_structures(runs: pd.DataFrame, tracking_uri: str | None = None, *, include_dense: bool = True,
+                    points: pd.DataFrame | None = None) -> dict[str, dict]:
+    """Per-layer kept widths of every run that has ``structure.json`` (or a shrunk ``model/encoder``).
+
+    Returns ``{label: {"run_id", "kept", "dense", "sparsity", "source"}}`` ordered by sparsity (dense first),
+    where ``kept``/``dense`` are frames from :func:`parse_structure`. ``include_dense`` adds the teacher's
+    dense structure from its ``model/encoder/config.json`` so a store without pruning runs still shows
+    something (and pruned runs have a reference). ``points`` (from :func:`pruning_points`) supplies the
+    achieved sparsity used in labels.
+    """
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or runs.attrs.get("tracking_uri")
+    found: dict[str, dict] = {}
+    if runs.empty or uri is None:
+        return found
+    client = MlflowClient(uri)
+    sparsity = {} if points is None else dict(zip(points["run_id"], points["achieved_sparsity"]))
+    teacher = teacher_reference(runs)
+    with tempfile.TemporaryDirectory(prefix="svlib-structure-") as tmp:
+        for _, row in runs.iterrows():
+            if row["kind"] not in ("trial",) and row["stage"] not in PRUNE_STAGES and row["stage"] != "eval":
+                continue
+            names = _artifact_paths(client, row["run_id"])
+            kept = dense = None
+            if "structure.json" in names:
+                path = _download(uri, row["run_id"], "structure.json", tmp)
+                if path is not None:
+                    kept, dense = parse_structure(json.loads(path.read_text()))
+            elif "model" in names:
+                path = _download(uri, row["run_id"], "model/encoder/config.json", tmp)
+                config = json.loads(path.read_text()) if path is not None else {}
+                if config.get("svlib_pruned_layers"):
+                    kept, dense = _encoder_config_structure(config)
+            if kept is None:
+                continue
+            s = sparsity.get(row["run_id"], float("nan"))
+            label = _label(row) + (f" (sparsity {s:.2f})" if pd.notna(s) else "")
+            found[label] = {"run_id": row["run_id"], "kept": kept, "dense": dense, "sparsity": s,
+                            "source": "trial" if row["kind"] == "trial" else "pruned"}
+        if include_dense and teacher is not None:
+            path = _download(uri, teacher["run_id"], "model/encoder/config.json", tmp)
+            if path is not None:
+                kept, dense = _encoder_config_structure(json.loads(path.read_text()))
+                found[f"teacher {teacher['label']} (dense)"] = {"run_id": teacher["run_id"], "kept": kept,
+                                                               "dense": dense, "sparsity": 0.0, "source": "dense"}
+    dense_ref = next((v["kept"] for v in found.values() if v["source"] == "dense"), None)
+    for v in found.values():
+        if v["dense"] is None and dense_ref is not None and dense_ref.shape == v["kept"].shape:
+            v["dense"] = dense_ref
+    return dict(sorted(found.items(), key=lambda kv: (np.nan_to_num(kv[1]["sparsity"], nan=2.0), kv[0])))
+
+
+def _fraction(entry: Mapping) -> pd.DataFrame:
+    kept, dense = entry["kept"], entry["dense"]
+    if dense is None:
+        # without the dense widths the best scale is each kind's own maximum
+        dense = pd.DataFrame({k: kept[k].max() for k in kept}, index=kept.index)
+    return (kept / dense.replace(0, np.nan)).fillna(0.0)
+
+
+def plot_structure_heatmap(structures: Mapping[str, Mapping]):
+    """One heatmap per kind (heads, ffn1, ffn2, conv): rows = runs (by sparsity), columns = layers,
+    colour = fraction kept, text = kept count."""
+    import matplotlib.pyplot as plt
+
+    if not structures:
+        raise ValueError("plot_structure_heatmap: no structures")
+    labels = list(structures)
+    n_layers = max(len(s["kept"]) for s in structures.values())
+    fig, axes = plt.subplots(len(KINDS), 1, figsize=(max(6.0, 0.45 * n_layers + 3), 1.0 + len(KINDS) * (0.45 * len(labels) + 0.9)),
+                             squeeze=False)
+    for ax, kind in zip(axes[:, 0], KINDS):
+        frac = np.full((len(labels), n_layers), np.nan)
+        count = np.full((len(labels), n_layers), np.nan)
+        for i, label in enumerate(labels):
+            f = _fraction(structures[label])[kind].to_numpy()
+            frac[i, :len(f)] = f
+            k = structures[label]["kept"][kind].to_numpy()
+            count[i, :len(k)] = k
+        im = ax.imshow(frac, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
+        if n_layers * len(labels) <= 400:
+            for (i, j), v in np.ndenumerate(count):
+                if not np.isnan(v):
+                    ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7,
+                            color="white" if frac[i, j] < 0.6 else "black")
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xticks(range(n_layers), [str(j) for j in range(n_layers)], fontsize=7)
+        ax.set_title(f"{kind}: fraction kept per layer", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
+    axes[-1, 0].set_xlabel("layer")
+    fig.tight_layout()
+    return fig
+
+
+def plot_structure_bars(structures: Mapping[str, Mapping]):
+    """Bar charts per kind: kept width per layer, one bar group per layer, one bar per run."""
+    import matplotlib.pyplot as plt
+
+    if not structures:
+        raise ValueError("plot_structure_bars: no structures")
+    fig, axes = plt.subplots(2, 2, figsize=(12, 6.5), squeeze=False)
+    width = 0.8 / len(structures)
+    for ax, kind in zip(axes.ravel(), KINDS):
+        for i, (label, entry) in enumerate(structures.items()):
+            kept = entry["kept"][kind]
+            ax.bar(np.arange(len(kept)) + (i - (len(structures) - 1) / 2) * width, kept.to_numpy(), width,
+                   label=label)
+        ax.set_title(f"kept {kind}" + (" (channels)" if kind == "conv" else " (units)" if kind != "heads" else ""),
+                     fontsize=9)
+        ax.set_xlabel("layer")
+        ax.grid(True, axis="y", color="0.9")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------ training curves
+
+def plot_training_curves(histories: pd.DataFrame, metrics: Sequence[str], *, ncols: int = 2, logy: Sequence[str] = ()):
+    """One panel per metric (in ``metrics`` order), one line per run, x = step.
+
+    ``histories`` comes from :func:`metric_histories`. Metrics no run logged get an empty panel saying so,
+    so a figure always has the same layout.
+    """
+    import matplotlib.pyplot as plt
+
+    if not metrics:
+        raise ValueError("plot_training_curves: no metrics")
+    nrows = math.ceil(len(metrics) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.2 * nrows), squeeze=False)
+    # one colour per run across every panel
+    run_ids = list(dict.fromkeys(histories["run_id"])) if len(histories) else []
+    colours = {r: f"C{i % 10}" for i, r in enumerate(run_ids)}
+    for ax, metric in zip(axes.ravel(), metrics):
+        sel = histories[histories["metric"] == metric] if len(histories) else histories
+        for (run_id, label), grp in (sel.groupby(["run_id", "label"], sort=False) if len(sel) else ()):
+            ax.plot(grp["step"], grp["value"], marker="." if len(grp) < 30 else None, linewidth=1.2, label=label,
+                    color=colours[run_id])
+        if len(sel) == 0:
+            ax.text(0.5, 0.5, f"no run logged {metric}", transform=ax.transAxes, ha="center", va="center", color="0.5")
+        elif metric in logy:
+            ax.set_yscale("log")
+        ax.set_title(metric, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(True, color="0.9")
+        if len(sel):
+            ax.legend(fontsize=7)
+    for ax in axes.ravel()[len(metrics):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------- DET curves
+
+def score_files(runs: pd.DataFrame, dst: str | os.PathLike, tracking_uri: str | None = None,
+                lists: Sequence[str] | None = None) -> dict[str, Path]:
+    """Download every run's ``scores/NAME.txt`` into ``dst``; returns ``{"<run label>/<NAME>": path}``."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or runs.attrs.get("tracking_uri")
+    out: dict[str, Path] = {}
+    if runs.empty or uri is None:
+        return out
+    client = MlflowClient(uri)
+    for _, row in runs.iterrows():
+        if "scores" not in _artifact_paths(client, row["run_id"]):
+            continue
+        for path in sorted(_artifact_paths(client, row["run_id"], "scores")):
+            name = Path(path).stem
+            if lists is not None and name not in lists:
+                continue
+            local = _download(uri, row["run_id"], path, str(Path(dst) / row["run_id"]))
+            if local is not None:
+                out[f"{_label(row)}/{name}"] = local
+    return out
+
+
+def read_scores(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """A score file ``enroll test score target|nontarget`` (or ``... score 1|0``) -> ``(scores, labels)``."""
+    scores, labels = [], []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 4:
+                raise ValueError(f"{path}:{lineno}: expected 'enroll test score label', got {line.strip()!r}")
+            scores.append(float(parts[2]))
+            lab = parts[3].lower()
+            if lab not in ("target", "nontarget", "1", "0"):
+                raise ValueError(f"{path}:{lineno}: label {parts[3]!r} is not target/nontarget/1/0")
+            labels.append(1 if lab in ("target", "1") else 0)
+    return np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int8)
+
+
+def plot_det_curves(files: Mapping[str, str | os.PathLike], title: str | None = "DET"):
+    """Several score files on one DET plot (probit axes, EER in the legend), as ``svlib.scoring.metrics.plot_det``
+    draws it, but on a returned figure so a notebook can show it inline."""
+    import matplotlib.pyplot as plt
+    from scipy.stats import norm
+
+    from svlib.scoring.metrics import compute_eer, compute_min_dcf, det_curve
+
+    if not files:
+        raise ValueError("plot_det_curves: no score files")
+    lo, hi = 0.0005, 0.7
+    ticks = np.array([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6])
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for name, path in files.items():
+        scores, labels = read_scores(path)
+        fpr, fnr = det_curve(scores, labels)
+        eer = 100 * compute_eer(scores, labels)[0]
+        dcf = compute_min_dcf(scores, labels, 0.01)
+        ax.plot(norm.ppf(np.clip(fpr, lo / 2, 1 - lo / 2)), norm.ppf(np.clip(fnr, lo / 2, 1 - lo / 2)),
+                linewidth=1.4, label=f"{name} (EER {eer:.2f}%, minDCF {dcf:.3f})")
+    lim = norm.ppf([lo, hi])
+    ax.plot(lim, lim, color="0.6", linestyle=":", linewidth=0.8)
+    pos = norm.ppf(ticks)
+    ax.set_xticks(pos, [f"{100 * t:g}" for t in ticks])
+    ax.set_yticks(pos, [f"{100 * t:g}" for t in ticks])
+    ax.set_xlim(*lim)
+    ax.set_ylim(*lim)
+    ax.set_xlabel("False alarm rate (%)")
+    ax.set_ylabel("Miss rate (%)")
+    ax.grid(True, color="0.85", linewidth=0.6)
+    ax.legend(loc="upper right", fontsize=7)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig

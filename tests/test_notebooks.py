@@ -1,0 +1,124 @@
+"""The analysis notebooks: committed clean, and each runs headless (nbclient) against the smoke MLflow store.
+
+The smoke store has the dense pipeline only (no prune stages, no sweep): the notebooks must plot what is
+there and print a note for the rest. A small Optuna study is made here so pruning_curve's study path runs too.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from tests.conftest import REPO
+
+NOTEBOOKS = REPO / "notebooks"
+NAMES = ["pruning_curve", "pruned_structure", "training_curves"]
+
+
+def _parameters_cell(nb) -> int:
+    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+    return tagged[0]
+
+
+def _defaults(nb) -> dict:
+    scope: dict = {}
+    exec(nb.cells[_parameters_cell(nb)].source, scope)  # noqa: S102 - our own notebook's literal assignments
+    return {k: v for k, v in scope.items() if not k.startswith("__")}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_notebook_is_clean_and_parameterised(name):
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{name}: commit notebooks without outputs"
+            ast.parse("\n".join(line for line in cell.source.splitlines() if not line.startswith("%")))
+    defaults = _defaults(nb)
+    # the documented defaults: the repo's store and the demo experiment
+    assert defaults["tracking_uri"] == "sqlite:///mlruns/mlflow.db" and defaults["experiment"] == "demo"
+    assert defaults["figures_dir"] is None
+    assert _parameters_cell(nb) <= 1, "parameters come first (after the title)"
+
+
+def _run(name: str, workdir: Path, **params) -> tuple[nbformat.NotebookNode, str]:
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    values = _defaults(nb) | params
+    unknown = set(params) - set(_defaults(nb))
+    assert not unknown, f"{name} has no parameters {unknown}"
+    nb.cells[_parameters_cell(nb)].source = "\n".join(f"{k} = {v!r}" for k, v in values.items())
+    # kernel "python3" is the venv's kernelspec; jupyter_client swaps its argv "python" for sys.executable
+    client = NotebookClient(nb, kernel_name="python3", timeout=120, resources={"metadata": {"path": str(workdir)}})
+    client.execute()
+    text = "\n".join(out.get("text", "") for c in nb.cells if c.cell_type == "code" for out in c.outputs
+                     if out.output_type == "stream")
+    return nb, text
+
+
+def _images(nb) -> int:
+    return sum("image/png" in out.get("data", {}) for c in nb.cells if c.cell_type == "code" for out in c.outputs)
+
+
+@pytest.fixture(scope="module")
+def smoke_study(smoke_run, tmp_path_factory):
+    """A 3-trial Optuna study (two objectives) whose trials point at the smoke run's stage runs."""
+    import mlflow
+    import optuna
+
+    mlflow.set_tracking_uri(smoke_run["tracking_uri"])
+    runs = {r.data.tags["stage"]: r.info.run_id
+            for r in mlflow.search_runs(experiment_names=["smoke"], output_format="list") if "stage" in r.data.tags}
+    storage = f"sqlite:///{tmp_path_factory.mktemp('study') / 'prune.db'}"
+    study = optuna.create_study(study_name="smoke-prune", storage=storage, directions=["minimize", "minimize"])
+    for stage, values in (("s1", [40.0, 3e4]), ("s2", [30.0, 4e4]), ("s3", [45.0, 4.5e4])):
+        trial = study.ask()
+        trial.set_user_attr("mlflow_run_id", runs[stage])
+        study.tell(trial, values)
+    return storage, runs
+
+
+def test_pruning_curve_notebook(smoke_run, smoke_study, tmp_path):
+    storage, runs = smoke_study
+    nb, text = _run("pruning_curve", smoke_run["workdir"], tracking_uri=smoke_run["tracking_uri"], experiment="smoke",
+                    figures_dir=str(tmp_path), optuna_storage=storage, optuna_study="smoke-prune")
+    assert (tmp_path / "pruning_curve.png").stat().st_size > 20_000
+    assert _images(nb) == 1
+    assert "6 runs" in text
+    assert "note: no pruned models or sweep trials" in text  # the smoke store has no pruning yet
+    assert "2 trials on the Pareto front" in text  # s1 (40, 3e4) and s2 (30, 4e4); s3 is dominated
+    assert "'label': 's3'" in text  # the dense teacher
+
+
+def test_pruned_structure_notebook(smoke_run, tmp_path):
+    nb, text = _run("pruned_structure", smoke_run["workdir"], tracking_uri=smoke_run["tracking_uri"],
+                    experiment="smoke", figures_dir=str(tmp_path))
+    assert "note: no structure.json" in text
+    assert "teacher s3 (dense)" in text
+    for png in ("structure_heatmap.png", "structure_bars.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
+    assert _images(nb) == 2
+
+
+def test_training_curves_notebook(smoke_run, tmp_path):
+    nb, text = _run("training_curves", smoke_run["workdir"], tracking_uri=smoke_run["tracking_uri"],
+                    experiment="smoke", figures_dir=str(tmp_path))
+    assert "5 stage runs: s1, merge, s2, s3, eval" in text
+    assert "has expected_sparsity, target_sparsity, lambda1" in text  # the pruning schedule is noted as absent
+    assert "2 score files: eval/test, eval/val" in text
+    for png in ("training_curves.png", "pruning_schedule.png", "det_curves.png"):
+        assert (tmp_path / png).stat().st_size > 10_000
+    assert _images(nb) == 3
+
+
+def test_notebook_on_an_absent_store_only_notes_it(tmp_path):
+    # A fresh checkout has no mlruns/mlflow.db: the notebook must say so, not create an empty store or crash.
+    nb, text = _run("training_curves", tmp_path, tracking_uri=f"sqlite:///{tmp_path}/none/mlflow.db",
+                    figures_dir=str(tmp_path / "fig"))
+    assert "0 runs" in text and "note: no runs here" in text
+    assert not (tmp_path / "none").exists()
