@@ -373,8 +373,8 @@ def _info(args: argparse.Namespace) -> int:
         print(f"{i:>5}  " + "  ".join(f"{f'{s[k]}/{dense[k]}':>{7 if k == 'heads' else 9}}"
                                       for k in ("heads", "ffn1", "ffn2", "conv")))
     if thresholds is not None:
-        print(f"calibrated thresholds: Bayes {thresholds['bayes']['score']:.4f} (LLR >= {thresholds['bayes']['llr']:.3f}),"
-              f" EER {thresholds['eer']['score']:.4f}")
+        bayes, eer = thresholds["bayes"], thresholds["eer"]
+        print(f"calibrated thresholds: Bayes {bayes['score']:.4f} (LLR >= {bayes['llr']:.3f}), EER {eer['score']:.4f}")
     else:
         print("no calibration.json (svlib calibrate-model creates one)")
     return 0
