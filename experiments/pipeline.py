@@ -16,22 +16,36 @@ from pathlib import Path
 from typing import Literal
 
 from experiments import evaluate as evaluate_stage
+from experiments import graft as graft_stage
 from experiments import merge as merge_stage
+from experiments import prune as prune_stage
 from experiments import train as train_stage
 from experiments.baselines import fbank_baseline, random_init_baseline
 from experiments.common import DataConfig, Timer, print_table, read_result
 from svlib.config import ConfigError, check_relative, flatten, load_config, to_dict
 from svlib.tracking import Tracker, data_fingerprint, git_commit
 
-STAGE_KINDS = ("train", "merge", "evaluate")
+STAGE_KINDS = ("train", "merge", "evaluate", "prune", "shrink", "graft", "random_prune", "use")
+# kinds with a stage YAML, and the config class it is validated into
+CONFIG_CLASSES = {"train": train_stage.TrainStageConfig, "prune": prune_stage.DistillStageConfig}
 
 
 @dataclass
 class StageSpec:
+    """One stage. Kinds: ``train`` (s1-s3, ps1-ps3), ``merge``, ``evaluate``, ``prune`` (prune1 with a
+    ``prune:`` section in its YAML, prune2 without), ``shrink``, ``graft``, ``random_prune`` (same-size
+    random-structure baseline of ``init``'s structure.json), ``use`` (a finished stage folder from elsewhere,
+    e.g. another pipeline's s2, taken as is)."""
+
     name: str
-    kind: Literal["train", "merge", "evaluate"]
-    config: str | None = None   # stage YAML, relative to the pipeline YAML's folder (train stages)
+    kind: Literal["train", "merge", "evaluate", "prune", "shrink", "graft", "random_prune", "use"]
+    config: str | None = None   # stage YAML, relative to the pipeline YAML's folder (train and prune stages)
     init: str | None = None     # an earlier stage whose output this one starts from
+    # the dense stage a pruned encoder derives from: the distillation teacher (prune; default: init), the
+    # back-end and head donor (graft), the encoder cut at random (random_prune)
+    teacher: str | None = None
+    path: str | None = None     # ``use`` stages: the folder, relative to the repo
+    seed: int = 0               # ``random_prune``: the draw
 
 
 @dataclass
@@ -49,21 +63,31 @@ class PipelineConfig:
         for spec in self.stages:
             if spec.name in seen:
                 raise ConfigError(f"stages: duplicate stage name {spec.name!r}")
-            if spec.init is not None and spec.init not in seen:
-                raise ConfigError(f"stages.{spec.name}.init: {spec.init!r} is not an earlier stage")
-            if spec.kind == "train" and spec.config is None:
-                raise ConfigError(f"stages.{spec.name}: a train stage needs 'config'")
-            if spec.kind in ("merge", "evaluate") and spec.init is None:
+            for key in ("init", "teacher"):
+                ref = getattr(spec, key)
+                if ref is not None and ref not in seen:
+                    raise ConfigError(f"stages.{spec.name}.{key}: {ref!r} is not an earlier stage")
+            if spec.kind in CONFIG_CLASSES and spec.config is None:
+                raise ConfigError(f"stages.{spec.name}: a {spec.kind} stage needs 'config'")
+            if spec.kind in ("merge", "evaluate", "prune", "shrink", "graft", "random_prune") and spec.init is None:
                 raise ConfigError(f"stages.{spec.name}: a {spec.kind} stage needs 'init'")
+            if spec.kind in ("graft", "random_prune") and spec.teacher is None:
+                raise ConfigError(f"stages.{spec.name}: a {spec.kind} stage needs 'teacher' (the dense stage)")
+            if (spec.kind == "use") != (spec.path is not None):
+                raise ConfigError(f"stages.{spec.name}: 'path' is for (and required by) 'use' stages")
+            if spec.kind == "use":
+                check_relative(spec.path, f"stages.{spec.name}.path")
+                if spec.init is not None or spec.config is not None:
+                    raise ConfigError(f"stages.{spec.name}: a 'use' stage takes only 'path'")
             seen.add(spec.name)
 
 
-def load_stage_configs(cfg: PipelineConfig, config_dir: Path) -> dict[str, train_stage.TrainStageConfig]:
+def load_stage_configs(cfg: PipelineConfig, config_dir: Path) -> dict:
     """Validate every stage YAML before anything runs: a typo in s3.yaml must not cost an s1 training."""
     out = {}
     for spec in cfg.stages:
-        if spec.kind == "train":
-            stage_cfg = load_config(config_dir / spec.config, train_stage.TrainStageConfig)
+        if spec.kind in CONFIG_CLASSES:
+            stage_cfg = load_config(config_dir / spec.config, CONFIG_CLASSES[spec.kind])
             stage_cfg.stage = spec.name
             if stage_cfg.device == "auto":
                 stage_cfg.device = cfg.device
@@ -71,13 +95,34 @@ def load_stage_configs(cfg: PipelineConfig, config_dir: Path) -> dict[str, train
     return out
 
 
+def stage_dirs(cfg: PipelineConfig) -> dict[str, Path]:
+    """Every stage's folder: ``<out_dir>/<name>``, or its own ``path`` for a ``use`` stage."""
+    return {s.name: Path(s.path) if s.kind == "use" else Path(cfg.out_dir) / s.name for s in cfg.stages}
+
+
 def run_stage(spec: StageSpec, stage_cfg, cfg: PipelineConfig, out: Path, tracker) -> dict:
-    stage_dir = out / spec.name
-    init = out / spec.init if spec.init is not None else None
+    dirs = stage_dirs(cfg)
+    stage_dir = dirs[spec.name]
+    init = dirs[spec.init] if spec.init is not None else None
+    teacher = dirs[spec.teacher] if spec.teacher is not None else None
+    if spec.kind == "use":
+        record = read_result(stage_dir)
+        if record is None:
+            raise FileNotFoundError(f"stage {spec.name}: {stage_dir} is not a finished stage (no result.json); "
+                                    "run the pipeline that produces it first")
+        return record
     if spec.kind == "train":
         return train_stage.run(stage_cfg, cfg.data, stage_dir, init=init, tracker=tracker)
     if spec.kind == "merge":
         return merge_stage.run(init, stage_dir, check_dir=cfg.data.load_dir("train"), tracker=tracker)
+    if spec.kind == "prune":
+        return prune_stage.run_distill(stage_cfg, cfg.data, stage_dir, init=init, teacher=teacher, tracker=tracker)
+    if spec.kind == "shrink":
+        return prune_stage.run_shrink(init, stage_dir, check_dir=cfg.data.load_dir("train"), tracker=tracker)
+    if spec.kind == "random_prune":
+        return prune_stage.run_random_prune(init, teacher, stage_dir, seed=spec.seed, tracker=tracker)
+    if spec.kind == "graft":
+        return graft_stage.run(init, teacher, stage_dir, check_dir=cfg.data.load_dir("train"), tracker=tracker)
     return evaluate_stage.run(init, cfg.data, stage_dir, tracker=tracker, device=cfg.device)
 
 
@@ -103,18 +148,21 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None) -
     summary: dict = {"name": cfg.name, "stages": {}}
 
     def body():
+        dirs = stage_dirs(cfg)
         for spec in cfg.stages:
-            reused = read_result(out / spec.name) is not None
+            reused = read_result(dirs[spec.name]) is not None
             if tracker is None:
                 record = run_stage(spec, stage_cfgs.get(spec.name), cfg, out, None)
             else:
                 stage_tags = tags | {"stage": spec.name, "kind": spec.kind, "reused": str(reused)}
-                params = stage_cfgs[spec.name] if spec.name in stage_cfgs else {"init": spec.init}
+                params = stage_cfgs[spec.name] if spec.name in stage_cfgs else {
+                    k: v for k, v in (("init", spec.init), ("teacher", spec.teacher), ("path", spec.path)) if v}
                 with tracker.run(spec.name, nested=True, tags=stage_tags, params=params):
                     record = run_stage(spec, stage_cfgs.get(spec.name), cfg, out, tracker)
                     if reused:  # a resumed pipeline still shows every stage's numbers in its parent run
                         from experiments.common import metrics_of
-                        tracker.log_metrics(metrics_of(record.get("test") or {}))
+                        tracker.log_metrics(metrics_of(record.get("test") or {}) | {
+                            k: float(record[k]) for k in ("achieved_sparsity", "params_encoder") if k in record})
             summary["stages"][spec.name] = record
         if cfg.baselines:
             first_train = next((s for s in cfg.stages if s.kind == "train" and stage_cfgs[s.name].model is not None), None)

@@ -1,4 +1,5 @@
-"""The whole demo recipe (s1 -> merge -> s2 -> s3 -> eval) on sv-mini with the tiny model, tracked in MLflow."""
+"""The whole demo recipe (s1 -> merge -> s2 -> s3 -> eval, then pruning of s2: prune1 -> shrink -> prune2 ->
+graft -> ps1 -> ps2 -> ps3 -> eval_pruned) on sv-mini with the tiny model, tracked in MLflow."""
 from __future__ import annotations
 
 import time
@@ -13,8 +14,9 @@ from tests.conftest import SMOKE_CONFIG
 
 def test_every_stage_ran_and_reported(smoke_run):
     summary = smoke_run["summary"]
-    assert list(summary["stages"]) == ["s1", "merge", "s2", "s3", "eval"]
-    for name in ("s1", "s2", "s3"):
+    assert list(summary["stages"]) == ["s1", "merge", "s2", "s3", "eval", "prune1", "shrink", "prune2", "graft",
+                                       "ps1", "ps2", "ps3", "eval_pruned"]
+    for name in ("s1", "s2", "s3", "ps1", "ps2", "ps3"):
         record = summary["stages"][name]
         assert record["test"]["test"]["num_trials"] == 435 and record["test"]["test"]["num_target"] == 30
         assert 0.0 <= record["test"]["test"]["eer_pct"] <= 100.0
@@ -29,6 +31,17 @@ def test_every_stage_ran_and_reported(smoke_run):
     evaluated = summary["stages"]["eval"]["test"]
     assert evaluated["test"]["eer_pct"] == pytest.approx(summary["stages"]["s3"]["test"]["test"]["eer_pct"])
     assert set(summary["baselines"]) == {"fbank", "random_init"}
+    # pruning: the shrunk encoder equals the masked one, and every later stage keeps its size
+    stages = summary["stages"]
+    assert stages["shrink"]["max_abs_diff"] <= 1e-4
+    pruned = stages["shrink"]["params_encoder"]
+    assert 0.05 < stages["prune1"]["achieved_sparsity"] < 0.95
+    assert pruned < stages["s2"]["params_encoder"]
+    assert stages["prune1"]["params_encoder"] == stages["prune2"]["params_encoder"] == pruned
+    assert stages["graft"]["params_encoder"] == stages["ps3"]["params_encoder"] == pruned
+    assert stages["eval_pruned"]["params_encoder"] == pruned
+    assert stages["eval_pruned"]["test"]["test"]["eer_pct"] == pytest.approx(stages["ps3"]["test"]["test"]["eer_pct"])
+    assert stages["ps3"]["num_classes"] == 24
     workdir = smoke_run["workdir"]
     assert (workdir / "exp/smoke/eval/det.png").stat().st_size > 10_000
     lines = (workdir / "exp/smoke/eval/scores/test.txt").read_text().splitlines()
@@ -41,7 +54,8 @@ def test_mlflow_holds_parent_and_nested_stage_runs(smoke_run):
     parents = [r for r in runs if r.data.tags.get("kind") == "pipeline"]
     assert len(parents) == 1
     children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == {"s1", "merge", "s2", "s3", "eval"}
+    assert set(children) == {"s1", "merge", "s2", "s3", "eval", "prune1", "shrink", "prune2", "graft",
+                             "ps1", "ps2", "ps3", "eval_pruned"}
     s1 = children["s1"]
     assert "train_loss" in s1.data.metrics and "val_eer_pct" in s1.data.metrics and "test_eer_pct" in s1.data.metrics
     assert s1.data.params["train.optim.lr_frontend"] == "0.001"
@@ -50,6 +64,12 @@ def test_mlflow_holds_parent_and_nested_stage_runs(smoke_run):
     assert [m.step for m in history] == [2, 4, 6]
     artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(children["eval"].info.run_id)}
     assert {"det.png", "scores"} <= artifacts
+    prune1 = children["prune1"]
+    assert {"expected_sparsity", "target_sparsity", "lambda1", "lambda2", "distill_l1", "distill_cos",
+            "expected_params", "achieved_sparsity"} <= set(prune1.data.metrics)
+    assert prune1.data.params["prune.target_sparsity"] == "0.5"
+    artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(prune1.info.run_id)}
+    assert {"structure.json", "structure.png"} <= artifacts
 
 
 def test_rerun_skips_finished_stages_and_resumes_the_rest(smoke_run, monkeypatch):

@@ -156,11 +156,27 @@ def _all_rng_states() -> list[dict[str, Any]]:
     return gathered
 
 
-def build_optimizer(model: nn.Module, head: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, head: nn.Module, cfg: OptimConfig,
+                    param_groups: list[dict] | None = None) -> torch.optim.AdamW:
     """AdamW with groups ``frontend`` (``model.frontend``) and ``backend`` (the rest of the model + head).
 
     Frozen parameters are left out, so LoRA / pruning stages only pay optimizer memory for what they train.
+    ``param_groups`` replaces the two default groups: a list of ``{"name", "params", "lr"[, "weight_decay"]}``
+    (pruning trains weights, gate log-alphas and Lagrange multipliers at three rates, one of them negative).
+    Their lr is the base lr the schedule multiplies; ``weight_decay`` defaults to ``cfg.weight_decay``.
     """
+    if param_groups is not None:
+        groups = []
+        for group in param_groups:
+            params = [p for p in group["params"] if p.requires_grad]
+            if params:
+                groups.append({**group, "params": params, "base_lr": group["lr"],
+                               "weight_decay": group.get("weight_decay", cfg.weight_decay)})
+        if not groups:
+            raise ValueError("no trainable parameters in param_groups")
+        # AdamW validates only its default lr (a negative group lr, gradient ascent, is accepted per group)
+        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.betas), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay)
     frontend = getattr(model, "frontend", None)
     front_ids = {id(p) for p in frontend.parameters()} if isinstance(frontend, nn.Module) else set()
     front, back, seen = [], [], set()
@@ -189,6 +205,14 @@ class _ModelAndHead(nn.Module):
         return self.head(self.model(waves, lengths), labels)
 
 
+def _split_output(out) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """The head returns ``(loss, accuracy)`` or ``(loss, accuracy, extras)``; extras are floats to log."""
+    if len(out) == 3:
+        return out[0], out[1], dict(out[2])
+    loss, accuracy = out
+    return loss, accuracy, {}
+
+
 def _is_better(value: float, best: float | None, mode: str) -> bool:
     if not math.isfinite(value):
         return False
@@ -200,7 +224,8 @@ def _is_better(value: float, best: float | None, mode: str) -> bool:
 def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: str | os.PathLike, *,
           resume: bool = False, validate: Callable[[nn.Module], dict] | None = None,
           log: Callable[[dict, int], None] | None = None,
-          augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> TrainResult:
+          augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+          param_groups: list[dict] | None = None) -> TrainResult:
     """Train ``model`` + ``head`` on ``loader`` for ``cfg.steps`` updates in total (see module docstring).
 
     ``model`` must already be on its device; ``head`` is moved there. ``validate(model)`` runs on rank 0
@@ -208,6 +233,10 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
     only input to model selection (never pass a test-set evaluation here). ``augment(waves, lengths)`` runs
     on the training device after the batch is moved there (noise/reverb on the GPU, not in the loader); it
     draws from the global torch RNG, which checkpoints hold, so resume stays exact.
+
+    ``param_groups`` overrides the optimizer groups (see ``build_optimizer``); the schedule multiplies each
+    group's own lr. A head may return ``(loss, accuracy, extras)``: ``extras`` (name -> float, e.g. the
+    distillation terms and the sparsity of a pruning run) are averaged over the log window and logged too.
     """
     rank, world = _dist()
     is_main = rank == 0
@@ -218,7 +247,8 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
     head.to(device)
     _seed_everything(cfg.seed + rank)
 
-    optimizer = build_optimizer(model, head, cfg.optim)
+    optimizer = build_optimizer(model, head, cfg.optim, param_groups)
+    base_lrs = {group["name"]: group["base_lr"] for group in optimizer.param_groups}
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     use_amp = amp_dtype is not None and device.type == "cuda"
     if amp_dtype is not None and not use_amp and is_main:
@@ -236,8 +266,13 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
         # load_state_dict also restores the saved hyperparameters; the config is the truth for those
         # (only the moments and step counts are state), so a deliberately changed lr takes effect.
         for group in optimizer.param_groups:
-            group["base_lr"] = cfg.optim.lr_frontend if group["name"] == "frontend" else cfg.optim.lr_backend
-            group.update(weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+            group["base_lr"] = base_lrs[group["name"]]
+            if param_groups is None:
+                group["weight_decay"] = cfg.optim.weight_decay
+            else:
+                group["weight_decay"] = next(g.get("weight_decay", cfg.optim.weight_decay)
+                                             for g in param_groups if g["name"] == group["name"])
+            group.update(betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         scaler.load_state_dict(ckpt["scaler"])
         step, best_metric, best_step = ckpt["step"], ckpt["best_metric"], ckpt["best_step"]
         rng = ckpt["rng"]
@@ -280,6 +315,7 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
         return path
 
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, accuracy since the last log
+    extra_sums: dict[str, float] = {}  # the head's extra metrics since the last log (host floats)
     window = 0
     pbar = tqdm(total=cfg.steps, initial=step, disable=not (is_main and cfg.progress), dynamic_ncols=True)
     model.train()
@@ -304,7 +340,7 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
             head.margin = cfg.margin(step)
 
         with torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext():
-            loss, accuracy = net(waves, lengths, labels)
+            loss, accuracy, extras = _split_output(net(waves, lengths, labels))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         grad_norm = None
@@ -316,13 +352,20 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
         step += 1
         pbar.update(1)
         sums += torch.stack([loss.detach().double(), accuracy.detach().double()])
+        for key, value in extras.items():
+            extra_sums[key] = extra_sums.get(key, 0.0) + float(value)
         window += 1
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             # Reducing only here keeps the device free of per-step host syncs.
+            names = sorted(extra_sums)
+            extra_mean = torch.tensor([extra_sums[k] for k in names], dtype=torch.float64, device=device)
             if world > 1:
                 dist.all_reduce(sums)
+                if names:
+                    dist.all_reduce(extra_mean)
             mean_loss, mean_acc = (sums / (window * world)).tolist()
+            extra_mean = dict(zip(names, (extra_mean / (window * world)).tolist()))
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"loss is {mean_loss} at step {step}; last lr factor {factor:.3g}")
             record = {
@@ -331,9 +374,14 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
                 "margin": float(getattr(head, "margin", float("nan"))),
                 "steps_per_s": window / (time.perf_counter() - t0),
             }
+            if param_groups is not None:  # the groups' own rates, not the unused frontend/backend ones
+                del record["lr_frontend"], record["lr_backend"]
+                record.update({f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups})
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
+            record.update(extra_mean)
             sums.zero_()
+            extra_sums.clear()
             window = 0
             t0 = time.perf_counter()
             if is_main:

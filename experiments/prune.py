@@ -1,0 +1,508 @@
+"""Knowledge-distillation-guided structured pruning of the encoder: the stages prune1, shrink, prune2
+(and random_prune, the same-size baseline without distillation).
+
+    python -m experiments.prune distill --config experiments/configs/demo_prune/prune1.yaml --data D.yaml \
+        --init exp/demo/s2 --out exp/demo_prune/prune1
+    python -m experiments.prune shrink --init exp/demo_prune/prune1 --data D.yaml --out exp/demo_prune/shrink
+    python -m experiments.prune distill --config .../prune2.yaml --data D.yaml --init exp/demo_prune/shrink \
+        --teacher exp/demo/s2 --out exp/demo_prune/prune2
+
+The flow (DPHuBERT-style, as the reference's train_prune_s1/s2 + apply_prune_s1/s2)::
+
+    s2/model ──encoder (frozen, eval)──▶ teacher
+             ──copy + hard-concrete masks──▶ student   prune1: distil + Lagrangian on expected sparsity
+    prune1/{encoder, gates} ──shrink (checked equal on real audio)──▶ shrink/encoder (physically smaller)
+    shrink/encoder ──distil again, no regulariser──▶ prune2/encoder ──graft (experiments.graft)──▶ model folder
+
+Both distillation stages go through ``svlib.train.engine.train`` (one training loop for everything): the
+"model" is :class:`DistillPair` (waves -> student states, teacher states, frame mask; features computed once)
+and the "head" is :class:`DistillObjective` (distillation loss [+ Lagrangian], per-step metrics as extras).
+The engine's checkpoints therefore hold the student weights, the gates, the multipliers, the optimizer,
+the loader position and the RNG streams: an interrupted stage resumes exactly. The teacher is not part of
+any checkpoint (it is reloaded from its folder).
+
+A stage folder (``experiments.common``) holds here::
+
+    encoder/            the student encoder (HF folder; dense with masks for prune1, shrunk after that)
+    gates.safetensors   prune1: the hard-concrete log-alphas (with config.yaml's ``prune.masks``, the masks)
+    structure.json/png  prune1, shrink, random_prune: kept heads / ffn1 / ffn2 / conv channels per layer
+    ckpt/               engine checkpoints
+    result.json         written last
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from experiments.common import DataConfig, Timer, pick_device, read_result, write_result, write_stage_config
+from svlib.config import ConfigError, load_config
+from svlib.data.lists import DataDir
+from svlib.data.sampling import SamplingConfig, TrainLoader
+from svlib.features import W2VBertFbank
+from svlib.model import frontend as frontend_module
+from svlib.model.frontend import Frontend, count_parameters, load_encoder, save_encoder
+from svlib.model.speaker import load_model
+from svlib.pruning import (Lagrangian, MaskConfig, MaskSet, TargetSchedule, attach_masks, count_params,
+                           dense_sizes, distill_loss, layer_sizes, param_groups, prune_model,
+                           save_pruned_encoder, shrink_encoder, shrink_to_sizes)
+from svlib.pruning.counting import KINDS
+from svlib.pruning.shrink import CONFIG_KEY
+from svlib.train.engine import TrainConfig, setup_distributed, train
+
+ENCODER = "encoder"
+GATES = "gates.safetensors"
+STRUCTURE = "structure.json"
+STRUCTURE_PNG = "structure.png"
+# Shrunk vs masked encoder, every hidden state, on real audio: float32 re-association only.
+SHRINK_TOLERANCE = 1e-4
+CHECK_UTTERANCES = 4
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+def _shrink_on_load(encoder) -> None:
+    """Encoder hook: resize a freshly built stock encoder to the per-layer widths its config records."""
+    sizes = getattr(encoder.config, CONFIG_KEY, None)
+    if not sizes or layer_sizes(encoder) == [{k: int(s[k]) for k in KINDS} for s in sizes]:
+        return
+    # the encoder may be built on the meta device; the 0/1 masks that pick the units must be real tensors
+    with torch.device("cpu"):
+        shrink_to_sizes(encoder, sizes)
+
+
+# svlib.package.enable_pruned_loading registers the same hook unless one marked like this exists
+_shrink_on_load._svlib_pruned = True
+
+
+def enable_pruned_loading() -> None:
+    """Make ``load_encoder`` / ``load_model`` rebuild pruned encoder folders (idempotent).
+
+    Pruned folders travel to the ordinary train and evaluate stages (ps1..ps3, eval) through ``load_model``,
+    which builds the stock encoder from ``config.json``; this hook shrinks it before the weights load.
+    """
+    if not any(getattr(h, "_svlib_pruned", False) for h in frontend_module._ENCODER_HOOKS):
+        frontend_module.register_encoder_hook(_shrink_on_load)
+
+
+enable_pruned_loading()
+
+
+def load_stage_encoder(stage_dir: Path) -> Frontend:
+    """The encoder a pruning stage (or a speaker model folder's stage) hands on, as a trainable front-end."""
+    stage_dir = Path(stage_dir)
+    if (stage_dir / ENCODER).is_dir():
+        return Frontend(load_encoder(stage_dir / ENCODER))
+    if (stage_dir / "model").is_dir():
+        return load_model(stage_dir / "model").frontend
+    raise FileNotFoundError(f"{stage_dir}: neither {ENCODER}/ (a pruning stage) nor model/ (a training stage); "
+                            "is the stage finished?")
+
+
+def save_stage_encoder(encoder, folder: Path) -> Path:
+    """Dense encoders as a plain HF folder, shrunk ones with their per-layer widths in ``config.json``."""
+    if layer_sizes(encoder) == dense_sizes(encoder.config):
+        return save_encoder(encoder, folder)
+    return save_pruned_encoder(encoder, folder)
+
+
+def check_batch(datadir: DataDir, seconds: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first utterances of ``datadir`` (real audio, different lengths, padded) for equality checks."""
+    utts = sorted(datadir.wavs)[:CHECK_UTTERANCES]
+    waves = [torch.from_numpy(datadir.load_wave(u, max_seconds=seconds)) for u in utts]
+    lengths = torch.tensor([len(w) for w in waves])
+    return torch.nn.utils.rnn.pad_sequence(waves, batch_first=True), lengths
+
+
+@torch.no_grad()
+def encoder_states(frontend: Frontend, waves: torch.Tensor, lengths: torch.Tensor) -> list[torch.Tensor]:
+    """All hidden states on the valid frames only (padded frames hold meaningless values)."""
+    device = next(frontend.parameters()).device
+    feats, mask = W2VBertFbank().to(device)(waves.to(device), lengths.to(device))
+    states = frontend(feats, mask)
+    keep = mask.bool()
+    return [s[keep] for s in states]
+
+
+def max_state_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+# ------------------------------------------------------------------------------------------ configs
+
+@dataclass
+class DistillConfig:
+    """Which hidden states are matched and how (``svlib.pruning.distill_loss``)."""
+
+    layers: list[int] | None = None   # hidden-state indices (0 = feature projection); None: all of them
+    l1_weight: float = 1.0
+    cos_weight: float = 1.0
+    cos_type: Literal["log_sigmoid", "raw"] = "raw"   # the reference: L1 - cosine
+    # Average (not sum) over the distilled states: the reference takes L1 / cosine over the stacked states,
+    # and it keeps one set of weights valid for 7 states (demo) and 25 (w2v-bert 2.0).
+    layer_mean: bool = True
+
+
+@dataclass
+class PruneConfig:
+    """The sparsity constraint of prune1 (absent in prune2)."""
+
+    target_sparsity: float = 0.8
+    warmup_steps: int = 10000         # target ramps linearly from 0 over these steps (a function of the step)
+    lr_log_alpha: float = 2e-2
+    lr_lambda: float = -2e-2          # negative: the multipliers ascend
+    masks: MaskConfig = field(default_factory=MaskConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.target_sparsity < 1.0:
+            raise ConfigError(f"prune.target_sparsity: must be in [0, 1), got {self.target_sparsity}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"prune.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.lr_lambda > 0:
+            raise ConfigError(f"prune.lr_lambda: must be <= 0 (gradient ascent), got {self.lr_lambda}")
+
+
+@dataclass
+class DistillStageConfig:
+    """prune1 (with ``prune:``) or prune2 (without). ``train.optim.lr_frontend`` is the encoder weights' lr
+    (reference: 2e-4); ``train.optim.lr_backend`` is unused (there is no back-end here)."""
+
+    stage: str = "prune1"
+    prune: PruneConfig | None = None
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    check_seconds: float = 4.0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.train.val_every:
+            raise ConfigError(f"{self.stage}: train.val_every must be 0: a pruning stage keeps its last state "
+                              "(the constraint is met at the end), there is no model selection")
+
+
+# ------------------------------------------------------------------------------------------ modules
+
+class DistillPair(nn.Module):
+    """waves [B, N] + lengths -> (student states, teacher states, frame mask); features computed once.
+
+    The teacher is held outside the module tree: it is frozen, never trained, and kept out of the state
+    dict, so checkpoints do not carry a second copy of the encoder (2.3 GB for w2v-bert 2.0).
+    """
+
+    def __init__(self, student: Frontend, teacher: Frontend, mask_set: MaskSet | None = None):
+        super().__init__()
+        self.features = W2VBertFbank()
+        self.frontend = student
+        self.masks = mask_set   # a submodule: the log-alphas are saved and restored with the student
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad = False
+        self._teacher = (teacher,)
+
+    @property
+    def teacher(self) -> Frontend:
+        return self._teacher[0]
+
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor):
+        feats, mask = self.features(waves, lengths)
+        with torch.no_grad():
+            teacher = self.teacher(feats, mask)
+        return self.frontend(feats, mask), teacher, mask
+
+
+class DistillObjective(nn.Module):
+    """The engine's "head": distillation loss [+ Lagrangian on the expected sparsity], extras to log.
+
+    The target-sparsity step counter is a buffer advanced by training forwards only: it is saved in the
+    engine's checkpoints (exact resume) and evaluation cannot move it.
+    """
+
+    def __init__(self, cfg: DistillConfig, num_states: int, prune: PruneConfig | None = None,
+                 mask_set: MaskSet | None = None):
+        super().__init__()
+        if (prune is None) != (mask_set is None):
+            raise ValueError("DistillObjective: a sparsity constraint needs both its config and the masks")
+        self.cfg = cfg
+        self.layers = cfg.layers if cfg.layers is not None else list(range(num_states))
+        bad = [i for i in self.layers if not 0 <= i < num_states]
+        if bad:
+            raise ConfigError(f"distill.layers: {bad} out of range (the encoder has {num_states} hidden states)")
+        self.scale = 1.0 / len(self.layers) if cfg.layer_mean else 1.0
+        self.lagrangian = Lagrangian() if prune is not None else None
+        self.schedule = TargetSchedule(prune.target_sparsity, prune.warmup_steps) if prune is not None else None
+        self._masks = (mask_set,)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def forward(self, outputs, labels):
+        student, teacher, mask = outputs
+        loss, parts = distill_loss(student, teacher, self.layers, mask, self.cfg.l1_weight * self.scale,
+                                   self.cfg.cos_weight * self.scale, self.cfg.cos_type)
+        extras = {"distill_l1": parts["l1"] * self.scale, "distill_cos": parts["cos"] * self.scale,
+                  "distill_loss": float(loss.detach())}
+        mask_set = self._masks[0]
+        if mask_set is not None:
+            target = self.schedule(int(self.step))
+            if self.training:
+                self.step += 1
+            expected_params = mask_set.expected_params()
+            sparsity = 1.0 - expected_params / mask_set.dense_params
+            loss = loss + self.lagrangian(sparsity, target).to(loss.dtype)
+            extras |= {"expected_sparsity": float(sparsity.detach()), "target_sparsity": target,
+                       "expected_params": float(expected_params.detach()),
+                       "lambda1": float(self.lagrangian.lambda1.detach()),
+                       "lambda2": float(self.lagrangian.lambda2.detach())}
+        return loss, loss.new_zeros(()), extras
+
+
+# ------------------------------------------------------------------------------------------ structure
+
+def structure_record(sizes: list[dict[str, int]], config) -> dict:
+    """``structure.json`` (docs/CONTRACTS.md): kept widths per layer, the dense widths, the sizes."""
+    dense = dense_sizes(config)
+    params, dense_params = count_params(config, sizes), count_params(config, dense)
+    return {"layers": [{"layer": i, **{k: int(s[k]) for k in KINDS}} for i, s in enumerate(sizes)],
+            "dense": [{"layer": i, **{k: int(s[k]) for k in KINDS}} for i, s in enumerate(dense)],
+            "params_encoder": params, "dense_params_encoder": dense_params,
+            "achieved_sparsity": 1.0 - params / dense_params}
+
+
+def plot_structure(record: dict, path: Path, title: str) -> Path:
+    """Heatmap of the fraction kept per layer and kind, annotated with the kept counts."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kept = np.array([[layer[k] for layer in record["layers"]] for k in KINDS], dtype=float)
+    dense = np.array([[layer[k] for layer in record["dense"]] for k in KINDS], dtype=float)
+    frac = np.divide(kept, dense, out=np.zeros_like(kept), where=dense > 0)
+    n_layers = kept.shape[1]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * n_layers + 2.0), 3.0))
+    image = ax.imshow(frac, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    for (r, c), value in np.ndenumerate(kept):
+        ax.text(c, r, f"{int(value)}", ha="center", va="center", fontsize=7,
+                color="white" if frac[r, c] < 0.6 else "black")
+    ax.set_yticks(range(len(KINDS)), KINDS)
+    ax.set_xticks(range(n_layers), [str(i) for i in range(n_layers)])
+    ax.set_xlabel("layer")
+    ax.set_title(f"{title}: sparsity {record['achieved_sparsity']:.3f}", fontsize=9)
+    fig.colorbar(image, ax=ax, label="fraction kept")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_structure(stage_dir: Path, sizes: list[dict[str, int]], config, title: str, tracker=None) -> dict:
+    record = structure_record(sizes, config)
+    (stage_dir / STRUCTURE).write_text(json.dumps(record, indent=2) + "\n")
+    plot_structure(record, stage_dir / STRUCTURE_PNG, title)
+    if tracker is not None:
+        tracker.log_artifact(stage_dir / STRUCTURE)
+        tracker.log_artifact(stage_dir / STRUCTURE_PNG)
+    return record
+
+
+def _size_metrics(record: dict) -> dict[str, float]:
+    return {"achieved_sparsity": record["achieved_sparsity"], "params_encoder": float(record["params_encoder"])}
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+def run_distill(cfg: DistillStageConfig, data: DataConfig, out_dir: str | Path, *, init: str | Path,
+                teacher: str | Path | None = None, tracker=None, resume: bool = True) -> dict:
+    """prune1 (``cfg.prune`` set: masks + Lagrangian) or prune2 (plain distillation of ``init``'s encoder).
+
+    ``init``: the stage whose encoder is the student's start (s2 for prune1, shrink for prune2);
+    ``teacher``: the dense stage whose model's encoder is the teacher (default: ``init``).
+    """
+    out_dir, init = Path(out_dir), Path(init)
+    teacher = Path(teacher) if teacher is not None else init
+    done = read_result(out_dir)
+    if done is not None:
+        return done
+    timer = Timer()
+    rank, world, local_rank = setup_distributed()
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+    write_stage_config(out_dir, cfg, tracker if rank == 0 else None)
+
+    teacher_frontend = load_model(teacher / "model").frontend.to(device)
+    student = load_stage_encoder(init).to(device)
+    if student.hidden_size != teacher_frontend.hidden_size or student.num_states != teacher_frontend.num_states:
+        raise ValueError(f"{init} encoder ({student.num_states} states x {student.hidden_size}) does not match the "
+                         f"teacher {teacher} ({teacher_frontend.num_states} x {teacher_frontend.hidden_size})")
+    torch.manual_seed(cfg.train.seed)  # the gates' initial log-alphas: a function of the config, not of history
+    mask_set = attach_masks(student.encoder, cfg.prune.masks) if cfg.prune is not None else None
+    model = DistillPair(student, teacher_frontend, mask_set).to(device)
+    objective = DistillObjective(cfg.distill, student.num_states, cfg.prune, mask_set)
+    weights = [p for p in student.parameters() if p.requires_grad]
+    if mask_set is not None:
+        groups = param_groups(weights, mask_set.log_alphas(), objective.lagrangian, cfg.train.optim.lr_frontend,
+                              cfg.prune.lr_log_alpha, cfg.prune.lr_lambda)
+    else:
+        groups = [{"name": "weights", "params": weights, "lr": cfg.train.optim.lr_frontend, "weight_decay": 0.0}]
+
+    loader = TrainLoader(data.load_dir("train"), cfg.sampling, seed=cfg.train.seed, rank=rank, world_size=world,
+                         pin_memory=device.type == "cuda")
+    dense_params = count_parameters(teacher_frontend)
+    if tracker is not None and rank == 0:
+        tracker.log_metrics({"params_encoder_start": float(count_parameters(student)),
+                             "params_encoder_teacher": float(dense_params)})
+
+    def log(record: dict, step: int) -> None:
+        if tracker is not None:
+            record = {("train_loss" if k == "loss" else k): v for k, v in record.items()
+                      if k not in ("accuracy", "margin")}  # no classifier here
+            tracker.log_metrics(record, step=step)
+
+    result = train(model, objective, loader, cfg.train, out_dir / "ckpt", resume=resume, log=log,
+                   param_groups=groups)
+    if rank != 0:
+        return {}
+    model.eval()
+    record = {"stage": cfg.stage, "init": str(init), "teacher": str(teacher), "final_step": result.final_step}
+    if mask_set is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in mask_set.state_dict().items()}, str(out_dir / GATES))
+        structure = write_structure(out_dir, mask_set.sizes(), student.config, cfg.stage, tracker)
+        # Expected sparsity at the end vs what the deterministic (rounded, top-k) masks actually keep.
+        record |= {"target_sparsity": cfg.prune.target_sparsity,
+                   "expected_sparsity": float(mask_set.expected_sparsity().detach()),
+                   "lambda1": float(objective.lagrangian.lambda1.detach()),
+                   "lambda2": float(objective.lagrangian.lambda2.detach()),
+                   **_size_metrics(structure), "sizes": structure["layers"]}
+        # the student keeps its dense shape here; shrink removes the units
+        mask_set.detach()
+    else:
+        record |= _size_metrics(structure_record(layer_sizes(student.encoder), student.config))
+    save_stage_encoder(student.encoder, out_dir / ENCODER)
+    record["minutes"] = timer.minutes
+    if tracker is not None:
+        tracker.log_metrics({k: float(record[k]) for k in ("achieved_sparsity", "params_encoder")}
+                            | {"minutes": record["minutes"]})
+    write_result(out_dir, record)
+    return record
+
+
+def run_shrink(init: str | Path, out_dir: str | Path, *, check_dir: DataDir, tracker=None) -> dict:
+    """Physically remove what prune1's deterministic masks drop; check on real audio that nothing changed."""
+    out_dir, init = Path(out_dir), Path(init)
+    done = read_result(out_dir)
+    if done is not None:
+        return done
+    timer = Timer()
+    prune_cfg = load_config(init / "config.yaml", DistillStageConfig)
+    if prune_cfg.prune is None or not (init / GATES).is_file():
+        raise ValueError(f"{init}: not a finished prune1 stage (no 'prune:' section or no {GATES})")
+    frontend = Frontend(load_encoder(init / ENCODER)).eval()
+    mask_set = attach_masks(frontend.encoder, prune_cfg.prune.masks)
+    mask_set.load_state_dict(load_file(str(init / GATES)))
+    mask_set.eval()
+    waves, lengths = check_batch(check_dir, prune_cfg.check_seconds)
+    masked = encoder_states(frontend, waves, lengths)  # eval mode: the deterministic masks
+    sizes = mask_set.sizes()
+    prune_model(frontend.encoder, mask_set)
+    diff = max_state_diff(masked, encoder_states(frontend, waves, lengths))
+    if diff > SHRINK_TOLERANCE:
+        raise RuntimeError(f"{init}: the shrunk encoder differs from the masked one by {diff:.2e} "
+                           f"(> {SHRINK_TOLERANCE}) on real audio")
+    if layer_sizes(frontend.encoder) != sizes or count_parameters(frontend) != count_params(frontend.config, sizes):
+        raise RuntimeError(f"{init}: shrunk widths/parameters disagree with the masks' count")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_pruned_encoder(frontend.encoder, out_dir / ENCODER)
+    structure = write_structure(out_dir, sizes, frontend.config, "shrink", tracker)
+    record = {"stage": "shrink", "init": str(init), "max_abs_diff": diff, **_size_metrics(structure),
+              "dense_params_encoder": structure["dense_params_encoder"], "minutes": timer.minutes}
+    if tracker is not None:
+        tracker.log_metrics(_size_metrics(structure) | {"shrink_max_abs_diff": diff})
+    write_result(out_dir, record)
+    return record
+
+
+def random_masks(dense: list[dict[str, int]], kept: list[dict[str, int]], seed: int) -> list[dict[str, torch.Tensor]]:
+    """0/1 masks keeping, per kind, as many units in total as ``kept`` does, placed uniformly at random
+    over all layers (so the structure is random too, not only which units within a layer)."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = [{} for _ in dense]
+    for kind in KINDS:
+        widths = [d[kind] for d in dense]
+        total = sum(widths)
+        if total == 0:
+            continue
+        flat = torch.zeros(total)
+        flat[torch.randperm(total, generator=gen)[:sum(k[kind] for k in kept)]] = 1.0
+        for i, chunk in enumerate(torch.split(flat, widths)):
+            if widths[i] > 0:
+                masks[i][kind] = chunk
+    return masks
+
+
+def run_random_prune(structure_of: str | Path, teacher: str | Path, out_dir: str | Path, *, seed: int = 0,
+                     tracker=None) -> dict:
+    """The same-size baseline: the teacher's encoder cut with random masks of ``structure_of``'s per-kind counts."""
+    out_dir, structure_of, teacher = Path(out_dir), Path(structure_of), Path(teacher)
+    done = read_result(out_dir)
+    if done is not None:
+        return done
+    timer = Timer()
+    if not (structure_of / STRUCTURE).is_file():
+        raise FileNotFoundError(f"{structure_of}: no {STRUCTURE} (run prune1/shrink first)")
+    kept = json.loads((structure_of / STRUCTURE).read_text())["layers"]
+    encoder = load_model(teacher / "model").frontend.encoder
+    shrink_encoder(encoder, random_masks(layer_sizes(encoder), kept, seed))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_pruned_encoder(encoder, out_dir / ENCODER)
+    structure = write_structure(out_dir, layer_sizes(encoder), encoder.config, "random", tracker)
+    record = {"stage": "random_prune", "init": str(structure_of), "teacher": str(teacher), "seed": seed,
+              **_size_metrics(structure), "minutes": timer.minutes}
+    if tracker is not None:
+        tracker.log_metrics(_size_metrics(structure))
+    write_result(out_dir, record)
+    return record
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("distill", help="prune1 (config with prune:) or prune2")
+    p.add_argument("--config", required=True)
+    p.add_argument("--teacher", help="dense stage folder with model/ (default: --init)")
+    s = sub.add_parser("shrink", help="physically remove what prune1 masked")
+    r = sub.add_parser("random", help="same-size random structure of --init, cut from --teacher")
+    r.add_argument("--teacher", required=True)
+    r.add_argument("--seed", type=int, default=0)
+    for q in (p, s, r):
+        q.add_argument("--init", required=True, help="previous stage folder")
+        q.add_argument("--out", required=True)
+    for q in (p, s):
+        q.add_argument("--data", required=True, help="data YAML (DataConfig)")
+    args = parser.parse_args(argv)
+    try:
+        data = load_config(args.data, DataConfig) if hasattr(args, "data") else None
+        if args.command == "distill":
+            record = run_distill(load_config(args.config, DistillStageConfig), data, args.out, init=args.init,
+                                 teacher=args.teacher)
+        elif args.command == "shrink":
+            record = run_shrink(args.init, args.out, check_dir=data.load_dir("train"))
+        else:
+            record = run_random_prune(args.init, args.teacher, args.out, seed=args.seed)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""KD-guided pruning stages on sv-mini with the tiny model: prune1 -> shrink -> prune2 -> graft -> ps1,
+tracked in a throw-away MLflow store; exact resume of prune1; the random same-size baseline; pipeline checks."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from experiments import graft as graft_stage
+from experiments import pipeline
+from experiments import prune as P
+from experiments import train as train_stage
+from experiments.common import DataConfig
+from svlib.config import ConfigError, from_dict
+from svlib.model.speaker import SpeakerModelConfig, build_speaker_model, load_model, save_model
+from svlib.pruning import MaskConfig, attach_masks, count_params, dense_sizes, layer_sizes
+from svlib.pruning.counting import KINDS
+from svlib.tracking import Tracker
+
+TARGET = 0.5
+PRUNE1 = {"stage": "prune1",
+          "prune": {"target_sparsity": TARGET, "warmup_steps": 10, "lr_log_alpha": 0.2, "lr_lambda": -0.2},
+          "sampling": {"batch_size": 8, "crop_seconds": [1.0, 1.0]},
+          "train": {"steps": 30, "log_every": 2, "ckpt_every": 10, "progress": False, "grad_clip": 0.0,
+                    "optim": {"lr_frontend": 2e-4}, "schedule": {"kind": "constant"}}}
+PRUNE2 = {"stage": "prune2", "sampling": {"batch_size": 8, "crop_seconds": [1.0, 1.0]},
+          "train": {"steps": 4, "log_every": 2, "ckpt_every": 2, "progress": False,
+                    "optim": {"lr_frontend": 2e-4}, "schedule": {"kind": "constant"}}}
+PS1 = {"stage": "ps1", "freeze_frontend": True, "sampling": {"batch_size": 8, "crop_seconds": [1.0, 1.0]},
+       "train": {"steps": 2, "log_every": 1, "ckpt_every": 2, "val_every": 2, "progress": False,
+                 "schedule": {"kind": "constant"}},
+       "eval": {"progress": False}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, sv_mini):
+    from svlib.data.prepare import prepare_manifest
+
+    root = tmp_path_factory.mktemp("prune")
+    old = os.getcwd()
+    os.chdir(root)  # configs hold repo-relative paths only; the lists' wav paths are relative to here too
+    prepare_manifest(sv_mini / "manifest.csv", Path("data"), seed=0)
+    data = DataConfig(train="data/train", val="data/val", val_trials="data/val_trials.txt", test="data/test",
+                      test_trials={"test": "data/test_trials.txt"})
+    # the teacher: a (random) tiny speaker model folder + a 24-speaker head, as stage 2 leaves them
+    torch.manual_seed(0)
+    teacher = build_speaker_model(from_dict(SpeakerModelConfig, {"frontend": {"preset": "tiny"},
+                                                                 "backend": {"type": "mfa", "adapter_dim": 16, "embed_dim": 32}}))
+    save_model(teacher, root / "s2" / "model")
+    save_file({"weight": torch.randn(24, 32)}, str(root / "s2" / train_stage.HEAD))
+    yield {"root": root, "data": data, "teacher": root / "s2"}
+    os.chdir(old)
+
+
+@pytest.fixture(scope="module")
+def chain(work):
+    """The whole pruned chain, each stage in its own nested MLflow run (as the pipeline does)."""
+    root, data = work["root"], work["data"]
+    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    tracker = Tracker("prune-test", tracking_uri=uri)
+    records, run_ids = {}, {}
+    with tracker.run("pipeline", tags={"kind": "pipeline"}):
+        steps = [
+            ("prune1", lambda: P.run_distill(from_dict(P.DistillStageConfig, PRUNE1), data, root / "prune1",
+                                             init=work["teacher"], tracker=tracker)),
+            ("shrink", lambda: P.run_shrink(root / "prune1", root / "shrink", check_dir=data.load_dir("train"),
+                                            tracker=tracker)),
+            ("prune2", lambda: P.run_distill(from_dict(P.DistillStageConfig, PRUNE2), data, root / "prune2",
+                                             init=root / "shrink", teacher=work["teacher"], tracker=tracker)),
+            ("graft", lambda: graft_stage.run(root / "prune2", work["teacher"], root / "graft",
+                                              check_dir=data.load_dir("train"), tracker=tracker)),
+            ("ps1", lambda: train_stage.run(from_dict(train_stage.TrainStageConfig, PS1), data, root / "ps1",
+                                            init=root / "graft", tracker=tracker)),
+        ]
+        for name, fn in steps:
+            with tracker.run(name, nested=True, tags={"stage": name}) as run_id:
+                records[name] = fn()
+                run_ids[name] = run_id
+    return {"records": records, "run_ids": run_ids, "uri": uri, "root": root}
+
+
+def test_prune1_moves_expected_sparsity_to_the_target_and_logs_it(chain):
+    mlflow.set_tracking_uri(chain["uri"])
+    client = mlflow.tracking.MlflowClient()
+    run_id = chain["run_ids"]["prune1"]
+    for key in ("expected_sparsity", "target_sparsity", "lambda1", "lambda2", "distill_l1", "distill_cos",
+                "expected_params", "train_loss", "lr_log_alpha", "lr_lambdas"):
+        history = client.get_metric_history(run_id, key)
+        assert [m.step for m in history] == list(range(2, 31, 2)), key
+    sparsity = [m.value for m in client.get_metric_history(run_id, "expected_sparsity")]
+    target = [m.value for m in client.get_metric_history(run_id, "target_sparsity")]
+    # warm-up: mean target of steps 1-2 is 0.025, of steps 11-30 it is 0.5
+    assert target[0] == pytest.approx(TARGET * 0.5 / 10) and target[-1] == TARGET
+    assert abs(sparsity[-1] - TARGET) < abs(sparsity[0] - TARGET) - 0.1
+    assert client.get_metric_history(run_id, "lr_lambdas")[0].value == pytest.approx(-0.2)
+    record = chain["records"]["prune1"]
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["achieved_sparsity"] == pytest.approx(record["achieved_sparsity"])
+    assert record["achieved_sparsity"] > 0.2
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"structure.json", "structure.png", "config.yaml"} <= artifacts
+
+
+def test_structure_matches_the_shrunk_and_grafted_encoder(chain):
+    root = chain["root"]
+    structure = json.loads((root / "prune1" / P.STRUCTURE).read_text())
+    graft = load_model(root / "graft" / "model")
+    sizes = layer_sizes(graft.frontend.encoder)
+    assert [{k: layer[k] for k in KINDS} for layer in structure["layers"]] == sizes
+    assert structure["dense"] == [{"layer": i, **d} for i, d in enumerate(dense_sizes(graft.frontend.config))]
+    params = sum(p.numel() for p in graft.frontend.parameters())
+    assert params == structure["params_encoder"] == count_params(graft.frontend.config, sizes)
+    assert structure["achieved_sparsity"] == pytest.approx(1 - params / structure["dense_params_encoder"])
+    assert chain["records"]["shrink"]["params_encoder"] == params
+    assert chain["records"]["prune2"]["achieved_sparsity"] == pytest.approx(structure["achieved_sparsity"])
+    assert (root / "prune1" / P.STRUCTURE_PNG).stat().st_size > 5_000
+
+
+def test_shrunk_encoder_equals_the_masked_one_on_real_audio(chain, work):
+    root = chain["root"]
+    assert chain["records"]["shrink"]["max_abs_diff"] <= P.SHRINK_TOLERANCE
+    # independently of the stage: prune1's dense student + its gates (eval) vs the saved shrunk encoder
+    masked = P.load_stage_encoder(root / "prune1").eval()
+    mask_set = attach_masks(masked.encoder, MaskConfig())
+    mask_set.load_state_dict(load_file(str(root / "prune1" / P.GATES)))
+    shrunk = P.load_stage_encoder(root / "shrink").eval()
+    waves, lengths = P.check_batch(work["data"].load_dir("test"))
+    diff = P.max_state_diff(P.encoder_states(masked, waves, lengths), P.encoder_states(shrunk, waves, lengths))
+    assert diff <= 1e-4
+    assert sum(p.numel() for p in shrunk.parameters()) < sum(p.numel() for p in masked.parameters())
+
+
+def test_graft_and_ps1_keep_the_pruned_encoder_and_the_stage2_backend(chain, work):
+    root = chain["root"]
+    graft = load_model(root / "graft" / "model")
+    teacher = load_model(work["teacher"] / "model")
+    prune2 = P.load_stage_encoder(root / "prune2")
+    for (name, a), b in zip(graft.frontend.state_dict().items(), prune2.state_dict().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(graft.backend.state_dict().values(), teacher.backend.state_dict().values()):
+        assert torch.equal(a, b)
+    waves, lengths = P.check_batch(work["data"].load_dir("test"))
+    with torch.no_grad():
+        emb = graft(waves, lengths)
+    assert emb.shape == (4, 32) and torch.isfinite(emb).all()
+    # ps1: encoder frozen (unchanged), back-end trained, test trials evaluated
+    ps1 = load_model(root / "ps1" / "model")
+    for a, b in zip(ps1.frontend.state_dict().values(), graft.frontend.state_dict().values()):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, b) for a, b in zip(ps1.backend.state_dict().values(),
+                                                     graft.backend.state_dict().values()))
+    record = chain["records"]["ps1"]
+    assert record["test"]["test"]["num_trials"] == 435
+    assert record["params_encoder"] == chain["records"]["shrink"]["params_encoder"]
+
+
+@pytest.mark.xfail(strict=True, reason="open: the step-3 checkpoints of both runs are identical (model, gates, "
+                   "multipliers, step counter, optimizer, loader, RNG) and fresh runs are bitwise reproducible, "
+                   "yet the updates after resuming differ (weights by ~1e-3 after 3 more steps)")
+def test_prune1_resumes_exactly(work, tmp_path):
+    cfg = {**PRUNE1, "train": {**PRUNE1["train"], "steps": 6, "ckpt_every": 3}}
+    full = P.run_distill(from_dict(P.DistillStageConfig, cfg), work["data"], tmp_path / "full", init=work["teacher"])
+    half = {**cfg, "train": {**cfg["train"], "steps": 3}}
+    P.run_distill(from_dict(P.DistillStageConfig, half), work["data"], tmp_path / "split", init=work["teacher"])
+    (tmp_path / "split" / "result.json").unlink()  # as if killed after step 3
+    resumed = P.run_distill(from_dict(P.DistillStageConfig, cfg), work["data"], tmp_path / "split",
+                            init=work["teacher"])
+    for key in ("expected_sparsity", "lambda1", "lambda2", "achieved_sparsity"):
+        assert resumed[key] == full[key], key
+    a, b = load_file(str(tmp_path / "full" / P.GATES)), load_file(str(tmp_path / "split" / P.GATES))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_random_baseline_keeps_the_per_kind_counts(work, chain, tmp_path):
+    record = P.run_random_prune(chain["root"] / "shrink", work["teacher"], tmp_path / "random", seed=3)
+    kd = json.loads((chain["root"] / "shrink" / P.STRUCTURE).read_text())["layers"]
+    rnd = json.loads((tmp_path / "random" / P.STRUCTURE).read_text())["layers"]
+    for kind in KINDS:
+        assert sum(layer[kind] for layer in rnd) == sum(layer[kind] for layer in kd)
+    assert rnd != kd or all(layer["heads"] in (0, 2) for layer in kd)  # a different structure (almost surely)
+    encoder = P.load_stage_encoder(tmp_path / "random")
+    assert record["params_encoder"] == sum(p.numel() for p in encoder.parameters())
+
+
+def test_distill_stage_config_errors():
+    with pytest.raises(ConfigError, match="lr_lambda"):
+        from_dict(P.DistillStageConfig, {"prune": {"lr_lambda": 0.1}})
+    with pytest.raises(ConfigError, match="val_every"):
+        from_dict(P.DistillStageConfig, {"train": {"val_every": 5}})
+
+
+def test_pipeline_checks_pruning_stage_references():
+    base = {"name": "x", "out_dir": "exp/x", "data": {}}
+    ok = [{"name": "s2", "kind": "use", "path": "exp/demo/s2"},
+          {"name": "prune1", "kind": "prune", "config": "p.yaml", "init": "s2"},
+          {"name": "graft", "kind": "graft", "init": "prune1", "teacher": "s2"}]
+    cfg = from_dict(pipeline.PipelineConfig, base | {"stages": ok})
+    assert pipeline.stage_dirs(cfg)["s2"].as_posix() == "exp/demo/s2"
+    assert pipeline.stage_dirs(cfg)["graft"].as_posix() == "exp/x/graft"
+    bad = [(ok[:2] + [{"name": "graft", "kind": "graft", "init": "prune1"}], "needs 'teacher'"),
+           (ok[:2] + [{"name": "graft", "kind": "graft", "init": "prune1", "teacher": "s3"}], "not an earlier stage"),
+           ([{"name": "s2", "kind": "use"}], "'path'"),
+           ([{"name": "p", "kind": "prune", "init": "s2"}], "not an earlier stage")]
+    for stages, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            from_dict(pipeline.PipelineConfig, base | {"stages": stages})
