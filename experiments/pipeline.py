@@ -164,6 +164,7 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None) -
                         tracker.log_metrics(metrics_of(record.get("test") or {}) | {
                             k: float(record[k]) for k in ("achieved_sparsity", "params_encoder") if k in record})
             summary["stages"][spec.name] = record
+        baseline_timer = Timer()
         if cfg.baselines:
             first_train = next((s for s in cfg.stages if s.kind == "train" and stage_cfgs[s.name].model is not None), None)
             summary["baselines"] = {"fbank": fbank_baseline(cfg.data)}
@@ -173,7 +174,11 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None) -
                 from experiments.common import metrics_of
                 for name, res in summary["baselines"].items():
                     tracker.log_metrics(metrics_of(res, prefix=f"baseline_{name}_"))
-        summary["wall_minutes"] = timer.minutes
+        # Every stage's own minutes, also for stages finished by an earlier (interrupted) invocation, so
+        # the total is what the recipe costs, not what this call happened to redo.
+        summary["wall_minutes"] = sum(float(r.get("minutes") or 0.0) for r in summary["stages"].values()) \
+            + baseline_timer.minutes
+        summary["this_call_minutes"] = timer.minutes
         rows = [test_row(name, record) for name, record in summary["stages"].items()]
         rows += [test_row(f"baseline:{name}", {"test": res}) for name, res in summary.get("baselines", {}).items()]
         columns = ["stage"] + sorted({k for r in rows for k in r if k != "stage" and k != "minutes"}) + ["minutes"]

@@ -34,6 +34,11 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_seco
         raise AudioError(f"{path}: not a readable audio file ({err})") from None
     if wave.shape[0] == 0:
         raise AudioError(f"{path}: empty audio (zero samples)")
+    return to_mono(wave, rate, sample_rate, path)
+
+
+def to_mono(wave: np.ndarray, rate: int, sample_rate: int, path: str | os.PathLike) -> np.ndarray:
+    """[frames, channels] as read by soundfile -> checked mono float32 at ``sample_rate``."""
     wave = wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0]
     if not np.isfinite(wave).all():
         raise AudioError(f"{path}: audio contains NaN or infinite samples")

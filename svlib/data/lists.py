@@ -24,9 +24,8 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 import soundfile as sf
-import soxr
 
-from svlib.audio import SAMPLE_RATE, AudioError, audio_seconds, load_audio
+from svlib.audio import SAMPLE_RATE, AudioError, audio_seconds, load_audio, to_mono
 
 __all__ = [
     "ListError",
@@ -366,12 +365,7 @@ def read_segment(path: str | os.PathLike, start: float, end: float | None, sampl
         raise AudioError(f"{path}: not a readable audio file ({err})") from None
     if wave.shape[0] == 0:
         raise AudioError(f"{path}: empty segment {start}-{end} s")
-    wave = wave.mean(axis=1) if wave.shape[1] > 1 else wave[:, 0]
-    if not np.isfinite(wave).all():
-        raise AudioError(f"{path}: audio contains NaN or infinite samples")
-    if rate != sample_rate:
-        wave = soxr.resample(wave, rate, sample_rate, quality="HQ").astype(np.float32)
-    return np.ascontiguousarray(wave, dtype=np.float32)
+    return to_mono(wave, rate, sample_rate, path)
 
 
 # ---- trials ----------------------------------------------------------------------------------------
