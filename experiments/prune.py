@@ -156,9 +156,25 @@ class PruneConfig:
     """The sparsity constraint of prune1 (absent in prune2)."""
 
     target_sparsity: float = 0.8
-    warmup_steps: int = 10000         # target ramps linearly from 0 over these steps (a function of the step)
+    warmup_steps: int = 10000         # target ramps from 0 (see below) over these steps (a function of the step)
     lr_log_alpha: float = 2e-2
     lr_lambda: float = -2e-2          # negative: the multipliers ascend
+    # Initial multipliers. lambda2 > 0 is a quadratic spring acting from the first step: the pull on the
+    # gates is then proportional to the gap at once instead of waiting for the multipliers to build up
+    # (which, with Adam moving them by ~lr per step whatever the gap, winds lambda1 up and overshoots).
+    lambda1_init: float = 0.0
+    lambda2_init: float = 0.0
+    # Ramp the target from the gates' initial expected sparsity (a function of ``masks`` and the seed) instead
+    # of from 0: with FFN gates starting at keep 0.5 the student starts ~10 % sparse, and a ramp from 0
+    # first pulls the gates the wrong way.
+    warmup_from_initial: bool = False
+    warmup_shape: Literal["linear", "ease_out"] = "linear"   # svlib.pruning.TargetSchedule
+    # What the Lagrangian constrains. "expected": the expected sparsity (the reference). "deterministic": a
+    # straight-through estimate whose value is the sparsity of the deterministic masks (round(E[L0]) units
+    # per group, what shrink keeps and achieved_sparsity reports) and whose gradient is the expected one.
+    # Coarse units (a head of the demo encoder is 0.7 % of it) can sit at keep ~0.1 with the expectation
+    # met by their fractional mass, while the rounding then removes them all (0.712 achieved at target 0.7).
+    constrain: Literal["expected", "deterministic"] = "expected"
     masks: MaskConfig = field(default_factory=MaskConfig)
 
     def __post_init__(self) -> None:
@@ -168,6 +184,8 @@ class PruneConfig:
             raise ConfigError(f"prune.warmup_steps: must be >= 0, got {self.warmup_steps}")
         if self.lr_lambda > 0:
             raise ConfigError(f"prune.lr_lambda: must be <= 0 (gradient ascent), got {self.lr_lambda}")
+        if self.lambda2_init < 0:
+            raise ConfigError(f"prune.lambda2_init: must be >= 0, got {self.lambda2_init}")
 
 
 @dataclass
@@ -237,8 +255,14 @@ class DistillObjective(nn.Module):
         if bad:
             raise ConfigError(f"distill.layers: {bad} out of range (the encoder has {num_states} hidden states)")
         self.scale = 1.0 / len(self.layers) if cfg.layer_mean else 1.0
-        self.lagrangian = Lagrangian() if prune is not None else None
-        self.schedule = TargetSchedule(prune.target_sparsity, prune.warmup_steps) if prune is not None else None
+        self.lagrangian = self.schedule = None
+        self.constrain = prune.constrain if prune is not None else None
+        if prune is not None:
+            self.lagrangian = Lagrangian(prune.lambda1_init, prune.lambda2_init)
+            # the gates as built (before any checkpoint is loaded): the same start in a fresh and a resumed run
+            start = float(mask_set.expected_sparsity().detach()) if prune.warmup_from_initial else 0.0
+            self.schedule = TargetSchedule(prune.target_sparsity, prune.warmup_steps,
+                                           start=min(start, prune.target_sparsity), shape=prune.warmup_shape)
         self._masks = (mask_set,)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
@@ -254,10 +278,15 @@ class DistillObjective(nn.Module):
             if self.training:
                 self.step += 1
             expected_params = mask_set.expected_params()
-            sparsity = 1.0 - expected_params / mask_set.dense_params
+            deterministic_params = mask_set.deterministic_params()
+            params = expected_params
+            if self.constrain == "deterministic":  # straight-through: the rounded count, the expected gradient
+                params = expected_params + (deterministic_params - expected_params.detach())
+            sparsity = 1.0 - params / mask_set.dense_params
             loss = loss + self.lagrangian(sparsity, target).to(loss.dtype)
-            extras |= {"expected_sparsity": float(sparsity.detach()), "target_sparsity": target,
-                       "expected_params": float(expected_params.detach()),
+            extras |= {"expected_sparsity": 1.0 - float(expected_params.detach()) / mask_set.dense_params,
+                       "deterministic_sparsity": 1.0 - deterministic_params / mask_set.dense_params,
+                       "target_sparsity": target, "expected_params": float(expected_params.detach()),
                        "lambda1": float(self.lagrangian.lambda1.detach()),
                        "lambda2": float(self.lagrangian.lambda2.detach())}
         return loss, loss.new_zeros(()), extras
