@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Wav2Vec2BertConfig, Wav2Vec2BertModel
+from transformers import Wav2Vec2BertConfig
+
+from svlib.model.frontend import build_encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -109,8 +111,9 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    config = Wav2Vec2BertConfig()
-    model = Wav2Vec2BertModel(config).eval()
+    # The speaker-model encoder: no SpecAugment, so no masked_spec_embed (the paper's 580,492,096).
+    model = build_encoder("w2v-bert-2.0").eval()
+    config = model.config
     frames = int(round(args.seconds * 50))
     feats = torch.randn(args.batch, frames, config.feature_projection_input_dim)
     att = torch.ones(args.batch, frames, dtype=torch.long)
