@@ -287,4 +287,4 @@ def test_score_backend_pipeline_on_sv_mini(setup, tmp_path):
 def load_calibration_dict(data):
     from svlib.scoring.calibration import Calibration
 
-    return Calibration(data["features"], data["weights"], data["bias"], data["p_target"])
+    return Calibration(data["features"], data["weights"], data["bias"], data["p_target"], data.get("meta") or {})
