@@ -19,6 +19,7 @@ from svlib.scoring.calibration import (
     min_cllr,
     optimal_llrs,
     pav,
+    train_calibration,
 )
 from svlib.scoring.metrics import EmbeddingTable, MissingEmbeddingError, ScoringError, cosine_scores
 from svlib.scoring.norm import as_norm, cohort_stats, speaker_means
@@ -215,3 +216,20 @@ def test_calibration_file_errors(tmp_path):
     with pytest.raises(CalibrationError, match="constant"):
         fit_calibration([1.0, 2.0, 3.0], [1, 0, 1], quality={"norm_min": np.ones(3)}, features=["score", "norm_min"])
     assert Calibration(["score"], [2.0], -1.0).apply(np.array([0.0, 1.0])).tolist() == [-1.0, 1.0]
+
+
+def test_quality_measures_are_clipped_to_the_training_range(tmp_path):
+    rng = np.random.default_rng(3)
+    n = 4000
+    labels = rng.integers(0, 2, n)
+    quality = rng.uniform(0.0, 1.0, n)
+    scores = np.where(labels == 1, 1.0, -1.0) * (1.0 + quality) + rng.normal(0, 1, n)
+    x = np.stack([scores, quality], axis=1)
+    cal = train_calibration(x, labels, ["score", "log_dur_min"])
+    lo, hi = cal.meta["quality_range"]["log_dur_min"]
+    assert 0.0 <= lo < 0.01 and 0.99 < hi <= 1.0
+    far = cal.llr(np.array([[0.5, 25.0], [0.5, -3.0]]))
+    edge = cal.llr(np.array([[0.5, hi], [0.5, lo]]))
+    np.testing.assert_allclose(far, edge)  # no extrapolation beyond what calibration saw
+    reloaded = load_calibration(cal.save(tmp_path / "calib.json"))
+    np.testing.assert_allclose(reloaded.llr(np.array([[0.5, 25.0]])), far[:1])
