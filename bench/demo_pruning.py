@@ -98,7 +98,8 @@ def main(argv=None) -> int:
             "params": stages["shrink"]["params_encoder"],
             "params_random": stages["random_prune"]["params_encoder"],
             "params_teacher": stages["shrink"]["dense_params_encoder"],
-            "minutes": sum(r.get("minutes", 0.0) for r in stages.values() if r is not teacher_record),
+            # this target's own stages (the "use" stage's record is the teacher's, with its training time)
+            "minutes": sum(stages[spec.name].get("minutes", 0.0) for spec in cfg.stages if spec.kind != "use"),
         })
     result = {"teacher": teacher.as_posix(), "teacher_eer_pct": test_eer(teacher_record),
               "test_list": TEST_LIST, "points": points, "wall_minutes": timer.minutes}

@@ -229,6 +229,29 @@ def test_target_schedule_is_a_function_of_the_step():
     assert TargetSchedule(0.5, 0)(0) == 0.5
 
 
+def test_target_schedule_start_and_ease_out():
+    linear = TargetSchedule(0.8, warmup_steps=10, start=0.2)
+    assert [linear(s) for s in (0, 5, 10, 20)] == pytest.approx([0.2, 0.5, 0.8, 0.8])
+    ease = TargetSchedule(0.8, warmup_steps=10, start=0.2, shape="ease_out")
+    values = [ease(s) for s in range(12)]
+    assert values[0] == pytest.approx(0.2) and values[10] == values[11] == 0.8
+    assert values[5] == pytest.approx(0.2 + 0.6 * 0.75)   # 1 - (1 - 1/2)^2
+    steps = [b - a for a, b in zip(values, values[1:11])]
+    assert all(x > y for x, y in zip(steps, steps[1:]))    # decelerating, monotone
+    assert steps[-1] < steps[0] / 5
+    with pytest.raises(ValueError, match="shape"):
+        TargetSchedule(0.5, 10, shape="cosine")
+
+
+def test_lagrangian_initial_multipliers():
+    lagrangian = Lagrangian(lambda2_init=40.0)
+    assert lagrangian.lambda1.item() == 0.0 and lagrangian.lambda2.item() == 40.0
+    # the spring pulls from the first step: the gradient w.r.t. s is 2 * lambda2 * (s - t)
+    s = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    lagrangian(s, 0.5).backward()
+    assert s.grad.item() == pytest.approx(2 * 40.0 * (0.3 - 0.5))
+
+
 def test_lagrangian_gradient_signs():
     model = tiny_model(2)
     model.train()

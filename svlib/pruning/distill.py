@@ -15,8 +15,12 @@ Sparsity constraint (Wang et al. 2020; DPHuBERT), s = expected sparsity, t = tar
 The model and gates minimise L_distill + L_reg; lambda1 and lambda2 maximise it (gradient ascent), which
 ``param_groups`` gets from a negative learning rate in their group. At a saddle point s = t.
 
-``TargetSchedule`` ramps t linearly from 0 to the target over ``warmup_steps``; it is a pure function of
-the training step, so evaluation cannot advance it (the reference advances it on every validation).
+``TargetSchedule`` ramps t from 0 (or a given start) to the target over ``warmup_steps``, linearly or easing
+out; it is a pure function of the training step, so evaluation cannot advance it (the reference advances it
+on every validation). The reference starts both multipliers at 0; ``Lagrangian(lambda2_init=...)`` starts
+with a quadratic spring instead, which matters when training is short: with Adam the multipliers move by
+about their lr per step whatever the gap, so from 0 the constraint has no pull for many steps, lambda1 winds
+up meanwhile, and the gates then shoot past the target.
 """
 
 from __future__ import annotations
@@ -77,10 +81,10 @@ def distill_loss(
 class Lagrangian(nn.Module):
     """``lambda1 * (s - t) + lambda2 * (s - t)^2``; its two multipliers are trained by gradient ascent."""
 
-    def __init__(self):
+    def __init__(self, lambda1_init: float = 0.0, lambda2_init: float = 0.0):
         super().__init__()
-        self.lambda1 = nn.Parameter(torch.zeros(()))
-        self.lambda2 = nn.Parameter(torch.zeros(()))
+        self.lambda1 = nn.Parameter(torch.tensor(float(lambda1_init)))
+        self.lambda2 = nn.Parameter(torch.tensor(float(lambda2_init)))
 
     def forward(self, expected_sparsity: torch.Tensor, target: float) -> torch.Tensor:
         gap = expected_sparsity - target
@@ -88,20 +92,35 @@ class Lagrangian(nn.Module):
 
 
 class TargetSchedule:
-    """Target sparsity at a training step: linear from 0 to ``target`` over ``warmup_steps``, then flat."""
+    """Target sparsity at a training step: from ``start`` (default 0) to ``target`` over ``warmup_steps``,
+    then flat (the settling phase).
 
-    def __init__(self, target: float, warmup_steps: int):
+    ``shape="linear"`` (the reference) ramps at a constant rate; ``"ease_out"`` (``1 - (1 - u)^2``) starts at
+    twice that rate, while pruning is cheap, and arrives with zero slope, so the gates are not still moving
+    at the ramp's speed when the target stops (which, through Adam's momentum, overshoots it).
+    """
+
+    SHAPES = ("linear", "ease_out")
+
+    def __init__(self, target: float, warmup_steps: int, start: float = 0.0, shape: str = "linear"):
         if not 0.0 <= target < 1.0:
             raise ValueError(f"target sparsity must be in [0, 1), got {target}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if shape not in self.SHAPES:
+            raise ValueError(f"shape must be one of {self.SHAPES}, got {shape!r}")
         self.target = float(target)
         self.warmup_steps = int(warmup_steps)
+        self.start = float(start)
+        self.shape = shape
 
     def __call__(self, step: int) -> float:
         if self.warmup_steps == 0 or step >= self.warmup_steps:
             return self.target
-        return self.target * max(step, 0) / self.warmup_steps
+        u = max(step, 0) / self.warmup_steps
+        if self.shape == "ease_out":
+            u = 1.0 - (1.0 - u) ** 2
+        return self.start + (self.target - self.start) * u
 
 
 def param_groups(

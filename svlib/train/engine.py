@@ -7,8 +7,10 @@ checkpoints and validation-based model selection (``best.pt``).
 
 Exact resume. Everything that decides update k+1 after update k is either in the checkpoint or a pure
 function of k: weights, optimizer moments, grad-scaler state, the loader position (batch i is a function of
-(seed, i, rank)), the RNG states of every rank, and the best validation metric so far. Learning rate and
-margin are recomputed from the step. So ``train(steps=k)`` followed by ``train(steps=n, resume=True)``
+(seed, i, rank)), the RNG states of every rank, and the best validation metric so far. Batches are fetched
+with the CPU RNG forked, so the loader (torch's DataLoader seeds its workers from the global generator)
+cannot shift the training streams between a fresh and a resumed run. Learning rate and margin are
+recomputed from the step. So ``train(steps=k)`` followed by ``train(steps=n, resume=True)``
 performs the same arithmetic as ``train(steps=n)``: on CPU the final weights are bitwise equal.
 
 Distributed. Launch with ``torchrun``; call ``setup_distributed()`` before building the loader (it needs
@@ -322,11 +324,16 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
     head.train()
     t0 = time.perf_counter()
     while step < cfg.steps:
-        try:
-            batch = next(batches)
-        except StopIteration:  # finite loaders start another epoch
-            batches = iter(loader)
-            batch = next(batches)
+        # The loader must not draw from the training RNG streams: torch's DataLoader takes its workers' base
+        # seed from the global generator when its iterator starts, i.e. on the first batch of every run.
+        # A resumed run would draw it after the checkpoint's RNG state is restored, so every random choice
+        # after a resume (dropout, hard-concrete mask samples) would be shifted against the uninterrupted run.
+        with torch.random.fork_rng(devices=[]):
+            try:
+                batch = next(batches)
+            except StopIteration:  # finite loaders start another epoch
+                batches = iter(loader)
+                batch = next(batches)
         waves = batch.waves.to(device, non_blocking=True)
         lengths = batch.lengths.to(device, non_blocking=True)
         labels = batch.labels.to(device, non_blocking=True)
