@@ -19,7 +19,9 @@ import pytest
 
 from svlib.services import ServiceError, free_port, process_group_alive, start_mlflow_server, stop_process
 
-STAGES = {"s1", "merge", "s2", "s3", "eval"}
+DENSE_STAGES = {"s1", "merge", "s2", "s3", "eval"}
+PRUNE_STAGES = {"prune1", "shrink", "prune2", "graft", "ps1", "ps2", "ps3", "eval_pruned"}
+STAGES = DENSE_STAGES | PRUNE_STAGES
 
 
 def _get(url: str, path: str, **query) -> dict:
@@ -86,10 +88,40 @@ def test_mlflow_server_serves_pipeline_runs(smoke_run, tmp_path, monkeypatch):
         assert latest["test_eer_pct"] == pytest.approx(smoke_run["summary"]["stages"]["eval"]["test"]["test"]["eer_pct"])
         assert {"test_mindcf_0.01", "test_mindcf_0.05", "params_total"} <= set(latest)
 
-        # artifacts the UI lists for the eval run
-        eval_id = children["eval"]["info"]["run_id"]
-        files = {f["path"] for f in _get(url, "/api/2.0/mlflow/artifacts/list", run_id=eval_id).get("files", [])}
-        assert {"det.png", "scores"} <= files
+        # artifacts the UI lists for the eval runs (dense and pruned)
+        for stage in ("eval", "eval_pruned"):
+            run_id = children[stage]["info"]["run_id"]
+            files = {f["path"] for f in _get(url, "/api/2.0/mlflow/artifacts/list", run_id=run_id).get("files", [])}
+            assert {"det.png", "scores"} <= files, stage
+
+        # The pruning stages: kinds, the schedule as a history, the per-layer structure, the smaller encoder.
+        summary = smoke_run["summary"]["stages"]
+        kinds = {stage: tags[run["info"]["run_id"]]["kind"] for stage, run in children.items()}
+        assert {kinds[s] for s in ("prune1", "prune2")} == {"prune"} and kinds["shrink"] == "shrink"
+        assert kinds["graft"] == "graft" and kinds["eval_pruned"] == "evaluate"
+        prune1 = children["prune1"]["info"]["run_id"]
+        params = {p["key"]: p["value"] for p in children["prune1"]["data"]["params"]}
+        assert float(params["prune.target_sparsity"]) == summary["prune1"]["target_sparsity"]
+        history = _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=prune1, metric_key="target_sparsity")
+        target = [m["value"] for m in sorted(history["metrics"], key=lambda m: m["step"])]
+        assert len(target) >= 3 and target == sorted(target) and target[0] < target[-1]  # the warm-up ramp
+        assert target[-1] == pytest.approx(summary["prune1"]["target_sparsity"])
+        for key in ("expected_sparsity", "lambda1", "distill_l1"):
+            history = _get(url, "/api/2.0/mlflow/metrics/get-history", run_id=prune1, metric_key=key)["metrics"]
+            assert len(history) == len(target), key
+        for stage in ("prune1", "shrink"):
+            run_id = children[stage]["info"]["run_id"]
+            files = {f["path"] for f in _get(url, "/api/2.0/mlflow/artifacts/list", run_id=run_id).get("files", [])}
+            assert {"structure.json", "structure.png"} <= files, stage
+            latest = {m["key"]: m["value"] for m in children[stage]["data"]["metrics"]}
+            assert latest["achieved_sparsity"] == pytest.approx(summary[stage]["achieved_sparsity"])
+            assert latest["params_encoder"] == summary[stage]["params_encoder"] < summary["s2"]["params_encoder"]
+        (tmp_path / "dl").mkdir()
+        local = direct.download_artifacts(children["shrink"]["info"]["run_id"], "structure.json", str(tmp_path / "dl"))
+        with open(local) as f:
+            assert json.load(f)["layers"] == summary["prune1"]["sizes"]  # shrink removed what prune1 masked
+        latest = {m["key"]: m["value"] for m in children["eval_pruned"]["data"]["metrics"]}
+        assert latest["test_eer_pct"] == pytest.approx(summary["eval_pruned"]["test"]["test"]["eer_pct"])
 
         # The UI itself (what a browser or a screenshot gets).
         with urllib.request.urlopen(url + "/", timeout=30) as resp:

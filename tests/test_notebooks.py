@@ -1,7 +1,9 @@
 """The analysis notebooks: committed clean, and each runs headless (nbclient) against the smoke MLflow store.
 
-The smoke store has the dense pipeline only (no prune stages, no sweep): the notebooks must plot what is
-there and print a note for the rest. A small Optuna study is made here so pruning_curve's study path runs too.
+The smoke store holds the dense pipeline (s1 -> merge -> s2 -> s3 -> eval) and the pruning stages after it
+(prune1 -> shrink -> prune2 -> graft -> ps1 -> ps2 -> ps3 -> eval_pruned), but no sweep: the notebooks must plot
+the pruned models, their structure and the pruning schedule. A small Optuna study is made here so
+pruning_curve's study path runs too.
 """
 from __future__ import annotations
 
@@ -61,6 +63,13 @@ def _run(name: str, workdir: Path, **params) -> tuple[nbformat.NotebookNode, str
     return nb, text
 
 
+def _displayed(nb) -> str:
+    """The text/plain of every displayed object (tables shown with ``display``), for content checks."""
+    return "\n".join(out["data"]["text/plain"] for c in nb.cells if c.cell_type == "code" for out in c.outputs
+                     if out.output_type in ("display_data", "execute_result") and "text/plain" in out.get("data", {})
+                     and not out["data"]["text/plain"].startswith("<Figure"))
+
+
 def _images(nb) -> int:
     return sum("image/png" in out.get("data", {}) for c in nb.cells if c.cell_type == "code" for out in c.outputs)
 
@@ -89,17 +98,40 @@ def test_pruning_curve_notebook(smoke_run, smoke_study, tmp_path):
                     figures_dir=str(tmp_path), optuna_storage=storage, optuna_study="smoke-prune")
     assert (tmp_path / "pruning_curve.png").stat().st_size > 20_000
     assert _images(nb) == 1
-    assert "6 runs" in text
-    assert "note: no pruned models or sweep trials" in text  # the smoke store has no pruning yet
+    assert "14 runs" in text  # the pipeline parent + 13 stage runs
+    assert "note: no pruned models or sweep trials" not in text  # the pruning stages are in the store now
     assert "2 trials on the Pareto front" in text  # s1 (40, 3e4) and s2 (30, 4e4); s3 is dominated
-    assert "'label': 's3'" in text  # the dense teacher
+    assert "'label': 's3'" in text  # the dense teacher (the largest encoder, not the pruned eval)
+    # the pruned point(s): the ps stages and eval_pruned, smaller than the teacher, with their sparsity
+    table = _displayed(nb)
+    summary = smoke_run["summary"]["stages"]
+    # rows of the points table: index, source, run_id, label, stage, target, achieved, params, eer, ...
+    pruned_rows = [row for row in (line.split() for line in table.splitlines()) if row[1:2] == ["pruned"]]
+    stages = {row[4] for row in pruned_rows}
+    assert {"ps1", "ps2", "ps3", "eval_pruned"} <= stages, table
+    sparsity = summary["shrink"]["achieved_sparsity"]
+    assert 0.0 < sparsity < 1.0
+    for row in pruned_rows:
+        assert float(row[6]) == pytest.approx(sparsity, abs=1e-5)
+        assert float(row[7]) == summary["shrink"]["params_encoder"] < summary["s2"]["params_encoder"]
+    eval_row = next(row for row in pruned_rows if row[4] == "eval_pruned")
+    assert float(eval_row[8]) == pytest.approx(summary["eval_pruned"]["test"]["test"]["eer_pct"], abs=1e-5)
 
 
 def test_pruned_structure_notebook(smoke_run, tmp_path):
     nb, text = _run("pruned_structure", smoke_run["workdir"], tracking_uri=smoke_run["tracking_uri"],
                     experiment="smoke", figures_dir=str(tmp_path))
-    assert "note: no structure.json" in text
+    assert "note: no structure.json" not in text
     assert "teacher s3 (dense)" in text
+    # the pruned layers: prune1's and shrink's structure.json, the shrunk encoder of graft and the ps stages
+    for label in ("prune1", "shrink", "graft", "ps1 (sparsity", "ps3 (sparsity"):
+        assert label in text
+    sizes = smoke_run["summary"]["stages"]["prune1"]["sizes"]
+    kept = {k: [layer[k] for layer in sizes] for k in ("heads", "ffn1", "ffn2", "conv")}
+    table = _displayed(nb)
+    for kind, widths in kept.items():  # each shown table row: kind, then the kept width per layer
+        assert any(line.split() == [kind, *map(str, widths)] for line in table.splitlines()), (kind, widths)
+    assert smoke_run["summary"]["stages"]["prune1"]["achieved_sparsity"] > 0  # those widths are a real cut
     for png in ("structure_heatmap.png", "structure_bars.png"):
         assert (tmp_path / png).stat().st_size > 10_000
     assert _images(nb) == 2
@@ -108,9 +140,10 @@ def test_pruned_structure_notebook(smoke_run, tmp_path):
 def test_training_curves_notebook(smoke_run, tmp_path):
     nb, text = _run("training_curves", smoke_run["workdir"], tracking_uri=smoke_run["tracking_uri"],
                     experiment="smoke", figures_dir=str(tmp_path))
-    assert "5 stage runs: s1, merge, s2, s3, eval" in text
-    assert "has expected_sparsity, target_sparsity, lambda1" in text  # the pruning schedule is noted as absent
-    assert "2 score files: eval/test, eval/val" in text
+    assert ("13 stage runs: s1, merge, s2, s3, eval, prune1, shrink, prune2, graft, ps1, ps2, ps3, eval_pruned"
+            in text)
+    assert "note: no run of these stages has" not in text  # training and pruning-schedule metrics all logged
+    assert "4 score files: eval/test, eval/val, eval_pruned/test, eval_pruned/val" in text
     for png in ("training_curves.png", "pruning_schedule.png", "det_curves.png"):
         assert (tmp_path / png).stat().st_size > 10_000
     assert _images(nb) == 3
