@@ -48,14 +48,12 @@ from svlib.config import ConfigError, load_config
 from svlib.data.lists import DataDir
 from svlib.data.sampling import SamplingConfig, TrainLoader
 from svlib.features import W2VBertFbank
-from svlib.model import frontend as frontend_module
 from svlib.model.frontend import Frontend, count_parameters, load_encoder, save_encoder
 from svlib.model.speaker import load_model
 from svlib.pruning import (Lagrangian, MaskConfig, MaskSet, TargetSchedule, attach_masks, count_params,
                            dense_sizes, distill_loss, layer_sizes, param_groups, prune_model,
                            save_pruned_encoder, shrink_encoder, shrink_to_sizes)
 from svlib.pruning.counting import KINDS
-from svlib.pruning.shrink import CONFIG_KEY
 from svlib.train.engine import TrainConfig, setup_distributed, train
 
 ENCODER = "encoder"
@@ -68,33 +66,6 @@ CHECK_UTTERANCES = 4
 
 
 # ------------------------------------------------------------------------------------------ loading
-
-def _shrink_on_load(encoder) -> None:
-    """Encoder hook: resize a freshly built stock encoder to the per-layer widths its config records."""
-    sizes = getattr(encoder.config, CONFIG_KEY, None)
-    if not sizes or layer_sizes(encoder) == [{k: int(s[k]) for k in KINDS} for s in sizes]:
-        return
-    # the encoder may be built on the meta device; the 0/1 masks that pick the units must be real tensors
-    with torch.device("cpu"):
-        shrink_to_sizes(encoder, sizes)
-
-
-# svlib.package.enable_pruned_loading registers the same hook unless one marked like this exists
-_shrink_on_load._svlib_pruned = True
-
-
-def enable_pruned_loading() -> None:
-    """Make ``load_encoder`` / ``load_model`` rebuild pruned encoder folders (idempotent).
-
-    Pruned folders travel to the ordinary train and evaluate stages (ps1..ps3, eval) through ``load_model``,
-    which builds the stock encoder from ``config.json``; this hook shrinks it before the weights load.
-    """
-    if not any(getattr(h, "_svlib_pruned", False) for h in frontend_module._ENCODER_HOOKS):
-        frontend_module.register_encoder_hook(_shrink_on_load)
-
-
-enable_pruned_loading()
-
 
 def load_stage_encoder(stage_dir: Path) -> Frontend:
     """The encoder a pruning stage (or a speaker model folder's stage) hands on, as a trainable front-end."""

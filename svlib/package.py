@@ -65,35 +65,15 @@ class PackageError(ValueError):
 
 
 def enable_pruned_loading() -> bool:
-    """Make ``load_encoder`` rebuild pruned encoders (``svlib_pruned_layers`` in ``config.json``).
+    """Make ``load_encoder`` rebuild pruned encoders (kept for callers; ``load_encoder`` now does it itself).
 
-    ``svlib.model.frontend`` runs registered hooks between building the stock encoder and loading weights;
-    unless ``svlib.pruning`` registers one itself, this registers a hook that shrinks the encoder to the
-    recorded widths. Returns False when ``svlib.pruning.shrink`` is not available.
+    Returns False when ``svlib.pruning`` is not available.
     """
     try:
-        import svlib.pruning  # noqa: F401 - may register its own hook on import
-        from svlib.pruning.shrink import layer_sizes, shrink_to_sizes
+        from svlib.pruning.shrink import enable_pruned_loading as enable
     except ImportError:
         return False
-    from svlib.model import frontend
-
-    if any(getattr(h, "__module__", "").startswith("svlib.pruning") or getattr(h, "_svlib_pruned", False)
-           for h in frontend._ENCODER_HOOKS):
-        return True
-
-    def shrink_hook(encoder) -> None:
-        sizes = getattr(encoder.config, PRUNED_KEY, None)
-        if not sizes or layer_sizes(encoder) == [{k: int(s[k]) for k in KINDS} for s in sizes]:
-            return
-        import torch
-
-        # The encoder may be built on the meta device; the 0/1 masks must be real tensors to find indices.
-        with torch.device("cpu"):
-            shrink_to_sizes(encoder, sizes)
-
-    shrink_hook._svlib_pruned = True
-    frontend.register_encoder_hook(shrink_hook)
+    enable()
     return True
 
 

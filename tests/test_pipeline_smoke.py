@@ -88,3 +88,16 @@ def test_rerun_skips_finished_stages_and_resumes_the_rest(smoke_run, monkeypatch
     assert after["best_step"] == before["best_step"]
     assert after["test"]["test"]["eer_pct"] == pytest.approx(before["test"]["test"]["eer_pct"], abs=1e-9)
     assert time.perf_counter() - start < 120
+
+
+def test_pruned_model_folder_loads_in_a_fresh_process(smoke_run):
+    # a pruned folder must load through the plain loader, with nothing pruning-related imported first
+    import subprocess
+    import sys
+
+    folder = smoke_run["workdir"] / "exp/smoke/ps3/model"
+    code = ("from svlib.model.speaker import load_model; from svlib.model.frontend import count_parameters; "
+            f"print(count_parameters(load_model({str(folder)!r}).frontend))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) == smoke_run["summary"]["stages"]["ps3"]["params_encoder"]

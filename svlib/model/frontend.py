@@ -270,6 +270,10 @@ def load_encoder(folder: str | os.PathLike) -> Wav2Vec2BertModel:
     """
     folder = Path(folder)
     config = encoder_config(folder)
+    if getattr(config, "svlib_pruned_layers", None):
+        from svlib.pruning.shrink import enable_pruned_loading  # pruning depends on this module, not back
+
+        enable_pruned_loading()
     weights = {k: v for k, v in _read_weights(folder).items() if k not in IGNORED_KEYS}
     return encoder_with_weights(config, weights, str(folder))
 

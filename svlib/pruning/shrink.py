@@ -243,3 +243,28 @@ def load_pruned_encoder(folder: str | Path, map_location: str | torch.device = "
     state = load_file(str(folder / WEIGHTS_NAME), device=str(map_location))
     model.load_state_dict(state, strict=True)
     return model.to(map_location).eval()
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+def _shrink_on_load(encoder: Wav2Vec2BertModel) -> None:
+    """Encoder hook: resize a freshly built stock encoder to the per-layer widths its config records."""
+    sizes = getattr(encoder.config, CONFIG_KEY, None)
+    if not sizes or layer_sizes(encoder) == [{k: int(s[k]) for k in KINDS} for s in sizes]:
+        return
+    # the encoder may be built on the meta device; the 0/1 masks that pick the units must be real tensors
+    with torch.device("cpu"):
+        shrink_to_sizes(encoder, sizes)
+
+
+def enable_pruned_loading() -> None:
+    """Make ``svlib.model.frontend.load_encoder`` rebuild pruned encoder folders (idempotent).
+
+    ``load_encoder`` builds the stock encoder from ``config.json`` and runs its registered hooks before the
+    weights load; this one shrinks the layers to the recorded sizes. ``load_encoder`` calls this itself when
+    a folder's config carries ``svlib_pruned_layers``.
+    """
+    from svlib.model import frontend
+
+    if _shrink_on_load not in frontend._ENCODER_HOOKS:
+        frontend.register_encoder_hook(_shrink_on_load)
