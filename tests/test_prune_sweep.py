@@ -1,0 +1,198 @@
+"""The pruning sweep (sweeps.prune_sweep) on the smoke pipeline's s2 as the fixed teacher (tiny model, sv-mini).
+
+Every trial runs prune1 -> shrink -> prune2 -> graft -> ps1 -> eval_pruned with a few steps each; the sweep runs
+in a scratch folder whose ``exp/`` and ``data/`` point at the ``smoke_run`` fixture's (read only).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from svlib.config import ConfigError, from_dict, load_config, to_dict
+from sweeps import prune_sweep
+from sweeps.prune_sweep import SweepConfig, run_sweep
+from tests.conftest import REPO
+
+SMOKE_SWEEP = REPO / "sweeps" / "configs" / "smoke.yaml"
+STAGES = {"prune1", "shrink", "prune2", "graft", "ps1", "eval_pruned"}
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture
+def sweep_dir(smoke_run, tmp_path, monkeypatch):
+    """A working folder with the smoke run's exp/ (the teacher exp/smoke/s2) and data/, and an MLflow store."""
+    for name in ("exp", "data"):
+        (tmp_path / name).symlink_to(smoke_run["workdir"] / name, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+
+def _runs(uri: str, experiment: str) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=500)
+
+
+def test_two_trials_nested_runs_and_resume(sweep_dir):
+    from mlflow import MlflowClient
+
+    root, storage, uri = sweep_dir
+    cfg = load_config(SMOKE_SWEEP, SweepConfig)
+    out = run_sweep(cfg, storage=storage, tracking_uri=uri)
+    assert out["worker"]["complete"] == 2 and out["worker"]["failed"] == 0
+    study = optuna.load_study(study_name="smoke-prune", storage=storage)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert study.metric_names == ["val_eer_pct", "params_encoder"]
+    teacher = json.loads((root / "exp/smoke/s2/result.json").read_text())
+    for t in trials:
+        assert set(t.params) == {"target_sparsity", "l1_weight", "cos_weight", "layers", "lr_log_alpha", "lr_lambda"}
+        assert 0.3 <= t.params["target_sparsity"] <= 0.8
+        folder = root / "sweeps" / "runs" / "smoke-prune" / f"trial_{t.number}"
+        assert t.user_attrs["trial_dir"] == f"sweeps/runs/smoke-prune/trial_{t.number}"
+        assert all((folder / s / "result.json").is_file() for s in STAGES)
+        record = json.loads((folder / "result.json").read_text())
+        structure = json.loads((folder / "structure.json").read_text())
+        assert t.values == [record["val_eer_pct"], float(record["params_encoder"])]
+        assert record["params_encoder"] == structure["params_encoder"] < teacher["params_encoder"]
+        assert record["achieved_sparsity"] == pytest.approx(1 - record["params_encoder"] / teacher["params_encoder"])
+        # prune1 ran with the trial's knobs
+        prune1 = load_config(folder / "prune1" / "config.yaml", prune_sweep.prune_stage.DistillStageConfig)
+        assert prune1.prune.target_sparsity == t.params["target_sparsity"]
+        assert prune1.prune.lr_lambda == -t.params["lr_lambda"]
+        assert prune1.distill.l1_weight == t.params["l1_weight"]
+        assert prune1.distill.layers == cfg.space.layers[t.params["layers"]]
+
+    # MLflow: study parent -> trial runs (params, metrics, structure artifact) -> stage runs
+    client = MlflowClient(uri)
+    runs = _runs(uri, "smoke-prune")
+    by_id = {r.info.run_id: r for r in runs}
+    parents = [r for r in runs if r.data.tags.get("kind") == "study"]
+    assert len(parents) == 1 and parents[0].data.tags["optuna_study"] == "smoke-prune"
+    trial_runs = [r for r in runs if r.data.tags.get("kind") == "trial"]
+    assert sorted(r.data.tags["optuna_trial"] for r in trial_runs) == ["0", "1"]
+    for run in trial_runs:
+        t = trials[int(run.data.tags["optuna_trial"])]
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["optuna_state"] == "COMPLETE" and run.info.status == "FINISHED"
+        assert t.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert float(run.data.params["target_sparsity"]) == pytest.approx(t.params["target_sparsity"])
+        m = run.data.metrics
+        assert m["val_eer_pct"] == t.values[0] and m["params_encoder"] == t.values[1]
+        assert m["target_sparsity"] == pytest.approx(t.params["target_sparsity"])
+        assert m["test_eer_pct"] == t.user_attrs["test_eer_pct"] and 0 < m["achieved_sparsity"] < 1
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"structure.json", "structure.png", "trial.json"} <= artifacts
+        stages = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id}
+        assert set(stages) == STAGES
+        assert stages["prune1"].data.metrics["target_sparsity"] == pytest.approx(t.params["target_sparsity"])
+        assert stages["eval_pruned"].data.metrics["val_eer_pct"] == t.values[0]
+    # the fixed teacher: one finished run under the study run, found as the reference by svlib.analysis
+    teachers = [r for r in runs if r.data.tags.get("kind") == "use"]
+    assert len(teachers) == 1 and teachers[0].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert teachers[0].data.metrics["test_eer_pct"] == teacher["test"]["test"]["eer_pct"]
+    from svlib import analysis
+    frame = analysis.load_runs(uri, "smoke-prune")
+    reference = analysis.teacher_reference(frame)
+    assert reference["run_id"] == teachers[0].info.run_id and reference["params_encoder"] == teacher["params_encoder"]
+    points = analysis.pruning_points(frame, teacher=reference)
+    assert sorted(points.loc[points["source"] == "trial", "label"]) == ["trial 0", "trial 1"]
+    assert len(runs) == 1 + 1 + 2 + 2 * len(STAGES) and all(by_id[r].info.status == "FINISHED" for r in by_id)
+
+    report = json.loads((root / "sweeps" / "runs" / "smoke-prune" / "report.json").read_text())
+    assert [p["number"] for p in report["points"]] == [0, 1] and report["pareto_front"]
+    assert {p["number"] for p in report["points"] if p["pareto"]} == {p["number"] for p in report["pareto_front"]}
+    assert report["teacher_reference"]["params_encoder"] == teacher["params_encoder"]
+    assert (root / "sweeps" / "runs" / "smoke-prune" / "curve.png").stat().st_size > 20_000
+
+    # resume: the same command again finds the 2 COMPLETE trials and reruns nothing
+    stamp = (root / "sweeps/runs/smoke-prune/trial_0/result.json").stat().st_mtime_ns
+    again = run_sweep(cfg, storage=storage, tracking_uri=uri)
+    assert again["worker"]["ran"] == 0 and "2 complete" in again["worker"]["stopped_because"]
+    assert len(optuna.load_study(study_name="smoke-prune", storage=storage).get_trials()) == 2
+    assert len(_runs(uri, "smoke-prune")) == len(runs)
+    assert (root / "sweeps/runs/smoke-prune/trial_0/result.json").stat().st_mtime_ns == stamp
+
+
+def test_grid_covers_the_grid_and_a_failing_trial_is_recorded(sweep_dir, monkeypatch):
+    root, storage, uri = sweep_dir
+    cfg = load_config(SMOKE_SWEEP, SweepConfig)
+    real_shrink = prune_sweep.prune_stage.run_shrink
+
+    def shrink(init, out_dir, **kwargs):  # the 0.6 point breaks inside a stage
+        if json.loads((Path(out_dir).parent / "trial.json").read_text())["params"]["target_sparsity"] == 0.6:
+            raise RuntimeError("injected shrink failure")
+        return real_shrink(init, out_dir, **kwargs)
+
+    monkeypatch.setattr(prune_sweep.prune_stage, "run_shrink", shrink)
+    out = run_sweep(cfg, storage=storage, grid=True, tracking_uri=uri)
+    assert out["study"] == "smoke-prune-grid"
+    assert out["worker"]["complete"] == 2 and out["worker"]["failed"] == 1
+    study = optuna.load_study(study_name="smoke-prune-grid", storage=storage)
+    states = {t.params["target_sparsity"]: t.state for t in study.get_trials()}
+    assert states == {0.0: TrialState.COMPLETE, 0.3: TrialState.COMPLETE, 0.6: TrialState.FAIL}
+    assert all(set(t.params) == {"target_sparsity"} for t in study.get_trials())  # the grid varies nothing else
+
+    teacher = json.loads((root / "exp/smoke/s2/result.json").read_text())
+    points = {p["target_sparsity"]: p for p in out["report"]["points"]}
+    assert set(points) == {0.0, 0.3}
+    assert points[0.0]["achieved_sparsity"] == 0.0 and points[0.0]["params_encoder"] == teacher["params_encoder"]
+    assert points[0.3]["params_encoder"] < teacher["params_encoder"]
+    dense = root / "sweeps/runs/smoke-prune-grid" / Path(points[0.0]["trial_dir"]).name
+    assert not (dense / "prune1").exists() and (dense / "ps1" / "result.json").is_file()  # teacher + fine-tune
+    assert out["report"]["trials"] == {"COMPLETE": 2, "FAIL": 1}
+
+    runs = _runs(uri, "smoke-prune-grid")
+    failed = [r for r in runs if r.data.tags.get("kind") == "trial" and r.data.tags["optuna_state"] == "FAIL"]
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    assert float(failed[0].data.params["target_sparsity"]) == 0.6
+    shrink_runs = [r for r in runs if r.data.tags.get("stage") == "shrink"
+                   and r.data.tags["mlflow.parentRunId"] == failed[0].info.run_id]
+    assert len(shrink_runs) == 1 and shrink_runs[0].info.status == "FAILED"
+
+    # the grid is done: a second worker finds no point left (a failed point is not rerun)
+    again = run_sweep(cfg, storage=storage, grid=True, tracking_uri=uri)
+    assert again["worker"]["ran"] == 0 and "grid" in again["worker"]["stopped_because"]
+
+
+def test_config_is_validated():
+    base = load_config(SMOKE_SWEEP, SweepConfig)
+    raw = json.loads(json.dumps(to_dict(base)))
+    for change, message in (
+        (lambda d: d["prune1"].update(prune=None), "prune1: needs a 'prune:' section"),
+        (lambda d: d.update(test_list="nope"), "test_list"),
+        (lambda d: d.update(teacher="/abs/s2"), "absolute paths"),
+        (lambda d: d.update(grid=[0.0, 0.0]), "grid"),
+        (lambda d: d["space"].update(target_sparsity={"low": 0.5, "high": 1.0}), "target_sparsity"),
+        (lambda d: d["finetune"].append(dict(d["finetune"][0])), "distinct"),
+        (lambda d: d["space"].update(colour=1), "unknown key"),
+    ):
+        data = json.loads(json.dumps(raw))
+        change(data)
+        with pytest.raises(ConfigError, match=message):
+            from_dict(SweepConfig, data)
+
+
+def test_a_folder_of_another_study_is_moved_aside(tmp_path):
+    folder = tmp_path / "trial_0"
+    prune_sweep._claim_folder(folder, "uid-a", 0, {"target_sparsity": 0.5})
+    (folder / "result.json").write_text("{}")
+    prune_sweep._claim_folder(folder, "uid-a", 0, {"target_sparsity": 0.5})  # a retry of the same trial: kept
+    assert (folder / "result.json").is_file()
+    prune_sweep._claim_folder(folder, "uid-b", 0, {"target_sparsity": 0.5})  # another study: set aside
+    assert not (folder / "result.json").exists()
+    assert len(list(tmp_path.glob("trial_0.stale-*"))) == 1
+
+
+def test_cli_reports_a_bad_config(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SMOKE_SWEEP.read_text().replace("n_trials: 2", "n_trials: 0"))
+    assert prune_sweep.main(["--config", str(bad), "--no-tracking"]) == 2
+    assert "n_trials" in capsys.readouterr().err
