@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from svlib.model.speaker import FORMAT, FORMAT_VERSION, MANIFEST, ModelFormatError, SpeakerModel, save_model
+from svlib.model.speaker import MANIFEST, ModelFormatError, SpeakerModel, read_manifest, save_model
 from svlib.model.speaker import load_model as _load_model
 
 __all__ = [
@@ -94,21 +94,7 @@ def load_model(folder: str | os.PathLike) -> SpeakerModel:
 
 def check_model_folder(folder: str | os.PathLike) -> dict:
     """The manifest of ``folder`` after the cheap checks (exists, JSON, format name and version)."""
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise ModelFormatError(f"{folder}: not an svlib model folder (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ModelFormatError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        got = manifest.get("format") if isinstance(manifest, dict) else None
-        raise ModelFormatError(f"{path}: format is {got!r}, expected {FORMAT!r}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ModelFormatError(f"{path}: format version {manifest.get('format_version')!r}; this svlib reads "
-                               f"version {FORMAT_VERSION} only (re-save the model with a matching svlib)")
-    return manifest
+    return read_manifest(folder)
 
 
 # ------------------------------------------------------------------------------------ describe

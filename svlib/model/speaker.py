@@ -42,6 +42,7 @@ __all__ = [
     "build_speaker_model",
     "save_model",
     "load_model",
+    "read_manifest",
 ]
 
 FORMAT = "svlib-speaker-model"
@@ -119,22 +120,30 @@ def save_model(model: SpeakerModel, folder: str | os.PathLike, meta: dict[str, A
     return folder
 
 
-def load_model(folder: str | os.PathLike) -> SpeakerModel:
-    """Load a model folder written by ``save_model``; returns the model in eval mode with ``.meta`` set."""
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """The manifest of a model folder after the cheap checks (exists, JSON, format name and version)."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
         raise ModelFormatError(f"{folder}: not an svlib model folder (no {MANIFEST})")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelFormatError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ModelFormatError(f"{path}: format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
-                               f"expected {FORMAT!r}")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ModelFormatError(f"{path}: format version {version!r}; this svlib reads version {FORMAT_VERSION} only")
+        got = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ModelFormatError(f"{path}: format is {got!r}, expected {FORMAT!r}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelFormatError(f"{path}: format version {manifest.get('format_version')!r}; this svlib reads "
+                               f"version {FORMAT_VERSION} only (re-save the model with a matching svlib)")
+    return manifest
+
+
+def load_model(folder: str | os.PathLike) -> SpeakerModel:
+    """Load a model folder written by ``save_model``; returns the model in eval mode with ``.meta`` set."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    manifest = read_manifest(folder)
     required = ("encoder", "backend", "num_states", "hidden_size", "embed_dim", "meta")
     missing = [k for k in required if k not in manifest]
     if missing:
