@@ -12,6 +12,16 @@ DATA = REPO.parent / "shared" / "data"
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: on a shared 2-core machine two OpenMP threads spin against each other's
+    load (30x slower here), and subprocess workers then do the same arithmetic bit for bit."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"shared data not found at {path} (CI always has it; clone next to ../shared)")

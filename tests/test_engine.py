@@ -27,14 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOTAL = 12  # steps of the reference run
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a shared 2-core machine two OpenMP threads spin against each other's load (30x slower here);
-    # the SIGKILL worker uses one thread as well, so its arithmetic matches this process bit for bit.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the SIGKILL worker uses one thread as well
 
 
 @pytest.fixture(scope="module")

@@ -37,12 +37,7 @@ PS1 = {"stage": "ps1", "freeze_frontend": True, "sampling": {"batch_size": 8, "c
        "eval": {"progress": False}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
