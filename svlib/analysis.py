@@ -691,37 +691,15 @@ def read_scores(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plot_det_curves(files: Mapping[str, str | os.PathLike], title: str | None = "DET"):
-    """Several score files on one DET plot (probit axes, EER in the legend), as ``svlib.scoring.metrics.plot_det``
-    draws it, but on a returned figure so a notebook can show it inline."""
+    """Several score files on one DET plot (EER and minDCF(0.01) in the legend), on a returned pyplot figure
+    so a notebook can show it inline."""
     import matplotlib.pyplot as plt
-    from scipy.stats import norm
 
-    from svlib.scoring.metrics import compute_eer, compute_min_dcf, det_curve
+    from svlib.scoring.metrics import draw_det
 
     if not files:
         raise ValueError("plot_det_curves: no score files")
-    lo, hi = 0.0005, 0.7
-    ticks = np.array([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6])
     fig, ax = plt.subplots(figsize=(6, 6))
-    for name, path in files.items():
-        scores, labels = read_scores(path)
-        fpr, fnr = det_curve(scores, labels)
-        eer = 100 * compute_eer(scores, labels)[0]
-        dcf = compute_min_dcf(scores, labels, 0.01)
-        ax.plot(norm.ppf(np.clip(fpr, lo / 2, 1 - lo / 2)), norm.ppf(np.clip(fnr, lo / 2, 1 - lo / 2)),
-                linewidth=1.4, label=f"{name} (EER {eer:.2f}%, minDCF {dcf:.3f})")
-    lim = norm.ppf([lo, hi])
-    ax.plot(lim, lim, color="0.6", linestyle=":", linewidth=0.8)
-    pos = norm.ppf(ticks)
-    ax.set_xticks(pos, [f"{100 * t:g}" for t in ticks])
-    ax.set_yticks(pos, [f"{100 * t:g}" for t in ticks])
-    ax.set_xlim(*lim)
-    ax.set_ylim(*lim)
-    ax.set_xlabel("False alarm rate (%)")
-    ax.set_ylabel("Miss rate (%)")
-    ax.grid(True, color="0.85", linewidth=0.6)
-    ax.legend(loc="upper right", fontsize=7)
-    if title:
-        ax.set_title(title)
+    draw_det(ax, {name: read_scores(path) for name, path in files.items()}, title, mindcf_p=0.01, legend_size=7)
     fig.tight_layout()
     return fig

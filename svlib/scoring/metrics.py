@@ -218,51 +218,61 @@ def _thin_staircase(fpr: np.ndarray, fnr: np.ndarray) -> tuple[np.ndarray, np.nd
     return fpr[keep], fnr[keep]
 
 
-def plot_det(curves: Mapping[str, tuple], path, title: str | None = None) -> Path:
-    """Write a DET plot (PNG) with normal-deviate (probit) axes; each legend entry shows its EER.
+def draw_det(ax, curves: Mapping[str, tuple], title: str | None = None, mindcf_p: float | None = None,
+             legend_size: float = 8) -> None:
+    """Draw DET curves on ``ax`` with normal-deviate (probit) axes; each legend entry shows its EER
+    (and its minDCF at ``mindcf_p`` when given).
 
     ``curves`` maps a name to ``(scores, labels)``. Rates of exactly 0 or 1 sit at +/- infinity on a
     probit axis, so they are clipped to the plotted range.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from scipy.stats import norm
 
     if not curves:
-        raise ScoringError("plot_det: no curves given")
+        raise ScoringError("draw_det: no curves given")
     ticks = np.array([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6])
     lo, hi = 0.0005, 0.7
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
-    try:
-        for name, (scores, labels) in curves.items():
-            r = error_rates(scores, labels)
-            eer, _ = _eer(r)
-            fpr, fnr = _thin_staircase(r.fpr, r.fnr)
-            x = norm.ppf(np.clip(fpr, lo / 2, 1 - lo / 2))
-            y = norm.ppf(np.clip(fnr, lo / 2, 1 - lo / 2))
-            ax.plot(x, y, label=f"{name} (EER {100 * eer:.2f}%)", linewidth=1.4)
-        lim = norm.ppf([lo, hi])
-        ax.plot(lim, lim, color="0.6", linestyle=":", linewidth=0.8)
-        tick_pos = norm.ppf(ticks)
-        labels_txt = [f"{100 * t:g}" for t in ticks]
-        ax.set_xticks(tick_pos, labels_txt)
-        ax.set_yticks(tick_pos, labels_txt)
-        ax.set_xlim(*lim)
-        ax.set_ylim(*lim)
-        ax.set_xlabel("False alarm rate (%)")
-        ax.set_ylabel("Miss rate (%)")
-        ax.grid(True, color="0.85", linewidth=0.6)
-        ax.legend(loc="upper right", fontsize=8)
-        if title:
-            ax.set_title(title)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120, format="png")
-    finally:
-        plt.close(fig)
+    for name, (scores, labels) in curves.items():
+        r = error_rates(scores, labels)
+        eer, _ = _eer(r)
+        label = f"{name} (EER {100 * eer:.2f}%"
+        if mindcf_p is not None:
+            label += f", minDCF {_min_dcf(r, mindcf_p)[0]:.3f}"
+        fpr, fnr = _thin_staircase(r.fpr, r.fnr)
+        x = norm.ppf(np.clip(fpr, lo / 2, 1 - lo / 2))
+        y = norm.ppf(np.clip(fnr, lo / 2, 1 - lo / 2))
+        ax.plot(x, y, label=label + ")", linewidth=1.4)
+    lim = norm.ppf([lo, hi])
+    ax.plot(lim, lim, color="0.6", linestyle=":", linewidth=0.8)
+    tick_pos = norm.ppf(ticks)
+    labels_txt = [f"{100 * t:g}" for t in ticks]
+    ax.set_xticks(tick_pos, labels_txt)
+    ax.set_yticks(tick_pos, labels_txt)
+    ax.set_xlim(*lim)
+    ax.set_ylim(*lim)
+    ax.set_xlabel("False alarm rate (%)")
+    ax.set_ylabel("Miss rate (%)")
+    ax.grid(True, color="0.85", linewidth=0.6)
+    ax.legend(loc="upper right", fontsize=legend_size)
+    if title:
+        ax.set_title(title)
+
+
+def plot_det(curves: Mapping[str, tuple], path, title: str | None = None) -> Path:
+    """Write a DET plot (PNG) of ``curves`` (see ``draw_det``) without needing a display."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not curves:
+        raise ScoringError("plot_det: no curves given")
+    # A bare Figure with the Agg canvas: no pyplot state, so a notebook's backend is left alone.
+    fig = Figure(figsize=(5.5, 5.5))
+    FigureCanvasAgg(fig)
+    draw_det(fig.add_subplot(), curves, title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, format="png")
     return path
 
 
