@@ -11,7 +11,8 @@ changed one rewritten, into ``<out>/t<NN>/configs``):
           conv channels per kind as the KD structure) -> graft_random -> ps1..ps3_random -> eval_random
 
 and reports the test-trial EER of both, the achieved sparsity and the encoder sizes in
-``bench/results/demo_pruning.json`` (key ``points``, plus ``teacher_eer_pct``). Every stage folder is reused
+``bench/results/demo_pruning.json`` (key ``points``, with the validation EERs beside the test ones, plus
+``teacher_eer_pct``). Every stage folder is reused
 when finished and resumed from its checkpoint when interrupted: rerun the same command after a kill.
 """
 from __future__ import annotations
@@ -21,6 +22,8 @@ import json
 import shutil
 import sys
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -56,8 +59,9 @@ def target_config(target: float, teacher: Path, out: Path) -> tuple[pipeline.Pip
     return cfg, config_dir
 
 
-def test_eer(record: dict | None) -> float | None:
-    test = (record or {}).get("test", {}).get(TEST_LIST)
+def test_eer(record: dict | None, list_name: str = TEST_LIST) -> float | None:
+    """EER on one trial list of a stage record; ``val`` gives the validation list where it was scored."""
+    test = (record or {}).get("test", {}).get(list_name)
     return None if test is None else float(test["eer_pct"])
 
 
@@ -95,6 +99,8 @@ def main(argv=None) -> int:
             "expected_sparsity": stages["prune1"]["expected_sparsity"],
             "eer_pct_kd": test_eer(stages["eval_pruned"]),
             "eer_pct_random": test_eer(stages["eval_random"]),
+            "val_eer_pct_kd": test_eer(stages["eval_pruned"], "val"),
+            "val_eer_pct_random": test_eer(stages["eval_random"], "val"),
             "params": stages["shrink"]["params_encoder"],
             "params_random": stages["random_prune"]["params_encoder"],
             "params_teacher": stages["shrink"]["dense_params_encoder"],
@@ -102,8 +108,13 @@ def main(argv=None) -> int:
             "minutes": sum(stages[spec.name].get("minutes", 0.0) for spec in cfg.stages if spec.kind != "use"),
         })
     result = {"teacher": teacher.as_posix(), "teacher_eer_pct": test_eer(teacher_record),
-              "test_list": TEST_LIST, "points": points, "wall_minutes": timer.minutes}
-    columns = ["target", "achieved_sparsity", "params", "eer_pct_kd", "eer_pct_random", "minutes"]
+              "teacher_val_eer_pct": teacher_record.get("best_val_eer_pct"),
+              "test_list": TEST_LIST, "points": points,
+              # the recipe's cost (stage minutes, also of stages an earlier call finished) vs this call's time
+              "minutes_total": sum(p["minutes"] for p in points), "wall_minutes_this_call": timer.minutes,
+              "threads": torch.get_num_threads()}
+    columns = ["target", "achieved_sparsity", "params", "eer_pct_kd", "eer_pct_random", "val_eer_pct_kd",
+               "val_eer_pct_random", "minutes"]
     result["table"] = print_table(points, columns, title=f"demo pruning (teacher {teacher}: test EER "
                                                          f"{result['teacher_eer_pct']:.2f} %)")
     path = Path(args.result)

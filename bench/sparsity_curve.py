@@ -1,7 +1,10 @@
 """The pruning-versus-EER curve of the demo model: the target-sparsity grid of the pruning sweep, on 2 CPU cores.
 
-    OMP_NUM_THREADS=1 python bench/sparsity_curve.py [--config sweeps/configs/demo.yaml] [--storage URL] \
+    OMP_NUM_THREADS=2 python bench/sparsity_curve.py [--config sweeps/configs/demo.yaml] [--storage URL] \
         [--mlflow-uri URI] [--no-wait]
+
+(OMP_NUM_THREADS defaults to 1 here, for a machine shared with another job; the committed run used 2 on an idle
+machine, recorded as ``threads`` in the JSON.)
 
 Runs ``python -m sweeps.prune_sweep --config sweeps/configs/demo.yaml --grid`` in-process over the fixed
 teacher ``exp/demo/s2`` (target sparsity 0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9; 0.0 is the teacher through the

@@ -127,7 +127,9 @@ def run_stage(spec: StageSpec, stage_cfg, cfg: PipelineConfig, out: Path, tracke
 
 
 def test_row(name: str, record: dict) -> dict:
-    row = {"stage": name, "minutes": record.get("minutes", 0.0)}
+    row = {"stage": name}
+    if record.get("minutes") is not None:
+        row["minutes"] = record["minutes"]
     for list_name, summary in (record.get("test") or {}).items():
         if list_name == "val":
             continue
@@ -167,9 +169,14 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None) -
         baseline_timer = Timer()
         if cfg.baselines:
             first_train = next((s for s in cfg.stages if s.kind == "train" and stage_cfgs[s.name].model is not None), None)
-            summary["baselines"] = {"fbank": fbank_baseline(cfg.data)}
+            runs = {"fbank": lambda: fbank_baseline(cfg.data)}
             if first_train is not None:
-                summary["baselines"]["random_init"] = random_init_baseline(stage_cfgs[first_train.name], cfg.data)
+                runs["random_init"] = lambda: random_init_baseline(stage_cfgs[first_train.name], cfg.data)
+            summary["baselines"], summary["baseline_minutes"] = {}, {}
+            for name, run_baseline in runs.items():
+                one = Timer()
+                summary["baselines"][name] = run_baseline()
+                summary["baseline_minutes"][name] = one.minutes
             if tracker is not None:
                 from experiments.common import metrics_of
                 for name, res in summary["baselines"].items():
@@ -180,7 +187,8 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None) -
             + baseline_timer.minutes
         summary["this_call_minutes"] = timer.minutes
         rows = [test_row(name, record) for name, record in summary["stages"].items()]
-        rows += [test_row(f"baseline:{name}", {"test": res}) for name, res in summary.get("baselines", {}).items()]
+        rows += [test_row(f"baseline:{name}", {"test": res, "minutes": summary["baseline_minutes"][name]})
+                 for name, res in summary.get("baselines", {}).items()]
         columns = ["stage"] + sorted({k for r in rows for k in r if k != "stage" and k != "minutes"}) + ["minutes"]
         summary["table"] = print_table(rows, columns, title=f"pipeline {cfg.name}: test trials per stage")
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
@@ -213,7 +221,7 @@ def report(summary: dict, path: Path, list_name: str = "test") -> dict:
         "baseline_fbank_eer_pct": base.get("fbank", {}).get(list_name, {}).get("eer_pct"),
         "wall_minutes": summary["wall_minutes"],
         "stages": stages,
-        "baselines": {k: v.get(list_name) for k, v in base.items()},
+        "baselines": {k: v.get(list_name) | {"minutes": summary["baseline_minutes"][k]} for k, v in base.items()},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, default=float) + "\n")

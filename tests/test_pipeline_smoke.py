@@ -2,6 +2,7 @@
 graft -> ps1 -> ps2 -> ps3 -> eval_pruned) on sv-mini with the tiny model, tracked in MLflow."""
 from __future__ import annotations
 
+import json
 import time
 
 import mlflow
@@ -31,6 +32,11 @@ def test_every_stage_ran_and_reported(smoke_run):
     evaluated = summary["stages"]["eval"]["test"]
     assert evaluated["test"]["eer_pct"] == pytest.approx(summary["stages"]["s3"]["test"]["test"]["eer_pct"])
     assert set(summary["baselines"]) == {"fbank", "random_init"}
+    # each baseline is timed, and the recipe's wall time covers the stages plus those baselines
+    assert set(summary["baseline_minutes"]) == {"fbank", "random_init"}
+    assert all(m > 0 for m in summary["baseline_minutes"].values())
+    assert summary["wall_minutes"] >= sum(r.get("minutes") or 0.0 for r in summary["stages"].values()) \
+        + sum(summary["baseline_minutes"].values())
     # pruning: the shrunk encoder equals the masked one, and every later stage keeps its size
     stages = summary["stages"]
     assert stages["shrink"]["max_abs_diff"] <= 1e-4
@@ -46,6 +52,19 @@ def test_every_stage_ran_and_reported(smoke_run):
     assert (workdir / "exp/smoke/eval/det.png").stat().st_size > 10_000
     lines = (workdir / "exp/smoke/eval/scores/test.txt").read_text().splitlines()
     assert len(lines) == 435 and lines[0].split()[3] in ("target", "nontarget")
+
+
+def test_report_has_the_benchmark_keys(smoke_run, tmp_path):
+    summary = smoke_run["summary"]
+    out = pipeline.report(summary, tmp_path / "demo_pipeline.json")
+    assert {"final_test_eer_pct", "baseline_random_init_eer_pct", "baseline_fbank_eer_pct", "wall_minutes",
+            "stages"} <= set(out)
+    assert out["final_test_eer_pct"] == pytest.approx(summary["stages"]["eval_pruned"]["test"]["test"]["eer_pct"])
+    assert out["stages"]["s2"]["eer_pct"] == pytest.approx(summary["stages"]["s2"]["test"]["test"]["eer_pct"])
+    assert "eer_pct" not in out["stages"]["merge"] and out["stages"]["merge"]["minutes"] >= 0
+    assert out["baselines"]["fbank"]["minutes"] == summary["baseline_minutes"]["fbank"]
+    written = json.loads((tmp_path / "demo_pipeline.json").read_text())
+    assert written["final_test_eer_pct"] == out["final_test_eer_pct"] and written["stages"].keys() == out["stages"].keys()
 
 
 def test_mlflow_holds_parent_and_nested_stage_runs(smoke_run):

@@ -416,6 +416,8 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
                     save_checkpoint(out_dir / "best.pt", {
                         "step": step, "metric": value, "metrics": {k: float(v) for k, v in metrics.items()},
                         "model": model.state_dict(), "head": head.state_dict()})
+                pbar.write(f"[val] step {step}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in metrics.items())
+                           + f" (best {best_metric:.4g} at step {best_step})")
                 if log is not None:
                     log({f"val_{k}": float(v) for k, v in metrics.items()}
                         | {f"best_{cfg.val_metric}": best_metric}, step)
