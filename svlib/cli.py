@@ -156,31 +156,6 @@ def _check_audio(path: str, max_seconds: float | None) -> float:
     return seconds if max_seconds is None else min(seconds, max_seconds)
 
 
-def _read_scp(path: Path) -> dict[str, str]:
-    from svlib.data.lists import ListError
-
-    if not path.is_file():
-        raise ListError(f"{path}: file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ListError(f"{path}: not UTF-8 text ({err})") from None
-    wavs: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        fields = line.split(None, 1)
-        if not fields:
-            continue
-        if len(fields) != 2:
-            raise ListError(f"{path}:{number}: expected '<utt> <path>', got {line.strip()!r}")
-        utt, wav = fields[0], fields[1].strip()
-        if utt in wavs:
-            raise ListError(f"{path}:{number}: duplicate utterance '{utt}'")
-        wavs[utt] = wav
-    if not wavs:
-        raise ListError(f"{path}: empty list (no '<utt> <path>' lines)")
-    return wavs
-
-
 def _embed_args(p: argparse.ArgumentParser) -> None:
     _model_arg(p)
     src = p.add_mutually_exclusive_group(required=True)
@@ -194,11 +169,11 @@ def _embed_args(p: argparse.ArgumentParser) -> None:
 def _embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from svlib.data.lists import DataDir
+    from svlib.data.lists import DataDir, read_scp
     from svlib.evaluate import EvalConfig, extract_embeddings
     from svlib.package import load_model
 
-    wavs = _read_scp(args.scp) if args.scp is not None else {w: w for w in args.wav}
+    wavs = read_scp(args.scp) if args.scp is not None else {w: w for w in args.wav}
     durations = {utt: _check_audio(path, args.max_seconds) for utt, path in wavs.items()}
     data = DataDir(wavs=wavs, utt2spk={u: u for u in wavs}, durations=dict(durations))
     model = load_model(args.model).to(args.device)

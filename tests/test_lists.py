@@ -14,6 +14,7 @@ from svlib.data.lists import (
     ListError,
     Trials,
     read_audio_list,
+    read_scp,
     read_segment,
     read_trials,
     write_audio_list,
@@ -50,6 +51,18 @@ def wav_dir(tmp_path):
 
 # ---- trials ----------------------------------------------------------------------------------------
 @pytest.mark.skipif(not VERI_TEST2.is_file(), reason=f"shared data absent: {VERI_TEST2}")
+def test_read_scp_keeps_paths_with_spaces_and_names_bad_lines(tmp_path):
+    scp = tmp_path / "wav.scp"
+    scp.write_text("a /data/my corpus/a.wav\r\n\nb b.flac\n")
+    assert read_scp(scp) == {"a": "/data/my corpus/a.wav", "b": "b.flac"}
+    scp.write_text("a a.wav\na b.wav\n")
+    with pytest.raises(ListError, match=r"wav.scp:2: duplicate key 'a' \(first on line 1\)"):
+        read_scp(scp)
+    scp.write_text("a a.wav\nlonely\n")
+    with pytest.raises(ListError, match=r"wav.scp:2: expected '<utt> <path>'"):
+        read_scp(scp)
+
+
 def test_veri_test2_counts():
     trials = read_trials(VERI_TEST2)
     assert len(trials) == 37611

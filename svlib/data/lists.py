@@ -36,6 +36,7 @@ __all__ = [
     "AudioEntry",
     "read_audio_list",
     "write_audio_list",
+    "read_scp",
     "read_segment",
 ]
 
@@ -81,6 +82,15 @@ def _read_table(path: Path, num_fields: int | None, what: str) -> dict[str, tupl
             raise ListError(f"{path}:{number}: duplicate key '{key}' (first on line {out[key][0]})")
         out[key] = (number, rest)
     return out
+
+
+def read_scp(path: str | os.PathLike) -> dict[str, str]:
+    """A lone ``wav.scp`` (``<utt> <path>`` per line, the rest of the line being the path) as utt -> path."""
+    path = Path(path)
+    wavs = {utt: rest[0] for utt, (_, rest) in _read_table(path, None, "<utt> <path>").items()}
+    if not wavs:
+        raise ListError(f"{path}: empty list (no '<utt> <path>' lines)")
+    return wavs
 
 
 def _check_token(value: str, what: str) -> None:
