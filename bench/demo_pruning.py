@@ -18,7 +18,6 @@ when finished and resumed from its checkpoint when interrupted: rerun the same c
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ sys.path.insert(0, str(REPO))
 from experiments import pipeline  # noqa: E402
 from experiments.common import Timer, print_table, read_result  # noqa: E402
 from experiments.prune import DistillStageConfig  # noqa: E402
+from svlib.files import write_json  # noqa: E402
 from svlib.config import load_config, save_config  # noqa: E402
 
 CONFIG = REPO / "experiments" / "configs" / "demo_prune" / "pipeline.yaml"
@@ -117,10 +117,7 @@ def main(argv=None) -> int:
                "val_eer_pct_random", "minutes"]
     result["table"] = print_table(points, columns, title=f"demo pruning (teacher {teacher}: test EER "
                                                          f"{result['teacher_eer_pct']:.2f} %)")
-    path = Path(args.result)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=float) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {write_json(args.result, result)}")
     return 0
 
 

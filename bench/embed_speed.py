@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -34,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from svlib.data.lists import DataDir  # noqa: E402
 from svlib.data.sampling import iterate_by_length  # noqa: E402
+from svlib.files import write_json  # noqa: E402
 from svlib.evaluate import EvalConfig, extract_embeddings  # noqa: E402
 from svlib.package import describe, load_model  # noqa: E402
 
@@ -189,9 +189,7 @@ def main(argv=None) -> dict:
     result["table"] = "\n".join(lines)
     print(result["table"])
     print(f"speedup batched vs single (dense, torch): {result['speedup_batched_vs_single']:.2f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, result)}")
     return result
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import os
 import platform
@@ -31,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from svlib.audio import load_audio  # noqa: E402
 from svlib.features import W2VBertFbank  # noqa: E402
+from svlib.files import write_json  # noqa: E402
 
 SR = 16000
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "sv-bench"
@@ -186,9 +186,7 @@ def main() -> None:
     out = args.out
     if device.type == "cuda":
         out = out.with_name(out.stem + "_cuda" + out.suffix)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(out, record)}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Writes bench/results/gpu_<card>.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from svlib.files import write_json
 from svlib.losses import AAMSoftmax
 from svlib.model.backends import BackendConfig
 from svlib.model.frontend import FrontendConfig, LoraConfig, count_parameters
@@ -95,10 +95,8 @@ def main(argv=None) -> dict:
               f"{r.get('embed_utts_per_s', float('nan')):12.1f}")
     result = {"card": card, "torch": torch.__version__, "batch": args.batch, "seconds": args.seconds,
               "amp": "bf16", "stages": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"gpu_{re.sub(r'[^A-Za-z0-9]+', '_', card).strip('_').lower()}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {write_json(path, result)}")
     return result
 
 

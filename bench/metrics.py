@@ -9,7 +9,6 @@ trials over a 20k x 256 embedding table is timed as well, since it precedes the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -19,6 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from svlib.files import write_json
 from svlib.scoring.metrics import EmbeddingTable, compute_eer, compute_min_dcf, cosine_scores, summarize
 
 RESULTS = Path(__file__).resolve().parent / "results" / "metrics.json"
@@ -84,9 +84,7 @@ def main(argv=None) -> dict:
         print(f"{name:<40} {sec:8.3f}")
     print(f"EER {summary['eer_pct']:.3f}%  minDCF0.01 {summary['mindcf_0.01']:.4f}  minDCF0.05 {summary['mindcf_0.05']:.4f}"
           f"  (expected EER for d'=2: 15.87%)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, result)}")
     return result
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 from transformers import Wav2Vec2BertConfig
 
+from svlib.files import write_json
 from svlib.model.frontend import build_encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -178,10 +178,7 @@ def main(argv=None) -> dict:
     print(f"{'seconds / batch':22}{t_dense:>16.3f}{t_pruned:>16.3f}{result['speedup']:>8.2f}x")
     print(f"{'CPU seconds / batch':22}{cpu_dense:>16.3f}{cpu_pruned:>16.3f}{result['speedup_cpu_time']:>8.2f}x")
     print(f"kept: {result['kept']}   load average (1 min) before/after: {load_before:.1f}/{load_after:.1f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_json(args.out, result)}")
     return result
 
 

@@ -21,7 +21,6 @@ cllr_calibrated, min_cllr.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from svlib.data.lists import DataDir, ListError, Trials, read_trials  # noqa: E402
+from svlib.files import write_json  # noqa: E402
 from svlib.scoring.metrics import EmbeddingTable  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "score_backend.json"
@@ -156,9 +156,7 @@ def main(argv=None) -> dict:
     for key in ("eer_raw_pct", "eer_asnorm_pct", "eer_calibrated_pct", "cllr_calibrated", "min_cllr",
                 "cllr_score_only_calibration"):
         print(f"{key:<28} {result[key]:.4f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {write_json(args.out, result)}")
     return result
 
 

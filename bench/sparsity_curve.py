@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from experiments.common import Timer
     from svlib.config import load_config
+    from svlib.files import write_json
     from sweeps import prune_sweep
 
     cfg = load_config(args.config, prune_sweep.SweepConfig)
@@ -115,8 +116,7 @@ def main(argv=None) -> int:
                  "(val_eer_pct, params). 0.0 = the teacher through the same short fine-tune; teacher_eer_pct = "
                  "the teacher's own test EER (its stage result).",
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=float) + "\n")
+    write_json(args.out, result)
     prune_sweep.plot_sweep(report["points"], teacher, args.plot, title="demo sparsity curve")
     from experiments.common import print_table
     print_table([{k: p[k] for k in ("target", "achieved_sparsity", "params", "eer_pct", "mindcf", "val_eer_pct",

@@ -20,6 +20,7 @@ import torch
 
 from svlib.config import check_relative, save_config
 from svlib.data.lists import DataDir, Trials, read_trials
+from svlib.files import write_json
 
 RESULT = "result.json"
 
@@ -75,11 +76,7 @@ def read_result(stage_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def write_result(stage_dir: str | os.PathLike, result: dict[str, Any]) -> Path:
-    path = Path(stage_dir) / RESULT
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(Path(stage_dir) / RESULT, result)
 
 
 def write_stage_config(stage_dir: Path, cfg: Any, tracker=None) -> None:

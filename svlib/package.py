@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import nn
 
+from svlib.files import write_json
 from svlib.model.speaker import MANIFEST, ModelFormatError, SpeakerModel, read_manifest, save_model
 from svlib.model.speaker import load_model as _load_model
 
@@ -261,10 +262,7 @@ def write_model_card(folder: str | os.PathLike, info: dict[str, Any]) -> Path:
     thresholds = read_calibration_thresholds(folder)
     if thresholds is not None:
         card["calibration"] = {k: v for k, v in thresholds.items() if k != "calibration"}
-    text = json.dumps(card, indent=2) + "\n"
-    tmp = card_path.with_name(card_path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, card_path)
+    write_json(card_path, card)
     readme = folder / README_FILE
     readme.write_text(_render_card(card), encoding="utf-8")
     return readme

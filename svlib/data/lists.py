@@ -26,6 +26,7 @@ import numpy as np
 import soundfile as sf
 
 from svlib.audio import SAMPLE_RATE, AudioError, audio_seconds, load_audio, to_mono
+from svlib.files import write_lines_atomic
 
 __all__ = [
     "ListError",
@@ -309,16 +310,16 @@ class DataDir:
         if self.segments is not None:
             utt2rec = self.utt2rec or self._derive_recordings()
             rec2path = {utt2rec[u]: self.wavs[u] for u in utts}
-            _write_lines(dirpath / "wav.scp", (f"{r} {rec2path[r]}" for r in sorted(rec2path)))
-            _write_lines(dirpath / "segments", (f"{u} {utt2rec[u]} {_fmt_time(self.segments[u][0])} "
+            write_lines_atomic(dirpath / "wav.scp", (f"{r} {rec2path[r]}" for r in sorted(rec2path)))
+            write_lines_atomic(dirpath / "segments", (f"{u} {utt2rec[u]} {_fmt_time(self.segments[u][0])} "
                                                 f"{_fmt_time(self.segments[u][1])}" for u in utts))
             stale.remove("segments")
         else:
-            _write_lines(dirpath / "wav.scp", (f"{u} {self.wavs[u]}" for u in utts))
-        _write_lines(dirpath / "utt2spk", (f"{u} {self.utt2spk[u]}" for u in utts))
-        _write_lines(dirpath / "spk2utt", (f"{s} {' '.join(us)}" for s, us in self.spk2utt.items()))
+            write_lines_atomic(dirpath / "wav.scp", (f"{u} {self.wavs[u]}" for u in utts))
+        write_lines_atomic(dirpath / "utt2spk", (f"{u} {self.utt2spk[u]}" for u in utts))
+        write_lines_atomic(dirpath / "spk2utt", (f"{s} {' '.join(us)}" for s, us in self.spk2utt.items()))
         if self.durations is not None:
-            _write_lines(dirpath / "utt2dur", (f"{u} {self.durations[u]:.4f}".rstrip("0").rstrip(".")
+            write_lines_atomic(dirpath / "utt2dur", (f"{u} {self.durations[u]:.4f}".rstrip("0").rstrip(".")
                                                for u in utts if u in self.durations))
             stale.remove("utt2dur")
         for name in stale:
@@ -343,14 +344,6 @@ class DataDir:
 
 def _fmt_time(t: float | None) -> str:
     return "-1" if t is None else f"{t:.3f}"
-
-
-def _write_lines(path: Path, lines) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for line in lines:
-            f.write(line + "\n")
-    os.replace(tmp, path)
 
 
 def read_segment(path: str | os.PathLike, start: float, end: float | None, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -455,7 +448,7 @@ def write_trials(path: str | os.PathLike, trials: Trials, form: str = "voxceleb"
         lines = (f"{int(l)} {e} {t}" for e, t, l in zip(trials.enroll, trials.test, trials.labels))
     else:
         lines = (f"{e} {t} {'target' if l else 'nontarget'}" for e, t, l in zip(trials.enroll, trials.test, trials.labels))
-    _write_lines(path, lines)
+    write_lines_atomic(path, lines)
     return path
 
 
@@ -492,5 +485,5 @@ def write_audio_list(path: str | os.PathLike, entries) -> Path:
     for e in entries:
         for value, what in zip(e, ("name", "category", "path")):
             _check_token(value, what)
-    _write_lines(path, (f"{e.name} {e.category} {e.path}" for e in entries))
+    write_lines_atomic(path, (f"{e.name} {e.category} {e.path}" for e in entries))
     return path

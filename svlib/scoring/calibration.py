@@ -26,6 +26,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy.optimize import minimize
 
+from svlib.files import write_json
 from svlib.scoring.metrics import EmbeddingTable, ScoringError, check_scores
 
 __all__ = [
@@ -177,12 +178,7 @@ class Calibration:
         return out
 
     def save(self, path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return write_json(path, self.to_dict())
 
 
 def load_calibration(path) -> Calibration:
