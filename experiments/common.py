@@ -21,6 +21,7 @@ import torch
 from svlib.config import check_relative, save_config
 from svlib.data.lists import DataDir, Trials, read_trials
 from svlib.files import write_json
+from svlib.train.engine import setup_distributed
 
 RESULT = "result.json"
 
@@ -68,6 +69,15 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def setup_stage_device(name: str = "auto") -> tuple[int, int, torch.device]:
+    """Join the torchrun process group if there is one; returns (rank, world size, this rank's device)."""
+    rank, world, local_rank = setup_distributed()
+    device = pick_device(name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)  # one GPU per rank under torchrun
+    return rank, world, device
 
 
 def read_result(stage_dir: str | os.PathLike) -> dict[str, Any] | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -22,7 +22,7 @@ from experiments import prune as prune_stage
 from experiments import train as train_stage
 from experiments.baselines import fbank_baseline, random_init_baseline
 from experiments.common import DataConfig, Timer, print_table, read_result
-from svlib.config import ConfigError, check_relative, flatten, load_config, to_dict
+from svlib.config import ConfigError, check_relative, load_config, to_dict
 from svlib.tracking import Tracker, data_fingerprint, git_commit
 
 STAGE_KINDS = ("train", "merge", "evaluate", "prune", "shrink", "graft", "random_prune", "use")

@@ -43,7 +43,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from experiments.common import DataConfig, Timer, pick_device, read_result, write_result, write_stage_config
+from experiments.common import (DataConfig, Timer, read_result, setup_stage_device, write_result,
+                                write_stage_config)
 from svlib.config import ConfigError, load_config
 from svlib.data.lists import DataDir
 from svlib.data.sampling import SamplingConfig, TrainLoader
@@ -52,9 +53,9 @@ from svlib.model.frontend import Frontend, count_parameters, load_encoder, save_
 from svlib.model.speaker import load_model
 from svlib.pruning import (Lagrangian, MaskConfig, MaskSet, TargetSchedule, attach_masks, count_params,
                            dense_sizes, distill_loss, layer_sizes, param_groups, prune_model,
-                           save_pruned_encoder, shrink_encoder, shrink_to_sizes)
+                           save_pruned_encoder, shrink_encoder)
 from svlib.pruning.counting import KINDS
-from svlib.train.engine import TrainConfig, setup_distributed, train
+from svlib.train.engine import TrainConfig, train
 
 ENCODER = "encoder"
 GATES = "gates.safetensors"
@@ -330,10 +331,7 @@ def run_distill(cfg: DistillStageConfig, data: DataConfig, out_dir: str | Path, 
     if done is not None:
         return done
     timer = Timer()
-    rank, world, local_rank = setup_distributed()
-    device = pick_device(cfg.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+    rank, world, device = setup_stage_device(cfg.device)
     write_stage_config(out_dir, cfg, tracker if rank == 0 else None)
 
     teacher_frontend = load_model(teacher / "model").frontend.to(device)

@@ -15,10 +15,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
-from experiments.common import (DataConfig, Timer, metrics_of, pick_device, read_result, write_result,
+from experiments.common import (DataConfig, Timer, metrics_of, read_result, setup_stage_device, write_result,
                                 write_stage_config)
 from svlib.config import ConfigError, load_config
 from svlib.data.augment import AugmentConfig, Augmenter
@@ -28,7 +27,7 @@ from svlib.losses import AAMSoftmax, keep_classes
 from svlib.model.frontend import LoraConfig, add_lora, count_parameters, freeze
 from svlib.model.speaker import SpeakerModel, SpeakerModelConfig, build_speaker_model, load_model, save_model
 from svlib.train.checkpoint import load_checkpoint
-from svlib.train.engine import TrainConfig, setup_distributed, train
+from svlib.train.engine import TrainConfig, train
 
 HEAD = "head.safetensors"
 
@@ -96,10 +95,7 @@ def run(cfg: TrainStageConfig, data: DataConfig, out_dir: str | Path, *, init: s
         return done
     init = Path(init) if init is not None else None
     timer = Timer()
-    rank, world, local_rank = setup_distributed()
-    device = pick_device(cfg.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+    rank, world, device = setup_stage_device(cfg.device)
     write_stage_config(out_dir, cfg, tracker if rank == 0 else None)
 
     model = initial_model(cfg, init).to(device)
