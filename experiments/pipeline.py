@@ -21,7 +21,7 @@ from experiments import merge as merge_stage
 from experiments import prune as prune_stage
 from experiments import train as train_stage
 from experiments.baselines import fbank_baseline, random_init_baseline
-from experiments.common import DataConfig, Timer, print_table, read_result
+from experiments.common import DataConfig, Timer, metrics_of, print_table, read_result
 from svlib.config import ConfigError, check_relative, load_config, to_dict
 from svlib.tracking import Tracker, data_fingerprint, git_commit
 
@@ -162,11 +162,9 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None) -
                 with tracker.run(spec.name, nested=True, tags=stage_tags, params=params):
                     record = run_stage(spec, stage_cfgs.get(spec.name), cfg, out, tracker)
                     if reused:  # a resumed pipeline still shows every stage's numbers in its parent run
-                        from experiments.common import metrics_of
                         tracker.log_metrics(metrics_of(record.get("test") or {}) | {
                             k: float(record[k]) for k in ("achieved_sparsity", "params_encoder") if k in record})
             summary["stages"][spec.name] = record
-        baseline_timer = Timer()
         if cfg.baselines:
             first_train = next((s for s in cfg.stages if s.kind == "train" and stage_cfgs[s.name].model is not None), None)
             runs = {"fbank": lambda: fbank_baseline(cfg.data)}
@@ -178,13 +176,12 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None) -
                 summary["baselines"][name] = run_baseline()
                 summary["baseline_minutes"][name] = one.minutes
             if tracker is not None:
-                from experiments.common import metrics_of
                 for name, res in summary["baselines"].items():
                     tracker.log_metrics(metrics_of(res, prefix=f"baseline_{name}_"))
         # Every stage's own minutes, also for stages finished by an earlier (interrupted) invocation, so
         # the total is what the recipe costs, not what this call happened to redo.
         summary["wall_minutes"] = sum(float(r.get("minutes") or 0.0) for r in summary["stages"].values()) \
-            + baseline_timer.minutes
+            + sum(summary.get("baseline_minutes", {}).values())
         summary["this_call_minutes"] = timer.minutes
         rows = [test_row(name, record) for name, record in summary["stages"].items()]
         rows += [test_row(f"baseline:{name}", {"test": res, "minutes": summary["baseline_minutes"][name]})
