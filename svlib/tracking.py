@@ -17,6 +17,12 @@ from typing import Any, Iterable, Iterator
 from .config import flatten
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
+# MLflow 3 opens an experiment without this tag on its GenAI overview; "custom_model_development" makes the
+# UI open the "Model training" view (runs table) for our experiments.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+# Decimals of the headline metrics as the runs table shows them (an EER of 12.0044 % reads 12.0).
+_ROUND = {"eer_pct": 2, "mindcf": 3, "minutes": 1}
 # MLflow refuses longer param values; a list of 25 layer indices can get close.
 _MAX_PARAM_CHARS = 6000
 
@@ -65,13 +71,18 @@ class Tracker:
             db_path = Path(self.tracking_uri[len("sqlite:///"):])
             db_path.parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.tracking_uri)
-        if mlflow.get_experiment_by_name(experiment) is None:
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is None:
             if artifact_root is None and self.tracking_uri.startswith("sqlite:///"):
                 db_dir = Path(self.tracking_uri[len("sqlite:///"):]).resolve().parent
                 artifact_root = (db_dir / "artifacts" / experiment).as_uri()
-            mlflow.create_experiment(experiment, artifact_location=artifact_root)
+            mlflow.create_experiment(experiment, artifact_location=artifact_root,
+                                     tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+        elif EXPERIMENT_KIND_TAG not in found.tags:  # stores made before the tag existed
+            mlflow.MlflowClient(self.tracking_uri).set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG,
+                                                                      TRAINING_KIND)
         self.experiment = experiment
-        mlflow.set_experiment(experiment)
+        self.experiment_id = mlflow.set_experiment(experiment).experiment_id
 
     @contextlib.contextmanager
     def run(self, name: str, *, tags: dict[str, str] | None = None, params: Any = None,
@@ -110,3 +121,151 @@ class Tracker:
     def active_run_id(self) -> str | None:
         run = self._mlflow.active_run()
         return run.info.run_id if run else None
+
+
+def runs_page(server_url: str, experiment_id: str) -> str:
+    """The UI page of an experiment's runs table (``#/experiments/<id>`` alone opens MLflow 3's overview)."""
+    return f"{server_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+
+
+def rounded(key: str, value: float) -> float:
+    """``value`` at the precision the runs table should show for metric ``key`` (EER % 2, minDCF 3,
+    minutes 1 decimal, counts as integers); other metrics unchanged."""
+    value = float(value)
+    if key.startswith("params_") or key.endswith("_params"):
+        return float(round(value))
+    for part, decimals in _ROUND.items():
+        if part in key:
+            return round(value, decimals)
+    return value
+
+
+def _intervals(prefix: str, summary: dict) -> dict[str, float]:
+    # confidence intervals of the EER / minDCF, under whatever names the evaluation gives them
+    # (``eer_pct_ci``: [low, high], ``eer_pct_ci_low``/``_high`` ...)
+    out = {}
+    for key, value in summary.items():
+        if "_ci" not in key and "interval" not in key:
+            continue
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            out[f"{prefix}{key}_low"], out[f"{prefix}{key}_high"] = value
+        elif isinstance(value, (int, float)):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def headline_metrics(summary: dict, list_name: str = "test") -> dict[str, float]:
+    """The columns a researcher wants in the runs table of a pipeline's parent run, from its summary
+    (``experiments.pipeline.run``): the last evaluated stage's ``final_{list}_eer_pct`` / ``_mindcf_0.01`` /
+    ``_mindcf_0.05`` (and intervals when the evaluation gives them), ``final_val_eer_pct`` (that stage's val
+    list, else its best validation EER), its ``params_encoder`` and the recipe's ``wall_minutes``, rounded
+    (:func:`rounded`)."""
+    out: dict[str, float] = {}
+    final = None
+    for name, record in summary.get("stages", {}).items():
+        if (record.get("test") or {}).get(list_name) is not None:
+            final = record
+    if final is not None:
+        tests = final["test"]
+        for split in (list_name, "val"):
+            if tests.get(split) is None:
+                continue
+            for key in ("eer_pct", "mindcf_0.01", "mindcf_0.05"):
+                out[f"final_{split}_{key}"] = tests[split][key]
+            out |= _intervals(f"final_{split}_", tests[split])
+        if "final_val_eer_pct" not in out and final.get("best_val_eer_pct") is not None:
+            out["final_val_eer_pct"] = final["best_val_eer_pct"]
+        if final.get("params_encoder") is not None:
+            out["params_encoder"] = final["params_encoder"]
+    if summary.get("wall_minutes") is not None:
+        out["wall_minutes"] = summary["wall_minutes"]
+    return {k: rounded(k, v) for k, v in out.items()}
+
+
+def copy_metrics(client, source_run: str, target_run: str) -> int:
+    """Copy every metric history (all steps) of ``source_run`` into ``target_run``; returns the points copied.
+
+    A sweep trial retried after its worker died reuses the finished stages of the dead trial: their numbers
+    are copied into the retry's stage runs so that the retry shows them.
+    """
+    from mlflow.entities import Metric
+
+    points = []
+    for key in client.get_run(source_run).data.metrics:
+        points += [Metric(m.key, m.value, m.timestamp, m.step) for m in client.get_metric_history(source_run, key)]
+    for start in range(0, len(points), 1000):  # MLflow caps a batch at 1000 metrics
+        client.log_batch(target_run, metrics=points[start:start + 1000])
+    return len(points)
+
+
+# ----------------------------------------------------------------------------------------- moving a store
+
+# (table, column) pairs of MLflow's SQL schema that hold artifact locations
+_LOCATION_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                     ("logged_models", "artifact_location"), ("model_versions", "source"),
+                     ("model_versions", "storage_location"))
+
+
+def reroot_store(db_path: str | os.PathLike, artifacts: str | os.PathLike | None = None) -> dict[str, int]:
+    """Point a moved or copied SQLite store at its artifacts again.
+
+    MLflow keeps absolute ``file://`` artifact locations in the database, so after ``cp -r mlruns elsewhere``
+    the copy still reads (and writes!) the old folder's artifacts. Every experiment's location
+    ``file:///old/.../<name>`` becomes ``<artifacts>/<name>`` (default: ``artifacts/`` beside the database),
+    and so does every location under it (runs, logged models, registered model versions). Returns
+    ``{experiment name: rows changed}``; a store already rooted there changes nothing.
+    """
+    import sqlite3
+    from urllib.parse import unquote, urlparse
+
+    db_path = Path(db_path)
+    if not db_path.is_file():
+        raise FileNotFoundError(f"{db_path}: no such MLflow database")
+    root = Path(artifacts) if artifacts is not None else db_path.parent / "artifacts"
+    changed: dict[str, int] = {}
+    with contextlib.closing(sqlite3.connect(db_path)) as db, db:
+        tables = {r[0] for r in db.execute("select name from sqlite_master where type='table'")}
+        columns = [(t, c) for t, c in _LOCATION_COLUMNS
+                   if t in tables and c in {r[1] for r in db.execute(f"pragma table_info({t})")}]
+        for name, location in db.execute("select name, artifact_location from experiments").fetchall():
+            if not location or not location.startswith("file:"):
+                continue  # a server's mlflow-artifacts: or an object store: nothing tied to this disk
+            new = (root.resolve() / Path(unquote(urlparse(location).path)).name).as_uri()
+            if new == location:
+                continue
+            count = 0
+            for table, column in columns:
+                rows = db.execute(f"select rowid, {column} from {table} where {column} is not null").fetchall()
+                for rowid, value in rows:
+                    if value == location or value.startswith(location + "/"):
+                        db.execute(f"update {table} set {column} = ? where rowid = ?",
+                                   (new + value[len(location):], rowid))
+                        count += 1
+            changed[name] = count
+    return changed
+
+
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m svlib.tracking", description="MLflow store maintenance")
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("reroot", help="after moving/copying mlruns/: point the store at the artifacts beside it")
+    r.add_argument("db", help="the SQLite database, e.g. mlruns/mlflow.db")
+    r.add_argument("--artifacts", default=None, help="artifact folder (default: artifacts/ beside the database)")
+    args = parser.parse_args(argv)
+    try:
+        changed = reroot_store(args.db, args.artifacts)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for name, count in changed.items():
+        print(f"{name}: {count} locations rewritten")
+    if not changed:
+        print("nothing to change: the store already points at its artifacts")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

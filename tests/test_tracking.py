@@ -1,0 +1,88 @@
+"""svlib.tracking: what the MLflow UI opens on, the headline columns, and stores that survive being moved."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from svlib import tracking
+from svlib.tracking import Tracker, headline_metrics, reroot_store, rounded
+
+
+def test_experiments_open_on_the_model_training_view(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker("demo", tracking_uri=uri)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("demo")
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert tracker.experiment_id == experiment.experiment_id
+    # an experiment made before the tag existed gets it on the next run
+    old = client.create_experiment("old", artifact_location=(tmp_path / "old").as_uri())
+    assert tracking.EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
+    Tracker("old", tracking_uri=uri)
+    assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert tracking.runs_page("http://127.0.0.1:5000/", "7") == "http://127.0.0.1:5000/#/experiments/7/runs"
+
+
+def test_headline_metrics_of_a_pipeline_summary():
+    summary = {"stages": {
+        "s2": {"test": {"test": {"eer_pct": 12.4444, "mindcf_0.01": 0.99312, "mindcf_0.05": 0.8651}},
+               "best_val_eer_pct": 15.337, "params_encoder": 2_340_001},
+        "merge": {"minutes": 0.01},
+        "eval": {"params_encoder": 2_340_001, "test": {
+            "test": {"eer_pct": 12.00444, "mindcf_0.01": 0.98712, "mindcf_0.05": 0.86849, "eer_pct_ci": [10.5, 13.61]},
+            "val": {"eer_pct": 14.6449, "mindcf_0.01": 0.9, "mindcf_0.05": 0.8}}}},
+        "wall_minutes": 15.2371}
+    assert headline_metrics(summary) == {
+        "final_test_eer_pct": 12.0, "final_test_mindcf_0.01": 0.987, "final_test_mindcf_0.05": 0.868,
+        "final_test_eer_pct_ci_low": 10.5, "final_test_eer_pct_ci_high": 13.61,
+        "final_val_eer_pct": 14.64, "final_val_mindcf_0.01": 0.9, "final_val_mindcf_0.05": 0.8,
+        "params_encoder": 2_340_001.0, "wall_minutes": 15.2}
+    # no val list in the final evaluation: its best validation EER stands in
+    del summary["stages"]["eval"]
+    assert headline_metrics(summary)["final_val_eer_pct"] == 15.34
+    assert headline_metrics({"stages": {}}) == {}
+    assert rounded("train_loss", 1.23456) == 1.23456 and rounded("expected_params", 10.6) == 11.0
+
+
+def _store_with_an_artifact(root):
+    uri = f"sqlite:///{root}/mlflow.db"
+    tracker = Tracker("smoke", tracking_uri=uri)
+    (root / "cfg.yaml").write_text("lr: 0.001\n")
+    with tracker.run("s1", tags={"stage": "s1"}) as run_id:
+        tracker.log_artifact(root / "cfg.yaml")
+        tracker.log_metrics({"train_loss": 1.0}, step=1)
+    (root / "cfg.yaml").unlink()
+    return run_id
+
+
+def test_a_moved_store_reads_its_artifacts_after_reroot(tmp_path, capsys):
+    from mlflow import MlflowClient
+
+    old = tmp_path / "old" / "mlruns"
+    old.mkdir(parents=True)
+    run_id = _store_with_an_artifact(old)
+    new = tmp_path / "moved" / "mlruns"
+    new.parent.mkdir()
+    shutil.move(str(old), str(new))
+    uri = f"sqlite:///{new}/mlflow.db"
+    client = MlflowClient(uri)
+    assert str(old) in client.get_run(run_id).info.artifact_uri  # MLflow stored the absolute location
+    with pytest.raises(Exception):
+        client.download_artifacts(run_id, "cfg.yaml", str(tmp_path))
+    assert tracking.main(["reroot", str(new / "mlflow.db")]) == 0
+    assert "smoke: 2 locations rewritten" in capsys.readouterr().out  # the experiment and its one run
+    run = client.get_run(run_id)
+    assert run.info.artifact_uri == (new / "artifacts" / "smoke" / run_id / "artifacts").as_uri()
+    assert (tmp_path / "dl").mkdir() is None
+    local = client.download_artifacts(run_id, "cfg.yaml", str(tmp_path / "dl"))
+    assert open(local).read() == "lr: 0.001\n"
+    assert client.get_metric_history(run_id, "train_loss")[0].value == 1.0
+    assert reroot_store(new / "mlflow.db") == {}  # already rooted: nothing changes
+    # a new run in the moved store writes beside it, never into the old (gone) folder
+    Tracker("smoke", tracking_uri=uri)
+    assert client.get_experiment_by_name("smoke").artifact_location == (new / "artifacts" / "smoke").as_uri()
+    assert tracking.main(["reroot", str(tmp_path / "none.db")]) == 2
+    assert "no such MLflow database" in capsys.readouterr().err
