@@ -3,11 +3,15 @@
 Stage results, model manifests, model cards, calibrations, Kaldi lists and benchmark JSONs are all written
 through a temporary file in the same folder that is then renamed over the target (``os.replace`` is atomic
 on one file system): a reader, or a rerun after a kill, sees the old file or the new one, never a torn one.
+The temporary name is unique per call (``tempfile.mkstemp``), so two processes (two ranks, two sweep
+workers) writing the same file at once each rename a complete file of their own: the last rename wins,
+nobody truncates the other's half-written temp file or renames it away from under it.
 """
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
@@ -15,15 +19,23 @@ from typing import Any, Callable, Iterable, TextIO
 def _write_atomic(path: str | os.PathLike, fill: Callable[[TextIO], Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        fill(f)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            fill(f)
+        os.chmod(tmp, umask_mode())  # mkstemp creates 0600; the result gets what open(path, "w") would give
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
     return path
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8, ``\\n`` line ends) to ``path`` via ``<name>.tmp``; parent folders are created."""
+    """Write ``text`` (UTF-8, ``\\n`` line ends) to ``path`` via a unique temporary file beside it; parent folders are created."""
     return _write_atomic(path, lambda f: f.write(text))
 
 
@@ -35,3 +47,27 @@ def write_lines_atomic(path: str | os.PathLike, lines: Iterable[str]) -> Path:
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Indented JSON; numpy / torch scalars are written as floats."""
     return write_text_atomic(path, json.dumps(data, indent=2, default=float) + "\n")
+
+
+def umask_mode() -> int:
+    """``0o666 & ~umask``: the mode ``open(path, "w")`` gives a new file. Read without changing it where Linux
+    shows it (``/proc/self/status``, kernel >= 4.7: setting it, even briefly, races with other threads
+    creating files); elsewhere the only portable way is to set and restore it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def respect_umask(*paths: str | os.PathLike) -> None:
+    """Give files that were created 0600 (``tempfile.mkstemp``, safetensors, HF ``save_pretrained``) the mode
+    an ordinary write would have, so teammates in the same group can read shared embeddings and models."""
+    mode = umask_mode()
+    for path in paths:
+        os.chmod(path, mode)
