@@ -12,7 +12,10 @@ import torch
 
 from svlib.config import ConfigError, from_dict
 from svlib.data.lists import DataDir
-from svlib.data.sampling import Batch, SamplingConfig, TrainLoader, iterate_by_length, speed_change
+import time
+
+from svlib.data.sampling import (Batch, SamplingConfig, TrainLoader, WaveCache, _BatchMaker, iterate_by_length,
+                                 speed_change, steps_per_epoch)
 
 SR = 16000
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -75,6 +78,11 @@ def test_config_is_strict_and_validated():
         from_dict(SamplingConfig, {"speed_perturb": True, "speeds": [0.9, 1.1]})
     with pytest.raises(ConfigError, match="speakers_per_batch"):
         from_dict(SamplingConfig, {"batch_size": 4, "speakers_per_batch": 5})
+    with pytest.raises(ConfigError, match="mode"):
+        from_dict(SamplingConfig, {"mode": "random"})
+    with pytest.raises(ConfigError, match="cache_bytes"):
+        from_dict(SamplingConfig, {"cache_bytes": -1})
+    assert SamplingConfig().cache_bytes == 0  # no audio cache unless asked for
 
 
 def test_speed_change_length_and_frequency():
@@ -228,3 +236,142 @@ def test_iterate_by_length(mini):
     assert sorted(seen) == utts
     with pytest.raises(ValueError, match="max_batch_seconds"):
         next(iterate_by_length(mini, utts, max_batch_seconds=0))
+
+
+# ------------------------------------------------------------------------------------------ epoch mode
+
+def test_steps_per_epoch_reference_numbers():
+    vox2 = 1_092_009
+    assert steps_per_epoch(vox2, 64, 8, copies=3) == 6398       # s1: 8 GPUs, 3 speeds
+    assert steps_per_epoch(vox2, 64, 4, copies=3) == 12796      # s2: 4 GPUs
+    assert steps_per_epoch(vox2, 32, 4) == 8531                 # s3: no speed perturbation
+    assert steps_per_epoch(10, 3, 1) == 3 and steps_per_epoch(5, 8, 1) == 0
+    with pytest.raises(ValueError, match="world_size"):
+        steps_per_epoch(10, 2, 0)
+    assert SamplingConfig(speed_perturb=True).copies == 3 and SamplingConfig().copies == 1
+
+
+def epoch_loaders(data, world, **cfg):
+    cfg = SamplingConfig(mode="epoch", **{"crop_seconds": (0.5, 0.5), **cfg})
+    return [TrainLoader(data, cfg, seed=4, rank=r, world_size=world) for r in range(world)]
+
+
+def test_epoch_mode_ranks_are_disjoint_and_cover_the_epoch(mini):
+    # 150 utterances x 3 speeds = 450 entries; 2 ranks x 8 = 16 per step -> 28 steps, 2 entries dropped
+    loaders = epoch_loaders(mini, 2, batch_size=8, speed_perturb=True)
+    assert all(lo.steps_per_epoch == 450 // 16 == 28 for lo in loaders) and loaders[0].num_utterances == 150
+    makers = [lo._maker for lo in loaders]
+    per_rank = [np.concatenate([m.epoch_entries(i) for i in range(28)]) for m in makers]
+    assert all(len(e) == 28 * 8 for e in per_rank)
+    assert not set(per_rank[0].tolist()) & set(per_rank[1].tolist())
+    together = np.concatenate(per_rank)
+    assert len(set(together.tolist())) == 448  # no duplicates, within or across ranks
+    assert sorted(together.tolist()) == sorted(makers[0].epoch_order(0)[:448].tolist())
+    # each kept (utterance, speed) pair is seen once: labels carry the right speaker and speed class
+    loader = loaders[0]
+    pairs = set()
+    for i in range(3):
+        batch = loader.batch(i)
+        assert len(batch) == 8 and len(set(batch.waves.shape[1:])) == 1
+        for utt, label in zip(batch.utts, batch.labels.tolist()):
+            speaker = loader.speaker_index[mini.utt2spk[utt]]
+            assert label % loader.num_speakers == speaker
+            pairs.add((utt, label // loader.num_speakers))
+    assert len(pairs) == 24
+
+
+def test_epoch_mode_speed_labels_match_content(tones):
+    loader = epoch_loaders(tones, 1, batch_size=4, speed_perturb=True, crop_seconds=(1.0, 1.0))[0]
+    assert loader.steps_per_epoch == 36 // 4
+    speeds = Counter()
+    for i in range(loader.steps_per_epoch):
+        batch = loader.batch(i)
+        for label, wave in zip(batch.labels.tolist(), batch.waves.numpy()):
+            spk, j = label % 4, label // 4
+            assert peak_hz(wave) == pytest.approx(TONES[spk] * loader.speed_order[j], rel=0.01)
+            speeds[j] += 1
+    assert speeds == {0: 12, 1: 12, 2: 12}  # every utterance once at every speed
+
+
+def test_epoch_mode_resume_mid_epoch_and_epochs_reshuffle(mini):
+    cfg = SamplingConfig(mode="epoch", batch_size=16, crop_seconds=(0.5, 1.0))
+    full = TrainLoader(mini, cfg, seed=9, rank=1, world_size=2)
+    assert full.steps_per_epoch == 150 // 32 == 4
+    it = iter(full)
+    reference = [next(it) for _ in range(10)]  # 2 1/2 epochs
+    first = TrainLoader(mini, cfg, seed=9, rank=1, world_size=2)
+    it = iter(first)
+    for _ in range(5):  # stop one batch into the second epoch
+        next(it)
+    resumed = TrainLoader(mini, cfg, seed=9, rank=1, world_size=2)
+    resumed.load_state_dict(first.state_dict())
+    it = iter(resumed)
+    for k in range(5, 10):
+        assert same(next(it), reference[k]), k
+    # a fresh epoch: a different order of the same entries, and (a pure function) again on request
+    maker = full._maker
+    e0, e1, e2 = (maker.epoch_order(e).copy() for e in (0, 1, 2))
+    assert sorted(e0.tolist()) == sorted(e1.tolist()) == list(range(150))
+    assert not np.array_equal(e0, e1) and not np.array_equal(e1, e2)
+    np.testing.assert_array_equal(maker.epoch_order(0), e0)
+    assert set(reference[0].utts) != set(reference[4].utts)  # the first batch of epochs 0 and 1 differ
+    with pytest.raises(ValueError, match="fewer than one step"):
+        TrainLoader(mini, SamplingConfig(mode="epoch", batch_size=80), seed=0, world_size=2)
+
+
+def test_epoch_mode_workers_give_the_same_batches(mini):
+    base = dict(mode="epoch", batch_size=40, crop_seconds=(0.5, 0.8))  # 3 steps per epoch
+    serial = iter(TrainLoader(mini, SamplingConfig(**base), seed=2))
+    parallel = iter(TrainLoader(mini, SamplingConfig(**base, num_workers=2), seed=2))
+    for _ in range(5):
+        assert same(next(serial), next(parallel))
+
+
+def test_epoch_permutation_is_cheap_at_voxceleb_scale():
+    # The shuffle is one numpy permutation of an int32 array per epoch (3.3M entries for VoxCeleb2 x 3
+    # speeds), not Python tuples per batch; a stand-in maker with only the fields the epoch path reads.
+    maker = _BatchMaker.__new__(_BatchMaker)
+    maker.seed, maker.rank, maker.world_size, maker.num_entries = 24, 3, 8, 3 * 1_092_009
+    maker.cfg, maker.steps_per_epoch, maker._epoch_order = SamplingConfig(batch_size=64), 6398, None
+    start = time.process_time()
+    order = maker.epoch_order(0)
+    first = time.process_time() - start
+    assert order.dtype == np.int32 and order.nbytes == 4 * 3 * 1_092_009
+    start = time.process_time()
+    rows = [maker.epoch_entries(i) for i in range(1000)]
+    per_batch = (time.process_time() - start) / 1000
+    assert first < 2.0 and per_batch < 1e-3, (first, per_batch)
+    assert all(len(r) == 64 for r in rows) and maker._epoch_order[0] == 0
+
+
+# ------------------------------------------------------------------------------------------ audio cache
+
+def test_wave_cache_is_an_lru_bounded_in_bytes():
+    cache = WaveCache(max_bytes=3000)
+    waves = {k: np.zeros(n, dtype=np.float32) for k, n in (("a", 250), ("b", 250), ("c", 250), ("big", 800))}
+    cache.put("a", waves["a"])
+    cache.put("b", waves["b"])
+    cache.put("c", waves["c"])  # 3 x 1000 bytes: full
+    assert cache.nbytes == 3000 and len(cache) == 3
+    assert cache.get("a") is waves["a"]  # a is now the most recently used
+    cache.put("d", np.zeros(250, dtype=np.float32))
+    assert "b" not in cache and {"a", "c", "d"} <= set(cache._items)
+    cache.put("big", waves["big"])  # 3200 bytes: larger than the whole bound, not kept
+    assert "big" not in cache and cache.nbytes == 3000
+    assert WaveCache(0).get("a") is None
+    off = WaveCache(0)
+    off.put("a", waves["a"])
+    assert len(off) == 0 and off.nbytes == 0
+
+
+def test_loader_cache_stays_within_its_bound(mini):
+    bound = 400_000  # bytes: a few sv-mini files of float32 audio
+    loader = TrainLoader(mini, SamplingConfig(batch_size=8, crop_seconds=(0.5, 0.5), cache_bytes=bound), seed=0)
+    uncached = TrainLoader(mini, SamplingConfig(batch_size=8, crop_seconds=(0.5, 0.5)), seed=0)
+    peak = 0
+    for i in range(12):
+        assert same(loader.batch(i), uncached.batch(i))  # caching never changes a batch
+        peak = max(peak, loader._maker._cache.nbytes)
+        assert loader._maker._cache.nbytes <= bound
+    assert peak > bound // 2 and len(loader._maker._cache) > 0
+    assert len(uncached._maker._cache) == 0 and uncached._maker._cache.nbytes == 0

@@ -1,26 +1,41 @@
-"""Training batches (speaker-balanced random crops, speed perturbation as extra classes) and length-sorted
-evaluation batches.
+"""Training batches (speaker-balanced random crops or epochs over every (utterance, speed) pair, speed
+perturbation as extra classes) and length-sorted evaluation batches.
 
-Resume and multi-process loading rest on one rule: **batch ``i`` is a pure function of ``(seed, i, rank)``**.
-Every random choice for batch ``i`` (speakers, utterances, crop length, crop offsets, speeds) is drawn from
-``np.random.default_rng([seed, i, rank])``, so
+Resume and multi-process loading rest on one rule: **batch ``i`` is a pure function of
+``(seed, i, rank, world_size)``**. Every random choice for batch ``i`` (which samples, crop length, crop
+offsets, speeds) is drawn from generators seeded with ``[seed, i, rank]`` (or, for the epoch's shuffle,
+``[seed, epoch]``), so
 
 * the loader state is just the step counter: ``state_dict() == {"step": i, "seed": seed}``, and a resumed run
-  sees exactly the batches an uninterrupted one would have seen;
+  sees exactly the batches an uninterrupted one would have seen (also in the middle of an epoch);
 * DataLoader workers can build batches in any order and the stream does not depend on ``num_workers``;
-* DDP ranks draw disjoint random streams without any coordination.
+* DDP ranks draw their batches without any coordination.
+
+Two ways to pick the samples of a batch (``SamplingConfig.mode``):
+
+* ``speaker_balanced``: ``speakers_per_batch`` distinct speakers, then utterances of each, with replacement
+  across batches (each rank its own random stream);
+* ``epoch`` (the reference recipe, WeSpeaker, torch's DistributedSampler): the ``E = copies * U`` entries
+  (``U`` utterances, ``copies`` = number of speeds with speed perturbation, else 1) are shuffled once per
+  epoch by ``perm_e = permutation(E)`` drawn from ``[seed, epoch]``; with ``P = batch_size * world_size``
+  and ``K = floor(E / P)`` batches per rank and epoch (``steps_per_epoch``; the last ``E - K P`` entries of
+  the shuffle are dropped, so every rank has the same number of batches), batch ``i`` of rank ``r`` is
+  epoch ``e = i // K``, ``k = i % K`` and the entries ``perm_e[(k W + r) B : (k W + r + 1) B]``. The
+  ranks' slices are disjoint, and over an epoch they cover each kept entry exactly once.
 
 Speed perturbation as classes (the reference recipe): an utterance of speaker ``k`` played at speed
 ``speeds[j]`` is labelled ``k + j' * num_speakers`` where ``j'`` orders the speeds with **1.0 first** and the
 others in config order. With ``speeds=(0.9, 1.0, 1.1)``: rows ``0..S-1`` are original speed, ``S..2S-1`` are
 0.9 and ``2S..3S-1`` are 1.1. A classifier trained this way therefore keeps its original-speed speakers in
-rows ``0..S-1``; a later stage that trains without speed perturbation slices exactly those rows.
+rows ``0..S-1``; a later stage that trains without speed perturbation slices exactly those rows. In the
+epoch mode the entry ``x`` is utterance ``x mod U`` at speed ``j' = x // U``.
 """
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Literal
 
 import numpy as np
 import soxr
@@ -31,6 +46,8 @@ from svlib.audio import SAMPLE_RATE, fit_length
 __all__ = [
     "SamplingConfig",
     "Batch",
+    "WaveCache",
+    "steps_per_epoch",
     "TrainLoader",
     "speed_change",
     "iterate_by_length",
@@ -47,17 +64,22 @@ class SamplingConfig:
     ``batch_size / speakers_per_batch`` utterances of each (the remainder goes one each to the first speakers).
     ``None`` means ``batch_size // 2`` speakers with 2 utterances each (capped at the number of speakers in the
     data, which then get proportionally more utterances).
-    ``speed_perturb``: each utterance is played at a speed drawn uniformly from ``speeds`` (so with the default
-    three speeds, 2/3 of the utterances are changed), and each speed is its own set of classes.
-    ``cache_audio``: keep decoded waveforms in memory (per worker process) after first use.
+    ``mode``: ``speaker_balanced`` or ``epoch`` (each (utterance, speed) pair once per epoch, shuffled per
+    epoch, sharded over the ranks; see the module docstring). ``speakers_per_batch`` applies to the first only.
+    ``speed_perturb``: every utterance also counts at each speed of ``speeds`` (epoch mode: one entry per
+    speed; speaker-balanced: a speed drawn uniformly per sample), and each speed is its own set of classes.
+    ``cache_bytes``: decoded waveforms kept in memory per process (each DataLoader worker has its own), as an
+    LRU bounded by this many bytes of float32 audio; 0 (the default) keeps nothing. Memory is
+    ``num_workers x cache_bytes`` per rank, whatever the size of the data.
     """
 
     batch_size: int = 32
     crop_seconds: tuple[float, float] = (2.0, 3.0)
+    mode: Literal["speaker_balanced", "epoch"] = "speaker_balanced"
     speakers_per_batch: int | None = None
     speed_perturb: bool = False
     speeds: tuple[float, ...] = (0.9, 1.0, 1.1)
-    cache_audio: bool = True
+    cache_bytes: int = 0
     num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -75,6 +97,67 @@ class SamplingConfig:
                 raise ValueError(f"speeds must be distinct positive factors, got {self.speeds}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0 (0 = no cache), got {self.cache_bytes}")
+
+    @property
+    def copies(self) -> int:
+        """How many times each utterance counts per epoch: the number of speeds with speed perturbation."""
+        return len(self.speeds) if self.speed_perturb else 1
+
+
+def steps_per_epoch(num_utterances: int, batch_size: int, world_size: int, copies: int = 1) -> int:
+    """Optimizer steps in one epoch: ``floor(copies * num_utterances / (batch_size * world_size))``.
+
+    One epoch visits each of the ``copies * num_utterances`` (utterance, speed) entries once, split over
+    ``world_size`` ranks that each take ``batch_size`` per step; the incomplete last round is dropped
+    (``drop_last``), so all ranks take the same number of steps. The reference's s1 on 8 GPUs:
+    ``floor(3 * 1,092,009 / (64 * 8)) = 6,398``.
+    """
+    for name, value in (("num_utterances", num_utterances), ("batch_size", batch_size),
+                        ("world_size", world_size), ("copies", copies)):
+        if int(value) != value or value < 1:
+            raise ValueError(f"steps_per_epoch: {name} must be a positive integer, got {value!r}")
+    return (int(copies) * int(num_utterances)) // (int(batch_size) * int(world_size))
+
+
+class WaveCache:
+    """LRU of decoded waveforms bounded by ``max_bytes`` (sum of ``array.nbytes``); 0 stores nothing.
+
+    A waveform larger than the whole bound is returned but not kept. Not shared between processes: each
+    DataLoader worker holds its own.
+    """
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._items: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def get(self, key: str) -> np.ndarray | None:
+        wave = self._items.get(key)
+        if wave is not None:
+            self._items.move_to_end(key)
+        return wave
+
+    def put(self, key: str, wave: np.ndarray) -> None:
+        if wave.nbytes > self.max_bytes:
+            return
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.nbytes -= old.nbytes
+        while self._items and self.nbytes + wave.nbytes > self.max_bytes:
+            _, evicted = self._items.popitem(last=False)
+            self.nbytes -= evicted.nbytes
+        self._items[key] = wave
+        self.nbytes += wave.nbytes
 
 
 @dataclass
@@ -117,16 +200,17 @@ _SPEED_MARGIN = 128  # source samples cut beyond each end of a speed-perturbed c
 
 
 class _BatchMaker(torch.utils.data.Dataset):
-    """Map-style dataset over *batch index*: ``self[i]`` is batch ``i`` for this seed and rank.
+    """Map-style dataset over *batch index*: ``self[i]`` is batch ``i`` for this seed, rank and world size.
 
-    Lives in each DataLoader worker (pickled to it), so its audio cache is per process.
+    Lives in each DataLoader worker (pickled to it), so its audio cache and its epoch shuffle are per process.
     """
 
-    def __init__(self, datadir, cfg: SamplingConfig, seed: int, rank: int, sample_rate: int):
+    def __init__(self, datadir, cfg: SamplingConfig, seed: int, rank: int, sample_rate: int, world_size: int = 1):
         self.datadir = datadir
         self.cfg = cfg
         self.seed = int(seed)
         self.rank = int(rank)
+        self.world_size = int(world_size)
         self.sample_rate = sample_rate
         spk2utt = datadir.spk2utt
         self.speakers = list(spk2utt)
@@ -134,13 +218,22 @@ class _BatchMaker(torch.utils.data.Dataset):
         n_spk = len(self.speakers)
         if cfg.speakers_per_batch is None:
             self.n_batch_spk = min(max(cfg.batch_size // 2, 1), n_spk)
-        elif cfg.speakers_per_batch > n_spk:
+        elif cfg.speakers_per_batch > n_spk and cfg.mode == "speaker_balanced":
             raise ValueError(f"speakers_per_batch={cfg.speakers_per_batch} but the training data has only {n_spk} speakers")
         else:
             self.n_batch_spk = cfg.speakers_per_batch
         # 1.0 first so that original-speed classes are rows 0..S-1 whatever order the config lists speeds in.
         self.speed_order = [1.0] + [s for s in cfg.speeds if s != 1.0] if cfg.speed_perturb else [1.0]
-        self._cache: dict[str, np.ndarray] = {}
+        # Epoch mode: utterance u is self.utts[u] of speaker self.utt_speaker[u] (int32: 4 bytes per utterance).
+        self.utts = [u for utts in self.spk_utts for u in utts]
+        self.utt_speaker = np.repeat(np.arange(n_spk, dtype=np.int32), [len(u) for u in self.spk_utts])
+        self.num_entries = len(self.utts) * len(self.speed_order)
+        self.steps_per_epoch = steps_per_epoch(len(self.utts), cfg.batch_size, self.world_size, len(self.speed_order))
+        if cfg.mode == "epoch" and self.steps_per_epoch == 0:
+            raise ValueError(f"epoch sampling: {self.num_entries} (utterance, speed) entries are fewer than one "
+                             f"step of batch_size {cfg.batch_size} x {self.world_size} rank(s)")
+        self._cache = WaveCache(cfg.cache_bytes)
+        self._epoch_order: tuple[int, np.ndarray] | None = None  # (epoch, its permutation): one epoch kept
 
     def __len__(self) -> int:
         # The stream is infinite; a sampler supplies the indices, this only satisfies the Dataset protocol.
@@ -150,9 +243,21 @@ class _BatchMaker(torch.utils.data.Dataset):
         wave = self._cache.get(utt)
         if wave is None:
             wave = self.datadir.load_wave(utt, sample_rate=self.sample_rate)
-            if self.cfg.cache_audio:
-                self._cache[utt] = wave
+            self._cache.put(utt, wave)
         return wave
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The shuffle of epoch ``epoch``: a permutation of the entry ids ``0..E-1`` (int32), from ``[seed, epoch]``."""
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch, 0x45504F43])  # tag: not the stream of any batch
+            self._epoch_order = (epoch, rng.permutation(np.arange(self.num_entries, dtype=np.int32)))
+        return self._epoch_order[1]
+
+    def epoch_entries(self, index: int) -> np.ndarray:
+        """Entry ids of batch ``index`` in the epoch mode (see the module docstring)."""
+        epoch, k = divmod(index, self.steps_per_epoch)
+        first = (k * self.world_size + self.rank) * self.cfg.batch_size
+        return self.epoch_order(epoch)[first:first + self.cfg.batch_size]
 
     def plan(self, index: int) -> tuple[int, list[tuple[str, int, int]]]:
         """The random choices of batch ``index``: crop samples and ``(utt, speaker_index, speed_index)`` rows."""
@@ -162,6 +267,9 @@ class _BatchMaker(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, index, self.rank])
         lo, hi = cfg.crop_seconds
         num_samples = int(round(rng.uniform(lo, hi) * self.sample_rate))
+        if cfg.mode == "epoch":
+            speed, utt = np.divmod(self.epoch_entries(index).astype(np.int64), len(self.utts))
+            return num_samples, [(self.utts[u], int(self.utt_speaker[u]), int(j)) for u, j in zip(utt, speed)]
         spk_ids = rng.choice(len(self.speakers), size=self.n_batch_spk, replace=False)
         base, extra = divmod(cfg.batch_size, self.n_batch_spk)
         rows = []
@@ -217,11 +325,13 @@ def _worker_init(_worker_id: int) -> None:
 
 
 class TrainLoader:
-    """Infinite iterator of training ``Batch``es; batch ``i`` depends only on ``(seed, i, rank)``.
+    """Infinite iterator of training ``Batch``es; batch ``i`` depends only on ``(seed, i, rank, world_size)``.
 
     ``num_classes`` is the number of speakers, times ``len(cfg.speeds)`` with speed perturbation (see module
     docstring for the label layout). ``speaker_index`` maps speaker id -> row of its original-speed class.
     ``state_dict()`` / ``load_state_dict()`` save and restore the number of batches consumed.
+    ``steps_per_epoch`` (see :func:`steps_per_epoch`) converts epochs into steps for this world size; in the
+    epoch mode it is also where the stream moves on to the next epoch's shuffle.
     """
 
     def __init__(self, datadir, cfg: SamplingConfig, seed: int, rank: int = 0, world_size: int = 1,
@@ -237,11 +347,13 @@ class TrainLoader:
         self.rank = rank
         self.world_size = world_size
         self.pin_memory = pin_memory
-        self._maker = _BatchMaker(datadir, cfg, seed, rank, sample_rate)
+        self._maker = _BatchMaker(datadir, cfg, seed, rank, sample_rate, world_size)
         self.speaker_index = {spk: k for k, spk in enumerate(self._maker.speakers)}
         self.num_speakers = len(self.speaker_index)
         self.num_classes = self.num_speakers * len(self._maker.speed_order)
         self.speed_order = tuple(self._maker.speed_order)
+        self.num_utterances = len(self._maker.utts)
+        self.steps_per_epoch = self._maker.steps_per_epoch
         self._step = start_step
 
     @property
