@@ -11,6 +11,7 @@ import torch
 
 from svlib.audio import load_audio
 from svlib.features import W2VBertFbank
+from svlib.model.attention import attention_implementation, set_attention
 
 from test_speaker import tiny_model
 
@@ -53,6 +54,8 @@ def test_onnx_fbank_equals_w2vbert_fbank(batches):
 
 
 def _check(model, path, batches, kind):
+    # what svlib builds, so what is exported: the lean relative_key attention (gather + SDPA, dynamic T)
+    assert attention_implementation(model.frontend.encoder) == "lean"
     export_onnx(model, path, input=kind)
     # the TorchScript exporter is tried first and handles relative_key attention with dynamic T
     assert onnx_metadata(path) == {"svlib_input": kind, "svlib_exporter": "torchscript",
@@ -101,3 +104,15 @@ def test_bad_requests(tmp_path):
         export_onnx(model, tmp_path / "x.onnx", opset=13)
     with pytest.raises(ExportError, match="expected a SpeakerModel"):
         export_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")
+
+
+def test_lean_and_stock_attention_export_alike(batches, tmp_path):
+    """The lean attention's graph (no (T, T, d) gather) gives the stock graph's embeddings at other lengths."""
+    model = tiny_model(seed=5)
+    fbank = W2VBertFbank()
+    lean = onnx_session(export_onnx(model, tmp_path / "lean.onnx", input="features"), threads=2)
+    set_attention(model.frontend.encoder, "stock")
+    stock = onnx_session(export_onnx(model, tmp_path / "stock.onnx", input="features"), threads=2)
+    for waves, lengths in batches:
+        feats, mask = fbank(waves, lengths)
+        assert np.abs(run_onnx(lean, feats, mask) - run_onnx(stock, feats, mask)).max() <= TOL

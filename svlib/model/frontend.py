@@ -8,7 +8,8 @@ as ``facebook/w2v-bert-2.0`` ships) loads as is and a trained one can be handed 
 * ``load_encoder(folder)`` is the one place an encoder folder becomes a model. Every build goes through
   ``encoder_from_config``, which runs the hooks registered with ``register_encoder_hook`` between building the
   stock modules and loading weights: structured pruning uses this to resize layers to the per-layer sizes
-  its folders carry in ``config.json``.
+  its folders carry in ``config.json``. It then gives the relative_key attention modules the exact, leaner
+  forward of ``svlib.model.attention`` (same modules and weights; ``SVLIB_ATTENTION=stock`` keeps HF's).
 * SpecAugment masking and LayerDrop are switched off whatever the folder says: the speaker model never uses
   ``masked_spec_embed`` (the published parameter count excludes it) and LayerDrop would drop hidden states
   that the multi-layer back-ends consume.
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from transformers import Wav2Vec2BertConfig, Wav2Vec2BertModel
 
 from svlib.config import ConfigError, check_relative
+from svlib.model.attention import default_implementation, set_attention
 
 __all__ = [
     "PRESETS",
@@ -187,11 +189,12 @@ def encoder_config(preset_or_folder: str | os.PathLike) -> Wav2Vec2BertConfig:
 
 
 def encoder_from_config(config: Wav2Vec2BertConfig) -> Wav2Vec2BertModel:
-    """A randomly initialised encoder for ``config`` (on the current default device), hooks applied."""
+    """A randomly initialised encoder for ``config`` (on the current default device), hooks applied, with the
+    attention implementation ``SVLIB_ATTENTION`` selects (default: the lean relative_key forward)."""
     encoder = Wav2Vec2BertModel(_prepare_config(config))
     for hook in _ENCODER_HOOKS:
         hook(encoder)
-    return encoder
+    return set_attention(encoder, default_implementation())
 
 
 def build_encoder(preset_or_folder: str | os.PathLike) -> Wav2Vec2BertModel:
