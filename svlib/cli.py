@@ -1,20 +1,27 @@
 """The ``svlib`` console script (also ``python -m svlib.cli``).
 
 Each subcommand is two small functions, ``_<name>_args(parser)`` and ``_<name>(args) -> int``, listed once
-in ``COMMANDS`` at the bottom. Expected failures (a missing file, a malformed list, an unknown utterance)
-are exceptions derived from ``ValueError``/``KeyError``/``OSError`` that already name the file and the
-problem; ``main`` prints that one line to stderr and exits with 2. ``--traceback`` (or ``SVLIB_TRACEBACK=1``)
-shows the full trace when debugging svlib itself.
+in ``COMMANDS`` at the bottom. Expected failures (a missing file, a malformed list, an unknown utterance, a
+device that does not exist, the model running out of memory on a long file) are exceptions derived from
+``ValueError``/``KeyError``/``OSError``/``RuntimeError``/``MemoryError`` that name the file and the problem;
+``main`` prints that one line to stderr and exits with 2. ``--traceback`` (or ``SVLIB_TRACEBACK=1``) shows
+the full trace when debugging svlib itself.
+
+Cheap checks come first: devices, output paths, calibration files, thresholds and audio headers are all
+validated before a model is loaded or a single utterance is embedded.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 EXIT_USAGE = 2
+DEFAULT_MIN_DBFS = -60.0  # svlib.evaluate.EvalConfig.min_rms_dbfs for the CLI: digital silence is about -inf
+CHECKPOINT_EVERY = 256    # utterances between two partial-embedding checkpoints of `svlib embed`
 
 
 class Command(NamedTuple):
@@ -24,31 +31,132 @@ class Command(NamedTuple):
     run: Callable[[argparse.Namespace], int]
 
 
+def _note(message: str) -> None:
+    print(f"svlib: note: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+
+def _check_device(spec: str) -> str:
+    """``spec`` if torch can run on it here; else a one-line ValueError (before any model is loaded)."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"--device {spec!r}: not a torch device (use cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"--device {spec!r}: CUDA is not available ({why}, torch {torch.__version__}); "
+                             "use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {spec!r}: only {count} CUDA device(s) visible (cuda:0..cuda:{count - 1})")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {spec!r}: MPS is not available on this machine; use --device cpu")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {spec!r}: unsupported device type {device.type!r} (use cpu, cuda or mps)")
+    return spec
+
+
+def _check_output(path: Path, suffix: str, flag: str) -> Path:
+    """An output path that can be written, checked before any work that it would hold."""
+    if path.suffix.lower() != suffix:
+        raise ValueError(f"{flag} {path}: expected a {suffix} file name")
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path}: is a directory")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"{flag} {path}: cannot create its folder ({err.strerror or err})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{flag} {path}: folder {parent} is not writable")
+    return path
+
+
+def _finite(value: float | None, flag: str) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"{flag} must be a finite number, got {value}")
+    return value
+
+
 # ---------------------------------------------------------------------------------------- score
+
+
+def _norm_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--asnorm", type=Path, metavar="COHORT.npz", help="AS-norm with this cohort embeddings file")
+    p.add_argument("--top-n", type=int, default=300, help="AS-norm cohort size per side (default 300)")
+    p.add_argument("--enroll", type=Path, metavar="ENROLL_LIST",
+                   help="enrolment list '<enroll-id> <utt> [<utt> ...]' (CN-Celeb): the trials' enrolment side "
+                        "is then the mean of the length-normalised embeddings of each id's utterances")
 
 
 def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", required=True, type=Path, help="trial list: '1 enroll test' or 'enroll test target'")
     p.add_argument("--embeddings", required=True, type=Path, help="embeddings .npz (arrays utts, embeddings)")
-    p.add_argument("--scores-out", type=Path, help="write 'enroll test score' lines here")
-    p.add_argument("--asnorm", type=Path, metavar="COHORT.npz", help="AS-norm with this cohort embeddings file")
-    p.add_argument("--top-n", type=int, default=300, help="AS-norm cohort size per side (default 300)")
+    p.add_argument("--scores-out", type=Path, help="write 'enroll test score' lines here (atomically)")
+    _norm_args(p)
     p.add_argument("--calibration", type=Path, metavar="CALIB.json",
-                   help="apply this calibration; scores become LLRs and Cllr is reported")
+                   help="apply this calibration; scores become LLRs and Cllr is reported. It must have been fitted "
+                        "with the same --asnorm/--top-n setting")
     p.add_argument("--det", type=Path, metavar="DET.png", help="also write a DET plot")
 
 
+def _norm_setting(top_n: int | None, cohort: str | None = None) -> str:
+    if top_n is None:
+        return "raw cosine"
+    return f"AS-norm top-{top_n}" + (f" (cohort {cohort})" if cohort else "")
+
+
+def _requested_norm(args: argparse.Namespace) -> dict | None:
+    return None if args.asnorm is None else {"top_n": args.top_n, "cohort": Path(args.asnorm).name}
+
+
+def _check_calibration_norm(cal, path: Path, args: argparse.Namespace) -> None:
+    """Refuse a calibration fitted on differently normalised scores: its LLRs would be meaningless
+    (raw-cosine calibration on AS-norm scores: Cllr 0.41 -> 2.40 bits, and nothing said so)."""
+    meta = cal.meta
+    if "asnorm" in meta:
+        fitted = meta["asnorm"]
+    elif "asnorm_top_n" in meta:  # written by svlib < 0.2 calibrate
+        fitted = None if meta["asnorm_top_n"] is None else {"top_n": meta["asnorm_top_n"]}
+    elif "thresholds" in meta:  # svlib calibrate-model: raw cosine by construction
+        fitted = None
+    else:
+        _note(f"{path}: records no score normalisation; cannot check it matches {_norm_setting(args.top_n if args.asnorm else None)}")
+        return
+    requested = _requested_norm(args)
+    fitted_n = None if fitted is None else fitted.get("top_n")
+    requested_n = None if requested is None else requested["top_n"]
+    if fitted_n != requested_n:
+        raise ValueError(
+            f"{path}: calibration was fitted on {_norm_setting(fitted_n, (fitted or {}).get('cohort'))} scores, "
+            f"but this run computes {_norm_setting(requested_n, (requested or {}).get('cohort'))} scores; refit it "
+            "with `svlib calibrate` and the same --asnorm/--top-n, or drop --calibration")
+
+
 def _load_scores(args: argparse.Namespace):
-    """Trials, table and (normalised) scores: the shared first half of ``score`` and ``calibrate``."""
+    """Trials, table and (normalised) scores: the shared first half of ``score`` and ``calibrate``.
+
+    With ``--enroll`` the returned table holds the enrolment models under their ids plus the test utterances.
+    """
     from svlib.data.lists import read_trials
     from svlib.scoring.metrics import cosine_scores, load_embeddings
     from svlib.scoring.norm import as_norm
 
     trials = read_trials(args.trials)
     table = load_embeddings(args.embeddings)
+    cohort = load_embeddings(args.asnorm) if args.asnorm is not None else None
+    if args.enroll is not None:
+        from svlib.scoring.enroll import read_enroll_list, with_enroll_models
+
+        table = with_enroll_models(table, read_enroll_list(args.enroll), trials, source=str(args.enroll))
     scores = cosine_scores(table, trials, source=str(args.trials))
-    if args.asnorm is not None:
-        cohort = load_embeddings(args.asnorm)
+    if cohort is not None:
         scores = as_norm(table, trials, cohort, top_n=args.top_n, scores=scores)
     return trials, table, scores
 
@@ -64,12 +172,14 @@ def _score(args: argparse.Namespace) -> int:
 
     from svlib.scoring.metrics import plot_det, summarize
 
-    trials, table, scores = _load_scores(args)
-    calibrated = None
-    if args.calibration is not None:
+    cal = None
+    if args.calibration is not None:  # before any scoring: a mismatched calibration is refused at once
         from svlib.scoring.calibration import load_calibration
 
-        calibrated = load_calibration(args.calibration).apply(scores, table, trials)
+        cal = load_calibration(args.calibration)
+        _check_calibration_norm(cal, args.calibration, args)
+    trials, table, scores = _load_scores(args)
+    calibrated = None if cal is None else cal.apply(scores, table, trials)
     final = scores if calibrated is None else calibrated
     summary = summarize(final, trials.labels)
     rows = [
@@ -85,13 +195,15 @@ def _score(args: argparse.Namespace) -> int:
         rows += [("Cllr (bits)", f"{cllr(calibrated, trials.labels):.4f}"),
                  ("minCllr (bits)", f"{min_cllr(calibrated, trials.labels):.4f}")]
     norm = f"AS-norm top-{args.top_n}" if args.asnorm else "cosine"
-    print(f"# {args.trials} | {norm}{' + calibration' if calibrated is not None else ''}")
+    enrolled = f" | enrolment models {args.enroll}" if args.enroll is not None else ""
+    print(f"# {args.trials}{enrolled} | {norm}{' + calibration' if calibrated is not None else ''}")
     _print_table(rows)
     if args.scores_out is not None:
-        args.scores_out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.scores_out, "w", encoding="utf-8", newline="\n") as fh:
-            for e, t, s in zip(trials.enroll, trials.test, np.asarray(final)):
-                fh.write(f"{e} {t} {s:.6f}\n")
+        from svlib.files import write_lines_atomic
+
+        # through a temporary file + rename: an interrupted run never leaves a truncated score file behind
+        write_lines_atomic(args.scores_out, (f"{e} {t} {s:.6f}" for e, t, s in
+                                             zip(trials.enroll, trials.test, np.asarray(final))))
     if args.det is not None:
         plot_det({norm: (final, trials.labels)}, args.det)
     return 0
@@ -103,8 +215,7 @@ def _score(args: argparse.Namespace) -> int:
 def _calibrate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", required=True, type=Path, help="calibration trial list (with labels)")
     p.add_argument("--embeddings", required=True, type=Path, help="embeddings .npz of the trial utterances")
-    p.add_argument("--asnorm", type=Path, metavar="COHORT.npz", help="AS-norm first, as 'score' will do")
-    p.add_argument("--top-n", type=int, default=300)
+    _norm_args(p)
     # names are checked by svlib.scoring.calibration (importing it here would slow every `svlib --help`)
     p.add_argument("--quality", nargs="*", default=[], metavar="NAME",
                    help="quality measures added to the score: log_dur_min log_dur_max norm_min norm_max")
@@ -115,9 +226,12 @@ def _calibrate_args(p: argparse.ArgumentParser) -> None:
 def _calibrate(args: argparse.Namespace) -> int:
     from svlib.scoring.calibration import cllr, fit_calibration, min_cllr
 
+    _check_output(args.out, ".json", "--out")
     trials, table, scores = _load_scores(args)
     cal = fit_calibration(scores, trials.labels, table, trials, ["score", *args.quality], args.p_target)
-    cal.meta.update({"trials": str(args.trials), "asnorm_top_n": args.top_n if args.asnorm else None})
+    # what `score --calibration` checks: a calibration only fits scores normalised the same way
+    cal.meta.update({"trials": str(args.trials), "asnorm": _requested_norm(args),
+                     "enroll": None if args.enroll is None else str(args.enroll)})
     cal.save(args.out)
     llrs = cal.apply(scores, table, trials)
     _print_table([("features", ",".join(cal.features)),
@@ -137,13 +251,34 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 
 def _device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--max-seconds", type=float, default=60.0, help="use at most this much of each file (default 60)")
+    p.add_argument("--max-seconds", type=float, default=60.0,
+                   help="use at most this much of each file (default 60); longer files are cut and a note says "
+                        "so, unless --windowed")
     p.add_argument("--max-batch-seconds", type=float, default=240.0,
                    help="padded audio per batch; utterances are batched by length (default 240)")
+    p.add_argument("--min-dbfs", type=float, default=DEFAULT_MIN_DBFS,
+                   help=f"refuse audio whose RMS level is below this many dB re full scale (default "
+                        f"{DEFAULT_MIN_DBFS:g}; -inf: no check): silent files would otherwise 'match' each other")
 
 
-def _check_audio(path: str, max_seconds: float | None) -> float:
-    """Seconds used of ``path`` (capped at ``max_seconds``); errors name the file before the model loads."""
+def _windowed_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--windowed", action="store_true",
+                   help="embed files longer than --max-seconds whole: in equal windows of at most --max-seconds, "
+                        "averaging the length-normalised window embeddings")
+
+
+def _eval_config(args: argparse.Namespace, max_seconds: float | None = None, progress: bool = False):
+    from svlib.evaluate import EvalConfig
+
+    if not args.max_seconds > 0 or not math.isfinite(args.max_seconds):
+        raise ValueError(f"--max-seconds must be a positive number, got {args.max_seconds}")
+    return EvalConfig(max_seconds=args.max_seconds if max_seconds is None else max_seconds,
+                      max_batch_seconds=args.max_batch_seconds, progress=progress,
+                      min_rms_dbfs=None if math.isinf(args.min_dbfs) and args.min_dbfs < 0 else args.min_dbfs)
+
+
+def _check_audio(path: str) -> float:
+    """Seconds of ``path``; errors name the file before the model loads."""
     from svlib.audio import AudioError, audio_seconds
     from svlib.features import MIN_SAMPLES, SAMPLE_RATE
 
@@ -153,38 +288,182 @@ def _check_audio(path: str, max_seconds: float | None) -> float:
     if seconds * SAMPLE_RATE < MIN_SAMPLES:
         raise AudioError(f"{path}: too short ({seconds * 1000:.0f} ms); the model needs at least "
                          f"{1000 * MIN_SAMPLES / SAMPLE_RATE:.0f} ms of audio")
-    return seconds if max_seconds is None else min(seconds, max_seconds)
+    return seconds
+
+
+def _wav_ids(paths: list[str]) -> dict[str, str]:
+    """``--wav`` files -> ``{utt: path}``: the path is the id, with whitespace replaced by '_' (Kaldi ids hold
+    no spaces) and '-2', '-3'... appended when two paths would give the same id."""
+    out: dict[str, str] = {}
+    for path in paths:
+        base = "_".join(str(path).split()) or "utt"
+        utt, k = base, 1
+        while utt in out:
+            k += 1
+            utt = f"{base}-{k}"
+        out[utt] = str(path)
+    return out
+
+
+def _windows(seconds: float, max_seconds: float) -> list[tuple[float, float]]:
+    """``ceil(seconds / max_seconds)`` equal windows covering the file (no short last window)."""
+    n = max(1, math.ceil(seconds / max_seconds - 1e-9))
+    width = seconds / n
+    return [(round(k * width, 6), round(seconds if k == n - 1 else (k + 1) * width, 6)) for k in range(n)]
+
+
+def _embed_files(model, wavs: dict[str, str], seconds: dict[str, float], args: argparse.Namespace, device: str):
+    """Embeddings of whole files: capped at --max-seconds (with a note naming the cut files), or with
+    --windowed the unit-normalised mean of equal windows (``svlib.scoring.enroll.enroll_models``)."""
+    from svlib.data.lists import DataDir
+    from svlib.evaluate import extract_embeddings
+
+    progress = not getattr(args, "no_progress", True)
+    long = sorted((u for u in wavs if seconds[u] > args.max_seconds), key=lambda u: -seconds[u])
+    if not (getattr(args, "windowed", False) and long):
+        if long:
+            _note(f"{len(long)} file(s) longer than --max-seconds {args.max_seconds:g} were cut to their first "
+                  f"{args.max_seconds:g} s (longest: {wavs[long[0]]}, {seconds[long[0]]:.1f} s); --windowed embeds "
+                  "them whole")
+        data = DataDir(wavs=dict(wavs), utt2spk={u: u for u in wavs},
+                       durations={u: seconds[u] for u in wavs})
+        return extract_embeddings(model, data, list(wavs), _eval_config(args, progress=progress), device=device)
+    from svlib.scoring.enroll import enroll_models
+
+    pieces: dict[str, list[str]] = {}
+    win_wavs, segments = {}, {}
+    for utt, path in wavs.items():
+        pieces[utt] = []
+        for k, (start, end) in enumerate(_windows(seconds[utt], args.max_seconds)):
+            win = f"{utt}#w{k}"
+            pieces[utt].append(win)
+            win_wavs[win], segments[win] = path, (start, end)
+    data = DataDir(wavs=win_wavs, utt2spk={w: w for w in win_wavs}, segments=segments)
+    table = extract_embeddings(model, data, list(win_wavs), _eval_config(args, max_seconds=None, progress=progress),
+                               device=device)
+    table.set_durations({w: end - start for w, (start, end) in segments.items()})
+    return enroll_models(table, pieces)
 
 
 def _embed_args(p: argparse.ArgumentParser) -> None:
     _model_arg(p)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--wav", nargs="+", metavar="WAV", help="audio files (their paths become the utterance ids)")
-    src.add_argument("--scp", type=Path, help="Kaldi wav.scp: '<utt> <path>' per line")
+    src.add_argument("--wav", nargs="+", metavar="WAV",
+                     help="audio files (their paths become the utterance ids, whitespace replaced by '_')")
+    src.add_argument("--scp", type=Path, help="Kaldi wav.scp: '<utt> <path>' per line (no command pipes)")
     p.add_argument("--out", required=True, type=Path, help="embeddings .npz to write (utts, embeddings, durations)")
     _device_arg(p)
+    _windowed_arg(p)
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable, too short or silent files (each is listed with its reason) instead of "
+                        "stopping at the first")
+    p.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="N",
+                   help=f"save the embeddings so far to OUT.partial.npz every N utterances (default "
+                        f"{CHECKPOINT_EVERY}); a rerun of the same command resumes from it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _partial_paths(out: Path) -> tuple[Path, Path]:
+    return out.with_name(out.name + ".partial.npz"), out.with_name(out.name + ".partial.json")
+
+
+def _resume(out: Path, settings: dict, wavs: dict[str, str]):
+    """The embeddings of an interrupted run of the same command (same model and settings), or None."""
+    import json
+
+    from svlib.scoring.metrics import load_embeddings
+
+    partial, info = _partial_paths(out)
+    if not partial.is_file():
+        return None
+    try:
+        recorded = json.loads(info.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        recorded = None
+    if recorded != settings:
+        raise ValueError(f"{partial}: partial embeddings of a run with other settings ({info} says {recorded}, this "
+                         f"run is {settings}); delete both files to start over")
+    table = load_embeddings(partial)
+    keep = [u for u in table.utts if u in wavs]
+    _note(f"resuming from {partial}: {len(keep)} of {len(wavs)} utterances already embedded")
+    durations = table.durations if table.durations is not None else [math.nan] * len(table.utts)
+    seconds = dict(zip(table.utts, map(float, durations)))
+    return {u: table[u] for u in keep}, {u: seconds[u] for u in keep}
 
 
 def _embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from svlib.data.lists import DataDir, read_scp
-    from svlib.evaluate import EvalConfig, extract_embeddings
-    from svlib.package import load_model
-
-    wavs = read_scp(args.scp) if args.scp is not None else {w: w for w in args.wav}
-    durations = {utt: _check_audio(path, args.max_seconds) for utt, path in wavs.items()}
-    data = DataDir(wavs=wavs, utt2spk={u: u for u in wavs}, durations=dict(durations))
-    model = load_model(args.model).to(args.device)
-    cfg = EvalConfig(max_seconds=args.max_seconds, max_batch_seconds=args.max_batch_seconds,
-                     progress=not args.no_progress)
-    table = extract_embeddings(model, data, list(wavs), cfg, device=args.device)
-    utts = list(wavs)
+    from svlib.audio import AudioError
+    from svlib.data.lists import read_scp
+    from svlib.evaluate import EmbeddingRunError, SilentAudioError
+    from svlib.files import write_json
+    from svlib.package import check_model_folder, load_model
     from svlib.scoring.metrics import save_embeddings
 
-    save_embeddings(args.out, utts, np.stack([table[u] for u in utts]), durations=[durations[u] for u in utts])
-    print(f"wrote {len(utts)} embeddings of dimension {model.embed_dim} to {args.out}")
+    # everything cheap first: output, device, model folder, list, audio headers; then the model
+    _check_output(args.out, ".npz", "--out")
+    _check_device(args.device)
+    if args.checkpoint_every < 1:
+        raise ValueError(f"--checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    _eval_config(args)
+    if not args.model.is_dir():
+        raise FileNotFoundError(f"{args.model}: model folder not found")
+    check_model_folder(args.model)
+    wavs = read_scp(args.scp) if args.scp is not None else _wav_ids(args.wav)
+    seconds, skipped = {}, {}
+    for utt, path in wavs.items():
+        try:
+            seconds[utt] = _check_audio(path)
+        except (AudioError, OSError) as err:
+            if not args.skip_bad:
+                raise AudioError(f"{err}" + ("; --skip-bad embeds the other files" if len(wavs) > 1 else "")) from None
+            skipped[utt] = str(err)
+    settings = {"model": str(args.model.resolve()), "max_seconds": args.max_seconds,
+                "windowed": bool(args.windowed), "min_dbfs": args.min_dbfs}
+    partial, info = _partial_paths(args.out)
+    resumed = _resume(args.out, settings, wavs)
+    done, done_seconds = resumed if resumed is not None else ({}, {})
+    todo = sorted((u for u in seconds if u not in done), key=lambda u: (-seconds[u], u))
+    model = load_model(args.model).to(args.device) if todo else None
+
+    def durations_of(utt):
+        return done_seconds.get(utt, seconds[utt] if args.windowed else min(seconds[utt], args.max_seconds))
+
+    def checkpoint():
+        utts = list(done)
+        if utts:
+            write_json(info, settings)
+            save_embeddings(partial, utts, np.stack([done[u] for u in utts]), durations=[durations_of(u) for u in utts])
+
+    for a in range(0, len(todo), args.checkpoint_every):
+        chunk = todo[a:a + args.checkpoint_every]
+        try:
+            table = _embed_files(model, {u: wavs[u] for u in chunk}, seconds, args, args.device)
+        except (AudioError, SilentAudioError, EmbeddingRunError, MemoryError) as err:
+            if not args.skip_bad:
+                checkpoint()
+                kept = f"; {len(done)} embeddings kept in {partial}, rerun to resume" if done else ""
+                raise type(err)(f"{err}{kept}") from None
+            table = {}
+            for utt in chunk:  # one at a time, to find the bad ones
+                try:
+                    table.update(_embed_files(model, {utt: wavs[utt]}, seconds, args, args.device))
+                except (AudioError, SilentAudioError, EmbeddingRunError, MemoryError) as one:
+                    skipped[utt] = str(one)
+        done.update({u: np.asarray(v) for u, v in table.items()})
+        checkpoint()
+    for utt, why in skipped.items():
+        print(f"svlib embed: skipped {utt}: {why}", file=sys.stderr)
+    utts = [u for u in wavs if u in done]
+    if not utts:
+        raise AudioError(f"{args.scp or 'the --wav files'}: no file could be embedded ({len(skipped)} skipped)")
+    save_embeddings(args.out, utts, np.stack([done[u] for u in utts]), durations=[durations_of(u) for u in utts])
+    partial.unlink(missing_ok=True)
+    info.unlink(missing_ok=True)
+    dim = next(iter(done.values())).shape[0]
+    extra = f" ({len(skipped)} skipped)" if skipped else ""
+    print(f"wrote {len(utts)} embeddings of dimension {dim} to {args.out}{extra}")
     return 0
 
 
@@ -192,56 +471,55 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
     _model_arg(p)
     p.add_argument("wavs", nargs=2, metavar="WAV", help="enrolment and test audio")
     p.add_argument("--threshold-kind", choices=("bayes", "eer"), default="bayes",
-                   help="calibrated Bayes threshold (default) or the calibration list's EER threshold")
+                   help="calibrated Bayes threshold on the LLR (default) or the calibration list's EER threshold")
     p.add_argument("--threshold", type=float, help="use this cosine-score threshold instead of calibration.json")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--max-seconds", type=float, default=60.0)
+    _device_arg(p)
+    _windowed_arg(p)
 
 
 def _verify(args: argparse.Namespace) -> int:
-    import math
-
     import torch
 
-    from svlib.audio import load_audio
-    from svlib.package import CALIBRATION_FILE, load_model, read_calibration_thresholds
+    from svlib.package import CALIBRATION_FILE, check_model_folder, load_model, read_calibration_thresholds
 
-    for path in args.wavs:
-        _check_audio(path, args.max_seconds)
-    # read before the (slow) model load so that a broken calibration file fails fast
-    thresholds = read_calibration_thresholds(args.model) if args.model.is_dir() else None
-    model = load_model(args.model).to(args.device)
-    waves = [load_audio(p, max_seconds=args.max_seconds) for p in args.wavs]
-    lengths = torch.tensor([len(w) for w in waves])
-    batch = torch.zeros(2, int(lengths.max()))
-    for i, w in enumerate(waves):
-        batch[i, :len(w)] = torch.from_numpy(w)
-    with torch.no_grad():
-        emb = model(batch.to(args.device), lengths.to(args.device)).double().cpu()
-    score = float(torch.nn.functional.cosine_similarity(emb[0], emb[1], dim=0))
-    print(f"score      {score:.4f}  (cosine)")
-    if args.threshold is not None:
-        threshold, why = args.threshold, "given with --threshold"
-    elif thresholds is None:
+    # the decision rule first, then the audio headers: all before the (slow) model load
+    _finite(args.threshold, "--threshold")
+    _check_device(args.device)
+    _eval_config(args)
+    if not args.model.is_dir():
+        raise FileNotFoundError(f"{args.model}: model folder not found")
+    check_model_folder(args.model)
+    seconds = {name: _check_audio(path) for name, path in zip(("enroll", "test"), args.wavs)}
+    thresholds = read_calibration_thresholds(args.model)
+    if args.threshold is None and thresholds is None:
         raise FileNotFoundError(
             f"{args.model / CALIBRATION_FILE}: no calibration in the model folder, so no accept/reject threshold; "
             f"create it with `svlib calibrate-model --model {args.model} --data DATA_DIR --trials TRIALS` "
             "or pass --threshold")
+    model = load_model(args.model).to(args.device)
+    table = _embed_files(model, dict(zip(("enroll", "test"), args.wavs)), seconds, args, args.device)
+    emb = torch.from_numpy(table.matrix.astype("float64"))
+    score = float(torch.nn.functional.cosine_similarity(emb[table.index["enroll"]], emb[table.index["test"]], dim=0))
+    print(f"score      {score:.4f}  (cosine)")
+    value, name = score, "score"
+    if args.threshold is not None:
+        threshold, why = args.threshold, "cosine, given with --threshold"
     elif args.threshold_kind == "eer":
         t = thresholds["eer"]
         threshold = t["score"]
-        why = (f"EER threshold of the calibration list ({t.get('eer_pct', math.nan):.2f}% EER on "
+        why = (f"cosine EER threshold of the calibration list ({t.get('eer_pct', math.nan):.2f}% EER on "
                f"{thresholds.get('trials', '?')}), {args.model / CALIBRATION_FILE}")
     else:
         t = thresholds["bayes"]
-        threshold = t["score"]
-        cal = thresholds["calibration"]
-        print(f"llr        {float(cal.apply([score])[0]):.4f}  (calibrated log-likelihood ratio)")
-        why = (f"Bayes threshold: calibrated LLR >= {t['llr']:.3f} = -logit(P(target)={t['prior']}), "
-               f"{args.model / CALIBRATION_FILE}")
+        llr = float(thresholds["calibration"].apply([score])[0])
+        print(f"llr        {llr:.4f}  (calibrated log-likelihood ratio)")
+        # decide on the LLR itself: the calibration, not a cosine threshold derived from it, is the model
+        value, name, threshold = llr, "llr", t["llr"]
+        why = f"Bayes threshold on the LLR = -logit(P(target)={t['prior']}), {args.model / CALIBRATION_FILE}"
     print(f"threshold  {threshold:.4f}  ({why})")
-    print(f"decision   {'accept' if score >= threshold else 'reject'}  (same speaker: "
-          f"{'yes' if score >= threshold else 'no'})")
+    accept = value >= threshold
+    print(f"decision   {'accept' if accept else 'reject'}  ({name} {value:.4f} {'>=' if accept else '<'} "
+          f"{threshold:.4f}; same speaker: {'yes' if accept else 'no'})")
     return 0
 
 
@@ -257,16 +535,16 @@ def _calibrate_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _calibrate_model(args: argparse.Namespace) -> int:
-    import math
-
     from svlib.data.lists import DataDir, ListError, read_trials
-    from svlib.evaluate import EvalConfig, extract_embeddings
+    from svlib.evaluate import extract_embeddings
     from svlib.package import CALIBRATION_FILE, check_model_folder, describe, load_model, write_model_card
     from svlib.scoring.calibration import cllr, fit_calibration, min_cllr
     from svlib.scoring.metrics import compute_eer, cosine_scores
 
     if not 0.0 < args.prior < 1.0:
         raise ValueError(f"--prior must be in (0, 1), got {args.prior}")
+    _check_device(args.device)
+    cfg = _eval_config(args, progress=not args.no_progress)
     check_model_folder(args.model)
     trials = read_trials(args.trials)
     data = DataDir.load(args.data, check_files=True)
@@ -275,8 +553,6 @@ def _calibrate_model(args: argparse.Namespace) -> int:
         raise ListError(f"{args.trials}: utterance {unknown[0]!r} is not in {args.data}/wav.scp "
                         f"({len(unknown)} unknown)")
     model = load_model(args.model).to(args.device)
-    cfg = EvalConfig(max_seconds=args.max_seconds, max_batch_seconds=args.max_batch_seconds,
-                     progress=not args.no_progress)
     table = extract_embeddings(model, data, trials.utterances, cfg, device=args.device)
     scores = cosine_scores(table, trials, source=str(args.trials))
     cal = fit_calibration(scores, trials.labels, features=["score"], p_target=args.p_target)
@@ -293,7 +569,7 @@ def _calibrate_model(args: argparse.Namespace) -> int:
         "num_trials": len(trials),
     }
     llrs = cal.apply(scores)
-    cal.meta.update({"thresholds": thresholds, "cllr": cllr(llrs, trials.labels),
+    cal.meta.update({"thresholds": thresholds, "asnorm": None, "cllr": cllr(llrs, trials.labels),
                      "min_cllr": min_cllr(scores, trials.labels)})
     path = cal.save(args.model / CALIBRATION_FILE)
     write_model_card(args.model, {**describe(model), "calibration_trials": str(args.trials)})
@@ -304,6 +580,23 @@ def _calibrate_model(args: argparse.Namespace) -> int:
                   ("Cllr (bits)", f"{cal.meta['cllr']:.4f}"),
                   ("minCllr (bits)", f"{cal.meta['min_cllr']:.4f}")])
     print(f"wrote {path} (Bayes threshold at LLR >= {llr_threshold:.3f}, P(target) = {args.prior})")
+    return 0
+
+
+def _convert_reference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", type=Path, metavar="CKPT.pth", help="reference checkpoint (model_lmft_0.14.pth layout)")
+    p.add_argument("--frontend", default="w2v-bert-2.0", help="encoder preset or HF encoder folder (default w2v-bert-2.0)")
+    p.add_argument("--out", required=True, type=Path, help="model folder to write")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha, for checkpoints with unmerged LoRA weights")
+    p.add_argument("--trusted", action="store_true", help="allow arbitrary pickled objects (only for files you trust)")
+
+
+def _convert_reference(args: argparse.Namespace) -> int:
+    from svlib.package import convert_reference_checkpoint
+
+    out = convert_reference_checkpoint(args.checkpoint, args.frontend, args.out, lora_alpha=args.lora_alpha,
+                                       trusted=args.trusted)
+    print(f"wrote {out}")
     return 0
 
 
@@ -358,7 +651,8 @@ def _info(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------- registry
 
 COMMANDS: list[Command] = [
-    Command("score", "cosine-score a trial list and print EER / minDCF", _score_args, _score),
+    Command("score", "cosine-score a trial list (optionally with enrolment models, AS-norm, calibration) and "
+                     "print EER / minDCF", _score_args, _score),
     Command("calibrate", "train a (quality-measure) score calibration on a labelled trial list",
             _calibrate_args, _calibrate),
     Command("embed", "embed audio files with a model folder (batched by length) into an .npz", _embed_args, _embed),
@@ -368,6 +662,8 @@ COMMANDS: list[Command] = [
             _calibrate_model_args, _calibrate_model),
     Command("info", "parameters, MACs per second of audio and per-layer (pruned) structure of a model folder",
             _info_args, _info),
+    Command("convert-reference", "turn a reference-recipe checkpoint (model_lmft_0.14.pth) into a model folder",
+            _convert_reference_args, _convert_reference),
 ]
 
 
@@ -382,20 +678,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """The message of an expected failure as one line (KeyError's str() is the repr of its key; svlib's own
+    KeyErrors, MissingEmbeddingError, print plainly; an OSError gets its file name when the text lacks it)."""
+    if type(err) is KeyError:
+        msg = f"missing key {err}"
+    elif isinstance(err, MemoryError):
+        msg = str(err) or "out of memory"
+        if "memory" not in msg.lower():
+            msg = f"out of memory ({msg})"
+    else:
+        msg = str(err) or type(err).__name__
+    if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in msg:
+        msg = f"{err.filename}: {msg}"
+    return " ".join(msg.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the subcommand, return its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, KeyError, OSError) as err:
+    except (ValueError, KeyError, OSError, RuntimeError, MemoryError) as err:
         if args.traceback or os.environ.get("SVLIB_TRACEBACK"):
             raise
-        # KeyError str() is the repr of its key; svlib's own KeyErrors (MissingEmbeddingError) print plainly
-        msg = str(err) if not type(err) is KeyError else f"missing key {err}"
-        if isinstance(err, OSError) and err.filename is not None and str(err.filename) not in msg:
-            msg = f"{err.filename}: {msg}"
-        print(f"svlib {args.command}: error: {' '.join(msg.split())}", file=sys.stderr)
+        print(f"svlib {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -218,6 +218,18 @@ def read_calibration_thresholds(folder: str | os.PathLike) -> dict | None:
     if not isinstance(thresholds, dict) or "bayes" not in thresholds or "eer" not in thresholds:
         raise PackageError(f"{path}: no 'thresholds' (bayes, eer) in its meta; recreate it with "
                            f"`svlib calibrate-model --model {folder} --data DIR --trials TRIALS`")
+    # every number a decision uses, checked here so that `verify` fails before it loads the model
+    for kind, keys in (("bayes", ("score", "llr", "prior")), ("eer", ("score",))):
+        entry = thresholds[kind]
+        if not isinstance(entry, dict):
+            raise PackageError(f"{path}: meta.thresholds.{kind} must be a mapping, got {entry!r}")
+        for key in keys:
+            value = entry.get(key)
+            if key not in entry:
+                raise PackageError(f"{path}: missing key '{key}' in meta.thresholds.{kind}; recreate it with "
+                                   f"`svlib calibrate-model --model {folder} ...`")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise PackageError(f"{path}: meta.thresholds.{kind}.{key} must be a finite number, got {value!r}")
     return {"calibration": cal, **thresholds}
 
 

@@ -120,9 +120,11 @@ def test_calibrate_model_then_verify(setup, capsys):
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines()}
     score = float(np.dot(emb[a], emb[b]) / np.linalg.norm(emb[a]) / np.linalg.norm(emb[b]))
     assert float(rows["score"]) == pytest.approx(score, abs=1e-4)
-    assert float(rows["threshold"]) == pytest.approx(thr["bayes"]["score"], abs=1e-4)
-    assert float(rows["llr"]) == pytest.approx(float(cal.apply([score])[0]), abs=1e-3)
-    assert rows["decision"] == ("accept" if score >= thr["bayes"]["score"] else "reject")
+    # with a calibration the decision is made on the LLR, against -logit(prior)
+    llr = float(cal.apply([score])[0])
+    assert float(rows["threshold"]) == pytest.approx(thr["bayes"]["llr"], abs=1e-4)
+    assert float(rows["llr"]) == pytest.approx(llr, abs=1e-3)
+    assert rows["decision"] == ("accept" if llr >= thr["bayes"]["llr"] else "reject")
     assert "Bayes threshold" in out
     code, out, _ = _run(["verify", "--model", mdir, files[a][1], files[b][1], "--threshold-kind", "eer",
                          "--max-seconds", MAX_SECONDS], capsys)

@@ -98,6 +98,13 @@ def split_reference_state(spk_model: dict[str, Tensor], alpha: float | None = No
 def _load(path: Path, trusted: bool) -> Any:
     if not path.is_file():
         raise ReferenceCheckpointError(f"{path}: file not found")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    # torch.save writes a zip archive (legacy: a pickle, protocol 2 starts with 0x80 0x02); anything else
+    # (a text file, an HTML error page saved as .pth) makes the unpickler fail with e.g. a bare KeyError: 101
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        raise ReferenceCheckpointError(f"{path}: not a torch checkpoint (neither a torch.save zip archive nor a "
+                                       f"pickle; starts with {head!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as err:
@@ -105,8 +112,8 @@ def _load(path: Path, trusted: bool) -> Any:
             f"{path}: holds objects other than tensors and containers ({err}); if you trust the file, "
             "pass trusted=True"
         ) from None
-    except (RuntimeError, EOFError) as err:
-        raise ReferenceCheckpointError(f"{path}: not a readable torch checkpoint ({err})") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, IndexError) as err:
+        raise ReferenceCheckpointError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
 
 
 def import_reference_checkpoint(

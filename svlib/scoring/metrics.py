@@ -21,6 +21,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from svlib.files import respect_umask
+
 __all__ = [
     "ScoringError",
     "MissingEmbeddingError",
@@ -41,6 +43,7 @@ __all__ = [
 ]
 
 DCF_TARGETS = (0.01, 0.05)
+ZIP_MAGIC = b"PK\x03\x04"  # every .npz starts with a zip local-file header
 
 
 class ScoringError(ValueError):
@@ -435,6 +438,7 @@ def save_embeddings(path, utts: Sequence[str], matrix, durations=None) -> Path:
             np.savez(fh, **arrays)  # a file handle: np.savez would append ".npz" to a path
             fh.flush()
             os.fsync(fh.fileno())
+        respect_umask(tmp)  # mkstemp creates 0600: teammates could not read shared embeddings
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -448,6 +452,13 @@ def load_embeddings(path) -> EmbeddingTable:
     path = Path(path)
     if not path.is_file():
         raise EmbeddingFileError(f"{path}: embeddings file not found")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head != ZIP_MAGIC:
+        # np.load would try it as .npy/pickle and advise loading "unsafely": never right for an embeddings file
+        kind = "a NumPy .npy array" if head == b"\x93NUM" else "an empty file" if not head else "not a zip archive"
+        raise EmbeddingFileError(f"{path}: not an .npz embeddings file ({kind}); write one with `svlib embed` "
+                                 "or svlib.scoring.save_embeddings")
     try:
         with np.load(path, allow_pickle=False) as data:
             keys = set(data.files)

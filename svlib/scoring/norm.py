@@ -6,7 +6,10 @@ training speaker), each side is normalised by the statistics of its ``N`` *close
     S_e  = top-N of { cos(e, c) : c in C },   mu_e = mean(S_e),   sd_e = std(S_e)   (same for t)
     s'   = 0.5 * ( (s - mu_e) / sd_e  +  (s - mu_t) / sd_t )
 
-``std`` is the unbiased (ddof=1) estimate, as in WeSpeaker's ``score_norm``. Statistics are computed once
+``std`` is the population (ddof=0) standard deviation of the N scores, as in WeSpeaker's ``score_norm.py``
+(``np.std`` with its default ddof). Enrolment models (CN-Celeb: the mean of several enrolment utterances,
+``svlib.scoring.enroll``) are normalised like any other embedding: their top-N cohort statistics are those of
+the model vector. Statistics are computed once
 per *unique* utterance (one matrix product against the cohort, chunked) and then gathered per trial, so
 1M trials over 40k utterances cost 40k x |C| dot products, not 1M x |C|.
 """
@@ -53,7 +56,7 @@ def speaker_means(embeddings: Mapping[str, np.ndarray], utt2spk: Mapping[str, st
 
 
 def cohort_stats(unit: np.ndarray, cohort_unit: np.ndarray, top_n: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and unbiased std of each row's ``top_n`` largest cosine scores against the cohort.
+    """Mean and (population, ddof=0) std of each row's ``top_n`` largest cosine scores against the cohort.
 
     Both inputs must already be unit rows. ``np.partition`` selects the top-N in O(|C|) per row
     instead of a full sort.
@@ -70,7 +73,7 @@ def cohort_stats(unit: np.ndarray, cohort_unit: np.ndarray, top_n: int, chunk: i
         s = unit[a:a + chunk].astype(np.float32) @ ct
         top = np.partition(s, num_cohort - top_n, axis=1)[:, num_cohort - top_n:].astype(np.float64)
         mu[a:a + chunk] = top.mean(axis=1)
-        sd[a:a + chunk] = top.std(axis=1, ddof=1)
+        sd[a:a + chunk] = top.std(axis=1, ddof=0)
     return mu, sd
 
 

@@ -1,0 +1,251 @@
+"""Every way the user's side can go wrong, in one table: the input, exit code 2 and the expected first
+(and only) line of stderr. Nothing here may print a traceback, and the cheap checks (device, output path,
+calibration, thresholds) must fire before a model is loaded: cases built on a model folder with corrupt
+weights prove it, since loading those weights would fail with a different message."""
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import shutil
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from experiments import pipeline
+from svlib.cli import main
+from svlib.model.speaker import SpeakerModel, save_model
+from svlib.scoring.calibration import Calibration
+from svlib.scoring.metrics import save_embeddings
+
+from test_speaker import tiny_model
+
+SR = 16000
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _wav(path: Path, seconds: float, amplitude: float = 0.1, seed: int = 0) -> Path:
+    wave = amplitude * np.random.default_rng(seed).standard_normal(int(seconds * SR)).astype(np.float32)
+    sf.write(path, wave, SR)
+    return path
+
+
+def _calibration(path: Path, meta: dict) -> Path:
+    Calibration(["score"], [5.0], -1.0, 0.5, meta).save(path)
+    return path
+
+
+def _model_calibration(folder: Path, bayes: dict, name: str) -> Path:
+    """A copy of ``folder`` (weights truncated, so loading them would fail) with a calibration.json."""
+    out = folder.parent / name
+    shutil.copytree(folder, out)
+    (out / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:64])
+    cal = {"features": ["score"], "weights": [4.0], "bias": -1.0, "p_target": 0.5,
+           "meta": {"thresholds": {"bayes": bayes, "eer": {"score": 0.3, "eer_pct": 10.0}, "trials": "t.txt"}}}
+    # json.dumps writes NaN for float('nan') and json.loads reads it back: exactly what a user's file can hold
+    (out / "calibration.json").write_text(json.dumps(cal))
+    return out
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("clierr")
+    save_model(tiny_model(), tmp / "model", {})
+    broken = tmp / "broken_model"  # valid manifest, unreadable weights: any case that loads it fails differently
+    shutil.copytree(tmp / "model", broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:64])
+    _wav(tmp / "a.wav", 1.0)
+    _wav(tmp / "b.wav", 1.2, seed=1)
+    _wav(tmp / "long.wav", 3.0, seed=2)
+    sf.write(tmp / "zeros.wav", np.zeros(SR, dtype=np.float32), SR)
+    (tmp / "corrupt.wav").write_bytes(b"RIFF....WAVEfmt garbage")
+    (tmp / "bad.scp").write_text(f"a {tmp / 'a.wav'}\ncorrupt {tmp / 'corrupt.wav'}\n")
+    (tmp / "pipe.scp").write_text(f"a {tmp / 'a.wav'}\nb sox {tmp / 'b.wav'} -t wav - |\n")
+    (tmp / "ref.pth").write_text("this is not a checkpoint\n")
+    (tmp / "outdir.npz").mkdir()
+
+    rng = np.random.default_rng(0)
+    utts = [f"s{i // 3}-u{i % 3}" for i in range(12)]
+    save_embeddings(tmp / "emb.npz", utts, rng.normal(size=(12, 8)))
+    save_embeddings(tmp / "cohort.npz", [f"c{i}" for i in range(20)], rng.normal(size=(20, 8)))
+    trials = [f"{int(a[:2] == b[:2])} {a} {b}" for i, a in enumerate(utts) for b in utts[i + 1:]]
+    (tmp / "trials.txt").write_text("\n".join(trials) + "\n")
+    (tmp / "enroll_trials.txt").write_text("1 spk0 s0-u2\n0 spk0 s1-u2\n1 nobody s1-u1\n")
+    (tmp / "enroll.lst").write_text("spk0 s0-u0 s0-u1\n")
+    _calibration(tmp / "raw_cal.json", {"asnorm": None})
+    _calibration(tmp / "asn_cal.json", {"asnorm": {"top_n": 10, "cohort": "cohort.npz"}})
+    np.save(tmp / "array.npy", np.zeros((3, 8)))
+    shutil.move(tmp / "array.npy", tmp / "array.npz")
+    (tmp / "pickled.npz").write_bytes(pickle.dumps({"utts": ["a"], "embeddings": [[1.0]]}))
+
+    # pipeline configs: one train stage whose YAML is empty, one with a NaN learning rate
+    s1 = (REPO / "experiments" / "configs" / "smoke" / "s1.yaml").read_text()
+    for name, stage in (("empty", "# nothing here yet\n"), ("nan", s1.replace("lr_frontend: 1.0e-3", "lr_frontend: .nan"))):
+        d = tmp / f"cfg_{name}"
+        d.mkdir()
+        (d / "s1.yaml").write_text(stage)
+        (d / "pipeline.yaml").write_text(
+            "name: t\nout_dir: exp/t\ndata: {train: d/train, val: d/val, val_trials: d/v.txt, test: d/test, "
+            "test_trials: {test: d/t.txt}}\nstages:\n  - {name: s1, kind: train, config: s1.yaml}\n")
+    assert "lr_frontend: .nan" in (tmp / "cfg_nan" / "s1.yaml").read_text()
+    return tmp
+
+
+def _raise(exc: BaseException) -> Callable:
+    def patch(monkeypatch):
+        def forward(self, waves, lengths):
+            raise exc
+        monkeypatch.setattr(SpeakerModel, "forward", forward)
+    return patch
+
+
+class Case(NamedTuple):
+    argv: Callable[[Path], list]
+    first_line: str                      # expected start of the one stderr line; {t} is the fixture folder
+    patch: Callable | None = None        # monkeypatch applied before running
+    runner: Callable = main              # svlib.cli.main, or the pipeline's main for config files
+    skip: str | None = None
+
+
+CUDA = torch.cuda.is_available()
+
+CASES: dict[str, Case] = {
+    # --- devices, checked before anything loads
+    "device foo": Case(
+        lambda t: ["embed", "--model", t / "broken_model", "--wav", t / "a.wav", "--out", t / "x.npz", "--device", "foo"],
+        "svlib embed: error: --device 'foo': not a torch device (use cpu, cuda, cuda:N or mps)"),
+    "device cuda on a CPU build": Case(
+        lambda t: ["verify", "--model", t / "broken_model", t / "a.wav", t / "b.wav", "--threshold", "0.5",
+                   "--device", "cuda"],
+        "svlib verify: error: --device 'cuda': CUDA is not available (", skip="CUDA present" if CUDA else None),
+    "device cuda:7 with fewer devices": Case(
+        lambda t: ["embed", "--model", t / "model", "--wav", t / "a.wav", "--out", t / "x.npz", "--device", "cuda:7"],
+        "svlib embed: error: --device 'cuda:7': ", skip="needs fewer than 8 GPUs" if CUDA and torch.cuda.device_count() > 7 else None),
+    # --- the model failing on a file: OOM (torch's and Python's) and other runtime errors name the file
+    "out of memory on a long file": Case(
+        lambda t: ["embed", "--model", t / "model", "--wav", t / "long.wav", "--out", t / "x.npz", "--no-progress"],
+        "svlib embed: error: {t}/long.wav: out of memory while embedding '{t}/long.wav' (3.0 s); lower --max-seconds "
+        "or --max-batch-seconds (CUDA out of memory. Tried to allocate 20.00 GiB)",
+        patch=_raise(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))),
+    "MemoryError in verify": Case(
+        lambda t: ["verify", "--model", t / "model", t / "long.wav", t / "a.wav", "--threshold", "0.5"],
+        "svlib verify: error: {t}/long.wav: out of memory while embedding 'enroll' (3.0 s, in a batch of 2 padded "
+        "to 3.0 s); lower --max-seconds or --max-batch-seconds", patch=_raise(MemoryError())),
+    "RuntimeError in the model": Case(
+        lambda t: ["embed", "--model", t / "model", "--wav", t / "a.wav", "--out", t / "x.npz", "--no-progress"],
+        "svlib embed: error: {t}/a.wav: RuntimeError while embedding '{t}/a.wav' (1.0 s) (mat1 and mat2 shapes "
+        "cannot be multiplied)", patch=_raise(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))),
+    # --- reference checkpoints
+    "reference checkpoint is a text file": Case(
+        lambda t: ["convert-reference", t / "ref.pth", "--frontend", "tiny", "--out", t / "conv"],
+        "svlib convert-reference: error: {t}/ref.pth: not a torch checkpoint (neither a torch.save zip archive nor a "
+        "pickle; starts with b'this')"),
+    # --- calibration fitted on other scores than requested
+    "raw-cosine calibration on AS-norm scores": Case(
+        lambda t: ["score", "--trials", t / "trials.txt", "--embeddings", t / "emb.npz", "--asnorm", t / "cohort.npz",
+                   "--top-n", "10", "--calibration", t / "raw_cal.json"],
+        "svlib score: error: {t}/raw_cal.json: calibration was fitted on raw cosine scores, but this run computes "
+        "AS-norm top-10 (cohort cohort.npz) scores; refit it with `svlib calibrate` and the same --asnorm/--top-n, "
+        "or drop --calibration"),
+    "AS-norm calibration on raw scores": Case(
+        lambda t: ["score", "--trials", t / "trials.txt", "--embeddings", t / "emb.npz", "--calibration",
+                   t / "asn_cal.json"],
+        "svlib score: error: {t}/asn_cal.json: calibration was fitted on AS-norm top-10 (cohort cohort.npz) scores, "
+        "but this run computes raw cosine scores"),
+    "AS-norm calibration with another top-n": Case(
+        lambda t: ["score", "--trials", t / "trials.txt", "--embeddings", t / "emb.npz", "--asnorm", t / "cohort.npz",
+                   "--top-n", "5", "--calibration", t / "asn_cal.json"],
+        "svlib score: error: {t}/asn_cal.json: calibration was fitted on AS-norm top-10 (cohort cohort.npz) scores, "
+        "but this run computes AS-norm top-5 (cohort cohort.npz) scores"),
+    # --- embed: outputs validated first, a bad file in a list says how to go on
+    "embed --out is a directory": Case(
+        lambda t: ["embed", "--model", t / "broken_model", "--wav", t / "a.wav", "--out", t / "outdir.npz"],
+        "svlib embed: error: --out {t}/outdir.npz: is a directory"),
+    "embed --out is not .npz": Case(
+        lambda t: ["embed", "--model", t / "broken_model", "--wav", t / "a.wav", "--out", t / "emb.txt"],
+        "svlib embed: error: --out {t}/emb.txt: expected a .npz file name"),
+    "embed --out under a file": Case(
+        lambda t: ["embed", "--model", t / "broken_model", "--wav", t / "a.wav", "--out", t / "a.wav" / "x.npz"],
+        "svlib embed: error: --out {t}/a.wav/x.npz: cannot create its folder"),
+    "bad file in a wav.scp": Case(
+        lambda t: ["embed", "--model", t / "broken_model", "--scp", t / "bad.scp", "--out", t / "x.npz"],
+        "svlib embed: error: {t}/corrupt.wav: not a readable audio file ("),
+    "pipe in --scp": Case(
+        lambda t: ["embed", "--model", t / "model", "--scp", t / "pipe.scp", "--out", t / "x.npz"],
+        "svlib embed: error: {t}/pipe.scp:2: 'b' is a command pipe ('sox {t}/b.wav -t wav - |'); pipes are not "
+        "supported, give a plain audio file path"),
+    # --- near-silent audio
+    "embed all-zero audio": Case(
+        lambda t: ["embed", "--model", t / "model", "--wav", t / "zeros.wav", "--out", t / "x.npz", "--no-progress"],
+        "svlib embed: error: {t}/zeros.wav: near-silent audio (RMS -inf dBFS, below the -60 dBFS threshold); "
+        "refusing to embed '{t}/zeros.wav'"),
+    "verify zeros.wav zeros.wav": Case(
+        lambda t: ["verify", "--model", t / "model", t / "zeros.wav", t / "zeros.wav", "--threshold", "0.5"],
+        "svlib verify: error: {t}/zeros.wav: near-silent audio (RMS -inf dBFS, below the -60 dBFS threshold); "
+        "refusing to embed 'enroll'"),
+    "quiet audio under a raised threshold": Case(
+        lambda t: ["verify", "--model", t / "model", t / "a.wav", t / "b.wav", "--threshold", "0.5",
+                   "--min-dbfs", "-10"],
+        "svlib verify: error: {t}/b.wav: near-silent audio (RMS -20.1 dBFS, below the -10 dBFS threshold); refusing to embed 'test'"),
+    # --- verify: thresholds and calibration before the model
+    "verify --threshold nan": Case(
+        lambda t: ["verify", "--model", t / "broken_model", t / "a.wav", t / "b.wav", "--threshold", "nan"],
+        "svlib verify: error: --threshold must be a finite number, got nan"),
+    "verify --threshold inf": Case(
+        lambda t: ["verify", "--model", t / "broken_model", t / "a.wav", t / "b.wav", "--threshold", "inf"],
+        "svlib verify: error: --threshold must be a finite number, got inf"),
+    "verify without calibration, before the model loads": Case(
+        lambda t: ["verify", "--model", t / "broken_model", t / "a.wav", t / "b.wav"],
+        "svlib verify: error: {t}/broken_model/calibration.json: no calibration in the model folder"),
+    "calibration without 'score'": Case(
+        lambda t: ["verify", "--model", _model_calibration(t / "model", {"llr": 0.0, "prior": 0.5}, "no_score"),
+                   t / "a.wav", t / "b.wav"],
+        "svlib verify: error: {t}/no_score/calibration.json: missing key 'score' in meta.thresholds.bayes"),
+    "non-finite threshold in calibration.json": Case(
+        lambda t: ["verify", "--model", _model_calibration(t / "model", {"score": 0.4, "llr": math.nan, "prior": 0.5},
+                                                          "nan_llr"), t / "a.wav", t / "b.wav"],
+        "svlib verify: error: {t}/nan_llr/calibration.json: meta.thresholds.bayes.llr must be a finite number, got nan"),
+    # --- embeddings files that are not .npz
+    "a .npy given as embeddings": Case(
+        lambda t: ["score", "--trials", t / "trials.txt", "--embeddings", t / "array.npz"],
+        "svlib score: error: {t}/array.npz: not an .npz embeddings file (a NumPy .npy array); write one with "
+        "`svlib embed` or svlib.scoring.save_embeddings"),
+    "a pickle given as embeddings": Case(
+        lambda t: ["score", "--trials", t / "trials.txt", "--embeddings", t / "pickled.npz"],
+        "svlib score: error: {t}/pickled.npz: not an .npz embeddings file (not a zip archive)"),
+    # --- enrolment lists
+    "trial enrolment id without a model": Case(
+        lambda t: ["score", "--trials", t / "enroll_trials.txt", "--embeddings", t / "emb.npz", "--enroll",
+                   t / "enroll.lst"],
+        "svlib score: error: trial enrolment id 'nobody' is not in the enrolment list {t}/enroll.lst (1 unknown)"),
+    # --- config files (the pipeline's exit 2 and its one line)
+    "empty stage YAML": Case(
+        lambda t: ["--config", t / "cfg_empty" / "pipeline.yaml", "--no-tracking"],
+        "error: {t}/cfg_empty/s1.yaml: empty config file (no keys); write the settings, or '{{}}' for all defaults",
+        runner=pipeline.main),
+    ".nan learning rate": Case(
+        lambda t: ["--config", t / "cfg_nan" / "pipeline.yaml", "--no-tracking"],
+        "error: {t}/cfg_nan/s1.yaml: train.optim.lr_frontend: expected a finite number, got nan",
+        runner=pipeline.main),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_exit_2(env, capsys, monkeypatch, name):
+    case = CASES[name]
+    if case.skip:
+        pytest.skip(case.skip)
+    if case.patch is not None:
+        case.patch(monkeypatch)
+    code = case.runner([str(a) for a in case.argv(env)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if not line.startswith("svlib: note:")]
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(lines) == 1, err
+    expected = case.first_line.replace("{t}", str(env)).replace("{{}}", "{}")
+    assert lines[0].startswith(expected), f"\n got: {lines[0]}\nwant: {expected}"
