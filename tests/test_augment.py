@@ -181,6 +181,46 @@ def test_probability_determinism_and_no_in_place_change(files, clean):
     assert half.dtype == torch.float16
 
 
+def test_exclusive_gives_one_of_none_noise_reverb(files, clean):
+    # the reference recipe: each utterance gets none, noise or reverb, with probability 1/3 each
+    third = 1.0 / 3.0
+    cfg = AugmentConfig(noise_prob=third, reverb_prob=third, exclusive=True, snr_noise=(5.0, 20.0))
+    aug = Augmenter(cfg, [(files["white"], "noise")], [files["room"]])
+    batch = clean[:, :SR // 4].repeat(60, 1)  # 240 short rows
+    out = aug(batch, None, torch.Generator().manual_seed(6))
+    draws = torch.rand(2 * len(batch), generator=torch.Generator().manual_seed(6), dtype=torch.float64)[:len(batch)]
+    reverb, noise = draws < third, (draws >= third) & (draws < 2 * third)
+    none = ~(reverb | noise)
+    assert all(60 <= int(m.sum()) <= 100 for m in (reverb, noise, none))  # 80 each, 3 sigma ~ 22
+    assert torch.equal(out[none], batch[none])
+    # reverb rows carry no noise: they equal the reverb-only augmenter's output (one RIR, no other choice)
+    only_reverb = Augmenter(AugmentConfig(reverb_prob=1.0), rirs=[files["room"]])(batch, None, torch.Generator())
+    torch.testing.assert_close(out[reverb], only_reverb[reverb], atol=1e-6, rtol=0)
+    snrs = snr_db(batch[noise], out[noise])  # noise rows are not reverberated: the SNR against the clean row
+    assert (snrs > 4.9).all() and (snrs < 20.1).all()
+    with pytest.raises(ConfigError, match="exclusive"):
+        from_dict(AugmentConfig, {"noise_prob": 0.6, "reverb_prob": 0.6, "exclusive": True})
+
+
+def test_babble_music_and_noise_types(files, clean):
+    cfg = AugmentConfig(noise_prob=1.0, noise_types=("babble_music",), snr_babble=(18.0, 18.0))
+    aug = Augmenter(cfg, [(files["speech0"], "speech"), (files["pink"], "music"), (files["white"], "noise")])
+    assert aug.categories == ["babble_music"]
+    noisy = aug(clean, None, torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(snr_db(clean, noisy).numpy(), 18.0, atol=0.1)
+    # the added signal is speech + music at equal power, not either alone
+    added = (noisy - clean)[0]
+    music_only = Augmenter(AugmentConfig(noise_prob=1.0, noise_types=("music",), snr_music=(18.0, 18.0)),
+                           [(files["pink"], "music")])(clean, None, torch.Generator().manual_seed(0))[0] - clean[0]
+    assert not torch.allclose(added, music_only, atol=1e-4)
+    reference = AugmentConfig(noise_types=("noise", "music", "babble", "babble_music"))
+    assert Augmenter(reference, [(files["white"], "noise"), (files["speech0"], "speech")]).categories == ["noise", "babble"]
+    with pytest.raises(ConfigError, match="noise_types"):
+        from_dict(AugmentConfig, {"noise_types": ["speech"]})
+    with pytest.raises(ValueError, match="no noise files"):
+        Augmenter(cfg, [(files["speech0"], "speech")])  # babble_music needs music too
+
+
 def test_disabled_augmenter_is_identity(clean):
     aug = Augmenter(AugmentConfig())
     assert aug(clean, None, torch.Generator().manual_seed(0)) is clean

@@ -6,13 +6,17 @@ Per utterance, independently:
   (``sum h^2 = 1``) and ``p = argmax |h|`` its direct-path peak. Reading the full convolution from ``p`` on
   keeps the speech where it was (labels, crops and lengths stay valid) and a unit delta RIR returns ``x``
   exactly. The convolution is done with real FFTs of size ``>= N + R - 1`` (no circular wrap).
-* with probability ``noise_prob``: a category is chosen uniformly among those with files (``noise``, ``music``,
-  ``babble`` = sum of ``babble_speakers`` speech files, each first scaled to unit power so no talker
-  dominates), an SNR ``s`` is drawn uniformly from that category's range, and
+* with probability ``noise_prob``: a category is chosen uniformly among ``noise_types`` that have files
+  (``noise``, ``music``, ``babble`` = sum of ``babble_speakers`` speech files, each first scaled to unit power
+  so no talker dominates, ``babble_music`` = one speech file + one music file, each at unit power; both
+  babble kinds use ``snr_babble``), an SNR ``s`` is drawn uniformly from that category's range, and
   ``y = x + g * n`` with ``g = sqrt(P_x / (P_n * 10^(s/10)))``, powers ``P = mean(v^2)`` taken over the
   utterance's valid (unpadded) samples only, so padding neither dilutes the speech power nor gets noise.
 
-Reverberation comes first, as in a room: the noise is not reverberated by the speaker's room.
+Reverberation comes first, as in a room: the noise is not reverberated by the speaker's room. With
+``exclusive`` an utterance gets at most one of the two (the reference recipe: one of none / noise / reverb,
+``noise_prob = reverb_prob = 1/3``): one uniform draw ``u``, reverb if ``u < reverb_prob``, noise if
+``reverb_prob <= u < reverb_prob + noise_prob``.
 All random choices come from the ``torch.Generator`` passed in, so a seeded generator reproduces a batch.
 Noise and RIR files are decoded once and kept on the CPU; only the crops of one batch go to the device.
 """
@@ -32,6 +36,8 @@ from svlib.data.lists import ListError, read_audio_list
 __all__ = ["AugmentConfig", "Augmenter", "read_noise_list", "read_rir_list", "add_noise", "reverberate"]
 
 NOISE_CATEGORIES = ("noise", "music", "speech")
+NOISE_TYPES = ("noise", "music", "babble", "babble_music")  # what a noised utterance gets (noise_types)
+_TYPE_SOURCES = {"noise": ("noise",), "music": ("music",), "babble": ("speech",), "babble_music": ("speech", "music")}
 
 
 @dataclass
@@ -44,12 +50,20 @@ class AugmentConfig:
     snr_music: tuple[float, float] = (5.0, 15.0)
     snr_babble: tuple[float, float] = (13.0, 20.0)
     babble_speakers: tuple[int, int] = (3, 7)
+    noise_types: tuple[str, ...] = ("noise", "music", "babble")   # drawn uniformly; may add "babble_music"
+    exclusive: bool = False   # at most one of reverb / noise per utterance (see the module docstring)
 
     def __post_init__(self) -> None:
         for name in ("noise_prob", "reverb_prob"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        if self.exclusive and self.noise_prob + self.reverb_prob > 1.0 + 1e-9:
+            raise ValueError(f"exclusive: noise_prob + reverb_prob must be <= 1, got "
+                             f"{self.noise_prob} + {self.reverb_prob}")
+        bad = [t for t in self.noise_types if t not in NOISE_TYPES]
+        if bad or not self.noise_types or len(set(self.noise_types)) != len(self.noise_types):
+            raise ValueError(f"noise_types must be distinct names from {list(NOISE_TYPES)}, got {list(self.noise_types)}")
         for name in ("snr_noise", "snr_music", "snr_babble"):
             lo, hi = getattr(self, name)
             if not lo <= hi:
@@ -159,9 +173,8 @@ class Augmenter:
                                  f"{category!r} is not one of {list(NOISE_CATEGORIES)}")
             self._noises[category].append(self._check_source(source, "noise"))
         self._rirs = [self._check_source(r, "RIR") for r in rirs]
-        # babble is made of speech files; the name the SNR range uses is "babble".
-        self.categories = [name for name, src in (("noise", "noise"), ("music", "music"), ("babble", "speech"))
-                           if self._noises[src]]
+        # babble is made of speech files, babble_music of speech and music; both use snr_babble.
+        self.categories = [name for name in cfg.noise_types if all(self._noises[s] for s in _TYPE_SOURCES[name])]
         if cfg.noise_prob > 0 and not self.categories:
             raise ValueError(f"noise_prob={cfg.noise_prob} but no noise files were given")
         if cfg.reverb_prob > 0 and not self._rirs:
@@ -252,7 +265,10 @@ class Augmenter:
         out = waves.to(torch.float32, copy=True)  # never modify the caller's batch in place
         draws = self._uniform(2 * batch, generator)
         reverb_rows = [b for b in range(batch) if draws[b] < cfg.reverb_prob]
-        noise_rows = [b for b in range(batch) if draws[batch + b] < cfg.noise_prob]
+        if cfg.exclusive:  # one draw decides: reverb, noise or nothing
+            noise_rows = [b for b in range(batch) if cfg.reverb_prob <= draws[b] < cfg.reverb_prob + cfg.noise_prob]
+        else:
+            noise_rows = [b for b in range(batch) if draws[batch + b] < cfg.noise_prob]
 
         if reverb_rows:
             picked = [self._rir(self._randint(len(self._rirs), generator)) for _ in reverb_rows]
@@ -268,10 +284,14 @@ class Augmenter:
             snrs = torch.empty(len(noise_rows), dtype=torch.float64)
             for i in range(len(noise_rows)):
                 category = self.categories[self._randint(len(self.categories), generator)]
-                lo, hi = getattr(cfg, f"snr_{category}")
+                lo, hi = cfg.snr_babble if category.startswith("babble") else getattr(cfg, f"snr_{category}")
                 snrs[i] = lo + (hi - lo) * self._uniform(1, generator)[0]
                 if category == "babble":
                     noise[i] = self._babble(num, generator)
+                elif category == "babble_music":
+                    music = self._crop(self._noise("music", self._randint(len(self._noises["music"]), generator)),
+                                       num, generator)
+                    noise[i] = self._babble(num, generator, count=1) + _unit_power(music)
                 else:
                     files = self._noises[category]
                     noise[i] = self._crop(self._noise(category, self._randint(len(files), generator)), num, generator)
@@ -280,9 +300,11 @@ class Augmenter:
             out[rows] = add_noise(out[rows], noise.to(device), snrs.to(device), sub_lengths)
         return out.to(dtype)
 
-    def _babble(self, num: int, generator) -> torch.Tensor:
-        lo, hi = self.cfg.babble_speakers
-        count = lo + self._randint(hi - lo + 1, generator)
+    def _babble(self, num: int, generator, count: int | None = None) -> torch.Tensor:
+        """Sum of ``count`` (default: drawn from ``babble_speakers``) unit-power speech crops."""
+        if count is None:
+            lo, hi = self.cfg.babble_speakers
+            count = lo + self._randint(hi - lo + 1, generator)
         files = self._noises["speech"]
         if count <= len(files):
             device = generator.device if generator is not None else "cpu"
@@ -291,8 +313,11 @@ class Augmenter:
             chosen = [self._randint(len(files), generator) for _ in range(count)]
         total = torch.zeros(num)
         for index in chosen:
-            seg = self._crop(self._noise("speech", index), num, generator)
-            power = float((seg.double() ** 2).mean())
-            if power > 0:
-                total += seg / power ** 0.5
+            total += _unit_power(self._crop(self._noise("speech", index), num, generator))
         return total
+
+
+def _unit_power(segment: torch.Tensor) -> torch.Tensor:
+    """``segment / sqrt(mean(segment^2))``; a silent segment stays zero."""
+    power = float((segment.double() ** 2).mean())
+    return segment / power ** 0.5 if power > 0 else torch.zeros_like(segment)
