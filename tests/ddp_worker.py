@@ -6,6 +6,9 @@ Imported by tests/test_engine.py, and run as a script in two modes:
   SIGKILL it after its first checkpoint appears;
 * ``python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py ddp OUT`` trains with DDP on
   gloo; each rank writes its final weights and rank 0 its log to OUT.
+* ``python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py val OUT`` evaluates the
+  held-out list sharded over the ranks (``svlib.evaluate``, ``distributed=True``), then trains a few steps
+  validating that way on every rank; rank 0 writes the scores and the log to OUT.
 """
 from __future__ import annotations
 
@@ -161,6 +164,23 @@ def make_config(steps: int, **overrides) -> TrainConfig:
     return TrainConfig(**cfg)
 
 
+def val_set(root: Path = SV_MINI, prefix: str = "ls"):
+    """(DataDir, Trials): the held-out speakers ``prefix*`` of sv-mini, all pairs of their utterances."""
+    from svlib.data.lists import DataDir, Trials
+
+    rows = [r for r in csv.DictReader(open(root / "manifest.csv")) if r["speaker"].startswith(prefix)]
+    wavs = {Path(r["path"]).with_suffix("").as_posix().replace("/", "-"): str(root / r["path"]) for r in rows}
+    utt2spk = {Path(r["path"]).with_suffix("").as_posix().replace("/", "-"): r["speaker"] for r in rows}
+    utts = sorted(wavs)
+    pairs = [(a, b) for i, a in enumerate(utts) for b in utts[i + 1:]]
+    trials = Trials([a for a, _ in pairs], [b for _, b in pairs],
+                    np.array([utt2spk[a] == utt2spk[b] for a, b in pairs], dtype=np.int8))
+    return DataDir(wavs=wavs, utt2spk=utt2spk), trials
+
+
+VAL_SECONDS = 2.0  # evaluation crops in the val mode: the arithmetic is what is tested, not the model
+
+
 def main(argv: list[str]) -> None:
     mode, out = argv[0], Path(argv[1])
     if mode == "kill":
@@ -192,6 +212,39 @@ def main(argv: list[str]) -> None:
         if rank == 0:
             (out / "history.json").write_text(json.dumps({"history": history, "final_step": result.final_step,
                                                           "world": world, "best_step": result.best_step}))
+        torch.distributed.destroy_process_group()
+    elif mode == "val":
+        from svlib.evaluate import EvalConfig, evaluate
+
+        torch.set_num_threads(1)
+        rank, world, _ = setup_distributed(timeout_minutes=5)
+        val_dir, trials = val_set()
+        eval_cfg = EvalConfig(max_seconds=VAL_SECONDS, progress=False)
+        model, _ = build(2, seed=0)  # the same weights on every rank
+        sharded = evaluate(model, val_dir, {"val": trials}, eval_cfg, distributed=True)
+        assert (sharded is None) == (rank != 0)
+
+        waves, labels, utts = load_speakers("asc", 8)
+        model, head = build(max(labels) + 1, seed=1)
+        loader = MiniLoader(waves, labels, utts, seed=3, rank=rank)
+        calls = []
+
+        def validate(m):  # on every rank: each embeds its shard, rank 0 scores
+            calls.append(rank)
+            out = evaluate(m, val_dir, {"val": trials}, eval_cfg, distributed=True)
+            return None if out is None else {"eer_pct": out["val"]["eer_pct"]}
+
+        history = []
+        cfg = make_config(4, val_every=2, ckpt_every=100, margin=None)
+        result = train(model, head, loader, cfg, out / "run", validate=validate,
+                       log=lambda rec, step: history.append((step, rec)))
+        counts = [None] * world
+        torch.distributed.all_gather_object(counts, len(calls))
+        if rank == 0:
+            (out / "val.json").write_text(json.dumps({
+                "world": world, "eer_pct": sharded["val"]["eer_pct"], "scores": sharded["val"]["scores"].tolist(),
+                "validate_calls": counts, "best_step": result.best_step,
+                "val_steps": [s for s, rec in history if "val_eer_pct" in rec]}))
         torch.distributed.destroy_process_group()
     else:
         raise SystemExit(f"unknown mode {mode!r}")

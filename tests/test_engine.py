@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from svlib.config import from_dict  # noqa: E402
 from svlib.losses import MarginSchedule  # noqa: E402
 from svlib.scoring.metrics import compute_eer  # noqa: E402
 from svlib.train import checkpoint as ck  # noqa: E402
+from svlib.train import engine  # noqa: E402
 from svlib.train.engine import OptimConfig, TrainConfig, build_optimizer, train  # noqa: E402
 from svlib.train.schedules import ScheduleConfig, apply_lr, lr_factor  # noqa: E402
 
@@ -175,10 +177,73 @@ def test_resume_after_sigkill_matches_uninterrupted(reference, train_data, tmp_p
 
 
 def test_amp_request_on_cpu_runs_float32(reference, train_data, tmp_path):
-    # autocast is CUDA-only here: on CPU an amp config must neither fail nor change the arithmetic
+    # fp16 autocast (with its loss scaler) is CUDA-only: on CPU it must neither fail nor change the arithmetic
     ref_model, _, _, _ = reference
     model, _, _, _ = run_fresh(train_data, tmp_path, TOTAL, amp="fp16")
     assert_same_weights(model, ref_model)
+
+
+def test_bf16_autocast_on_cpu(train_data, tmp_path):
+    # amp=bf16 runs the forward in bfloat16 on CPU too (the full-size rehearsal relies on it)
+    waves, labels, utts = train_data
+    dtypes = []
+    runs = {}
+    for amp in ("off", "bf16"):
+        model, head = w.build(max(labels) + 1)
+        linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+        hook = linear.register_forward_hook(lambda mod, args, out: dtypes.append((amp, out.dtype)))
+        history = []
+        train(model, head, w.MiniLoader(waves, labels, utts), w.make_config(4, amp=amp), tmp_path / amp,
+              log=lambda rec, step: history.append(rec["loss"]))
+        hook.remove()
+        runs[amp] = (model, history)
+    assert {d for a, d in dtypes if a == "bf16"} == {torch.bfloat16}
+    assert {d for a, d in dtypes if a == "off"} == {torch.float32}
+    (fp32, loss32), (bf16, loss16) = runs["off"], runs["bf16"]
+    assert all(math.isfinite(x) for x in loss16) and loss16 != loss32  # different arithmetic ...
+    assert loss16 == pytest.approx(loss32, rel=0.05)                  # ... to bfloat16 precision
+    assert all(p.dtype == torch.float32 for p in bf16.parameters())   # weights and optimizer stay float32
+    assert engine.autocast("fp16", "cpu").__class__.__name__ == "nullcontext"
+
+
+def test_epochs_are_converted_from_the_loaders_steps_per_epoch(train_data, tmp_path, capsys):
+    waves, labels, utts = train_data
+    model, head = w.build(max(labels) + 1)
+    loader = w.MiniLoader(waves, labels, utts)
+    loader.steps_per_epoch = 4
+    cfg = w.make_config(None, epochs=2.5, ckpt_every=100, ckpt_every_epochs=None,
+                        schedule=ScheduleConfig(kind="step", warmup_epochs=0.5, step_size_epochs=1.0, gamma=0.5))
+    history = []
+    result = train(model, head, loader, cfg, tmp_path, log=lambda rec, step: history.append((step, rec)))
+    assert (result.steps, result.steps_per_epoch, result.epochs, result.final_step) == (10, 4, 2.5, 10)
+    assert "10 steps; 4 steps/epoch at world size 1 = 2.5 epochs; from epochs=2.5" in capsys.readouterr().out
+    lrs = {step: rec["lr_backend"] / 5e-3 for step, rec in history}  # record at step s: update s-1
+    assert lrs[1] == pytest.approx(0.5) and lrs[2] == lrs[6] == pytest.approx(1.0)  # warm-up: updates 0, 1
+    assert lrs[7] == lrs[10] == pytest.approx(0.5)                                   # x0.5 from update 2 + 4
+    assert ck.load_checkpoint(result.last_checkpoint)["config"]["steps"] == 10
+    with pytest.raises(ValueError, match="steps_per_epoch is None"):
+        train(*w.build(max(labels) + 1), w.MiniLoader(waves, labels, utts), cfg, tmp_path / "b")
+
+
+def test_setup_distributed_timeout(monkeypatch):
+    calls = []
+    monkeypatch.setattr(engine.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(engine.dist, "init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(engine.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv(engine.TIMEOUT_ENV, raising=False)
+    assert engine.setup_distributed() == (1, 2, 0)
+    monkeypatch.setenv(engine.TIMEOUT_ENV, "45")
+    engine.setup_distributed()
+    engine.setup_distributed(timeout_minutes=90.5)  # the argument wins over the environment
+    assert calls == [{"backend": "gloo"}, {"backend": "gloo", "timeout": timedelta(minutes=45)},
+                     {"backend": "gloo", "timeout": timedelta(minutes=90.5)}]
+    monkeypatch.setenv(engine.TIMEOUT_ENV, "ten")
+    with pytest.raises(ValueError, match="SVLIB_DIST_TIMEOUT_MINUTES='ten'"):
+        engine.setup_distributed()
+    with pytest.raises(ValueError, match="positive"):
+        engine.setup_distributed(timeout_minutes=0)
 
 
 def test_resume_takes_learning_rates_from_the_config(train_data, tmp_path):
@@ -244,6 +309,40 @@ def test_ddp_two_processes_gloo(sv_mini, tmp_path):
     # only rank 0 writes checkpoints; the final one holds both ranks' RNG streams
     state = ck.load_checkpoint(tmp_path / "run" / "ckpt_00000024.pt")
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+
+
+def test_sharded_validation_matches_single_process(sv_mini, tmp_path):
+    """2 gloo ranks each embed half of the held-out list, rank 0 gathers and scores: same EER as one process;
+    inside train() every rank validates (val_every), rank 0 selects."""
+    from svlib.evaluate import EvalConfig, evaluate
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "ddp_worker.py"), "val", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import json
+    got = json.loads((tmp_path / "val.json").read_text())
+    val_dir, trials = w.val_set(sv_mini)
+    model, _ = w.build(2, seed=0)
+    single = evaluate(model, val_dir, {"val": trials}, EvalConfig(max_seconds=w.VAL_SECONDS, progress=False))["val"]
+    assert got["world"] == 2 and len(got["scores"]) == len(trials) == 435
+    np.testing.assert_allclose(got["scores"], single["scores"], atol=1e-5)
+    assert got["eer_pct"] == pytest.approx(single["eer_pct"], abs=1e-9)
+    assert got["validate_calls"] == [2, 2] and got["val_steps"] == [2, 4] and got["best_step"] in (2, 4)
+
+
+def test_evaluation_in_bf16_on_cpu(sv_mini):
+    from svlib.evaluate import EvalConfig, extract_embeddings
+
+    val_dir, _ = w.val_set(sv_mini)
+    utts = sorted(val_dir.wavs)[:6]
+    model, _ = w.build(2, seed=0)
+    fp32 = extract_embeddings(model, val_dir, utts, EvalConfig(max_seconds=1.0, progress=False))
+    bf16 = extract_embeddings(model, val_dir, utts, EvalConfig(max_seconds=1.0, progress=False, amp="bf16"))
+    a, b = fp32.matrix, bf16.matrix
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert bf16.matrix.dtype == np.float32 and not np.array_equal(a, b) and cos.min() > 0.99
 
 
 # -------------------------------------------------------------------------------------- checkpoint files

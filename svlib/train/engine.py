@@ -5,6 +5,15 @@ lengths), labels)`` with AdamW (separate learning rates for the front-end and ev
 AMP, gradient clipping, an LR schedule and a margin schedule that are pure functions of the step, periodic
 checkpoints and validation-based model selection (``best.pt``).
 
+Epochs. A config may give ``epochs`` instead of ``steps`` (and the schedule's lengths, ``val_every`` and
+``ckpt_every`` in epochs too). They are converted when ``train`` starts, from the loader's
+``steps_per_epoch`` = floor(copies x utterances / (batch size x world size)) (``svlib.data.sampling``), so
+one stage config gives the reference's step counts on whatever number of GPUs the stage runs on; both the
+epochs and the steps are printed and returned (``TrainResult.steps``, ``.steps_per_epoch``, ``.epochs``).
+
+AMP. ``amp: bf16`` runs the forward under ``torch.autocast`` in bfloat16 on CUDA and on CPU; ``fp16`` (which
+needs a loss scaler) only on CUDA, and in float32 elsewhere.
+
 Exact resume. Everything that decides update k+1 after update k is either in the checkpoint or a pure
 function of k: weights, optimizer moments, grad-scaler state, the loader position (batch i is a function of
 (seed, i, rank)), the RNG states of every rank, and the best validation metric so far. Batches are fetched
@@ -16,7 +25,10 @@ performs the same arithmetic as ``train(steps=n)``: on CPU the final weights are
 Distributed. Launch with ``torchrun``; call ``setup_distributed()`` before building the loader (it needs
 the rank). When a process group exists, ``train`` wraps model and head together in one
 DistributedDataParallel (the head's class weights are trained too, so they must be all-reduced as well).
-Every rank computes; only rank 0 logs, validates and writes files.
+Every rank computes; only rank 0 logs, selects the best model and writes files. ``validate`` is called on
+every rank that was given one (all ranks at once, so it may use collectives: ``svlib.evaluate`` embeds
+each rank's shard of the validation list and gathers on rank 0); only rank 0's metrics are used.
+``setup_distributed(timeout_minutes)`` sets the process group's collective timeout (NCCL's watchdog).
 """
 from __future__ import annotations
 
@@ -25,7 +37,8 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -39,7 +52,10 @@ from svlib.config import to_dict
 from svlib.losses import MarginSchedule
 from svlib.train.checkpoint import (checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint,
                                     prune_checkpoints, save_checkpoint)
-from svlib.train.schedules import ScheduleConfig, apply_lr, lr_factor
+from svlib.train.schedules import ScheduleConfig, apply_lr, epochs_to_steps, lr_factor
+
+DEFAULT_STEPS = 1000  # when a config gives neither steps nor epochs
+TIMEOUT_ENV = "SVLIB_DIST_TIMEOUT_MINUTES"
 
 
 @dataclass
@@ -53,11 +69,14 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
+    steps: int | None = None           # optimizer updates; or give ``epochs``; neither: DEFAULT_STEPS
+    epochs: float | None = None        # converted to steps at the start (see the module docstring)
     log_every: int = 10
     ckpt_every: int = 500
+    ckpt_every_epochs: float | None = None   # instead of ckpt_every
     keep_checkpoints: int = 3          # step checkpoints kept on disk (best.pt is separate); 0 keeps all
     val_every: int = 0                 # 0: never validate
+    val_every_epochs: float | None = None    # instead of val_every
     val_metric: str = "eer_pct"        # key of the dict returned by ``validate``
     val_mode: Literal["min", "max"] = "min"
     grad_clip: float = 5.0             # max global grad norm; 0 disables clipping
@@ -70,11 +89,36 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "log_every", "ckpt_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("steps", "epochs", "log_every", "ckpt_every", "ckpt_every_epochs", "val_every_epochs"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
         if self.val_every < 0 or self.keep_checkpoints < 0:
             raise ValueError("val_every and keep_checkpoints must be >= 0")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError(f"give steps or epochs, not both (steps={self.steps}, epochs={self.epochs})")
+        if self.val_every_epochs is not None and self.val_every:
+            raise ValueError("give val_every or val_every_epochs, not both")
+
+    @property
+    def in_epochs(self) -> bool:
+        """Whether some length is in epochs: ``in_steps`` needs the data's steps per epoch."""
+        return (self.epochs is not None or self.ckpt_every_epochs is not None or self.val_every_epochs is not None
+                or self.schedule.in_epochs)
+
+    def in_steps(self, steps_per_epoch: int | None = None) -> "TrainConfig":
+        """The same config with every length in steps (``round(epochs * steps_per_epoch)``, at least 1)."""
+        if self.in_epochs and (steps_per_epoch is None or steps_per_epoch < 1):
+            raise ValueError(f"the config gives lengths in epochs but steps_per_epoch is {steps_per_epoch} "
+                             "(the loader must have a steps_per_epoch attribute)")
+
+        def steps_of(epochs: float | None, default: int | None) -> int | None:
+            return default if epochs is None else max(1, epochs_to_steps(epochs, steps_per_epoch))
+
+        return replace(self, steps=steps_of(self.epochs, self.steps or DEFAULT_STEPS), epochs=None,
+                       ckpt_every=steps_of(self.ckpt_every_epochs, self.ckpt_every), ckpt_every_epochs=None,
+                       val_every=steps_of(self.val_every_epochs, self.val_every), val_every_epochs=None,
+                       schedule=self.schedule.in_steps(steps_per_epoch) if self.schedule.in_epochs else self.schedule)
 
 
 @dataclass
@@ -85,27 +129,78 @@ class TrainResult:
     last_checkpoint: Path | None
     best_checkpoint: Path | None
     checkpoints: list[Path]
+    steps: int | None = None               # the run's length in steps (after any epoch conversion)
+    steps_per_epoch: int | None = None     # the loader's, at this world size (None: the loader has none)
+    epochs: float | None = None            # steps / steps_per_epoch
+
+
+def resolve_config(cfg: TrainConfig, loader, world_size: int = 1) -> tuple[TrainConfig, int | None, str]:
+    """``cfg`` in steps for this ``loader`` (its ``steps_per_epoch`` at the current world size), the steps per
+    epoch, and a one-line description of the conversion for the log."""
+    spe = getattr(loader, "steps_per_epoch", None)
+    resolved = cfg.in_steps(spe)
+    parts = [f"{resolved.steps} steps"]
+    if spe:
+        parts.append(f"{spe} steps/epoch at world size {world_size} = {resolved.steps / spe:.4g} epochs")
+    sched = resolved.schedule
+    if cfg.in_epochs:
+        given = {k: v for k, v in (("epochs", cfg.epochs), ("warmup_epochs", cfg.schedule.warmup_epochs),
+                                   ("step_size_epochs", cfg.schedule.step_size_epochs),
+                                   ("decay_epochs", cfg.schedule.decay_epochs),
+                                   ("val_every_epochs", cfg.val_every_epochs),
+                                   ("ckpt_every_epochs", cfg.ckpt_every_epochs)) if v is not None}
+        parts.append("from " + ", ".join(f"{k}={v:g}" for k, v in given.items()))
+        parts.append(f"warmup_steps={sched.warmup_steps}, step_size={sched.step_size}, decay_steps={sched.decay_steps}, "
+                     f"val_every={resolved.val_every}, ckpt_every={resolved.ckpt_every}")
+    return resolved, spe, "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------- distributed
 
-def setup_distributed() -> tuple[int, int, int]:
+def dist_timeout(timeout_minutes: float | None = None) -> timedelta | None:
+    """The collective timeout: ``timeout_minutes``, else env ``SVLIB_DIST_TIMEOUT_MINUTES``, else None (torch's
+    default, 10 minutes for NCCL)."""
+    if timeout_minutes is None:
+        raw = os.environ.get(TIMEOUT_ENV, "").strip()
+        if not raw:
+            return None
+        try:
+            timeout_minutes = float(raw)
+        except ValueError:
+            raise ValueError(f"{TIMEOUT_ENV}={raw!r} is not a number of minutes") from None
+    if not timeout_minutes > 0 or not math.isfinite(timeout_minutes):
+        raise ValueError(f"the process-group timeout must be a positive number of minutes, got {timeout_minutes}")
+    return timedelta(minutes=timeout_minutes)
+
+
+def setup_distributed(timeout_minutes: float | None = None) -> tuple[int, int, int]:
     """Join the process group described by torchrun's env vars; returns (rank, world_size, local_rank).
 
     Without ``WORLD_SIZE > 1`` nothing is initialised and (0, 1, 0) is returned, so the same script runs
-    under plain ``python`` and under ``torchrun``.
+    under plain ``python`` and under ``torchrun``. ``timeout_minutes`` (or env ``SVLIB_DIST_TIMEOUT_MINUTES``)
+    bounds how long a collective waits for the other ranks (``init_process_group(timeout=...)``).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    timeout = dist_timeout(timeout_minutes)
     if world > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
             backend = "nccl"
         else:
             backend = "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout is not None else {}))
     return rank, world, local_rank
+
+
+def autocast(amp: str, device: torch.device | str):
+    """The forward's precision context: bf16 autocast on any device, fp16 on CUDA only, else a no-op."""
+    device = torch.device(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    if dtype is None or (dtype is torch.float16 and device.type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def _dist() -> tuple[int, int]:
@@ -121,10 +216,14 @@ def _barrier() -> None:
 
 # ------------------------------------------------------------------------------------------------- helpers
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (e.g. before building a model)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+_seed_everything = seed_everything
 
 
 def _rng_state() -> dict[str, Any]:
@@ -208,7 +307,8 @@ class _ModelAndHead(nn.Module):
 
 
 def _split_output(out) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """The head returns ``(loss, accuracy)`` or ``(loss, accuracy, extras)``; extras are floats to log."""
+    """The head returns ``(loss, accuracy)`` or ``(loss, accuracy, extras)``; extras are floats or 0-d tensors to log
+    (tensors are averaged on their device and read once per log window)."""
     if len(out) == 3:
         return out[0], out[1], dict(out[2])
     loss, accuracy = out
@@ -230,9 +330,10 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
           param_groups: list[dict] | None = None) -> TrainResult:
     """Train ``model`` + ``head`` on ``loader`` for ``cfg.steps`` updates in total (see module docstring).
 
-    ``model`` must already be on its device; ``head`` is moved there. ``validate(model)`` runs on rank 0
-    under ``torch.no_grad()`` in eval mode and returns metrics including ``cfg.val_metric``; it is the
-    only input to model selection (never pass a test-set evaluation here). ``augment(waves, lengths)`` runs
+    ``model`` must already be on its device; ``head`` is moved there. ``validate(model)`` runs on every rank
+    that passes one (pass it on all ranks or on rank 0 only), under ``torch.no_grad()`` in eval mode; on
+    rank 0 it returns metrics including ``cfg.val_metric`` (other ranks' return values are ignored). It is
+    the only input to model selection (never pass a test-set evaluation here). ``augment(waves, lengths)`` runs
     on the training device after the batch is moved there (noise/reverb on the GPU, not in the loader); it
     draws from the global torch RNG, which checkpoints hold, so resume stays exact.
 
@@ -245,17 +346,19 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
     out_dir = Path(out_dir)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+    cfg, spe, conversion = resolve_config(cfg, loader, world)
+    if is_main:
+        print(f"[train] {conversion}")
     device = next(model.parameters()).device
     head.to(device)
-    _seed_everything(cfg.seed + rank)
+    seed_everything(cfg.seed + rank)
 
     optimizer = build_optimizer(model, head, cfg.optim, param_groups)
     base_lrs = {group["name"]: group["base_lr"] for group in optimizer.param_groups}
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    use_amp = amp_dtype is not None and device.type == "cuda"
-    if amp_dtype is not None and not use_amp and is_main:
-        print(f"[train] amp={cfg.amp} needs CUDA; running in float32 on {device}")
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype is torch.float16)
+    if cfg.amp == "fp16" and device.type != "cuda" and is_main:
+        print(f"[train] amp=fp16 needs CUDA; running in float32 on {device}")
+    # Only fp16 needs loss scaling (bf16 has float32's exponent range).
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16" and device.type == "cuda")
 
     # ---- resume: everything the next update depends on
     step, best_metric, best_step = 0, None, None
@@ -317,7 +420,7 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
         return path
 
     sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, accuracy since the last log
-    extra_sums: dict[str, float] = {}  # the head's extra metrics since the last log (host floats)
+    extra_sums: dict[str, float | torch.Tensor] = {}  # the head's extra metrics since the last log
     window = 0
     pbar = tqdm(total=cfg.steps, initial=step, disable=not (is_main and cfg.progress), dynamic_ncols=True)
     model.train()
@@ -346,7 +449,7 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
         if cfg.margin is not None:
             head.margin = cfg.margin(step)
 
-        with torch.autocast("cuda", dtype=amp_dtype) if use_amp else nullcontext():
+        with autocast(cfg.amp, device):
             loss, accuracy, extras = _split_output(net(waves, lengths, labels))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -360,13 +463,16 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
         pbar.update(1)
         sums += torch.stack([loss.detach().double(), accuracy.detach().double()])
         for key, value in extras.items():
-            extra_sums[key] = extra_sums.get(key, 0.0) + float(value)
+            # a tensor is summed where it lives: float() here would wait for the device on every step
+            value = value.detach().double() if torch.is_tensor(value) else float(value)
+            extra_sums[key] = extra_sums.get(key, 0.0) + value
         window += 1
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             # Reducing only here keeps the device free of per-step host syncs.
             names = sorted(extra_sums)
-            extra_mean = torch.tensor([extra_sums[k] for k in names], dtype=torch.float64, device=device)
+            extra_mean = torch.stack([torch.as_tensor(extra_sums[k], dtype=torch.float64, device=device)
+                                      for k in names]) if names else sums.new_zeros(0)
             if world > 1:
                 dist.all_reduce(sums)
                 if names:
@@ -399,15 +505,20 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
         if cfg.val_every > 0 and step % cfg.val_every == 0:
             # The condition must not depend on the rank (or on ``validate``, which a worker may omit): every
             # rank has to reach the barrier below.
-            if is_main and validate is not None:
+            metrics = None
+            if validate is not None:  # every rank that has one: a sharded validation needs all of them
                 model.eval()
                 # Validation must not shift the training RNG streams: enabling it may not change training.
                 py_state, np_state = random.getstate(), np.random.get_state()
                 with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-                    metrics = dict(validate(model))
+                    metrics = validate(model)
                 random.setstate(py_state)
                 np.random.set_state(np_state)
                 model.train()
+            if is_main and validate is not None:
+                if metrics is None:
+                    raise TypeError("validate() returned None on rank 0; it must return a dict of metrics there")
+                metrics = dict(metrics)
                 if cfg.val_metric not in metrics:
                     raise KeyError(f"validate() returned {sorted(metrics)}, no {cfg.val_metric!r} (cfg.val_metric)")
                 value = float(metrics[cfg.val_metric])
@@ -439,4 +550,5 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
     return TrainResult(
         best_metric=best_metric, best_step=best_step, final_step=step,
         last_checkpoint=latest_checkpoint(out_dir), best_checkpoint=best_path if best_path.is_file() else None,
-        checkpoints=list_checkpoints(out_dir))
+        checkpoints=list_checkpoints(out_dir), steps=cfg.steps, steps_per_epoch=spe,
+        epochs=cfg.steps / spe if spe else None)
