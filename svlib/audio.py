@@ -1,11 +1,27 @@
-"""Audio loading: any soundfile-readable file -> mono float32 at 16 kHz.
+"""Audio loading: any speech file -> mono float32 at 16 kHz, whole or a crop.
 
-Errors are ``AudioError`` and always name the file, because in a 1M-utterance list the question a user
-asks first is *which* file is broken.
+Two decoders, chosen per file:
+
+* **soundfile** (libsndfile) for WAV, FLAC, Ogg Vorbis/Opus and the other formats it knows: exact
+  sample-accurate seeks, the fastest path (see ``bench/loader_memory.py``).
+* **PyAV** (FFmpeg's decoders, bundled in the ``av`` wheel) for AAC in ``.m4a``/``.mp4``/``.aac`` (VoxCeleb2)
+  and any other file libsndfile does not recognise.
+
+A crop ``[offset, offset + max_seconds)`` reads only what it needs: soundfile seeks to the first frame;
+PyAV seeks the container to ``offset - PREROLL_SECONDS`` and decodes from there. The preroll matters for AAC:
+each frame's MDCT overlaps the previous one, so the first frame decoded after a seek is only correct when
+one frame (1024 samples, 64 ms at 16 kHz) before it has been decoded too; samples before ``offset`` are then
+dropped, so a crop equals the same span of a whole-file decode. FFmpeg's AAC decoder keeps the encoder's
+priming samples (typically 1024 at the start); at 64 ms of near-silence this does not matter for speaker
+embeddings, and crops and whole reads agree with each other either way.
+
+Errors are ``AudioError`` and always name the file in one line, because in a 1M-utterance list the question
+a user asks first is *which* file is broken.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,28 +29,206 @@ import soundfile as sf
 import soxr
 
 SAMPLE_RATE = 16000
+PYAV_SUFFIXES = (".m4a", ".aac", ".mp4", ".mka", ".webm")  # containers/codecs libsndfile cannot read
+PREROLL_SECONDS = 0.2  # decoded before a PyAV seek target: > 2 AAC frames at 16 kHz, ~9 at 44.1 kHz
+
+__all__ = ["SAMPLE_RATE", "AudioError", "AudioInfo", "audio_info", "audio_seconds", "load_audio", "to_mono",
+           "write_audio", "fit_length"]
 
 
 class AudioError(ValueError):
     """A file that cannot be used as speech audio."""
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
-    """Read ``path`` as mono float32 in [-1, 1] at ``sample_rate``; first ``max_seconds`` only when given."""
-    path = Path(path)
+@dataclass(frozen=True)
+class AudioInfo:
+    """Header facts of a file; ``frames`` at ``sample_rate`` (container metadata for PyAV files: may differ
+    from a full decode by the codec's padding, a frame or two)."""
+
+    sample_rate: int
+    frames: int
+    channels: int
+    backend: str  # "soundfile" | "pyav"
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate
+
+
+def _uses_pyav(path: Path) -> bool:
+    return path.suffix.lower() in PYAV_SUFFIXES
+
+
+def _ffmpeg_message(err: Exception) -> str:
+    # FFmpegError's str() repeats the path; its strerror alone is the reason.
+    return getattr(err, "strerror", None) or str(err)
+
+
+def _av():
+    import av  # imported lazily: WAV/FLAC-only users never load FFmpeg's libraries
+
+    return av
+
+
+def _check_exists(path: Path) -> None:
     if not path.is_file():
         raise AudioError(f"{path}: audio file not found")
+
+
+# ---- header ----------------------------------------------------------------------------------------
+def audio_info(path: str | os.PathLike) -> AudioInfo:
+    """Rate, length and channels from the header / container metadata, without decoding."""
+    path = Path(path)
+    _check_exists(path)
+    if not _uses_pyav(path):
+        try:
+            info = sf.info(str(path))
+            return AudioInfo(int(info.samplerate), int(info.frames), int(info.channels), "soundfile")
+        except (sf.LibsndfileError, RuntimeError, TypeError) as err:
+            sf_error = err
+        try:
+            return _pyav_info(path)
+        except AudioError:
+            raise AudioError(f"{path}: not a readable audio file ({sf_error})") from None
+    return _pyav_info(path)
+
+
+def _pyav_info(path: Path) -> AudioInfo:
+    av = _av()
     try:
-        info = sf.info(str(path))
-        frames = -1
-        if max_seconds is not None:
-            frames = int(round(max_seconds * info.samplerate))
-        wave, rate = sf.read(str(path), frames=frames, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
-        raise AudioError(f"{path}: not a readable audio file ({err})") from None
+        with av.open(str(path)) as container:
+            stream = _audio_stream(container, path)
+            rate = int(stream.rate)
+            if stream.duration is not None and stream.time_base is not None:
+                frames = int(round(float(stream.duration * stream.time_base) * rate))
+            elif container.duration is not None:
+                frames = int(round(container.duration / av.time_base * rate))
+            else:  # raw streams without an index: count by decoding (slow, but only such files pay)
+                frames = sum(frame.samples for frame in container.decode(stream))
+            return AudioInfo(rate, frames, int(stream.channels), "pyav")
+    except AudioError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as err:
+        raise AudioError(f"{path}: not a readable audio file ({_ffmpeg_message(err)})") from None
+
+
+def audio_seconds(path: str | os.PathLike) -> float:
+    """Duration without decoding (for batching by length, ``utt2dur``)."""
+    return audio_info(path).seconds
+
+
+# ---- decoding --------------------------------------------------------------------------------------
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None,
+               offset: float = 0.0) -> np.ndarray:
+    """Read ``path`` as mono float32 in [-1, 1] at ``sample_rate``.
+
+    Only ``[offset, offset + max_seconds)`` seconds are read when given (``max_seconds`` None: to the end);
+    an offset at or past the end of the file is an error, a span running past it is cut at the end.
+    """
+    path = Path(path)
+    _check_exists(path)
+    if offset < 0 or (max_seconds is not None and max_seconds <= 0):
+        raise AudioError(f"{path}: bad read span offset={offset} max_seconds={max_seconds}")
+    if _uses_pyav(path):
+        wave, rate = _read_pyav(path, offset, max_seconds)
+    else:
+        try:
+            wave, rate = _read_soundfile(path, offset, max_seconds)
+        except _NotSoundfile as err:
+            try:  # a format libsndfile lacks (e.g. AAC in a .wav-named file): FFmpeg may know it
+                wave, rate = _read_pyav(path, offset, max_seconds)
+            except AudioError:
+                raise AudioError(f"{path}: not a readable audio file ({err})") from None
     if wave.shape[0] == 0:
         raise AudioError(f"{path}: empty audio (zero samples)")
     return to_mono(wave, rate, sample_rate, path)
+
+
+class _NotSoundfile(Exception):
+    pass
+
+
+def _read_soundfile(path: Path, offset: float, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    try:
+        with sf.SoundFile(str(path)) as f:
+            rate = f.samplerate
+            first = int(round(offset * rate))
+            if offset > 0 and first >= f.frames:
+                raise AudioError(f"{path}: read offset {offset:.3f} s lies outside the recording "
+                                 f"({f.frames / rate:.3f} s)")
+            if first:
+                f.seek(first)
+            frames = -1 if max_seconds is None else int(round(max_seconds * rate))
+            return f.read(frames, dtype="float32", always_2d=True), rate
+    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
+        raise _NotSoundfile(str(err)) from None
+
+
+def _audio_stream(container, path: Path):
+    if not container.streams.audio:
+        raise AudioError(f"{path}: no audio stream in the file")
+    return container.streams.audio[0]
+
+
+def _frame_array(frame) -> np.ndarray:
+    """A decoded PyAV frame -> float32 [channels, samples] whatever its sample format (planar or packed)."""
+    a = frame.to_ndarray()
+    if not frame.format.is_planar:
+        a = a.reshape(-1, len(frame.layout.channels)).T
+    if a.dtype.kind == "i":
+        return a.astype(np.float32) / float(2 ** (8 * a.dtype.itemsize - 1))
+    if a.dtype.kind == "u":  # u8 is offset binary
+        return (a.astype(np.float32) - 128.0) / 128.0
+    return a.astype(np.float32, copy=False)
+
+
+class _NoTimestamps(Exception):
+    pass
+
+
+def _read_pyav(path: Path, offset: float, max_seconds: float | None) -> tuple[np.ndarray, int]:
+    """Decode ``[offset, offset + max_seconds)``; [frames, channels] float32 and the file's rate."""
+    av = _av()
+    try:
+        try:
+            return _decode_span(av, path, offset, max_seconds, seek=offset > 0)
+        except _NoTimestamps:  # a stream without timestamps cannot be seeked reliably: decode from the start
+            return _decode_span(av, path, offset, max_seconds, seek=False)
+    except AudioError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, EOFError) as err:
+        raise AudioError(f"{path}: not a readable audio file ({_ffmpeg_message(err)})") from None
+
+
+def _decode_span(av, path: Path, offset: float, max_seconds: float | None, seek: bool) -> tuple[np.ndarray, int]:
+    with av.open(str(path)) as container:
+        stream = _audio_stream(container, path)
+        rate = int(stream.rate)
+        first = int(round(offset * rate))
+        stop = None if max_seconds is None else first + int(round(max_seconds * rate))
+        if seek:
+            target = max(0.0, offset - PREROLL_SECONDS)
+            container.seek(int(target / stream.time_base), stream=stream, backward=True)
+        chunks, position, timed = [], 0, False
+        for frame in container.decode(stream):
+            if frame.time is not None:
+                position, timed = int(round(frame.time * rate)), True
+            elif seek and not timed:
+                raise _NoTimestamps()
+            data = _frame_array(frame)
+            end = position + data.shape[1]
+            lo, hi = max(first, position), end if stop is None else min(stop, end)
+            if hi > lo:
+                chunks.append(data[:, lo - position:hi - position])
+            position = end
+            if stop is not None and position >= stop:
+                break
+        if not chunks:
+            if offset > 0:
+                raise AudioError(f"{path}: read offset {offset:.3f} s lies outside the recording "
+                                 f"({position / rate:.3f} s decoded)")
+            return np.zeros((0, 1), dtype=np.float32), rate
+        return np.concatenate(chunks, axis=1).T, rate
 
 
 def to_mono(wave: np.ndarray, rate: int, sample_rate: int, path: str | os.PathLike) -> np.ndarray:
@@ -47,13 +241,28 @@ def to_mono(wave: np.ndarray, rate: int, sample_rate: int, path: str | os.PathLi
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 
-def audio_seconds(path: str | os.PathLike) -> float:
-    """Duration without decoding (for batching by length)."""
-    try:
-        info = sf.info(str(path))
-    except (sf.LibsndfileError, RuntimeError) as err:
-        raise AudioError(f"{path}: not a readable audio file ({err})") from None
-    return info.frames / info.samplerate
+# ---- writing ---------------------------------------------------------------------------------------
+def write_audio(path: str | os.PathLike, wave: np.ndarray, sample_rate: int = SAMPLE_RATE,
+                bitrate: int = 64000) -> Path:
+    """Write mono float audio: AAC (``bitrate`` bit/s) for PyAV suffixes (.m4a, .aac, ...), else soundfile
+    (WAV 16-bit PCM, FLAC, Ogg...). Used by conversion, tests and benchmarks; not atomic (callers rename)."""
+    path = Path(path)
+    wave = np.asarray(wave, dtype=np.float32).reshape(-1)
+    if not _uses_pyav(path):
+        sf.write(str(path), wave, sample_rate, subtype="PCM_16" if path.suffix.lower() == ".wav" else None)
+        return path
+    av = _av()
+    fmt = "adts" if path.suffix.lower() == ".aac" else None  # raw AAC has no container; FFmpeg calls it adts
+    with av.open(str(path), "w", format=fmt) as container:
+        stream = container.add_stream("aac", rate=sample_rate, layout="mono")
+        stream.bit_rate = bitrate
+        step = 16 * 1024
+        for start in range(0, len(wave), step):
+            frame = av.AudioFrame.from_ndarray(wave[None, start:start + step], format="flt", layout="mono")
+            frame.rate = sample_rate
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
 
 
 def fit_length(wave: np.ndarray, num_samples: int, rng: np.random.Generator | None = None) -> np.ndarray:
