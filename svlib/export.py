@@ -33,6 +33,7 @@ from svlib.features import (
     FEATURE_DIM,
     HOP_LENGTH,
     MEL_FLOOR,
+    MIN_SAMPLES,
     N_FFT,
     NORM_EPS,
     PREEMPHASIS,
@@ -78,7 +79,10 @@ class OnnxFbank(nn.Module):
     def forward(self, waves: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         x = waves.to(torch.float64)
         batch_n = x.shape[1]
-        lengths = lengths.to(torch.int64)
+        # A row shorter than MIN_SAMPLES has no stacked frame: its mean/var divide by zero and the embedding
+        # would be NaN. Such rows are computed over their first MIN_SAMPLES samples instead (the padding
+        # zeros after them), i.e. as if zero-padded to the minimum; run_onnx refuses a batch narrower than that.
+        lengths = torch.clamp(lengths.to(torch.int64), min=MIN_SAMPLES)
         total = torch.div(batch_n - WIN_LENGTH, HOP_LENGTH, rounding_mode="floor") + 1  # analysis frames of N
         starts = torch.arange(total, dtype=torch.int64, device=x.device) * HOP_LENGTH
         index = (starts[:, None] + self.offsets[None, :]).reshape(-1)  # [F * 400]
@@ -246,8 +250,14 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None):
 
 
 def run_onnx(session, first: Tensor, second: Tensor):
-    """Run an exported model on (waves, lengths) or (features, attention_mask); returns a numpy array."""
+    """Run an exported model on (waves, lengths) or (features, attention_mask); returns a numpy array.
+
+    Waves input: the minimum length is ``MIN_SAMPLES`` (560 samples, 35 ms at 16 kHz); shorter rows are
+    embedded as if zero-padded to it (see ``OnnxFbank``), and a batch padded to fewer samples is refused."""
     names = [i.name for i in session.get_inputs()]
+    if names[0] == "waves" and first.shape[-1] < MIN_SAMPLES:
+        raise ExportError(f"run_onnx: waves are {first.shape[-1]} samples wide; the model needs at least "
+                          f"{MIN_SAMPLES} ({1000 * MIN_SAMPLES / 16000:.0f} ms at 16 kHz): zero-pad the batch")
     feed = {names[0]: first.detach().cpu().numpy().astype("float32"),
             names[1]: second.detach().cpu().numpy().astype("int64")}
     return session.run(["embeddings"], feed)[0]

@@ -2,6 +2,7 @@
 
     python -m svlib.data.prepare manifest --manifest ../shared/data/sv-bench/manifest.csv --out data/sv-bench [--seed 0]
     python -m svlib.data.prepare voxceleb --root <vox1>/wav [--root <vox2>/dev/aac] --out data/vox
+    python -m svlib.data.prepare cnceleb  --root <CN-Celeb_flac> [--root2 <CN-Celeb2_flac>] --out data/cnceleb
     python -m svlib.data.prepare musan    --root <musan> --out data/musan.list
     python -m svlib.data.prepare rirs     --root <RIRS_NOISES> --out data/rirs.list
 
@@ -361,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("voxceleb", help="data dir from <root>/<speaker>/<video>/<file>")
     v.add_argument("--root", action="append", required=True, help="repeatable (e.g. VoxCeleb2 dev + test)")
     v.add_argument("--out", required=True)
+    c = sub.add_parser("cnceleb", help="train/eval dirs, enrolment list and trials from CN-Celeb1 (+ CN-Celeb2)")
+    c.add_argument("--root", required=True, help="CN-Celeb1 (CN-Celeb_flac)")
+    c.add_argument("--root2", help="CN-Celeb2 (CN-Celeb2_flac), added to training")
+    c.add_argument("--enroll", choices=("map", "lst"), default="map",
+                   help="enrolment utterances from enroll.map (several per model, default) or enroll.lst (one)")
+    c.add_argument("--out", required=True)
     for name, what in (("musan", "noise list from MUSAN"), ("rirs", "RIR list from RIRS_NOISES")):
         p = sub.add_parser(name, help=what)
         p.add_argument("--root", required=True)
@@ -375,6 +382,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "voxceleb":
             d = prepare_voxceleb(args.root, args.out, args.relative_to)
             print(f"{args.out}: {len(d.speakers)} speakers, {len(d)} utterances")
+        elif args.command == "cnceleb":
+            from svlib.data.cnceleb import prepare_cnceleb  # its own module (svlib.data.cnceleb)
+
+            counts = prepare_cnceleb(args.root, args.out, args.root2, args.enroll, args.relative_to)
+            print(f"{args.out}: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in counts.items()))
         else:
             fn = prepare_musan if args.command == "musan" else prepare_rirs
             entries = fn(args.root, args.out, args.relative_to)
