@@ -261,3 +261,54 @@ def test_preloaded_arrays(clean):
     out = aug(clean, None, torch.Generator().manual_seed(0))
     # The RIR is a scaled delta, so only the noise changes the signal: SNR exact.
     np.testing.assert_allclose(snr_db(clean, out).numpy(), 3.0, atol=0.1)
+
+
+# ---- bounded memory: crops read on demand, RIRs in a byte-bounded LRU ------------------------------------
+def test_noise_files_are_read_a_crop_at_a_time(tmp_path, clean):
+    """A 40-s music file costs one crop per use, and the crop is the one an in-memory copy gives."""
+    rng = np.random.default_rng(5)
+    long_music = pink(40 * SR, rng)
+    path = tmp_path / "music-long.wav"
+    sf.write(path, long_music, SR, subtype="FLOAT")
+    cfg = AugmentConfig(noise_prob=1.0, noise_types=("music",), snr_music=(10.0, 10.0))
+    on_disk = Augmenter(cfg, [(path, "music")])
+    in_memory = Augmenter(cfg, [(long_music, "music")])
+    got = on_disk(clean, None, torch.Generator().manual_seed(3))
+    want = in_memory(clean, None, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert on_disk.bytes_read == clean.numel() * 4  # 4 crops of 2 s, not 4 x 40 s
+    assert on_disk.cached_bytes == 0
+    limited = Augmenter(AugmentConfig(noise_prob=1.0, noise_types=("music",), max_noise_seconds=2.5), [(path, "music")])
+    for seed in range(3):
+        noisy = limited(clean, None, torch.Generator().manual_seed(seed))
+        assert torch.isfinite(noisy).all()
+    assert limited.bytes_read == 3 * clean.numel() * 4
+
+
+def test_memory_does_not_grow_with_corpus_size(tmp_path, clean):
+    """Twice the RIRs and noises, the same bytes held: the RIR LRU stays under its bound."""
+    rng = np.random.default_rng(6)
+    rir_bytes = int(0.25 * SR) * 4
+    short = clean[:, :SR // 2]
+    held = {}
+    for count in (6, 24):
+        folder = tmp_path / f"corpus{count}"
+        folder.mkdir()
+        rirs, noises = [], []
+        for i in range(count):
+            rir = rng.standard_normal(int(0.25 * SR)).astype(np.float32) * np.exp(-np.arange(int(0.25 * SR)) / 800)
+            rir[0] = 3.0
+            sf.write(folder / f"rir{i}.wav", (0.3 * rir / np.abs(rir).max()).astype(np.float32), SR, subtype="FLOAT")
+            sf.write(folder / f"noise{i}.wav", (0.1 * rng.standard_normal(2 * SR)).astype(np.float32), SR)
+            rirs.append(folder / f"rir{i}.wav")
+            noises.append((folder / f"noise{i}.wav", "noise"))
+        cfg = AugmentConfig(noise_prob=1.0, reverb_prob=1.0, noise_types=("noise",), rir_cache_bytes=4 * rir_bytes)
+        aug = Augmenter(cfg, noises, rirs)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(6):
+            aug(short, None, gen)
+            assert aug.cached_bytes <= 4 * rir_bytes
+        held[count] = aug.cached_bytes
+    assert held[6] == held[24] == 4 * rir_bytes
+    with pytest.raises(ValueError, match="rir_cache_bytes must be >= 0"):
+        AugmentConfig(rir_cache_bytes=-1)

@@ -18,7 +18,15 @@ Reverberation comes first, as in a room: the noise is not reverberated by the sp
 ``noise_prob = reverb_prob = 1/3``): one uniform draw ``u``, reverb if ``u < reverb_prob``, noise if
 ``reverb_prob <= u < reverb_prob + noise_prob``.
 All random choices come from the ``torch.Generator`` passed in, so a seeded generator reproduces a batch.
-Noise and RIR files are decoded once and kept on the CPU; only the crops of one batch go to the device.
+
+Memory does not grow with the corpora. A noise file is never decoded whole: each use draws a random offset
+from its header length (lengths are all that is kept per file) and reads just the crop it needs (soundfile
+seeks; a minutes-long MUSAN music file costs one crop, not minutes of float32 on every rank). Only files
+shorter than the crop are read whole, and they are short by definition. RIRs (short, but RIRS_NOISES has
+~60k of them) are read on use and kept, energy-normalised, in an LRU of at most ``rir_cache_bytes``.
+``max_noise_seconds`` limits crops to each noise file's first seconds (smaller reads near the start of very
+long files; it does not change memory). ``bytes_read`` counts decoded float32 bytes, for tests and benchmarks.
+Only the crops of one batch go to the device.
 """
 from __future__ import annotations
 
@@ -30,8 +38,9 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from svlib.audio import SAMPLE_RATE, load_audio
+from svlib.audio import SAMPLE_RATE, audio_info, fit_length, load_audio
 from svlib.data.lists import ListError, read_audio_list
+from svlib.data.sampling import WaveCache
 
 __all__ = ["AugmentConfig", "Augmenter", "read_noise_list", "read_rir_list", "add_noise", "reverberate"]
 
@@ -52,6 +61,8 @@ class AugmentConfig:
     babble_speakers: tuple[int, int] = (3, 7)
     noise_types: tuple[str, ...] = ("noise", "music", "babble")   # drawn uniformly; may add "babble_music"
     exclusive: bool = False   # at most one of reverb / noise per utterance (see the module docstring)
+    max_noise_seconds: float | None = None   # crops come from each noise file's first seconds; None: anywhere
+    rir_cache_bytes: int = 64 * 2 ** 20   # LRU of decoded RIRs per process (64 MiB ~ 1,000 one-second RIRs)
 
     def __post_init__(self) -> None:
         for name in ("noise_prob", "reverb_prob"):
@@ -71,6 +82,10 @@ class AugmentConfig:
         lo, hi = self.babble_speakers
         if not 1 <= lo <= hi:
             raise ValueError(f"babble_speakers must be (low, high) with 1 <= low <= high, got {self.babble_speakers}")
+        if self.max_noise_seconds is not None and not self.max_noise_seconds > 0:
+            raise ValueError(f"max_noise_seconds must be positive or None, got {self.max_noise_seconds}")
+        if self.rir_cache_bytes < 0:
+            raise ValueError(f"rir_cache_bytes must be >= 0 (0 = read every use), got {self.rir_cache_bytes}")
 
 
 def read_noise_list(path: str | os.PathLike) -> list[tuple[str, str]]:
@@ -153,15 +168,15 @@ class Augmenter:
 
     ``noises``: ``(path, category)`` pairs, or ``(array, category)`` with 16-kHz audio already in memory;
     category in noise / music / speech (speech files make babble). ``rirs``: paths or arrays.
-    ``max_noise_seconds`` reads only the start of each noise file (MUSAN music files run for minutes, and
-    all of MUSAN held in memory would take tens of GB); ``None`` keeps whole files.
+    Files are read on demand, a crop at a time (module docstring); ``max_noise_seconds`` overrides
+    ``cfg.max_noise_seconds`` when given.
     """
 
     def __init__(self, cfg: AugmentConfig, noises: Iterable = (), rirs: Iterable = (), sample_rate: int = SAMPLE_RATE,
                  max_noise_seconds: float | None = None):
         self.cfg = cfg
         self.sample_rate = sample_rate
-        self.max_noise_seconds = max_noise_seconds
+        self.max_noise_seconds = max_noise_seconds if max_noise_seconds is not None else cfg.max_noise_seconds
         self._noises: dict[str, list] = {c: [] for c in NOISE_CATEGORIES}
         for item in noises:
             try:
@@ -179,8 +194,9 @@ class Augmenter:
             raise ValueError(f"noise_prob={cfg.noise_prob} but no noise files were given")
         if cfg.reverb_prob > 0 and not self._rirs:
             raise ValueError(f"reverb_prob={cfg.reverb_prob} but no RIR files were given")
-        self._noise_cache: dict[tuple[str, int], torch.Tensor] = {}
-        self._rir_cache: dict[int, tuple[torch.Tensor, int]] = {}
+        self._noise_lengths: dict[tuple[str, int], tuple[int, int]] = {}  # header (frames, rate) per file used
+        self._rir_cache = WaveCache(cfg.rir_cache_bytes)
+        self.bytes_read = 0
 
     @staticmethod
     def _check_source(source, what: str):
@@ -208,26 +224,54 @@ class Augmenter:
         return len(self._rirs)
 
     # ---- audio ------------------------------------------------------------------------------------
-    def _noise(self, category: str, index: int) -> torch.Tensor:
+    def _noise_crop(self, category: str, index: int, num: int, generator) -> torch.Tensor:
+        """``num`` samples of noise file ``index`` from a random offset (the draws of ``_crop``), read on demand."""
+        source = self._noises[category][index]
+        if not isinstance(source, str):
+            return self._crop(self._limit(source), num, generator)
         key = (category, index)
-        if key not in self._noise_cache:
-            source = self._noises[category][index]
-            if isinstance(source, str):
-                source = torch.from_numpy(load_audio(source, self.sample_rate, self.max_noise_seconds))
-            self._noise_cache[key] = source
-        return self._noise_cache[key]
+        if key not in self._noise_lengths:
+            info = audio_info(source)
+            self._noise_lengths[key] = (info.frames, info.sample_rate)
+        frames, rate = self._noise_lengths[key]
+        length = int(frames * self.sample_rate // rate)  # in output samples
+        if self.max_noise_seconds is not None:
+            length = min(length, int(self.max_noise_seconds * self.sample_rate))
+        if length < num:  # shorter than the crop: read it whole (it is short) and wrap around as _crop does
+            return self._crop(self._read(source, 0, length), num, generator)
+        start = self._randint(length - num + 1, generator)
+        return self._read(source, start, num)
+
+    def _limit(self, signal: torch.Tensor) -> torch.Tensor:
+        if self.max_noise_seconds is None:
+            return signal
+        return signal[:int(self.max_noise_seconds * self.sample_rate)]
+
+    def _read(self, path: str, start: int, num: int) -> torch.Tensor:
+        """Samples ``[start, start + num)`` (at ``sample_rate``) of ``path``; resampling may be a sample off,
+        so the result is fitted to ``num``."""
+        wave = load_audio(path, self.sample_rate, max_seconds=num / self.sample_rate, offset=start / self.sample_rate)
+        self.bytes_read += wave.nbytes
+        return torch.from_numpy(fit_length(wave, num))
 
     def _rir(self, index: int) -> tuple[torch.Tensor, int]:
         """RIR ``index`` scaled to unit energy, and the index of its direct-path peak."""
-        if index not in self._rir_cache:
-            source = self._rirs[index]
-            rir = torch.from_numpy(load_audio(source, self.sample_rate)) if isinstance(source, str) else source
-            energy = float((rir.double() ** 2).sum())
-            if energy <= 0:
-                raise ValueError(f"RIR {source if isinstance(source, str) else '(array)'} is all zeros")
-            rir = (rir.double() / energy ** 0.5).float()
-            self._rir_cache[index] = (rir, int(rir.abs().argmax()))
-        return self._rir_cache[index]
+        source = self._rirs[index]
+        if not isinstance(source, str):
+            return _unit_energy(source, "(array)")
+        rir = self._rir_cache.get(source)
+        if rir is None:
+            wave = load_audio(source, self.sample_rate)
+            self.bytes_read += wave.nbytes
+            rir = _unit_energy(torch.from_numpy(wave), source)[0].numpy()
+            self._rir_cache.put(source, rir)
+        rir = torch.from_numpy(rir)
+        return rir, int(rir.abs().argmax())
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of decoded audio this augmenter holds (the RIR LRU; noise crops are not kept)."""
+        return self._rir_cache.nbytes
 
     # ---- randomness -------------------------------------------------------------------------------
     @staticmethod
@@ -289,12 +333,12 @@ class Augmenter:
                 if category == "babble":
                     noise[i] = self._babble(num, generator)
                 elif category == "babble_music":
-                    music = self._crop(self._noise("music", self._randint(len(self._noises["music"]), generator)),
-                                       num, generator)
+                    music = self._noise_crop("music", self._randint(len(self._noises["music"]), generator),
+                                             num, generator)
                     noise[i] = self._babble(num, generator, count=1) + _unit_power(music)
                 else:
                     files = self._noises[category]
-                    noise[i] = self._crop(self._noise(category, self._randint(len(files), generator)), num, generator)
+                    noise[i] = self._noise_crop(category, self._randint(len(files), generator), num, generator)
             rows = torch.tensor(noise_rows, device=device)
             sub_lengths = lengths[rows.to(lengths.device)] if lengths is not None else None
             out[rows] = add_noise(out[rows], noise.to(device), snrs.to(device), sub_lengths)
@@ -313,8 +357,17 @@ class Augmenter:
             chosen = [self._randint(len(files), generator) for _ in range(count)]
         total = torch.zeros(num)
         for index in chosen:
-            total += _unit_power(self._crop(self._noise("speech", index), num, generator))
+            total += _unit_power(self._noise_crop("speech", index, num, generator))
         return total
+
+
+def _unit_energy(rir: torch.Tensor, name: str) -> tuple[torch.Tensor, int]:
+    """``rir / sqrt(sum rir^2)`` (in float64, then float32) and the index of its largest magnitude."""
+    energy = float((rir.double() ** 2).sum())
+    if energy <= 0:
+        raise ValueError(f"RIR {name} is all zeros")
+    rir = (rir.double() / energy ** 0.5).float()
+    return rir, int(rir.abs().argmax())
 
 
 def _unit_power(segment: torch.Tensor) -> torch.Tensor:

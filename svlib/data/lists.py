@@ -331,13 +331,18 @@ class DataDir:
             self._seconds_cache[utt] = max(0.0, total - start)
         return self._seconds_cache[utt]
 
-    def load_wave(self, utt: str, max_seconds: float | None = None, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-        """Mono float32 audio of ``utt`` at ``sample_rate``; only the segment's frames are read."""
+    def load_wave(self, utt: str, max_seconds: float | None = None, sample_rate: int = SAMPLE_RATE,
+                  offset: float = 0.0) -> np.ndarray:
+        """Mono float32 audio of ``utt`` at ``sample_rate``; only the frames of ``[offset, offset + max_seconds)``
+        seconds into the utterance (its segment, for segmented directories) are read, for every format."""
         self._need(utt)
         path = self.wavs[utt]
         if self.segments is None:
-            return load_audio(path, sample_rate=sample_rate, max_seconds=max_seconds)
+            return load_audio(path, sample_rate=sample_rate, max_seconds=max_seconds, offset=offset)
         start, end = self.segments[utt]
+        start += offset
+        if end is not None and start >= end:
+            raise AudioError(f"{path}: offset {offset:.3f} s is past the end of segment '{utt}'")
         if max_seconds is not None:
             end = start + max_seconds if end is None else min(end, start + max_seconds)
         return read_segment(path, start, end, sample_rate=sample_rate)
