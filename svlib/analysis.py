@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
-    "PRUNE_STAGES", "TEACHER_STAGES", "KINDS", "resolve_uri", "load_runs", "stage_runs", "trial_runs",
+    "PRUNE_STAGES", "TEACHER_STAGES", "KINDS", "resolve_uri", "load_runs", "run_labels", "require_runs",
+    "figure_series", "limit_structures", "stage_runs", "trial_runs",
     "metric_histories", "pruning_points", "teacher_reference", "pareto_mask", "study_pareto",
     "plot_pruning_curve", "parse_structure", "load_structures", "plot_structure_heatmap", "plot_structure_bars",
     "plot_training_curves", "score_files", "read_scores", "plot_det_curves", "missing_note",
@@ -45,8 +46,8 @@ KINDS = ("heads", "ffn1", "ffn2", "conv")
 _KIND_ALIASES = {"heads": "heads", "attention_heads": "heads", "num_heads": "heads", "attn": "heads",
                  "ffn1": "ffn1", "ffn_1": "ffn1", "ffn2": "ffn2", "ffn_2": "ffn2",
                  "conv": "conv", "conv_channels": "conv", "channels": "conv"}
-_BASE_COLUMNS = ["run_id", "run_name", "experiment_id", "status", "start_time", "end_time", "parent_run_id",
-                 "stage", "kind", "optuna_study", "optuna_trial", "artifact_uri"]
+_BASE_COLUMNS = ["run_id", "run_name", "experiment_id", "experiment", "status", "start_time", "end_time",
+                 "parent_run_id", "stage", "kind", "optuna_study", "optuna_trial", "artifact_uri", "label"]
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -73,22 +74,28 @@ def _sqlite_missing(uri: str) -> bool:
 
 
 def load_runs(tracking_uri: str, experiment: str | Sequence[str]) -> pd.DataFrame:
-    """Every run of ``experiment`` (a name or several) as one row, like ``mlflow.search_runs``.
+    """Every run of ``experiment`` (a name or several, e.g. the demo pipeline and a sweep) as one row, like
+    ``mlflow.search_runs``.
 
-    Columns: ``run_id, run_name, experiment_id, status, start_time, end_time, parent_run_id, stage, kind,
-    optuna_study, optuna_trial, artifact_uri`` plus ``metrics.*`` (latest values), ``params.*`` and
-    ``tags.*``. An absent store or experiment gives an empty frame with the base columns. Rows are sorted
-    by start time. ``df.attrs["tracking_uri"]`` remembers the store for the artifact helpers.
+    Columns: ``run_id, run_name, experiment_id, experiment, status, start_time, end_time, parent_run_id, stage,
+    kind, optuna_study, optuna_trial, artifact_uri, label`` plus ``metrics.*`` (latest values), ``params.*`` and
+    ``tags.*``; ``label`` (:func:`run_labels`) names each run uniquely. An absent store or experiment gives an
+    empty frame with the base columns (:func:`require_runs` turns that into an error). Rows are sorted by
+    start time. ``df.attrs``: ``tracking_uri`` (for the artifact helpers), ``experiments`` (the names asked
+    for) and ``missing_experiments``.
     """
     from mlflow import MlflowClient
 
     names = [experiment] if isinstance(experiment, str) else list(experiment)
     empty = pd.DataFrame(columns=_BASE_COLUMNS)
-    empty.attrs["tracking_uri"] = tracking_uri
+    empty.attrs.update(tracking_uri=tracking_uri, experiments=names, missing_experiments=list(names))
     if _sqlite_missing(tracking_uri):
         return empty
     client = MlflowClient(tracking_uri)
-    ids = [e.experiment_id for e in (client.get_experiment_by_name(n) for n in names) if e is not None]
+    found = {n: client.get_experiment_by_name(n) for n in names}
+    ids = [e.experiment_id for e in found.values() if e is not None]
+    id_names = {e.experiment_id: n for n, e in found.items() if e is not None}
+    empty.attrs["missing_experiments"] = [n for n, e in found.items() if e is None]
     if not ids:
         return empty
     rows, token = [], None
@@ -97,7 +104,7 @@ def load_runs(tracking_uri: str, experiment: str | Sequence[str]) -> pd.DataFram
         for run in page:
             tags = run.data.tags
             row = {"run_id": run.info.run_id, "run_name": run.info.run_name, "experiment_id": run.info.experiment_id,
-                   "status": run.info.status, "start_time": pd.to_datetime(run.info.start_time, unit="ms"),
+                   "experiment": id_names.get(run.info.experiment_id), "status": run.info.status, "start_time": pd.to_datetime(run.info.start_time, unit="ms"),
                    "end_time": pd.to_datetime(run.info.end_time, unit="ms") if run.info.end_time else pd.NaT,
                    "parent_run_id": tags.get("mlflow.parentRunId"), "stage": tags.get("stage"),
                    "kind": tags.get("kind"), "optuna_study": tags.get("optuna_study"),
@@ -114,8 +121,67 @@ def load_runs(tracking_uri: str, experiment: str | Sequence[str]) -> pd.DataFram
         if col not in df:
             df[col] = None
     df = df.sort_values("start_time", kind="stable").reset_index(drop=True)
-    df.attrs["tracking_uri"] = tracking_uri
+    df["label"] = run_labels(df).to_numpy()
+    df.attrs.update(empty.attrs)
     return df
+
+
+def run_labels(runs: pd.DataFrame) -> pd.Series:
+    """A unique, readable name per run (index = the frame's), so that no figure keys two runs alike.
+
+    Sweep trials: ``trial <n>``; a stage run inside a trial: ``trial <n>/<stage>``; a sweep's teacher:
+    ``teacher:<stage>``; a pipeline stage: ``<stage>``; other runs: the run name. Labels that still collide
+    (two experiments, two pipelines, two studies) get the experiment name in front, then the run name's
+    parent, then the run id's first 8 characters.
+    """
+    if runs.empty:
+        return pd.Series([], index=runs.index, dtype=object)
+    by_id = runs.set_index("run_id")
+
+    def base(row) -> str:
+        if row.get("kind") == "trial":
+            return f"trial {row.get('optuna_trial')}"
+        parent = row.get("parent_run_id")
+        if row.get("stage") is not None and parent in by_id.index and by_id.at[parent, "kind"] == "trial":
+            return f"trial {by_id.at[parent, 'optuna_trial']}/{row['stage']}"
+        if row.get("kind") == "use" and row.get("stage") is not None and row.get("tags.teacher") == "true":
+            return f"teacher:{row['stage']}"
+        return str(row.get("stage") or row.get("run_name"))
+
+    labels = pd.Series([base(r) for _, r in runs.iterrows()], index=runs.index, dtype=object)
+    for prefix in (runs.get("experiment"), runs.get("parent_run_id").map(
+            lambda p: by_id.at[p, "run_name"] if p in by_id.index else None), runs["run_id"].str[:8]):
+        dup = labels.duplicated(keep=False)
+        if not dup.any() or prefix is None:
+            continue
+        labels[dup] = [f"{pre}/{lab}" if pre else lab for pre, lab in zip(prefix[dup], labels[dup])]
+    return labels
+
+
+def require_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` when every experiment asked for is in the store, else a ``LookupError`` naming the store and
+    the missing experiments: a headless run (``jupyter execute``, papermill) then exits non-zero instead of
+    saving empty figures."""
+    missing = runs.attrs.get("missing_experiments") or ([] if not runs.empty else runs.attrs.get("experiments", []))
+    if missing or runs.empty:
+        uri = runs.attrs.get("tracking_uri")
+        where = "no such store" if uri and _sqlite_missing(uri) else "not in the store"
+        raise LookupError(f"experiment(s) {', '.join(map(repr, missing)) or '?'} {where} at {uri}: run the "
+                          "pipeline or sweep first (make demo) or point tracking_uri/experiment elsewhere")
+    return runs
+
+
+def figure_series(fig) -> list[str]:
+    """What a figure plots, one entry per series: legend entries of every axes, and the rows of heatmaps
+    (their y tick labels), first appearance order; a notebook prints it so a headless run can be checked."""
+    out: list[str] = []
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        names = [t.get_text() for t in legend.get_texts()] if legend is not None else []
+        if ax.images:
+            names += [t.get_text() for t in ax.get_yticklabels()]
+        out += [n for n in names if n and n not in out]
+    return out
 
 
 def _keep_attrs(new: pd.DataFrame, old: pd.DataFrame) -> pd.DataFrame:
@@ -155,6 +221,9 @@ def trial_runs(runs: pd.DataFrame, study: str | None = None) -> pd.DataFrame:
 
 
 def _label(row: pd.Series) -> str:
+    label = row.get("label")
+    if isinstance(label, str) and label:
+        return label  # from run_labels, unique over the frame load_runs read
     if row.get("kind") == "trial":
         return f"trial {row.get('optuna_trial')}"
     return str(row.get("stage") or row.get("run_name"))
@@ -228,7 +297,8 @@ def _fill_params_from_init(df: pd.DataFrame, params: pd.Series) -> pd.Series:
 def teacher_reference(runs: pd.DataFrame, split: str = "test", run_id: str | None = None) -> dict | None:
     """The dense teacher's ``{run_id, label, params_encoder, eer_pct, mindcf_0.01, mindcf_0.05}`` or None.
 
-    ``run_id`` picks it; otherwise the largest encoder among the latest pipeline runs of
+    ``run_id`` picks it; else a sweep's teacher run (tag ``teacher=true``, the latest); otherwise the largest
+    encoder among the latest pipeline runs of
     :data:`TEACHER_STAGES` that report both params and ``{split}_eer_pct`` (a pruning pipeline's final
     eval stage has a smaller encoder, so it is not mistaken for the teacher).
     """
@@ -237,8 +307,11 @@ def teacher_reference(runs: pd.DataFrame, split: str = "test", run_id: str | Non
     df = runs.copy()
     df["_params"] = _fill_params_from_init(df, _col(df, "metrics.params_encoder"))
     df["_eer"] = _col(df, f"metrics.{split}_eer_pct")
+    teachers = df[(df.get("tags.teacher", pd.Series(None, index=df.index)) == "true") & df["_eer"].notna()]
     if run_id is not None:
         cand = df[df["run_id"] == run_id]
+    elif not teachers.empty:  # a sweep names its fixed teacher: that is the reference, not the demo's s3
+        cand = teachers.sort_values("start_time", ascending=False).iloc[:1]
     else:
         cand = df[df["stage"].isin(TEACHER_STAGES) & (df["kind"] != "trial") & df["_params"].notna() & df["_eer"].notna()]
         if cand.empty:
@@ -497,7 +570,8 @@ def load_structures(runs: pd.DataFrame, tracking_uri: str | None = None, *, incl
                     points: pd.DataFrame | None = None) -> dict[str, dict]:
     """Per-layer kept widths of every run that has ``structure.json`` (or a shrunk ``model/encoder``).
 
-    Returns ``{label: {"run_id", "kept", "dense", "sparsity", "source"}}`` ordered by sparsity (dense first),
+    Returns ``{run_id: {"label", "run_id", "kept", "dense", "sparsity", "source"}}`` ordered by sparsity (dense
+    first); a stage run inside a sweep trial is left out (the trial run carries the trial's structure),
     where ``kept``/``dense`` are frames from :func:`parse_structure`. ``include_dense`` adds the teacher's
     dense structure from its ``model/encoder/config.json`` so a store without pruning runs still shows
     something (and pruned runs have a reference). ``points`` (from :func:`pruning_points`) supplies the
@@ -512,9 +586,12 @@ def load_structures(runs: pd.DataFrame, tracking_uri: str | None = None, *, incl
     client = MlflowClient(uri)
     sparsity = {} if points is None else dict(zip(points["run_id"], points["achieved_sparsity"]))
     teacher = teacher_reference(runs)
+    trial_ids = set(runs.loc[runs["kind"] == "trial", "run_id"])
     with tempfile.TemporaryDirectory(prefix="svlib-structure-") as tmp:
         for _, row in runs.iterrows():
             if row["kind"] not in ("trial",) and row["stage"] not in PRUNE_STAGES and row["stage"] != "eval":
+                continue
+            if row["parent_run_id"] in trial_ids:
                 continue
             names = _artifact_paths(client, row["run_id"])
             kept = dense = None
@@ -531,19 +608,34 @@ def load_structures(runs: pd.DataFrame, tracking_uri: str | None = None, *, incl
                 continue
             s = sparsity.get(row["run_id"], float("nan"))
             label = _label(row) + (f" (sparsity {s:.2f})" if pd.notna(s) else "")
-            found[label] = {"run_id": row["run_id"], "kept": kept, "dense": dense, "sparsity": s,
-                            "source": "trial" if row["kind"] == "trial" else "pruned"}
-        if include_dense and teacher is not None:
+            found[row["run_id"]] = {"label": label, "run_id": row["run_id"], "kept": kept, "dense": dense,
+                                    "sparsity": s, "source": "trial" if row["kind"] == "trial" else "pruned"}
+        if include_dense and teacher is not None and teacher["run_id"] not in found:
             path = _download(uri, teacher["run_id"], "model/encoder/config.json", tmp)
             if path is not None:
                 kept, dense = _encoder_config_structure(json.loads(path.read_text()))
-                found[f"teacher {teacher['label']} (dense)"] = {"run_id": teacher["run_id"], "kept": kept,
-                                                               "dense": dense, "sparsity": 0.0, "source": "dense"}
+                found[teacher["run_id"]] = {"label": f"teacher {teacher['label']} (dense)", "run_id": teacher["run_id"],
+                                            "kept": kept, "dense": dense, "sparsity": 0.0, "source": "dense"}
     dense_ref = next((v["kept"] for v in found.values() if v["source"] == "dense"), None)
     for v in found.values():
         if v["dense"] is None and dense_ref is not None and dense_ref.shape == v["kept"].shape:
             v["dense"] = dense_ref
-    return dict(sorted(found.items(), key=lambda kv: (np.nan_to_num(kv[1]["sparsity"], nan=2.0), kv[0])))
+    return dict(sorted(found.items(), key=lambda kv: (np.nan_to_num(kv[1]["sparsity"], nan=2.0), kv[1]["label"])))
+
+
+def limit_structures(structures: Mapping[str, Mapping], max_models: int) -> dict[str, Mapping]:
+    """At most ``max_models`` of :func:`load_structures`' entries: the dense teacher always, the others
+    spread evenly over the sparsities (so a sweep's many trials never push the reference out)."""
+    if max_models < 1:
+        raise ValueError(f"limit_structures: max_models must be >= 1, got {max_models}")
+    dense = [k for k, v in structures.items() if v["source"] == "dense"][:max_models]
+    rest = [k for k in structures if k not in dense]
+    room = max_models - len(dense)
+    if len(rest) > room:
+        rest = [rest[i] for i in sorted({round(j * (len(rest) - 1) / max(room - 1, 1)) for j in range(room)})] \
+            if room > 0 else []
+    keep = set(dense) | set(rest)
+    return {k: v for k, v in structures.items() if k in keep}
 
 
 def _fraction(entry: Mapping) -> pd.DataFrame:
@@ -561,17 +653,18 @@ def plot_structure_heatmap(structures: Mapping[str, Mapping]):
 
     if not structures:
         raise ValueError("plot_structure_heatmap: no structures")
-    labels = list(structures)
+    keys = list(structures)
+    labels = [structures[k].get("label", k) for k in keys]
     n_layers = max(len(s["kept"]) for s in structures.values())
     fig, axes = plt.subplots(len(KINDS), 1, figsize=(max(6.0, 0.45 * n_layers + 3), 1.0 + len(KINDS) * (0.45 * len(labels) + 0.9)),
                              squeeze=False)
     for ax, kind in zip(axes[:, 0], KINDS):
         frac = np.full((len(labels), n_layers), np.nan)
         count = np.full((len(labels), n_layers), np.nan)
-        for i, label in enumerate(labels):
-            f = _fraction(structures[label])[kind].to_numpy()
+        for i, key in enumerate(keys):
+            f = _fraction(structures[key])[kind].to_numpy()
             frac[i, :len(f)] = f
-            k = structures[label]["kept"][kind].to_numpy()
+            k = structures[key]["kept"][kind].to_numpy()
             count[i, :len(k)] = k
         im = ax.imshow(frac, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest")
         if n_layers * len(labels) <= 400:
@@ -597,10 +690,10 @@ def plot_structure_bars(structures: Mapping[str, Mapping]):
     fig, axes = plt.subplots(2, 2, figsize=(12, 6.5), squeeze=False)
     width = 0.8 / len(structures)
     for ax, kind in zip(axes.ravel(), KINDS):
-        for i, (label, entry) in enumerate(structures.items()):
+        for i, (key, entry) in enumerate(structures.items()):
             kept = entry["kept"][kind]
             ax.bar(np.arange(len(kept)) + (i - (len(structures) - 1) / 2) * width, kept.to_numpy(), width,
-                   label=label)
+                   label=entry.get("label", key))
         ax.set_title(f"kept {kind}" + (" (channels)" if kind == "conv" else " (units)" if kind != "heads" else ""),
                      fontsize=9)
         ax.set_xlabel("layer")
@@ -651,7 +744,8 @@ def plot_training_curves(histories: pd.DataFrame, metrics: Sequence[str], *, nco
 
 def score_files(runs: pd.DataFrame, dst: str | os.PathLike, tracking_uri: str | None = None,
                 lists: Sequence[str] | None = None) -> dict[str, Path]:
-    """Download every run's ``scores/NAME.txt`` into ``dst``; returns ``{"<run label>/<NAME>": path}``."""
+    """Download every run's ``scores/NAME.txt`` into ``dst/<run id>/``; returns ``{"<run label>/<NAME>": path}``
+    (labels are unique per run, :func:`run_labels`, so a sweep's trials never overwrite one another)."""
     from mlflow import MlflowClient
 
     uri = tracking_uri or runs.attrs.get("tracking_uri")

@@ -39,9 +39,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -58,7 +60,8 @@ from experiments import prune as prune_stage
 from experiments import train as train_stage
 from experiments.common import DataConfig, Timer, read_result, write_result
 from svlib.config import ConfigError, check_relative, load_config
-from sweeps.study import (SweepError, grid_sampler, open_study, pareto_front, run_worker, tracked_objective)
+from sweeps.study import (SweepError, close_orphaned_runs, grid_sampler, open_study, pareto_front, run_worker,
+                          tracked_objective)
 
 __all__ = ["FloatRange", "SearchSpace", "SweepConfig", "METRICS", "DIRECTIONS", "EVAL", "study_name", "trial_dir",
            "suggest", "stage_configs", "run_trial", "make_objective", "run_sweep", "log_teacher_run", "sweep_points",
@@ -251,21 +254,54 @@ def _study_uid(study: optuna.Study) -> str:
     return uid
 
 
-def _stage(tracker, name: str, kind: str, folder: Path, params, fn):
-    """Run one stage function, as a nested MLflow run under the trial's when tracking."""
+def _stage(tracker, name: str, kind: str, folder: Path, params, fn, previous_run: str | None = None):
+    """Run one stage function, as a nested MLflow run under the trial's when tracking.
+
+    A stage finished by an earlier attempt (``result.json``: a heartbeat retry reuses what the dead trial
+    finished) logs nothing itself, so its numbers are brought into the new run: every metric history of the
+    same stage's run under ``previous_run`` (the dead trial's run), else the final numbers of its result.
+    """
     if tracker is None:
         return fn(None)
-    tags = {"stage": name, "kind": kind, "reused": str(read_result(folder) is not None)}
-    with tracker.run(name, nested=True, tags=tags, params=params):
-        return fn(tracker)
+    reused = read_result(folder) is not None
+    tags = {"stage": name, "kind": kind, "reused": str(reused)}
+    with tracker.run(name, nested=True, tags=tags, params=params) as run_id:
+        record = fn(tracker)
+        if reused:
+            _log_reused_stage(tracker, run_id, name, record, previous_run)
+        return record
 
 
-def run_trial(cfg: SweepConfig, knobs: dict[str, Any], folder: Path, tracker=None) -> dict[str, Any]:
+def _log_reused_stage(tracker, run_id: str, name: str, record: dict, previous_run: str | None) -> None:
+    from mlflow import MlflowClient
+
+    from experiments.common import metrics_of
+    from svlib.tracking import copy_metrics
+
+    client = MlflowClient(tracker.tracking_uri)
+    if previous_run is not None:
+        old = client.search_runs([client.get_run(previous_run).info.experiment_id],
+                                 f"tags.mlflow.parentRunId = '{previous_run}' and tags.stage = '{name}'",
+                                 max_results=1)
+        if old and copy_metrics(client, old[0].info.run_id, run_id):
+            tracker.set_tags({"metrics_copied_from": old[0].info.run_id})
+            return
+    metrics = metrics_of(record.get("test") or {})
+    metrics |= {k: float(record[k]) for k in ("params_encoder", "params_total", "achieved_sparsity",
+                                              "best_val_eer_pct", "max_abs_diff", "minutes")
+                if record.get(k) is not None}
+    tracker.log_metrics(metrics)
+
+
+def run_trial(cfg: SweepConfig, knobs: dict[str, Any], folder: Path, tracker=None,
+              previous_run: str | None = None) -> dict[str, Any]:
     """Every stage of one trial in ``folder``; returns the trial's numbers (also written to ``result.json``).
 
     Finished stages (``result.json``) are reused, interrupted ones resume from their checkpoints: a retried
-    trial costs only what its predecessor did not finish.
+    trial costs only what its predecessor did not finish; ``previous_run`` (the predecessor's MLflow trial
+    run) lends the reused stages its metrics (:func:`_stage`).
     """
+    tracked_stage = functools.partial(_stage, previous_run=previous_run)
     done = read_result(folder)
     if done is not None and done.get("params") == knobs:
         return done
@@ -280,16 +316,16 @@ def run_trial(cfg: SweepConfig, knobs: dict[str, Any], folder: Path, tracker=Non
     d = {name: folder / name for name in ("prune1", "shrink", "prune2", "graft", EVAL)}
     if target > 0.0:
         prune1, prune2 = stage_configs(cfg, knobs)
-        _stage(tracker, "prune1", "prune", d["prune1"], prune1, lambda t: prune_stage.run_distill(
+        tracked_stage(tracker, "prune1", "prune", d["prune1"], prune1, lambda t: prune_stage.run_distill(
             prune1, cfg.data, d["prune1"], init=teacher, teacher=teacher, tracker=t))
-        _stage(tracker, "shrink", "shrink", d["shrink"], {"init": "prune1"}, lambda t: prune_stage.run_shrink(
+        tracked_stage(tracker, "shrink", "shrink", d["shrink"], {"init": "prune1"}, lambda t: prune_stage.run_shrink(
             d["prune1"], d["shrink"], check_dir=train_dir, tracker=t))
         encoder_stage = d["shrink"]
         if prune2 is not None:
-            _stage(tracker, "prune2", "prune", d["prune2"], prune2, lambda t: prune_stage.run_distill(
+            tracked_stage(tracker, "prune2", "prune", d["prune2"], prune2, lambda t: prune_stage.run_distill(
                 prune2, cfg.data, d["prune2"], init=d["shrink"], teacher=teacher, tracker=t))
             encoder_stage = d["prune2"]
-        _stage(tracker, "graft", "graft", d["graft"], {"init": encoder_stage.name, "teacher": str(teacher)},
+        tracked_stage(tracker, "graft", "graft", d["graft"], {"init": encoder_stage.name, "teacher": str(teacher)},
                lambda t: graft_stage.run(encoder_stage, teacher, d["graft"], check_dir=train_dir, tracker=t))
         init = d["graft"]
         structure = json.loads((d["shrink"] / prune_stage.STRUCTURE).read_text())
@@ -305,10 +341,10 @@ def run_trial(cfg: SweepConfig, knobs: dict[str, Any], folder: Path, tracker=Non
     prune_stage.plot_structure(structure, folder / prune_stage.STRUCTURE_PNG, title)
     for stage in cfg.finetune:
         out, start = folder / stage.stage, init
-        _stage(tracker, stage.stage, "train", out, stage, lambda t, stage=stage, out=out, start=start: train_stage.run(
+        tracked_stage(tracker, stage.stage, "train", out, stage, lambda t, stage=stage, out=out, start=start: train_stage.run(
             stage, ft_data, out, init=start, tracker=t))
         init = out
-    evaluated = _stage(tracker, EVAL, "evaluate", d[EVAL], {"init": init.name},
+    evaluated = tracked_stage(tracker, EVAL, "evaluate", d[EVAL], {"init": init.name},
                        lambda t: evaluate_stage.run(init, cfg.data, d[EVAL], tracker=t, device=cfg.device))
     tests = evaluated["test"]
     val, test = tests["val"], tests[cfg.test_list]
@@ -337,7 +373,8 @@ def make_objective(cfg: SweepConfig, study: str, *, grid: bool = False, tracker=
         folder = trial_dir(cfg, study, trial.number if number is None else number)
         _claim_folder(folder, _study_uid(trial.study), trial.number if number is None else number, knobs)
         trial.set_user_attr("trial_dir", folder.as_posix())
-        record = run_trial(cfg, knobs, folder, tracker)
+        trial.set_user_attr("run_label", f"t={knobs['target_sparsity']:.2g}")  # the MLflow run's name
+        record = run_trial(cfg, knobs, folder, tracker, previous_run=trial.user_attrs.get("retry_of_mlflow_run_id"))
         extras = {k: record[k] for k in ("target_sparsity", "achieved_sparsity", "test_eer_pct", "test_mindcf_0.01",
                                          "test_mindcf_0.05", "val_mindcf_0.01", "dense_params_encoder", "minutes")}
         for key, value in extras.items():
@@ -366,9 +403,10 @@ def teacher_reference(cfg: SweepConfig) -> dict | None:
 
 
 def log_teacher_run(tracker, name: str, cfg: SweepConfig, study: optuna.Study | None = None) -> str | None:
-    """The fixed teacher as a finished run under the study's parent run (once per study): run name and tag
-    ``stage`` = the teacher folder's name, ``kind=use``, its ``params_encoder`` and test/validation numbers
-    from its ``result.json``. The notebooks (``svlib.analysis.teacher_reference``) find the reference line there."""
+    """The fixed teacher as a finished run under the study's parent run (once per study): run name
+    ``teacher:<folder name>``, tags ``stage`` = the teacher folder's name, ``kind=use``, ``teacher=true``; its
+    ``params_encoder`` and test/validation numbers from its ``result.json`` and its encoder's
+    ``model/encoder/config.json`` (the dense structure). The notebooks (``svlib.analysis.teacher_reference``) find the reference line there."""
     from mlflow import MlflowClient
 
     from experiments.common import metrics_of
@@ -385,7 +423,7 @@ def log_teacher_run(tracker, name: str, cfg: SweepConfig, study: optuna.Study | 
     if found:
         return found[0].info.run_id
     stage = Path(cfg.teacher).name
-    run = client.create_run(experiment.experiment_id, run_name=stage, tags={
+    run = client.create_run(experiment.experiment_id, run_name=f"teacher:{stage}", tags={
         "mlflow.parentRunId": parent, "stage": stage, "kind": "use", "optuna_study": name, "teacher": "true"})
     client.log_param(run.info.run_id, "path", cfg.teacher)
     metrics = metrics_of({k: v for k, v in (record.get("test") or {}).items()})
@@ -395,6 +433,9 @@ def log_teacher_run(tracker, name: str, cfg: SweepConfig, study: optuna.Study | 
         metrics["best_val_eer_pct"] = float(record["best_val_eer_pct"])
     for key, value in metrics.items():
         client.log_metric(run.info.run_id, key, value)
+    encoder_config = Path(cfg.teacher) / "model" / "encoder" / "config.json"
+    if encoder_config.is_file():  # the notebooks' dense reference structure (a few hundred bytes)
+        client.log_artifact(run.info.run_id, str(encoder_config), "model/encoder")
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
@@ -444,6 +485,38 @@ def plot_sweep(points: list[dict], teacher: dict | None, path: str | os.PathLike
     return path
 
 
+def study_headline(report: dict) -> dict[str, float]:
+    """The study parent run's result columns: complete trials, Pareto-front size, and the front's best
+    validation-EER trial (its number, val / test EER, test minDCF, encoder parameters), rounded."""
+    from svlib.tracking import rounded
+
+    out = {"trials_complete": float(report["trials"].get("COMPLETE", 0)),
+           "pareto_size": float(len(report["pareto_front"]))}
+    front = [p for p in report["points"] if p["pareto"]]
+    if front:
+        best = min(front, key=lambda p: (p["val_eer_pct"], p["number"]))
+        out |= {"best_trial": float(best["number"]), "best_val_eer_pct": best["val_eer_pct"],
+                "best_test_eer_pct": best["test_eer_pct"], "best_test_mindcf_0.01": best["test_mindcf_0.01"],
+                "best_params_encoder": best["params_encoder"], "best_achieved_sparsity": best["achieved_sparsity"]}
+    teacher = report.get("teacher_reference") or {}
+    if teacher.get("eer_pct") is not None:
+        out["teacher_test_eer_pct"] = teacher["eer_pct"]
+    return {k: rounded(k, v) for k, v in out.items() if v is not None}
+
+
+def log_study_headline(tracker, name: str, report: dict, study: optuna.Study | None = None) -> str:
+    """Put :func:`study_headline` on the study's parent run (the runs table's columns); returns its id."""
+    from mlflow import MlflowClient
+
+    from sweeps.study import study_parent_run
+
+    parent = study_parent_run(tracker, name, study)
+    client = MlflowClient(tracker.tracking_uri)
+    for key, value in study_headline(report).items():
+        client.log_metric(parent, key, value)
+    return parent
+
+
 def write_report(cfg: SweepConfig, study: optuna.Study, folder: str | os.PathLike | None = None) -> dict:
     """``report.json`` + ``curve.png`` in ``<out_dir>/<study>/`` (or ``folder``); returns the report."""
     folder = Path(folder) if folder is not None else Path(cfg.out_dir) / study.study_name
@@ -469,9 +542,16 @@ def run_sweep(cfg: SweepConfig, *, storage: str | None = None, grid: bool = Fals
               max_failures: int | None = None, report: bool = True) -> dict:
     """One worker of the sweep (start several with different ``worker`` on the same storage).
 
+    ``n_trials`` (default: the config's; with ``grid`` every grid point) counts COMPLETE trials; with ``grid``
+    it may not exceed the grid's points. ``report.json`` / ``curve.png`` are written however the worker
+    stops, interrupted (KeyboardInterrupt, SIGTERM through :func:`main`) included.
+
     Returns ``{"study", "storage", "worker": WorkerReport as dict, "report": report or None}``.
     """
     name = study_name(cfg, grid)
+    if grid and n_trials is not None and n_trials > len(cfg.grid):
+        raise SweepError(f"--n-trials {n_trials} with --grid: the grid has {len(cfg.grid)} points, each run once "
+                         f"(give at most {len(cfg.grid)}, or leave --n-trials out)")
     sampler = grid_sampler(cfg.grid, "target_sparsity", seed=cfg.seed) if grid else None
     study = open_study(name, storage, DIRECTIONS, seed=cfg.seed, worker=worker, sampler=sampler,
                        metric_names=list(METRICS), heartbeat_interval=cfg.heartbeat_interval)
@@ -480,14 +560,26 @@ def run_sweep(cfg: SweepConfig, *, storage: str | None = None, grid: bool = Fals
         from sweeps.study import _make_tracker
         tracker = _make_tracker(name, tracking_uri)
     objective = make_objective(cfg, name, grid=grid, tracker=tracker)
+    on_stale = None
     if tracker is not None:
         log_teacher_run(tracker, name, cfg, study)
         objective = tracked_objective(tracker, name, objective)
-    total = len(cfg.grid) if grid else (n_trials or cfg.n_trials)
-    done = run_worker(study, objective, total, max_failures=max_failures)
+        on_stale = lambda s: close_orphaned_runs(s, tracker.tracking_uri)  # noqa: E731
+    total = (n_trials or len(cfg.grid)) if grid else (n_trials or cfg.n_trials)
+    written = None
+    try:
+        done = run_worker(study, objective, total, max_failures=max_failures, on_stale=on_stale)
+    finally:  # an interrupted worker still leaves the study's report and curve
+        if report:
+            written = write_report(cfg, study)
+            if tracker is not None:
+                log_study_headline(tracker, name, written, study)
     log.info("worker %d: %s", worker, done)
-    return {"study": name, "storage": storage, "worker": dataclasses.asdict(done),
-            "report": write_report(cfg, study) if report else None}
+    return {"study": name, "storage": storage, "worker": dataclasses.asdict(done), "report": written}
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv=None) -> int:
@@ -497,7 +589,9 @@ def main(argv=None) -> int:
     parser.add_argument("--storage", default=None, help="SQLAlchemy URL (default sqlite:///sweeps/<study>.db)")
     parser.add_argument("--grid", action="store_true",
                         help="grid over the config's target sparsities (study <name>-grid)")
-    parser.add_argument("--n-trials", type=int, default=None, help="COMPLETE trials wanted (default: the config's)")
+    parser.add_argument("--n-trials", type=int, default=None,
+                        help="COMPLETE trials wanted (default: the config's n_trials; with --grid: every grid point, "
+                             "and at most the grid's size: a grid point is never run twice)")
     parser.add_argument("--worker", type=int, default=0, help="this worker's index (offsets the sampler seed)")
     parser.add_argument("--max-failures", type=int, default=None)
     parser.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: svlib's default store)")
@@ -505,6 +599,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C: the running trial is marked FAIL, its MLflow run
+    # closed, and report.json / curve.png are written before the worker exits.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         cfg = load_config(args.config, SweepConfig)
         out = run_sweep(cfg, storage=args.storage, grid=args.grid, n_trials=args.n_trials, worker=args.worker,
@@ -512,6 +609,12 @@ def main(argv=None) -> int:
     except (ConfigError, SweepError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the running trial is FAILED (a worker retries it); report.json and curve.png written",
+              file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     report = out["report"]
     print(json.dumps({"study": out["study"], "worker": out["worker"], "trials": report["trials"],
                       "pareto_front": [{"number": p["number"], "params": p["params"], "values": p["values"]}

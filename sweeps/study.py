@@ -23,6 +23,7 @@ CLI (one worker; start as many as you like, each with its own ``--worker`` index
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import itertools
@@ -41,7 +42,8 @@ from optuna.trial import TrialState
 
 __all__ = [
     "SweepError", "WorkerReport", "default_storage", "make_storage", "open_study", "load_study", "grid_sampler",
-    "GridSweepSampler", "run_worker", "pareto_front", "tracked_objective", "study_parent_run", "main",
+    "GridSweepSampler", "run_worker", "fail_stale_trials", "close_orphaned_runs", "pareto_front",
+    "tracked_objective", "trial_run_name", "study_parent_run", "main",
 ]
 
 log = logging.getLogger("sweeps.study")
@@ -154,12 +156,20 @@ def open_study(name: str, storage: str | None = None, directions: Sequence[str] 
 
 
 def load_study(name: str, storage: str | None = None) -> optuna.Study:
-    """Open an existing study read-mostly (no sampler or directions needed), e.g. for reports."""
+    """Open an existing study read-mostly (no sampler or directions needed), e.g. for reports.
+
+    Never creates storage: a SQLite URL naming no file is an error (opening it would leave an empty
+    database behind), and an absent study's error names the studies the storage does hold.
+    """
     url = storage or default_storage(_check_name(name))
+    if url.startswith("sqlite:///") and not url.endswith(":memory:") and not Path(url[len("sqlite:///"):]).is_file():
+        raise SweepError(f"no Optuna storage at {url[len('sqlite:///'):]} (no such file; nothing was created)")
+    store = make_storage(url)
     try:
-        return optuna.load_study(study_name=name, storage=make_storage(url))
+        return optuna.load_study(study_name=name, storage=store)
     except KeyError:
-        raise SweepError(f"no study {name!r} in {_redact(url)}") from None
+        held = sorted(s.study_name for s in store.get_all_studies())
+        raise SweepError(f"no study {name!r} in {_redact(url)}; it holds: {', '.join(held) or 'no studies'}") from None
 
 
 def _redact(url: str) -> str:
@@ -216,9 +226,88 @@ def _counts(study: optuna.Study) -> dict[TrialState, int]:
     return counts
 
 
+def fail_stale_trials(study: optuna.Study, on_stale: Callable[[optuna.Study], Any] | None = None) -> None:
+    """Turn dead workers' trials (heartbeat older than the grace period) into FAIL + a WAITING retry, then
+    call ``on_stale`` (e.g. :func:`close_orphaned_runs`) so what they left elsewhere is closed too."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    if on_stale is not None:
+        on_stale(study)
+
+
+def close_orphaned_runs(study: optuna.Study, tracking_uri: str) -> list[str]:
+    """Close the MLflow runs of FAILED trials that are still RUNNING (their worker died): status FAILED,
+    tag ``optuna_state=FAIL``, the trial's params logged (the dead worker never got to). Returns their ids."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    closed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if not run_id or t.user_attrs.get("trial_number", t.number) != t.number:
+            continue  # untracked, or the attrs a retry inherited from the trial it replaces
+        try:
+            run = client.get_run(run_id)
+            if run.info.status != "RUNNING":
+                continue
+            for key, value in t.params.items():
+                if key not in run.data.params:
+                    client.log_param(run_id, key, value)
+            client.set_tag(run_id, "optuna_state", "FAIL")
+            client.set_terminated(run_id, "FAILED")
+            closed.append(run_id)
+        except Exception as err:  # noqa: BLE001 - a store hiccup must not stop the worker
+            log.warning("could not close MLflow run %s of trial %d: %s", run_id, t.number, err)
+    if closed:
+        log.info("closed %d MLflow run(s) left RUNNING by dead workers", len(closed))
+    return closed
+
+
+class _StaleWatch:
+    """While this worker runs a (long) trial, fail other workers' stale trials every ``interval`` seconds:
+    a trial whose worker died is FAILED (and re-queued) within the grace period plus ``interval``, not only
+    when this worker's trial ends."""
+
+    def __init__(self, study: optuna.Study, interval: float, on_stale) -> None:
+        import threading
+
+        self.study, self.interval, self.on_stale = study, interval, on_stale
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="stale-trial-watch", daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                fail_stale_trials(self.study, self.on_stale)
+            except Exception as err:  # noqa: BLE001 - the main loop checks again anyway
+                log.warning("stale-trial check failed: %s", err)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def _heartbeat_interval(study: optuna.Study) -> float | None:
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    storage = study._storage
+    return storage.get_heartbeat_interval() if is_heartbeat_enabled(storage) else None
+
+
+def _complete_grid_points(study: optuna.Study, grid: "GridSweepSampler") -> int:
+    return len({t.system_attrs.get("grid_id") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.system_attrs.get("search_space") == grid.search_space and t.system_attrs.get("grid_id") is not None})
+
+
 def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], n_trials: int, *,
                catch: tuple[type[BaseException], ...] = (Exception,), max_failures: int | None = None,
-               timeout: float | None = None, callbacks: Sequence[Callable] = ()) -> WorkerReport:
+               timeout: float | None = None, callbacks: Sequence[Callable] = (),
+               on_stale: Callable[[optuna.Study], Any] | None = None) -> WorkerReport:
     """Run trials until the study holds ``n_trials`` COMPLETE trials (counting every worker's).
 
     Trials already COMPLETE (from an interrupted run) count, so restarting a worker resumes the sweep.
@@ -226,6 +315,11 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], n_
     run by others, after ``max_failures`` failed trials of its own (default ``n_trials``: a broken
     objective must not loop forever), after ``timeout`` seconds (checked between trials), or when a grid
     sampler has no point left. An exception in ``catch`` marks the trial FAIL and the worker goes on.
+
+    With a grid sampler no point is run twice: the worker stops when every point is complete or taken,
+    whatever ``n_trials`` says (a retry still waiting for a completed point is not run). Dead
+    workers' trials are failed on start and, while a trial runs, every heartbeat interval
+    (:class:`_StaleWatch`); ``on_stale`` runs after each such check (:func:`close_orphaned_runs`).
     """
     if n_trials < 1:
         raise SweepError(f"n_trials must be >= 1, got {n_trials}")
@@ -233,15 +327,20 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], n_
     report = WorkerReport()
     start = time.monotonic()
     grid = study.sampler if isinstance(study.sampler, GridSweepSampler) else None
+    interval = _heartbeat_interval(study)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         while True:
             # Turn dead workers' trials into FAIL + a WAITING retry before deciding what is left to do.
-            optuna.storages.fail_stale_trials(study)
+            fail_stale_trials(study, on_stale)
             counts = _counts(study)
             done, running, waiting = counts[TrialState.COMPLETE], counts[TrialState.RUNNING], counts[TrialState.WAITING]
             if done >= n_trials:
                 report.stopped_because = f"study has {done} complete trials (target {n_trials})"
+                break
+            if grid is not None and _complete_grid_points(study, grid) >= grid.n_points:
+                # a retry still WAITING for a point that another trial completed must not run it again
+                report.stopped_because = "grid: every point is complete"
                 break
             if waiting == 0:
                 if grid is not None and grid.pending(study) == 0:
@@ -258,8 +357,10 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], n_
                 report.stopped_because = f"timeout {timeout} s"
                 break
             finished: list[optuna.trial.FrozenTrial] = []
-            study.optimize(objective, n_trials=1, catch=catch,
-                           callbacks=[*callbacks, lambda _study, trial: finished.append(trial)])
+            watch = _StaleWatch(study, interval, on_stale) if interval else contextlib.nullcontext()
+            with watch:
+                study.optimize(objective, n_trials=1, catch=catch,
+                               callbacks=[*callbacks, lambda _study, trial: finished.append(trial)])
             report.ran += 1
             state = finished[-1].state if finished else TrialState.FAIL
             if state == TrialState.COMPLETE:
@@ -292,7 +393,7 @@ def pareto_front(study: optuna.Study) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------- MLflow join
 
 def study_parent_run(tracker, study_name: str, study: optuna.Study | None = None) -> str:
-    """Id of the parent MLflow run of ``study_name`` (run name ``study``, tags ``kind=study``, ``optuna_study``).
+    """Id of the parent MLflow run of ``study_name`` (run name ``study:<name>``, tags ``kind=study``, ``optuna_study``).
 
     Created on first use and marked FINISHED right away (it is a container; trials run under it from many
     workers). Two workers that create it at the same time converge on the earliest one and delete theirs.
@@ -315,7 +416,7 @@ def study_parent_run(tracker, study_name: str, study: optuna.Study | None = None
     if existing:
         return existing[0].info.run_id
     tags = {"kind": "study", "optuna_study": study_name, "git_commit": git_commit()}
-    own = client.create_run(experiment.experiment_id, run_name="study", tags=tags)
+    own = client.create_run(experiment.experiment_id, run_name=f"study:{study_name}", tags=tags)
     own_id = own.info.run_id
     if study is not None:
         client.log_param(own_id, "directions", ",".join(d.name.lower() for d in study.directions))
@@ -329,10 +430,16 @@ def study_parent_run(tracker, study_name: str, study: optuna.Study | None = None
     return winner
 
 
+def trial_run_name(number: int, label: str | None = None, retry_of: int | None = None) -> str:
+    """``trial-3``, ``trial-3 t=0.5``, ``trial-3 t=0.5 (retry of 1)``: the trial run's name in the MLflow UI."""
+    return f"trial-{number}" + (f" {label}" if label else "") + (f" (retry of {retry_of})" if retry_of is not None else "")
+
+
 def tracked_objective(tracker, study_name: str, objective: Callable[[optuna.Trial], Any]) -> Callable[[optuna.Trial], Any]:
     """Wrap ``objective`` so each trial is an MLflow run nested under the study's parent run.
 
-    The trial run is named ``trial-<number>`` and tagged ``kind=trial``, ``optuna_study``, ``optuna_trial``
+    The trial run is named by :func:`trial_run_name` (the objective may set the user attr ``run_label``,
+    e.g. ``t=0.5``) and tagged ``kind=trial``, ``optuna_study``, ``optuna_trial``
     (``optuna_retry_of`` for a heartbeat retry) and ``optuna_state``; it logs the trial's params and the
     returned values as metrics (the study's metric names, else ``value``/``value_i``). A raising objective
     leaves the run FAILED, a pruned one KILLED. The run is the active MLflow run while the objective runs,
@@ -357,10 +464,13 @@ def tracked_objective(tracker, study_name: str, objective: Callable[[optuna.Tria
         # A heartbeat retry inherits the user attrs of the trial it replaces: close that trial's run,
         # which its dead worker left RUNNING.
         previous = trial.user_attrs.get("trial_number")
-        if previous is not None and previous != trial.number:
+        retry_of = previous if previous is not None and previous != trial.number else None
+        if retry_of is not None:
             tags["optuna_retry_of"] = str(previous)
             old_run = trial.user_attrs.get("mlflow_run_id")
             if old_run:
+                # the objective finds the dead trial's stage runs here (reused stages copy their metrics)
+                trial.set_user_attr("retry_of_mlflow_run_id", old_run)
                 try:
                     if client.get_run(old_run).info.status == "RUNNING":
                         # The dead worker never got to log the params; the retry carries the same ones.
@@ -371,7 +481,7 @@ def tracked_objective(tracker, study_name: str, objective: Callable[[optuna.Tria
                 except Exception as err:  # a missing old run must not fail the retry
                     log.warning("could not close MLflow run %s of trial %s: %s", old_run, previous, err)
         state, pruned_exc = "FAIL", None
-        with tracker.run(f"trial-{trial.number}", tags=tags) as run_id:
+        with tracker.run(trial_run_name(trial.number, retry_of=retry_of), tags=tags) as run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
             trial.set_user_attr("trial_number", trial.number)
             try:
@@ -382,6 +492,9 @@ def tracked_objective(tracker, study_name: str, objective: Callable[[optuna.Tria
                 if trial.params:
                     tracker.log_params(dict(trial.params))
                 tracker.set_tags({"optuna_state": state})
+                label = trial.user_attrs.get("run_label")  # what the objective says tells trials apart
+                if label:
+                    client.update_run(run_id, name=trial_run_name(trial.number, label, retry_of))
             if pruned_exc is None:
                 values = list(result) if isinstance(result, (list, tuple)) else [result]
                 names = trial.study.metric_names or ([f"value_{i}" for i in range(len(values))]
@@ -476,9 +589,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         study = open_study(args.study, args.storage, args.directions, seed=args.seed, worker=args.worker,
                            sampler=sampler, metric_names=args.metric_names, heartbeat_interval=args.heartbeat,
                            grace_period=args.grace, max_retry=args.max_retry)
+        on_stale = None
         if args.track or args.mlflow_uri:
-            objective = tracked_objective(_make_tracker(args.study, args.mlflow_uri), args.study, objective)
-        report = run_worker(study, objective, args.n_trials, max_failures=args.max_failures)
+            tracker = _make_tracker(args.study, args.mlflow_uri)
+            objective = tracked_objective(tracker, args.study, objective)
+            on_stale = lambda s: close_orphaned_runs(s, tracker.tracking_uri)  # noqa: E731
+        report = run_worker(study, objective, args.n_trials, max_failures=args.max_failures, on_stale=on_stale)
     except SweepError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

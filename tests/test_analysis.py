@@ -173,8 +173,9 @@ def test_load_structures_reads_artifacts_and_adds_teacher(store, tmp_path):
     runs = store["runs"]
     # the teacher has no model/ artifact in this store: only the pruned structure is found
     found = A.load_structures(runs, points=A.pruning_points(runs))
-    assert list(found) == ["prune1 (sparsity 0.40)"]
-    entry = found["prune1 (sparsity 0.40)"]
+    assert list(found) == [store["ids"]["prune1"]]  # keyed by run id; the trial-nested prune1 runs are left out
+    entry = found[store["ids"]["prune1"]]
+    assert entry["label"] == "prune1 (sparsity 0.40)"
     assert entry["kept"]["conv"].tolist() == [32, 8] and entry["dense"]["conv"].tolist() == [32, 32]
     fig = A.plot_structure_heatmap(found)
     assert len(fig.axes) == 2 * len(A.KINDS)  # a heatmap and its colour bar per kind
@@ -235,3 +236,55 @@ def test_scores_and_det(store, tmp_path):
         A.read_scores(bad)
     assert A.score_files(store["runs"], tmp_path / "dl", lists=["val"]) == {}
     assert isinstance(A.pruning_points(store["runs"]), pd.DataFrame)
+
+
+# ------------------------------------------------------------------ a demo pipeline and a 3-trial sweep together
+
+@pytest.fixture(scope="module")
+def sweep_store(tmp_path_factory):
+    from tests import fake_store
+
+    built = fake_store.build(tmp_path_factory.mktemp("sweep"))
+    built["runs"] = A.load_runs(built["uri"], [fake_store.DEMO, fake_store.SWEEP])
+    return built
+
+
+def test_labels_are_unique_per_run_across_experiments_and_trials(sweep_store):
+    runs = sweep_store["runs"].set_index("run_id")
+    ids = sweep_store["ids"]
+    assert runs["label"].is_unique
+    assert runs.at[ids["trial1"], "label"] == "trial 1"
+    assert runs.at[ids["eval2"], "label"] == "trial 2/eval_pruned"
+    assert runs.at[ids["teacher"], "label"] == "teacher:s2"
+    assert runs.at[ids["s2"], "label"] == "s2" and runs.at[ids["eval"], "label"] == "eval"
+    assert set(runs["experiment"]) == {"demo", "demo-prune-grid"}
+
+
+def test_the_sweeps_teacher_is_the_reference_and_every_trial_is_kept(sweep_store, tmp_path):
+    runs, ids = sweep_store["runs"], sweep_store["ids"]
+    teacher = A.teacher_reference(runs)
+    assert teacher["run_id"] == ids["teacher"] and teacher["eer_pct"] == 17.0  # not the demo's s3 (14 %)
+    files = A.score_files(runs, tmp_path, lists=["test"])
+    assert sorted(files) == ["eval/test", "trial 0/eval_pruned/test", "trial 1/eval_pruned/test",
+                             "trial 2/eval_pruned/test"]
+    assert len({p.read_text() for p in files.values()}) == 4  # four different score files, none overwritten
+    fig = A.plot_det_curves(files)
+    assert len(A.figure_series(fig)) == 4
+    structures = A.load_structures(runs, points=A.pruning_points(runs))
+    labels = [s["label"] for s in structures.values()]
+    assert labels == ["teacher teacher:s2 (dense)", "trial 0 (sparsity 0.00)", "trial 1 (sparsity 0.30)",
+                      "trial 2 (sparsity 0.60)"]
+    limited = A.limit_structures(structures, 3)  # the teacher stays, the trials are spread
+    assert [s["label"] for s in limited.values()] == ["teacher teacher:s2 (dense)", "trial 0 (sparsity 0.00)",
+                                                      "trial 2 (sparsity 0.60)"]
+    assert len(A.figure_series(A.plot_structure_heatmap(structures))) == 4
+    plt.close("all")
+
+
+def test_require_runs_names_what_is_missing(sweep_store, tmp_path):
+    A.require_runs(sweep_store["runs"])
+    with pytest.raises(LookupError, match="'nope' not in the store"):
+        A.require_runs(A.load_runs(sweep_store["uri"], ["demo", "nope"]))
+    with pytest.raises(LookupError, match="no such store"):
+        A.require_runs(A.load_runs(f"sqlite:///{tmp_path}/absent/mlflow.db", "demo"))
+    assert not (tmp_path / "absent").exists()

@@ -196,3 +196,172 @@ def test_cli_reports_a_bad_config(tmp_path, capsys):
     bad.write_text(SMOKE_SWEEP.read_text().replace("n_trials: 2", "n_trials: 0"))
     assert prune_sweep.main(["--config", str(bad), "--no-tracking"]) == 2
     assert "n_trials" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the worker around the trials (fake trials)
+
+def _fake_record(knobs: dict) -> dict:
+    target = float(knobs["target_sparsity"])
+    params = int(1000 * (1 - target))
+    return {"params": knobs, "target_sparsity": target, "achieved_sparsity": target, "params_encoder": params,
+            "dense_params_encoder": 1000, "val_eer_pct": 10.0 + 10 * target ** 2, "val_mindcf_0.01": 0.5,
+            "test_eer_pct": 11.0 + 10 * target ** 2, "test_mindcf_0.01": 0.61234, "test_mindcf_0.05": 0.4,
+            "layers": [], "minutes": 0.01}
+
+
+@pytest.fixture
+def fake_trials(tmp_path, monkeypatch):
+    """Trials that return at once (the worker, storage, naming and report logic are what is tested)."""
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def run_trial(cfg, knobs, folder, tracker=None, previous_run=None):
+        calls.append(knobs)
+        for name in (prune_sweep.prune_stage.STRUCTURE, prune_sweep.prune_stage.STRUCTURE_PNG):
+            (folder / name).write_text("{}")  # the trial run's artifacts
+        return _fake_record(knobs)
+
+    monkeypatch.setattr(prune_sweep, "run_trial", run_trial)
+    return tmp_path, calls
+
+
+def test_grid_honours_n_trials_and_never_reruns_a_point(fake_trials, capsys):
+    from mlflow import MlflowClient
+
+    root, calls = fake_trials
+    cfg = load_config(SMOKE_SWEEP, SweepConfig)  # grid [0.0, 0.3, 0.6]
+    storage, uri = f"sqlite:///{root}/optuna.db", f"sqlite:///{root}/mlflow.db"
+    out = run_sweep(cfg, storage=storage, grid=True, n_trials=2, tracking_uri=uri)
+    assert out["worker"]["complete"] == 2 and len(calls) == 2
+    out = run_sweep(cfg, storage=storage, grid=True, tracking_uri=uri)  # the rest of the grid
+    assert out["worker"]["complete"] == 1 and sorted(k["target_sparsity"] for k in calls) == [0.0, 0.3, 0.6]
+    # 3 of 3 points complete: no 4th trial, whatever --n-trials says
+    with pytest.raises(prune_sweep.SweepError, match="the grid has 3 points"):
+        run_sweep(cfg, storage=storage, grid=True, n_trials=4, tracking_uri=uri)
+    assert prune_sweep.main(["--config", str(SMOKE_SWEEP), "--grid", "--n-trials", "4", "--storage", storage,
+                             "--no-tracking"]) == 2
+    assert "--n-trials 4 with --grid" in capsys.readouterr().err
+    optuna.load_study(study_name="smoke-prune-grid", storage=storage).enqueue_trial({"target_sparsity": 0.3})
+    again = run_sweep(cfg, storage=storage, grid=True, tracking_uri=uri)
+    assert again["worker"]["ran"] == 0 and "3 complete" in again["worker"]["stopped_because"]
+    assert len(calls) == 3
+
+    # MLflow: descriptive run names and the study parent's result columns
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("smoke-prune-grid").experiment_id])
+    names = sorted(r.info.run_name for r in runs)
+    assert names == ["study:smoke-prune-grid", "trial-0 t=0.6", "trial-1 t=0", "trial-2 t=0.3"] or \
+        sorted(n.split(" ")[1] for n in names if n.startswith("trial")) == ["t=0", "t=0.3", "t=0.6"], names
+    parent = next(r for r in runs if r.data.tags.get("kind") == "study")
+    m = parent.data.metrics
+    # every point is on the front (size falls as EER rises); the best validation EER is the dense one
+    assert m["trials_complete"] == 3 and m["pareto_size"] == 3
+    assert m["best_val_eer_pct"] == 10.0 and m["best_test_eer_pct"] == 11.0 and m["best_params_encoder"] == 1000
+    assert m["best_test_mindcf_0.01"] == 0.612  # rounded as the runs table shows it
+
+
+def test_an_interrupted_worker_still_writes_its_report(tmp_path):
+    """SIGTERM in the middle of the second trial: exit 130, the finished trial in report.json and curve.png."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = f"""
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, {str(REPO)!r})
+from sweeps import prune_sweep
+calls = []
+def run_trial(cfg, knobs, folder, tracker=None, previous_run=None):
+    calls.append(knobs)
+    if len(calls) == 2:
+        Path("started").touch()
+        time.sleep(120)
+    t = float(knobs["target_sparsity"])
+    return {{"params": knobs, "target_sparsity": t, "achieved_sparsity": t, "params_encoder": int(1000 * (1 - t)),
+             "dense_params_encoder": 1000, "val_eer_pct": 10.0, "val_mindcf_0.01": 0.5, "test_eer_pct": 11.0,
+             "test_mindcf_0.01": 0.6, "test_mindcf_0.05": 0.4, "layers": [], "minutes": 0.0}}
+prune_sweep.run_trial = run_trial
+sys.exit(prune_sweep.main(["--config", {str(SMOKE_SWEEP)!r}, "--grid", "--no-tracking",
+                           "--storage", "sqlite:///optuna.db"]))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "started").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "report.json and curve.png written" in err
+    folder = tmp_path / "sweeps" / "runs" / "smoke-prune-grid"
+    report = json.loads((folder / "report.json").read_text())
+    assert report["trials"] == {"COMPLETE": 1, "FAIL": 1} and len(report["points"]) == 1
+    assert (folder / "curve.png").stat().st_size > 10_000
+
+
+def test_a_retry_copies_the_metrics_of_the_stages_it_reuses(tmp_path):
+    """A heartbeat retry reuses the dead trial's finished stages: their runs in the retry carry the dead
+    trial's metric histories (or, without that run, the stage result's numbers)."""
+    from mlflow import MlflowClient
+
+    from svlib.tracking import Tracker
+
+    tracker = Tracker("retry", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(tracker.tracking_uri)
+    folder = tmp_path / "prune1"
+    folder.mkdir()
+    record = {"stage": "prune1", "params_encoder": 600, "achieved_sparsity": 0.4,
+              "test": {"test": {"eer_pct": 12.5, "mindcf_0.01": 0.9, "mindcf_0.05": 0.8}}}
+    (folder / "result.json").write_text(json.dumps(record))
+    with tracker.run("trial-0") as dead:
+        with tracker.run("prune1", nested=True, tags={"stage": "prune1"}):
+            for step in (10, 20, 30):
+                tracker.log_metrics({"expected_sparsity": step / 100}, step=step)
+            tracker.log_metrics({"params_encoder": 600.0})
+    calls = []
+    with tracker.run("trial-1 (retry of 0)"):
+        got = prune_sweep._stage(tracker, "prune1", "prune", folder, {"init": "teacher"},
+                                 lambda t: calls.append(t) or record, previous_run=dead)
+        reused = tracker.active_run_id
+    assert got == record and len(calls) == 1
+    retry_stage = client.search_runs([tracker.experiment_id], "tags.stage = 'prune1' and tags.reused = 'True'")
+    assert len(retry_stage) == 1 and retry_stage[0].data.tags["mlflow.parentRunId"] == reused
+    history = client.get_metric_history(retry_stage[0].info.run_id, "expected_sparsity")
+    assert [(m.step, m.value) for m in history] == [(10, 0.1), (20, 0.2), (30, 0.3)]
+    assert retry_stage[0].data.metrics["params_encoder"] == 600.0
+    # no earlier run to copy from: the result's final numbers
+    with tracker.run("trial-2"):
+        prune_sweep._stage(tracker, "prune1", "prune", folder, None, lambda t: record)
+    fresh = client.search_runs([tracker.experiment_id], "tags.stage = 'prune1' and tags.reused = 'True'",
+                               order_by=["attributes.start_time DESC"])[0]
+    assert fresh.data.metrics == {"test_eer_pct": 12.5, "test_mindcf_0.01": 0.9, "test_mindcf_0.05": 0.8,
+                                  "params_encoder": 600.0, "achieved_sparsity": 0.4}
+
+
+def test_readme_pareto_command_reads_the_readme_grid_sweep(fake_trials):
+    """The README's `sweeps.study pareto` line, run after the README's grid sweep (same study and storage)."""
+    import shlex
+    import subprocess
+    import sys
+
+    root, _calls = fake_trials
+    readme = (REPO / "README.md").read_text()
+    grid_line = next(line for line in readme.splitlines() if "sweeps.prune_sweep" in line and "--grid" in line)
+    pareto = next(line for line in readme.splitlines() if "sweeps.study pareto" in line)
+    args = shlex.split(pareto.split("#")[0])
+    config = load_config(SMOKE_SWEEP, SweepConfig)
+    config.name = "demo-prune"  # sweeps/configs/demo.yaml's name, on the smoke sizes
+    assert f"--config {Path('sweeps/configs/demo.yaml')}" in grid_line
+    run_sweep(config, grid=True, n_trials=2, track=False)  # default storage, as the README's grid sweep
+    proc = subprocess.run([sys.executable, *args[1:]], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    front = json.loads(proc.stdout)
+    assert [p["values"]["params_encoder"] for p in front] and all(p["params"] for p in front)

@@ -190,7 +190,8 @@ def test_killed_worker_trial_fails_by_heartbeat_and_is_retried(backend, tmp_path
     for number, run in trial_runs.items():
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         assert run.data.tags["optuna_study"] == name
-        assert run.info.run_name == f"trial-{number}"
+        retry_of = f" (retry of {killed_number})" if number == str(retry.number) else ""
+        assert run.info.run_name == f"trial-{number}{retry_of}"
         assert float(run.data.params["target_sparsity"]) == by_number[int(number)].params["target_sparsity"]
     # The dead worker's run is closed by the retry, not left RUNNING forever.
     assert trial_runs[str(killed_number)].info.status == "FAILED"
@@ -337,7 +338,7 @@ def test_tracked_objective_nests_trials_under_one_study_run(tmp_path, monkeypatc
     parents = [r for r in runs if r.data.tags.get("kind") == "study"]
     assert len(parents) == 1
     parent = parents[0]
-    assert parent.info.run_name == "study" and parent.data.params["directions"] == "minimize,minimize"
+    assert parent.info.run_name == "study:tracked" and parent.data.params["directions"] == "minimize,minimize"
     trial_runs = {int(r.data.tags["optuna_trial"]): r for r in runs if r.data.tags.get("kind") == "trial"}
     assert sorted(trial_runs) == [0, 1, 2, 3, 4]
     assert {n: r.info.status for n, r in trial_runs.items()} == {
@@ -356,3 +357,68 @@ def test_unreachable_storage_is_a_clear_error():
     # Port 1 on 127.0.0.1: nothing listens there, the connection is refused at once.
     with pytest.raises(SweepError, match=r"cannot open Optuna storage postgresql\+psycopg2://u:\*\*\*@127.0.0.1:1/x"):
         open_study("unreachable", "postgresql+psycopg2://u:secret@127.0.0.1:1/x")
+
+
+def test_a_dead_workers_trial_is_failed_and_its_run_closed_while_this_worker_runs(tmp_path, mlflow_sqlite):
+    """The dead trial goes stale only after this worker has started its own (long) trial: the watcher fails
+    it and closes its MLflow run during that trial, not when the trial ends; the retry then runs here."""
+    from mlflow import MlflowClient
+
+    from svlib.tracking import Tracker
+
+    from sweeps.study import close_orphaned_runs, study_parent_run
+
+    name = _name("stale")
+    tracker = Tracker(name, tracking_uri=mlflow_sqlite)
+    client = MlflowClient(mlflow_sqlite)
+    study = _open(name, f"sqlite:///{tmp_path}/s.db")
+    dead = study.ask({"target_sparsity": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    orphan = client.create_run(tracker.experiment_id, run_name="trial-0",
+                               tags={"mlflow.parentRunId": study_parent_run(tracker, name, study), "kind": "trial"})
+    dead.set_user_attr("mlflow_run_id", orphan.info.run_id)
+    dead.set_user_attr("trial_number", dead.number)
+    study._storage.record_heartbeat(dead._trial_id)  # alive a moment ago, silent from now on
+    seen = []
+
+    def objective(trial):
+        sparsity = trial.suggest_float("target_sparsity", 0.0, 1.0)
+        if not seen:  # this worker's first trial: wait (bounded) for the watcher to notice the dead one
+            deadline = time.monotonic() + 30
+            while client.get_run(orphan.info.run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            seen.append((study._storage.get_trial(dead._trial_id).state, client.get_run(orphan.info.run_id).info.status))
+        return sweep_objective.synthetic_eer_pct(sparsity), 1.0 - sparsity
+
+    report = run_worker(study, objective, 2, on_stale=lambda s: close_orphaned_runs(s, mlflow_sqlite))
+    assert seen == [(TrialState.FAIL, "FAILED")]
+    trials = study.get_trials()
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and report.complete == 2
+    assert client.get_run(orphan.info.run_id).data.tags["optuna_state"] == "FAIL"
+    assert close_orphaned_runs(study, mlflow_sqlite) == []  # closed once
+
+
+def test_a_complete_grid_starts_no_further_trial(tmp_path):
+    study = _open("grid-n", f"sqlite:///{tmp_path}/g.db", sampler=grid_sampler([0.1, 0.5, 0.9]))
+    assert run_worker(study, sweep_objective.objective, 4).complete == 3
+    study.enqueue_trial({"target_sparsity": 0.5})  # e.g. a retry queued for a point another trial completed
+    again = run_worker(study, sweep_objective.objective, 4)
+    assert again.ran == 0 and again.stopped_because == "grid: every point is complete"
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 3 + [TrialState.WAITING]
+
+
+def test_pareto_cli_never_creates_storage_and_names_the_studies_held(tmp_path, capsys):
+    from sweeps.study import main
+
+    absent = tmp_path / "sweeps" / "demo-prune.db"
+    assert main(["pareto", "--study", "demo-prune", "--storage", f"sqlite:///{absent}"]) == 2
+    assert "no Optuna storage at" in capsys.readouterr().err and not absent.exists() and not absent.parent.exists()
+    storage = f"sqlite:///{tmp_path}/grid.db"
+    study = _open("demo-prune-grid", storage)
+    study.tell(study.ask({"target_sparsity": optuna.distributions.FloatDistribution(0.0, 1.0)}), [12.0, 0.5])
+    assert main(["pareto", "--study", "demo-prune", "--storage", storage]) == 2
+    assert "no study 'demo-prune'" in capsys.readouterr().err.replace('"', "'")
+    assert main(["pareto", "--study", "demo-prune", "--storage", storage]) == 2
+    assert "it holds: demo-prune-grid" in capsys.readouterr().err
+    assert main(["pareto", "--study", "demo-prune-grid", "--storage", storage]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["values"] == {"eer_pct": 12.0, "params_frac": 0.5}
