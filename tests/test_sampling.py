@@ -80,6 +80,8 @@ def test_config_is_strict_and_validated():
         from_dict(SamplingConfig, {"batch_size": 4, "speakers_per_batch": 5})
     with pytest.raises(ConfigError, match="mode"):
         from_dict(SamplingConfig, {"mode": "random"})
+    with pytest.raises(ConfigError, match="speaker_balanced only"):
+        from_dict(SamplingConfig, {"mode": "epoch", "speakers_per_batch": 4})
     with pytest.raises(ConfigError, match="cache_bytes"):
         from_dict(SamplingConfig, {"cache_bytes": -1})
     assert SamplingConfig().cache_bytes == 0  # no audio cache unless asked for

@@ -88,6 +88,9 @@ class SamplingConfig:
         lo, hi = self.crop_seconds
         if not (0 < lo <= hi) or not math.isfinite(hi):
             raise ValueError(f"crop_seconds must be (low, high) with 0 < low <= high, got {self.crop_seconds}")
+        if self.mode == "epoch" and self.speakers_per_batch is not None:
+            raise ValueError("speakers_per_batch applies to mode speaker_balanced only (an epoch batch is a slice "
+                             "of the epoch's shuffle)")
         if self.speakers_per_batch is not None and not 1 <= self.speakers_per_batch <= self.batch_size:
             raise ValueError(f"speakers_per_batch must be in 1..batch_size={self.batch_size}, got {self.speakers_per_batch}")
         if self.speed_perturb:
@@ -218,7 +221,7 @@ class _BatchMaker(torch.utils.data.Dataset):
         n_spk = len(self.speakers)
         if cfg.speakers_per_batch is None:
             self.n_batch_spk = min(max(cfg.batch_size // 2, 1), n_spk)
-        elif cfg.speakers_per_batch > n_spk and cfg.mode == "speaker_balanced":
+        elif cfg.speakers_per_batch > n_spk:
             raise ValueError(f"speakers_per_batch={cfg.speakers_per_batch} but the training data has only {n_spk} speakers")
         else:
             self.n_batch_spk = cfg.speakers_per_batch
