@@ -94,6 +94,12 @@ def test_eager_additive_mask_matches():
     feats, mask = _inputs(3, 90)
     stock, lean = _both(model, feats, attention_mask=mask)
     assert _max_diff(stock, lean) <= TOL
+    # attention weights asked for: the lean module hands over to HF's forward, which returns them
+    with torch.no_grad():
+        weights = model(feats, attention_mask=mask, output_attentions=True).attentions
+    assert attention_implementation(model) == "lean"
+    assert len(weights) == 2 and weights[0].shape == (3, 4, 90, 90)
+    assert torch.allclose(weights[0].sum(-1), torch.ones(3, 4, 90))
 
 
 def test_train_mode_gradients_match():
