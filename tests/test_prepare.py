@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from svlib.audio import audio_seconds, load_audio, write_audio
 from svlib.data.lists import DataDir, ListError, read_audio_list, read_trials
 from svlib.data.prepare import main, prepare_manifest, prepare_musan, prepare_rirs, prepare_voxceleb
 
@@ -150,7 +151,7 @@ def test_voxceleb_layout(tmp_path):
     (vox1 / "id10300" / "ize_eiCFEg0" / "notes.txt").write_text("skip me")
     vox2 = tmp_path / "vox2" / "aac" / "id00012" / "21Uxsk56VDQ"
     vox2.mkdir(parents=True)
-    (vox2 / "00001.m4a").write_bytes(b"\0" * 16)  # listed as-is, never decoded here
+    write_audio(vox2 / "00001.m4a", np.zeros(1600, dtype=np.float32))  # real AAC: decoded by the first-file check
 
     d = prepare_voxceleb([vox1, tmp_path / "vox2" / "aac"], tmp_path / "out", relative_to=tmp_path)
     assert d.utts == ["id00012/21Uxsk56VDQ/00001.m4a", "id10270/8jEAjG6SegY/00001.wav",
@@ -160,6 +161,7 @@ def test_voxceleb_layout(tmp_path):
     assert d.wavs["id10270/x6uYqmx31kE/00002.wav"] == "vox1/wav/id10270/x6uYqmx31kE/00002.wav"
     back = DataDir.load(tmp_path / "out", check_files=True, root=tmp_path)
     assert back.spk2utt["id10270"] == d.spk2utt["id10270"]
+    assert back.durations == pytest.approx({**{u: 0.1 for u in d.utts}, "id00012/21Uxsk56VDQ/00001.m4a": 0.164})
     assert back.load_wave("id10300/ize_eiCFEg0/00001.wav").shape == (1600,)
     with pytest.raises(ListError, match="no .wav"):
         prepare_voxceleb(tmp_path / "vox2" / "aac", extensions=(".wav",))
@@ -207,3 +209,90 @@ def test_rirs_layout(tmp_path):
     assert entries[0].path == "RIRS_NOISES/simulated_rirs/largeroom/Room200/Room200-00001.wav"
     with pytest.raises(ListError, match="no RIRs"):
         prepare_rirs(tmp_path / "empty")
+
+
+# ---- VoxCeleb2 AAC, hold-out, first-file check ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def speech_pieces() -> list[np.ndarray]:
+    """Sixteen 1-s pieces of real speech (sv-mini, LibriSpeech test-other), to encode as AAC."""
+    flacs = sorted((DATA / "sv-mini" / "librispeech_test-other").rglob("*.flac"))
+    if not flacs:
+        pytest.skip("sv-mini absent")
+    pieces = []
+    for flac in flacs:
+        wave, _ = sf.read(str(flac), dtype="float32")
+        pieces += [wave[i:i + 16000] for i in range(0, len(wave) - 16000, 16000)]
+        if len(pieces) >= 16:
+            return pieces[:16]
+    pytest.skip("not enough sv-mini speech")
+
+
+def _fake_vox2(root: Path, pieces: list[np.ndarray]) -> Path:
+    """VoxCeleb2 dev layout: 8 speakers x 2 videos x 1-2 AAC .m4a files (id00012/<video>/00001.m4a)."""
+    aac = root / "vox2" / "dev" / "aac"
+    k = 0
+    for s in range(8):
+        for v in range(2):
+            folder = aac / f"id{12 + s:05d}" / f"vid{s}{v}aBcD_e"
+            folder.mkdir(parents=True)
+            for i in range(1 + (s + v) % 2):
+                write_audio(folder / f"{i + 1:05d}.m4a", pieces[k % len(pieces)] * (0.5 + 0.05 * i))
+                k += 1
+    return aac
+
+
+def test_voxceleb2_aac_holdout_is_speaker_disjoint(tmp_path, speech_pieces):
+    aac = _fake_vox2(tmp_path, speech_pieces)
+    out = tmp_path / "data" / "vox2"
+    code = main(["--relative-to", str(tmp_path), "voxceleb", "--root", str(aac), "--out", str(out),
+                 "--val-speakers", "3", "--val-trials", "12", "--seed", "4", "--workers", "2"])
+    assert code == 0
+    train = DataDir.load(out / "train", check_files=True, root=tmp_path)
+    val = DataDir.load(out / "val", check_files=True, root=tmp_path)
+    trials = read_trials(out / "val_trials.txt")
+    assert (out / "val_trials.txt").read_text().splitlines()[0].split()[0] in ("0", "1")  # VoxCeleb form
+    assert len(train.speakers) == 5 and len(set(val.speakers)) == 3
+    assert not set(train.speakers) & set(val.speakers)  # no held-out speaker leaks into training
+    files_of = {f"id{12 + s:05d}": sum(1 + (s + v) % 2 for v in range(2)) for s in range(8)}
+    assert len(train) == sum(n for spk, n in files_of.items() if spk not in val.speakers)
+    assert trials.utterances == set(val.utts)
+    assert len(trials) == 12 and trials.num_target == 6
+    for e, t, label in zip(trials.enroll, trials.test, trials.labels):
+        assert label == (val.utt2spk[e] == val.utt2spk[t]) and e != t
+        if label:  # each speaker has 2 videos: target pairs cross videos
+            assert e.rsplit("/", 1)[0] != t.rsplit("/", 1)[0]
+    # utt2dur from container metadata: 1 s + AAC priming, without decoding.
+    for utt in train.utts:
+        assert train.durations[utt] == pytest.approx(audio_seconds(tmp_path / train.wavs[utt]), abs=1e-4)
+        assert 1.0 <= train.durations[utt] <= 1.1
+    wave = train.load_wave(train.utts[0], max_seconds=0.5, offset=0.3)
+    assert wave.shape == (8000,) and np.abs(wave).max() > 0.01  # AAC speech decodes through the data dir
+    summary = json.loads((out / "split_summary.json").read_text())
+    assert summary["val_speakers"] == 3 and summary["trials"] == {"trials": 12, "target": 6, "nontarget": 6}
+    # The same seed gives the same hold-out; another seed another one.
+    again = tmp_path / "again"
+    prepare_voxceleb(aac, again, relative_to=tmp_path, val_speakers=3, val_trials=12, seed=4, workers=1, progress=False)
+    assert (again / "val_trials.txt").read_text() == (out / "val_trials.txt").read_text()
+    other = prepare_voxceleb(aac, tmp_path / "other", relative_to=tmp_path, val_speakers=3, val_trials=12, seed=5,
+                             workers=1, progress=False)
+    assert other.speakers != train.speakers
+
+
+def test_prepare_fails_at_once_when_the_first_file_cannot_be_decoded(tmp_path, capsys):
+    root = tmp_path / "vox2"
+    bad = root / "id00012" / "21Uxsk56VDQ" / "00001.m4a"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\0" * 64)
+    code = main(["--relative-to", str(tmp_path), "voxceleb", "--root", str(root), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.startswith(f"error: {tmp_path / 'out'}: its first file cannot be decoded") and "00001.m4a" in err
+    assert not (tmp_path / "out").exists()  # nothing written
+    musan = tmp_path / "musan" / "noise" / "free-sound"
+    musan.mkdir(parents=True)
+    (musan / "noise-free-sound-0000.wav").write_text("not audio")
+    _tiny(musan / "noise-free-sound-0001.wav")
+    with pytest.raises(ListError, match=r"musan.list: its first file cannot be decoded.*noise-free-sound-0000.wav: "
+                                         r"not a readable audio file"):
+        prepare_musan(tmp_path / "musan", tmp_path / "musan.list", relative_to=tmp_path)
+    assert not (tmp_path / "musan.list").exists()

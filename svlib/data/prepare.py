@@ -2,6 +2,7 @@
 
     python -m svlib.data.prepare manifest --manifest ../shared/data/sv-bench/manifest.csv --out data/sv-bench [--seed 0]
     python -m svlib.data.prepare voxceleb --root <vox1>/wav [--root <vox2>/dev/aac] --out data/vox
+    python -m svlib.data.prepare voxceleb --root <vox2>/dev/aac --out data/vox2 --val-speakers 500 --val-trials 30000
     python -m svlib.data.prepare cnceleb  --root <CN-Celeb_flac> [--root2 <CN-Celeb2_flac>] --out data/cnceleb
     python -m svlib.data.prepare musan    --root <musan> --out data/musan.list
     python -m svlib.data.prepare rirs     --root <RIRS_NOISES> --out data/rirs.list
@@ -19,6 +20,16 @@ Manifest split (sv-bench, sv-mini):
   pairs plus ``nontarget_ratio`` x as many non-target pairs sampled with the seed (all pairs when that is fewer).
 - train: all remaining speakers. The unselected words of val Arabic speakers are left out (speakers must stay
   disjoint) and counted as ``unused`` in ``split_summary.json``.
+
+VoxCeleb (``prepare voxceleb``): every ``<root>/<speaker>/<video>/<file>`` (.wav, .flac, VoxCeleb2's AAC .m4a),
+``utt2dur`` from the file headers / container metadata (no decoding; ``--workers`` processes with a progress
+bar, ~1M files). ``--val-speakers N`` holds N speakers out (chosen with ``--seed``) into ``out/val`` with
+``out/val_trials.txt`` (VoxCeleb form ``1 enroll test``; half target pairs, from two different videos of one
+speaker where it has several, half non-target), and writes the other speakers to ``out/train``: no held-out
+speaker's utterance reaches training. ``out/val`` holds only the utterances the trials use.
+
+Every list written is checked by decoding its first file, so a missing decoder or an unreadable corpus fails
+here, in one line, and not at the first training batch after the model has loaded.
 """
 from __future__ import annotations
 
@@ -35,7 +46,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from svlib.audio import AudioError, audio_seconds, load_audio
 from svlib.data.lists import AudioEntry, DataDir, ListError, Trials, write_audio_list, write_trials
+from svlib.files import write_json
 
 TEST_FOLDERS = ("librispeech_test-other",)
 LONG_FOLDERS = ("librispeech_train-clean-100",)
@@ -205,6 +218,9 @@ def prepare_manifest(manifest: str | os.PathLike, out: str | os.PathLike, seed: 
 
     out.mkdir(parents=True, exist_ok=True)
     for name, d in (("train", train), ("val", val), ("test", test)):
+        if len(d):
+            check_first_decodes(out / name / "wav.scp", d.wavs[d.utts[0]], relative_to)
+    for name, d in (("train", train), ("val", val), ("test", test)):
         d.write(out / name)
     write_trials(out / "val_trials.txt", val_trials)
     write_trials(out / "test_trials.txt", test_trials)
@@ -260,11 +276,104 @@ def _subdirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _abs(path: str, relative_to) -> str:
+    """A path as written to a list (relative to ``relative_to`` / the cwd) -> the file to open."""
+    return path if os.path.isabs(path) else os.path.join(relative_to if relative_to is not None else os.getcwd(), path)
+
+
+def check_first_decodes(list_path: str | os.PathLike, audio_path: str, relative_to=None) -> None:
+    """Decode one second of the first file of a list, or fail with the list, the file and the decoder's reason."""
+    try:
+        load_audio(_abs(audio_path, relative_to), max_seconds=1.0)
+    except AudioError as err:
+        raise ListError(f"{list_path}: its first file cannot be decoded, so training would fail on it: {err}") from None
+
+
+def _header_seconds(item: tuple[str, str]) -> tuple[str, float | str]:
+    utt, path = item
+    try:
+        return utt, audio_seconds(path)
+    except AudioError as err:  # returned, not raised: the parent reports it in one line
+        return utt, str(err)
+
+
+def read_durations(paths: dict[str, str], workers: int | None = None, progress: bool = True) -> dict[str, float]:
+    """utt -> seconds from headers / container metadata, in ``workers`` processes (default: all CPUs)."""
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    items = list(paths.items())
+    workers = max(1, min(workers or os.cpu_count() or 1, len(items) // 64 or 1))
+    bar = tqdm(total=len(items), desc="utt2dur", unit="file", disable=not progress, mininterval=1.0, file=sys.stderr)
+    out: dict[str, float] = {}
+    with (multiprocessing.Pool(workers) if workers > 1 else _Serial()) as pool:
+        for utt, seconds in pool.imap(_header_seconds, items, chunksize=256):
+            if isinstance(seconds, str):
+                raise ListError(f"utt2dur of '{utt}': {seconds}")
+            if not seconds > 0:
+                raise ListError(f"utt2dur of '{utt}': {paths[utt]} has no samples")
+            out[utt] = seconds
+            bar.update()
+    bar.close()
+    return out
+
+
+class _Serial:
+    """``multiprocessing.Pool`` stand-in for one worker (no processes to start for small lists)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @staticmethod
+    def imap(fn, items, chunksize=1):
+        return map(fn, items)
+
+
+def _video(utt: str) -> str:
+    return utt.rsplit("/", 1)[0]
+
+
+def holdout_trials(utts_by_speaker: dict[str, list[str]], num_trials: int, seed: int) -> Trials:
+    """``num_trials`` distinct pairs over the held-out speakers: half target (two utterances of one speaker,
+    from two different videos when it has several, so a pair is not one session), half non-target (two
+    speakers); speakers uniform, so large speakers do not dominate. Fewer when the speakers cannot give that
+    many distinct pairs."""
+    speakers = sorted(s for s in utts_by_speaker if utts_by_speaker[s])
+    if len(speakers) < 2:
+        raise ListError(f"a validation hold-out needs at least 2 speakers, got {len(speakers)}")
+    rng = np.random.default_rng([seed, 7])
+    want_target = num_trials // 2
+    pairs: dict[tuple[str, str], int] = {}
+    multi = [s for s in speakers if len(utts_by_speaker[s]) >= 2]
+    tries = 0
+    while multi and sum(pairs.values()) < want_target and tries < 20 * num_trials:
+        tries += 1
+        utts = utts_by_speaker[multi[rng.integers(len(multi))]]
+        a = utts[rng.integers(len(utts))]
+        others = [u for u in utts if _video(u) != _video(a)] or [u for u in utts if u != a]
+        b = others[rng.integers(len(others))]
+        pairs.setdefault((min(a, b), max(a, b)), 1)
+    while len(pairs) < num_trials and tries < 40 * num_trials:
+        tries += 1
+        i, j = rng.choice(len(speakers), size=2, replace=False)
+        ua, ub = utts_by_speaker[speakers[i]], utts_by_speaker[speakers[j]]
+        a, b = ua[rng.integers(len(ua))], ub[rng.integers(len(ub))]
+        pairs.setdefault((min(a, b), max(a, b)), 0)
+    order = sorted(pairs)
+    return Trials([a for a, _ in order], [b for _, b in order], np.asarray([pairs[k] for k in order], dtype=np.int8))
+
+
 def prepare_voxceleb(roots, out: str | os.PathLike | None = None, relative_to=None,
-                     extensions: tuple[str, ...] = (".wav", ".m4a", ".flac")) -> DataDir:
+                     extensions: tuple[str, ...] = (".wav", ".m4a", ".flac"), durations: bool = True,
+                     workers: int | None = None, val_speakers: int = 0, val_trials: int = 20000, seed: int = 0,
+                     progress: bool = True) -> DataDir:
     """``<root>/<speaker>/<video>/<file>`` -> DataDir with utt id ``speaker/video/file`` (as in VoxCeleb trial lists).
 
-    VoxCeleb2's ``.m4a`` files are listed as they are; decoding them needs an AAC-capable loader or a conversion.
+    Returns the directory written to ``out`` (``out/train`` with a hold-out, see the module docstring).
     """
     roots = [Path(roots)] if isinstance(roots, (str, os.PathLike)) else [Path(r) for r in roots]
     wavs, utt2spk, origin = {}, {}, {}
@@ -273,10 +382,12 @@ def prepare_voxceleb(roots, out: str | os.PathLike | None = None, relative_to=No
             raise ListError(f"{root}: VoxCeleb root not found")
         for spk in _subdirs(root):
             for video in _subdirs(spk):
-                for f in sorted(video.iterdir()):
-                    if not f.is_file() or f.suffix.lower() not in extensions:
-                        continue
-                    utt = f"{spk.name}/{video.name}/{f.name}"
+                # scandir: file types come from the directory entries, no stat per file (1M files).
+                with os.scandir(video) as entries:
+                    names = sorted(e.name for e in entries if e.is_file() and os.path.splitext(e.name)[1].lower() in extensions)
+                for name in names:
+                    f = video / name
+                    utt = f"{spk.name}/{video.name}/{name}"
                     if any(c.isspace() for c in utt):
                         raise ListError(f"{f}: whitespace in speaker/video/file name, unusable as a Kaldi id")
                     if utt in wavs:
@@ -284,10 +395,33 @@ def prepare_voxceleb(roots, out: str | os.PathLike | None = None, relative_to=No
                     wavs[utt], utt2spk[utt], origin[utt] = _rel(f, relative_to), spk.name, root
     if not wavs:
         raise ListError(f"{', '.join(map(str, roots))}: no {'/'.join(extensions)} files in <root>/<speaker>/<video>/")
-    d = DataDir(wavs=wavs, utt2spk=utt2spk)
+    first = min(wavs)
+    check_first_decodes(out if out is not None else origin[first], wavs[first], relative_to)  # before the header pass
+    seconds = read_durations({u: _abs(p, relative_to) for u, p in wavs.items()}, workers, progress) if durations else None
+    d = DataDir(wavs=wavs, utt2spk=utt2spk, durations=seconds)
+    if val_speakers <= 0:
+        if out is not None:
+            d.write(out)
+        return d
+    speakers = d.speakers
+    if val_speakers >= len(speakers):
+        raise ListError(f"--val-speakers {val_speakers} leaves no training speaker (the roots have {len(speakers)})")
+    held = set(_pick(speakers, val_speakers, seed, 5))
+    spk2utt = d.spk2utt
+    trials = holdout_trials({s: spk2utt[s] for s in held}, val_trials, seed)
+    train = d.subset(u for u in d.utts if d.utt2spk[u] not in held)
+    val = d.subset(trials.utterances)
     if out is not None:
-        d.write(out)
-    return d
+        out = Path(out)
+        train.write(out / "train")
+        val.write(out / "val")
+        write_trials(out / "val_trials.txt", trials)
+        summary = {"seed": seed, "val_speakers": len(held), "train_speakers": len(train.speakers),
+                   "train_utterances": len(train), "val_utterances": len(val),
+                   "held_out_unused_utterances": sum(len(spk2utt[s]) for s in held) - len(val),
+                   "trials": {"trials": len(trials), "target": trials.num_target, "nontarget": trials.num_nontarget}}
+        write_json(out / "split_summary.json", summary)
+    return train
 
 
 def prepare_musan(root: str | os.PathLike, out: str | os.PathLike | None = None, relative_to=None) -> list[AudioEntry]:
@@ -308,9 +442,11 @@ def prepare_musan(root: str | os.PathLike, out: str | os.PathLike | None = None,
                 entries.append(AudioEntry(name, category, _rel(f, relative_to)))
     if not entries:
         raise ListError(f"{root}: no MUSAN files in {{noise,music,speech}}/<sub>/*.wav")
+    entries = sorted(entries)
     if out is not None:
+        check_first_decodes(out, entries[0].path, relative_to)
         write_audio_list(out, entries)
-    return sorted(entries)
+    return entries
 
 
 def prepare_rirs(root: str | os.PathLike, out: str | os.PathLike | None = None, relative_to=None) -> list[AudioEntry]:
@@ -339,9 +475,11 @@ def prepare_rirs(root: str | os.PathLike, out: str | os.PathLike | None = None, 
                 entries.append(AudioEntry(f"real-{f.stem}", "real", _rel(f, relative_to)))
     if not entries:
         raise ListError(f"{root}: no RIRs in simulated_rirs/*room/Room*/*.wav or real_rirs_isotropic_noises/*.wav")
+    entries = sorted(entries)
     if out is not None:
+        check_first_decodes(out, entries[0].path, relative_to)
         write_audio_list(out, entries)
-    return sorted(entries)
+    return entries
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -362,6 +500,12 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("voxceleb", help="data dir from <root>/<speaker>/<video>/<file>")
     v.add_argument("--root", action="append", required=True, help="repeatable (e.g. VoxCeleb2 dev + test)")
     v.add_argument("--out", required=True)
+    v.add_argument("--val-speakers", type=int, default=0,
+                   help="hold this many speakers out into OUT/val + OUT/val_trials.txt (training list: OUT/train)")
+    v.add_argument("--val-trials", type=int, default=20000, help="trials of the hold-out (half target)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--workers", type=int, default=None, help="processes reading headers for utt2dur (default: all CPUs)")
+    v.add_argument("--no-durations", action="store_true", help="skip utt2dur (samplers then open each file once)")
     c = sub.add_parser("cnceleb", help="train/eval dirs, enrolment list and trials from CN-Celeb1 (+ CN-Celeb2)")
     c.add_argument("--root", required=True, help="CN-Celeb1 (CN-Celeb_flac)")
     c.add_argument("--root2", help="CN-Celeb2 (CN-Celeb2_flac), added to training")
@@ -380,8 +524,12 @@ def main(argv: list[str] | None = None) -> int:
                              segment_seconds=args.segment_seconds, nontarget_ratio=args.nontarget_ratio,
                              relative_to=args.relative_to)
         elif args.command == "voxceleb":
-            d = prepare_voxceleb(args.root, args.out, args.relative_to)
-            print(f"{args.out}: {len(d.speakers)} speakers, {len(d)} utterances")
+            d = prepare_voxceleb(args.root, args.out, args.relative_to, durations=not args.no_durations,
+                                 workers=args.workers, val_speakers=args.val_speakers, val_trials=args.val_trials,
+                                 seed=args.seed)
+            where = f"{args.out}/train" if args.val_speakers > 0 else args.out
+            print(f"{where}: {len(d.speakers)} speakers, {len(d)} utterances"
+                  + (f"; {args.out}/val_trials.txt: {args.val_speakers} held-out speakers" if args.val_speakers > 0 else ""))
         elif args.command == "cnceleb":
             from svlib.data.cnceleb import prepare_cnceleb  # its own module (svlib.data.cnceleb)
 
