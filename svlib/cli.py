@@ -127,7 +127,8 @@ def _check_calibration_norm(cal, path: Path, args: argparse.Namespace) -> None:
     elif "thresholds" in meta:  # svlib calibrate-model: raw cosine by construction
         fitted = None
     else:
-        _note(f"{path}: records no score normalisation; cannot check it matches {_norm_setting(args.top_n if args.asnorm else None)}")
+        requested = _norm_setting(args.top_n if args.asnorm else None)
+        _note(f"{path}: records no score normalisation; cannot check that it matches {requested}")
         return
     requested = _requested_norm(args)
     fitted_n = None if fitted is None else fitted.get("top_n")
@@ -552,6 +553,10 @@ def _calibrate_model(args: argparse.Namespace) -> int:
     if unknown:
         raise ListError(f"{args.trials}: utterance {unknown[0]!r} is not in {args.data}/wav.scp "
                         f"({len(unknown)} unknown)")
+    long = [u for u in sorted(trials.utterances) if data.seconds(u) > args.max_seconds]
+    if long:
+        _note(f"{len(long)} of {len(trials.utterances)} trial utterances are longer than --max-seconds "
+              f"{args.max_seconds:g} and are cut to their first {args.max_seconds:g} s (e.g. {long[0]})")
     model = load_model(args.model).to(args.device)
     table = extract_embeddings(model, data, trials.utterances, cfg, device=args.device)
     scores = cosine_scores(table, trials, source=str(args.trials))
@@ -584,8 +589,10 @@ def _calibrate_model(args: argparse.Namespace) -> int:
 
 
 def _convert_reference_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", type=Path, metavar="CKPT.pth", help="reference checkpoint (model_lmft_0.14.pth layout)")
-    p.add_argument("--frontend", default="w2v-bert-2.0", help="encoder preset or HF encoder folder (default w2v-bert-2.0)")
+    p.add_argument("checkpoint", type=Path, metavar="CKPT.pth",
+                   help="reference checkpoint (model_lmft_0.14.pth layout)")
+    p.add_argument("--frontend", default="w2v-bert-2.0",
+                   help="encoder preset or HF encoder folder (default w2v-bert-2.0)")
     p.add_argument("--out", required=True, type=Path, help="model folder to write")
     p.add_argument("--lora-alpha", type=float, help="LoRA alpha, for checkpoints with unmerged LoRA weights")
     p.add_argument("--trusted", action="store_true", help="allow arbitrary pickled objects (only for files you trust)")

@@ -41,10 +41,12 @@ def read_enroll_list(path: str | os.PathLike) -> dict[str, list[str]]:
     try:
         for number, fields in _lines(path):
             if len(fields) < 2:
-                raise EnrollError(f"{path}:{number}: expected '<enroll-id> <utt> [<utt> ...]', got {len(fields)} field(s)")
+                raise EnrollError(f"{path}:{number}: expected '<enroll-id> <utt> [<utt> ...]', "
+                                  f"got {len(fields)} field(s)")
             model, utts = fields[0], fields[1:]
             if model in out:
-                raise EnrollError(f"{path}:{number}: enrolment id '{model}' repeated (first on line {first_line[model]})")
+                raise EnrollError(f"{path}:{number}: enrolment id '{model}' repeated "
+                                  f"(first on line {first_line[model]})")
             if len(set(utts)) != len(utts):
                 dup = next(u for i, u in enumerate(utts) if u in utts[:i])
                 raise EnrollError(f"{path}:{number}: utterance '{dup}' listed twice for '{model}'")
