@@ -368,7 +368,13 @@ def run_distill(cfg: DistillStageConfig, data: DataConfig, out_dir: str | Path, 
     if rank != 0:
         return {}
     model.eval()
-    record = {"stage": cfg.stage, "init": str(init), "teacher": str(teacher), "final_step": result.final_step}
+    record = {"stage": cfg.stage, "init": str(init), "teacher": str(teacher), "final_step": result.final_step,
+              # the run's length after the epoch conversion at this stage's world size
+              "steps": result.steps, "steps_per_epoch": result.steps_per_epoch, "epochs": result.epochs,
+              "world_size": world}
+    if tracker is not None:
+        tracker.log_metrics({k: float(record[k]) for k in ("steps", "steps_per_epoch", "epochs", "world_size")
+                             if record[k] is not None})
     if mask_set is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in mask_set.state_dict().items()}, str(out_dir / GATES))
         structure = write_structure(out_dir, mask_set.sizes(), student.config, cfg.stage, tracker)

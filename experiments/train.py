@@ -27,7 +27,7 @@ from svlib.losses import AAMSoftmax, keep_classes
 from svlib.model.frontend import LoraConfig, add_lora, count_parameters, freeze
 from svlib.model.speaker import SpeakerModel, SpeakerModelConfig, build_speaker_model, load_model, save_model
 from svlib.train.checkpoint import load_checkpoint
-from svlib.train.engine import TrainConfig, train
+from svlib.train.engine import TrainConfig, seed_everything, train
 
 HEAD = "head.safetensors"
 
@@ -54,6 +54,8 @@ class TrainStageConfig:
 
 
 def initial_model(cfg: TrainStageConfig, init: Path | None) -> SpeakerModel:
+    # Random initial weights (a fresh model, LoRA) are a function of the config's seed, not of what ran before.
+    seed_everything(cfg.train.seed)
     if init is not None:
         model = load_model(init / "model")
     elif cfg.model is not None:
@@ -72,6 +74,7 @@ def initial_head(cfg: TrainStageConfig, model: SpeakerModel, loader: TrainLoader
     Same class count: continue as is. A speed-perturbed head (k x N rows) moving to a stage without speed
     perturbation (N classes): keep the original-speed rows. Anything else starts a fresh head.
     """
+    seed_everything(cfg.train.seed + 1)  # a fresh head's weights: seeded, and not the model's first draws again
     head = AAMSoftmax(model.embed_dim, loader.num_classes, cfg.head.scale, cfg.head.margin, cfg.head.easy_margin)
     path = init / HEAD if init is not None else None
     if path is not None and path.is_file():
@@ -111,11 +114,14 @@ def run(cfg: TrainStageConfig, data: DataConfig, out_dir: str | Path, *, init: s
     validate = None
     if validation is not None:
         val_dir, val_trials = validation
-        quiet = EvalConfig(cfg.eval.max_seconds, cfg.eval.max_batch_seconds, progress=False)
+        # in the training precision, every rank embedding its shard of the list (rank 0 scores)
+        quiet = EvalConfig(max_seconds=cfg.eval.max_seconds, max_batch_seconds=cfg.eval.max_batch_seconds,
+                           progress=False, amp=cfg.train.amp)
 
         def validate(m):
-            return {k: v for k, v in evaluate(m, val_dir, {"val": val_trials}, quiet)["val"].items()
-                    if k in ("eer_pct", "mindcf_0.01", "mindcf_0.05")}
+            scores = evaluate(m, val_dir, {"val": val_trials}, quiet, distributed=True)
+            return None if scores is None else {k: v for k, v in scores["val"].items()
+                                                if k in ("eer_pct", "mindcf_0.01", "mindcf_0.05")}
 
     sizes = {"params_total": count_parameters(model), "params_encoder": count_parameters(model.frontend),
              "params_trainable": count_parameters(model, trainable_only=True) + head.weight.numel(),
@@ -143,7 +149,13 @@ def run(cfg: TrainStageConfig, data: DataConfig, out_dir: str | Path, *, init: s
     save_file({"weight": head.weight.detach().cpu().contiguous()}, str(out_dir / HEAD))
 
     record = {"stage": cfg.stage, "init": str(init) if init is not None else None, "best_step": result.best_step, "best_val_eer_pct": result.best_metric,
-              "final_step": result.final_step, **sizes}
+              "final_step": result.final_step, **sizes,
+              # the run's length after the epoch conversion at this stage's world size
+              "steps": result.steps, "steps_per_epoch": result.steps_per_epoch, "epochs": result.epochs,
+              "world_size": world}
+    if tracker is not None:
+        tracker.log_metrics({k: float(record[k]) for k in ("steps", "steps_per_epoch", "epochs", "world_size")
+                             if record[k] is not None})
     tests = data.tests()
     if tests is not None:
         test_dir, test_trials = tests

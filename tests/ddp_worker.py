@@ -178,7 +178,7 @@ def val_set(root: Path = SV_MINI, prefix: str = "ls"):
     return DataDir(wavs=wavs, utt2spk=utt2spk), trials
 
 
-VAL_SECONDS = 2.0  # evaluation crops in the val mode: the arithmetic is what is tested, not the model
+VAL_SECONDS = 1.0  # evaluation crops in the val mode: the arithmetic is what is tested, not the model
 
 
 def main(argv: list[str]) -> None:
@@ -235,7 +235,7 @@ def main(argv: list[str]) -> None:
             return None if out is None else {"eer_pct": out["val"]["eer_pct"]}
 
         history = []
-        cfg = make_config(4, val_every=2, ckpt_every=100, margin=None)
+        cfg = make_config(2, val_every=1, ckpt_every=100, margin=None)
         result = train(model, head, loader, cfg, out / "run", validate=validate,
                        log=lambda rec, step: history.append((step, rec)))
         counts = [None] * world
