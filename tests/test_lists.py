@@ -298,3 +298,54 @@ def test_audio_list_round_trip_and_errors(tmp_path):
     _write(path, "n1 noise /no/such.wav\n")
     with pytest.raises(ListError, match=rf"{path}:1: audio file of 'n1' not found"):
         read_audio_list(path, check_files=True)
+
+
+# ---- parsing speed: canonical lists take one split per file, others the line parser ---------------------
+def test_canonical_lists_parse_without_the_line_parser(tmp_path, monkeypatch):
+    """Lists as svlib/Kaldi write them (30k lines here; 1.1M in bench/scale.py) never reach the per-line
+    parser, and give what it gives."""
+    import svlib.data.lists as lists
+
+    n = 30_000
+    utts = [f"id{i // 50:05d}/vid{i % 7}/{i:05d}.m4a" for i in range(n)]
+    d = DataDir(wavs={u: f"vox2/aac/{u}" for u in utts}, utt2spk={u: u.split("/")[0] for u in utts},
+                durations={u: 1.0 + (i % 89) / 8 for i, u in enumerate(utts)})
+    d.write(tmp_path / "big")
+    slow = lists._read_table_by_line
+    monkeypatch.setattr(lists, "_read_table_by_line", lambda *a: pytest.fail("line parser used on a canonical list"))
+    fast = DataDir.load(tmp_path / "big")
+    assert fast == d and fast.durations == d.durations
+    # The line parser (blank lines, tabs, several spaces, trailing blanks) agrees on a non-canonical copy.
+    monkeypatch.setattr(lists, "_read_table_by_line", slow)
+    messy = tmp_path / "messy"
+    messy.mkdir()
+    for name in ("wav.scp", "utt2spk", "utt2dur"):
+        lines = (tmp_path / "big" / name).read_text().splitlines()
+        (messy / name).write_text("\n".join(f"{line.replace(' ', chr(9) + '  ', 1)} \n" for line in lines[:500]) + "\n\n")
+    assert DataDir.load(messy) == d.subset(sorted(d.utts)[:500])
+
+
+@pytest.mark.parametrize("text, error", [
+    ("a x\nb y z\nc\n", r"utt2spk:2: expected 2 fields '<utt> <speaker>', got 3"),  # 3 + 1 fields: 2 per line on average
+    ("a x\nb y\na z\n", r"utt2spk:3: duplicate key 'a' \(first on line 1\)"),
+    ("a x\nb\ty w\n", r"utt2spk:2: expected 2 fields"),
+])
+def test_fast_path_still_names_the_bad_line(tmp_path, text, error):
+    dd = _dir(tmp_path, **{"wav.scp": "a a.wav\nb b.wav\nc c.wav\n", "utt2spk": text})
+    with pytest.raises(ListError, match=error):
+        DataDir.load(dd)
+
+
+def test_bad_durations_and_missing_utterances_name_their_line(tmp_path):
+    dd = _dir(tmp_path, **{"wav.scp": "a a.wav\nb b.wav\n", "utt2spk": "a x\nb y\n", "utt2dur": "a 1.5\nb -2\n"})
+    with pytest.raises(ListError, match=r"utt2dur:2: duration must be positive, got '-2'"):
+        DataDir.load(dd)
+    _write(dd / "utt2dur", "a 1.5\nb one\n")
+    with pytest.raises(ListError, match=r"utt2dur:2: duration must be a number, got 'one'"):
+        DataDir.load(dd)
+    _write(dd / "utt2dur", "a 1.5\n")
+    _write(dd / "utt2spk", "b y\na x\nc z\n")
+    with pytest.raises(ListError, match=r"utt2spk:3: utterance 'c' is missing from .*wav.scp"):
+        DataDir.load(dd)
+    with pytest.raises(ListError, match="speaker of 'b' 'y z' is empty or contains whitespace"):
+        DataDir(wavs={"a": "a.wav", "b": "b.wav"}, utt2spk={"a": "x", "b": "y z"})
