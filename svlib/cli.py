@@ -273,6 +273,8 @@ def _eval_config(args: argparse.Namespace, max_seconds: float | None = None, pro
 
     if not args.max_seconds > 0 or not math.isfinite(args.max_seconds):
         raise ValueError(f"--max-seconds must be a positive number, got {args.max_seconds}")
+    if math.isnan(args.min_dbfs) or args.min_dbfs == math.inf:
+        raise ValueError(f"--min-dbfs must be a number of dB or -inf (no check), got {args.min_dbfs}")
     return EvalConfig(max_seconds=args.max_seconds if max_seconds is None else max_seconds,
                       max_batch_seconds=args.max_batch_seconds, progress=progress,
                       min_rms_dbfs=None if math.isinf(args.min_dbfs) and args.min_dbfs < 0 else args.min_dbfs)

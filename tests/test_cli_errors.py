@@ -193,6 +193,10 @@ CASES: dict[str, Case] = {
         lambda t: ["verify", "--model", t / "model", t / "a.wav", t / "b.wav", "--threshold", "0.5",
                    "--min-dbfs", "-10"],
         "svlib verify: error: {t}/b.wav: near-silent audio (RMS -20.1 dBFS, below the -10 dBFS threshold); refusing to embed 'test'"),
+    "--min-dbfs nan": Case(
+        lambda t: ["embed", "--model", t / "broken_model", "--wav", t / "a.wav", "--out", t / "x.npz",
+                   "--min-dbfs", "nan"],
+        "svlib embed: error: --min-dbfs must be a number of dB or -inf (no check), got nan"),
     # --- verify: thresholds and calibration before the model
     "verify --threshold nan": Case(
         lambda t: ["verify", "--model", t / "broken_model", t / "a.wav", t / "b.wav", "--threshold", "nan"],
