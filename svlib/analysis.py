@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
-    "PRUNE_STAGES", "TEACHER_STAGES", "KINDS", "resolve_uri", "load_runs", "run_labels", "require_runs",
+    "PRUNE_STAGES", "TEACHER_STAGES", "KINDS", "resolve_uri", "figures_folder", "load_runs", "run_labels", "require_runs",
     "figure_series", "limit_structures", "stage_runs", "trial_runs",
     "metric_histories", "pruning_points", "teacher_reference", "pareto_mask", "study_pareto",
     "plot_pruning_curve", "parse_structure", "load_structures", "plot_structure_heatmap", "plot_structure_bars",
@@ -53,19 +53,33 @@ _BASE_COLUMNS = ["run_id", "run_name", "experiment_id", "experiment", "status", 
 # ------------------------------------------------------------------------------------------------ runs
 
 def resolve_uri(uri: str, roots: Sequence[str | os.PathLike] = ()) -> str:
-    """Make a relative ``sqlite:///path`` absolute: found under the cwd, else under ``roots``, else the repo.
+    """Make a relative ``sqlite:///path`` absolute: found under the cwd or its parent, else under ``roots``,
+    else the repo.
 
-    Notebooks run with their own folder as the cwd, while the default store lives at the repo root.
-    Other URIs (absolute sqlite, http, postgresql) are returned unchanged.
+    Notebooks run with their own folder (``notebooks/``) as the cwd, while the store lives beside it
+    (``mlruns/`` at the root of the checkout). Other URIs (absolute sqlite, http, postgresql) are returned unchanged.
     """
     prefix = "sqlite:///"
     if not uri.startswith(prefix) or uri[len(prefix):].startswith("/") or uri.endswith(":memory:"):
         return uri
     rel = uri[len(prefix):]
-    for root in (Path.cwd(), *map(Path, roots), REPO):
+    for root in (Path.cwd(), Path.cwd().parent, *map(Path, roots), REPO):
         if (root / rel).exists():
             return prefix + str((root / rel).resolve())
     return prefix + str((Path.cwd() / rel).resolve())
+
+
+def figures_folder(uri: str, figures_dir: str | os.PathLike | None = None) -> Path:
+    """Where a notebook saves its PNGs: ``figures_dir``, else ``exp/figures`` beside the SQLite store's
+    ``mlruns/`` (the repo's for the default store), else the repo's ``exp/figures``. Created."""
+    if figures_dir:
+        out = Path(figures_dir)
+    elif uri.startswith("sqlite:///") and uri[len("sqlite:///"):].startswith("/"):
+        out = Path(uri[len("sqlite:///"):]).parent.parent / "exp" / "figures"
+    else:
+        out = REPO / "exp" / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _sqlite_missing(uri: str) -> bool:

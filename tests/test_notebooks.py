@@ -149,9 +149,73 @@ def test_training_curves_notebook(smoke_run, tmp_path):
     assert _images(nb) == 3
 
 
-def test_notebook_on_an_absent_store_only_notes_it(tmp_path):
-    # A fresh checkout has no mlruns/mlflow.db: the notebook must say so, not create an empty store or crash.
-    nb, text = _run("training_curves", tmp_path, tracking_uri=f"sqlite:///{tmp_path}/none/mlflow.db",
-                    figures_dir=str(tmp_path / "fig"))
-    assert "0 runs" in text and "note: no runs here" in text
-    assert not (tmp_path / "none").exists()
+def test_headless_run_without_the_experiment_fails(tmp_path):
+    # A fresh checkout has no mlruns/mlflow.db: a headless run must fail naming it (not save empty figures), and
+    # must not create an empty store.
+    from nbclient.exceptions import CellExecutionError
+
+    with pytest.raises(CellExecutionError, match="no such store"):
+        _run("training_curves", tmp_path, tracking_uri=f"sqlite:///{tmp_path}/none/mlflow.db",
+             figures_dir=str(tmp_path / "fig"))
+    assert not (tmp_path / "none").exists() and not list((tmp_path / "fig").glob("*.png"))
+
+
+# ------------------------------------------------------------------ a demo pipeline + a 3-trial sweep (fake store)
+
+@pytest.fixture(scope="module")
+def sweep_store(tmp_path_factory):
+    from tests import fake_store
+
+    return fake_store.build(tmp_path_factory.mktemp("nb-sweep"))
+
+
+def _series(text: str, prefix: str) -> list[str]:
+    """The list a notebook printed as ``<prefix> [...]`` (svlib.analysis.figure_series)."""
+    line = next(line for line in text.splitlines() if line.startswith(prefix))
+    return ast.literal_eval(line[len(prefix):].strip())
+
+
+BOTH = ["demo", "demo-prune-grid"]
+TRIALS = ["trial 0", "trial 1", "trial 2"]
+
+
+def test_pruning_curve_notebook_on_a_sweep(sweep_store, tmp_path):
+    nb, text = _run("pruning_curve", sweep_store["root"], tracking_uri=sweep_store["uri"], experiment=BOTH,
+                    figures_dir=str(tmp_path))
+    assert "points by source: {'dense': 5, 'trial': 3}" in text  # s1-s3, eval, the teacher; every trial
+    series = _series(text, "series:")
+    assert series[:2] == ["dense", "trial"] and "Pareto front" in series
+    assert any(s.startswith("teacher (teacher:s2) 17") for s in series), series  # the sweep's teacher, 17 %
+    table = _displayed(nb)
+    assert sorted({" ".join(row[3:5]) for row in (line.split() for line in table.splitlines())
+                   if row[1:2] == ["trial"]}) == TRIALS
+    assert (tmp_path / "pruning_curve.png").stat().st_size > 20_000
+
+
+def test_pruned_structure_notebook_on_a_sweep(sweep_store, tmp_path):
+    _nb, text = _run("pruned_structure", sweep_store["root"], tracking_uri=sweep_store["uri"], experiment=BOTH,
+                     figures_dir=str(tmp_path))
+    rows = ["teacher teacher:s2 (dense)", "trial 0 (sparsity 0.00)", "trial 1 (sparsity 0.30)",
+            "trial 2 (sparsity 0.60)"]
+    assert _series(text, "heatmap rows:") == rows
+    assert _series(text, "bar series:") == rows
+
+
+def test_training_curves_notebook_on_a_sweep(sweep_store, tmp_path):
+    # every stage run of both experiments (pipeline_run=None): the demo's stages and each trial's
+    _nb, text = _run("training_curves", sweep_store["root"], tracking_uri=sweep_store["uri"], experiment=BOTH,
+                     figures_dir=str(tmp_path), pipeline_run=None, det_lists=["test"])
+    assert _series(text, "training_curves series:") == \
+        ["s1", "s2", "s3"] + [f"{t}/ps1" for t in TRIALS] + [f"{t}/eval_pruned" for t in TRIALS]  # + val EER
+    assert _series(text, "pruning_schedule series:") == ["trial 1/prune1", "trial 2/prune1"]
+    det = _series(text, "DET series:")
+    assert [d.split(" (")[0] for d in det] == ["eval/test"] + [f"{t}/eval_pruned/test" for t in TRIALS]
+
+
+def test_headless_run_of_an_absent_experiment_fails(sweep_store, tmp_path):
+    from nbclient.exceptions import CellExecutionError
+
+    with pytest.raises(CellExecutionError, match="'demo-prune' not in the store"):
+        _run("pruning_curve", sweep_store["root"], tracking_uri=sweep_store["uri"], experiment=["demo", "demo-prune"],
+             figures_dir=str(tmp_path))
+    assert not list(tmp_path.glob("*.png"))
