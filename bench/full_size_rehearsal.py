@@ -481,6 +481,7 @@ def head_rows(stage_dir: Path) -> int | None:
 
 def check_stage(spec, record: dict, monitor: dict, dirs: dict[str, Path], stage_cfg, expected: dict) -> dict:
     """One stage's entry: its numbers, and ``problems`` (empty when everything the stage promises holds)."""
+    from experiments.prune import SHRINK_TOLERANCE
     from svlib.pruning import count_params
     from svlib.pruning.shrink import layer_sizes
 
@@ -534,7 +535,8 @@ def check_stage(spec, record: dict, monitor: dict, dirs: dict[str, Path], stage_
         for list_name, res in (record.get("test") or {}).items():
             need(math.isfinite(res["eer_pct"]), f"test {list_name}: EER not finite")
     elif spec.kind == "merge":
-        entry |= {"max_abs_diff": record["max_abs_diff"], "params_lora": record["params_lora"]}
+        entry |= {"max_abs_diff": record["max_abs_diff"], "merge_rel_diff": record.get("merge_rel_diff"),
+                  "params_lora": record["params_lora"]}
         need(record["params_lora"] == expected["lora"], f"LoRA params {record['params_lora']} != {expected['lora']}")
         same = compare_files(d / "model/encoder/model.safetensors", init / "model/encoder/model.safetensors")
         entry["vs_s1_folder"] = {"equal_tensors": len(same["same"]), "different": same["changed"][:5]}
@@ -566,10 +568,10 @@ def check_stage(spec, record: dict, monitor: dict, dirs: dict[str, Path], stage_
         entry |= {"params_encoder": record["params_encoder"], "params_expected": counted,
                   "params_loaded": count_parameters(encoder), "achieved_sparsity": record["achieved_sparsity"],
                   "max_abs_diff": record.get("max_abs_diff")}
-        for key in ("max_rel_diff", "rel_diff", "relative_diff", "max_relative_diff"):
-            if key in record:
-                entry["relative_diff"] = record[key]
-                entry["relative_diff_key"] = key
+        # shrunk vs masked states on real audio, relative to the states' magnitude (the stage's own check)
+        entry["shrink_rel_diff"] = record.get("shrink_rel_diff")
+        need(entry["shrink_rel_diff"] is not None and entry["shrink_rel_diff"] <= SHRINK_TOLERANCE,
+             f"shrink_rel_diff {entry['shrink_rel_diff']} missing or > {SHRINK_TOLERANCE}")
         need(int(record["params_encoder"]) == counted == entry["params_loaded"],
              f"shrunk params: record {record['params_encoder']}, counting {counted}, loaded {entry['params_loaded']}")
         need(layer_sizes(encoder) == sizes, "reloaded widths differ from structure.json")
@@ -677,7 +679,7 @@ def print_table(stages: dict) -> None:
               f"{e.get('seconds') or 0:8.1f} {e.get('peak_rss_gib') or 0:9.2f}  {note}")
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["full", "tiny"], default="full",
                         help="full: the w2v-bert-2.0 preset (580M); tiny: the tiny preset (the test)")
@@ -688,6 +690,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--shared", default=str(REPO.parent / "shared" / "data"), help="the shared data folder")
     parser.add_argument("--keep", help="run in this folder and keep it (default: a temporary folder, removed)")
     parser.add_argument("--out", help="JSON path (default: bench/results/full_size_rehearsal[_<size>].json)")
+    return parser
+
+
+def main(argv=None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
     out_path = Path(args.out) if args.out else RESULTS / (
         "full_size_rehearsal.json" if args.size == "full" else f"full_size_rehearsal_{args.size}.json")
