@@ -105,6 +105,14 @@ def metrics_of(results: dict[str, dict], prefix: str = "") -> dict[str, float]:
     return flat
 
 
+def max_relative_diff(reference, other) -> float:
+    """``max_i max|r_i - o_i| / max|r_i|`` over tensors (or one tensor): the equality checks of merge, shrink
+    and graft. Float32 re-association error grows with the activations' size (an absolute 1e-4 trips at full
+    size on a correct model), so each tensor's difference is measured against its own largest magnitude."""
+    pairs = zip(reference, other) if isinstance(reference, (list, tuple)) else [(reference, other)]
+    return max(((r - o).abs().max() / r.abs().max().clamp_min(1e-30)).item() for r, o in pairs)
+
+
 class Timer:
     def __init__(self) -> None:
         self.start = time.perf_counter()

@@ -17,12 +17,15 @@ from pathlib import Path
 
 import torch
 
-from experiments.common import Timer, read_result, write_result
+from experiments.common import Timer, max_relative_diff, read_result, write_result
 from experiments.prune import check_batch, load_stage_encoder
 from experiments.train import HEAD
 from svlib.data.lists import DataDir
 from svlib.model.frontend import count_parameters
 from svlib.model.speaker import SpeakerModel, load_model, save_model
+
+# The reloaded folder must embed like the model saved, relative to the largest embedding magnitude.
+RELOAD_TOLERANCE = 1e-5
 
 
 def run(init: str | Path, teacher: str | Path, out_dir: str | Path, *, check_dir: DataDir, tracker=None) -> dict:
@@ -45,11 +48,13 @@ def run(init: str | Path, teacher: str | Path, out_dir: str | Path, *, check_dir
     waves, lengths = check_batch(check_dir)
     with torch.no_grad():
         reloaded = load_model(out_dir / "model")
-        emb = reloaded(waves, lengths)
-        diff = (emb - model(waves, lengths)).abs().max().item()
-    if not torch.isfinite(emb).all() or diff > 1e-5:
-        raise RuntimeError(f"{out_dir / 'model'}: reloaded model embeds differently ({diff:.2e}) or not finitely")
+        emb, saved = reloaded(waves, lengths), model(waves, lengths)
+    diff, rel_diff = (emb - saved).abs().max().item(), max_relative_diff(saved, emb)
+    if not torch.isfinite(emb).all() or rel_diff > RELOAD_TOLERANCE:
+        raise RuntimeError(f"{out_dir / 'model'}: reloaded model embeds differently ({rel_diff:.2e} of the "
+                           f"embeddings' magnitude, {diff:.2e} absolute) or not finitely")
     record = {"stage": "graft", "init": str(init), "teacher": str(teacher), "reload_max_abs_diff": diff,
+              "reload_rel_diff": rel_diff,
               "params_total": count_parameters(model), "params_encoder": count_parameters(model.frontend),
               "params_encoder_teacher": count_parameters(dense.frontend), "minutes": timer.minutes}
     if tracker is not None:

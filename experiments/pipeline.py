@@ -46,6 +46,8 @@ class StageSpec:
     teacher: str | None = None
     path: str | None = None     # ``use`` stages: the folder, relative to the repo
     seed: int = 0               # ``random_prune``: the draw
+    # ``random_prune``: match the KD structure's totals per unit kind (random widths too) or its widths per layer
+    match: Literal["kind", "layer"] = "kind"
 
 
 @dataclass
@@ -120,7 +122,8 @@ def run_stage(spec: StageSpec, stage_cfg, cfg: PipelineConfig, out: Path, tracke
     if spec.kind == "shrink":
         return prune_stage.run_shrink(init, stage_dir, check_dir=cfg.data.load_dir("train"), tracker=tracker)
     if spec.kind == "random_prune":
-        return prune_stage.run_random_prune(init, teacher, stage_dir, seed=spec.seed, tracker=tracker)
+        return prune_stage.run_random_prune(init, teacher, stage_dir, seed=spec.seed, match=spec.match,
+                                            tracker=tracker)
     if spec.kind == "graft":
         return graft_stage.run(init, teacher, stage_dir, check_dir=cfg.data.load_dir("train"), tracker=tracker)
     return evaluate_stage.run(init, cfg.data, stage_dir, tracker=tracker, device=cfg.device)

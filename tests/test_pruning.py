@@ -1,10 +1,14 @@
 import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Wav2Vec2BertConfig, Wav2Vec2BertModel
 
+from svlib.pruning import shrink as shrink_module
 from svlib.pruning import (
     ConstantBlock,
     Lagrangian,
@@ -26,6 +30,35 @@ from svlib.pruning import (
 torch.set_num_threads(2)
 
 FEAT = 16
+REPO = Path(__file__).resolve().parents[1]
+# Every way Python code turns a tensor into a host value; on a GPU each one waits for the device.
+HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextmanager
+def host_reads(*folders: str):
+    """Records (method, file:line) for every tensor-to-host conversion called from code under ``folders``
+    (repo-relative). CPU tensors make ``torch.cuda.set_sync_debug_mode`` useless here, so the methods are
+    wrapped instead."""
+    prefixes = tuple(str(REPO / f) for f in folders)
+    calls = []
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counted(name, method):
+        def wrapper(self, *args, **kwargs):
+            frame = sys._getframe(1)
+            if frame.f_code.co_filename.startswith(prefixes):
+                calls.append((name, f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"))
+            return method(self, *args, **kwargs)
+        return wrapper
+
+    for name, method in originals.items():
+        setattr(torch.Tensor, name, counted(name, method))
+    try:
+        yield calls
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
 
 
 def tiny_config(**kw) -> Wav2Vec2BertConfig:
@@ -100,6 +133,8 @@ def test_expected_params_equal_numel_after_shrinking(seed):
     for layer, kind in empty:
         assert sizes[layer][kind] == 0
     predicted = mask_set.deterministic_params()
+    # the on-device count a training step uses is the same integer
+    assert mask_set.param_counts()[1].item() == predicted
     # saturated gates make the expectation deterministic: it must hit the same integer
     masks = mask_set.deterministic_masks()
     with torch.no_grad():
@@ -130,7 +165,7 @@ def test_expected_params_is_the_mean_count_of_sampled_masks():
     assert mean == pytest.approx(mask_set.expected_params().item(), rel=0.01)
 
 
-@pytest.mark.parametrize("pos", ["relative_key", "relative"])
+@pytest.mark.parametrize("pos", ["relative_key", "relative", "rotary"])
 def test_masked_model_equals_shrunk_model(pos):
     model = tiny_model(7, position_embeddings_type=pos)
     feats, mask = padded_batch()
@@ -214,19 +249,128 @@ def test_training_masks_are_sampled_and_train_the_gates():
     assert torch.equal(all_states(model, feats, mask), all_states(dense, feats, mask))
 
 
-def test_target_schedule_is_a_function_of_the_step():
-    sched = TargetSchedule(0.8, warmup_steps=10)
-    assert [sched(s) for s in (0, 5, 10, 50)] == [0.0, 0.4, 0.8, 0.8]
-    # a training loop that validates in between (any number of times) sees the same targets
-    seen_train, seen_with_eval = [], []
-    for step in range(12):
-        seen_train.append(sched(step))
-    for step in range(12):
-        seen_with_eval.append(sched(step))
-        for _ in range(3):  # validation reads the target for logging
-            sched(step)
-    assert seen_train == seen_with_eval
-    assert TargetSchedule(0.5, 0)(0) == 0.5
+def test_target_schedule_of_a_tensor_step_equals_the_float_one():
+    for sched in (TargetSchedule(0.8, warmup_steps=10), TargetSchedule(0.8, 10, start=0.2, shape="ease_out"),
+                  TargetSchedule(0.5, 0)):
+        floats = [sched(s) for s in range(13)]
+        tensors = [sched(torch.tensor(s)) for s in range(13)]
+        assert all(t.dtype == torch.float64 and t.ndim == 0 for t in tensors)
+        assert [t.item() for t in tensors] == pytest.approx(floats, abs=1e-15)
+        assert tensors[-1].item() == floats[-1] == sched.target   # exactly the target after the warm-up
+    assert [TargetSchedule(0.8, warmup_steps=10)(s) for s in (0, 5, 10, 50)] == [0.0, 0.4, 0.8, 0.8]
+
+
+def distill_objective(mask_set, constrain="expected", warmup_steps=10):
+    from experiments import prune as P
+    from svlib.config import from_dict
+
+    cfg = from_dict(P.DistillStageConfig, {"prune": {"target_sparsity": 0.5, "warmup_steps": warmup_steps,
+                                                     "lambda2_init": 1.0, "constrain": constrain}})
+    return P.DistillObjective(cfg.distill, mask_set.config.num_hidden_layers + 1, cfg.prune, mask_set)
+
+
+def student_and_teacher(model, teacher, feats, mask):
+    student = model(feats, attention_mask=mask, output_hidden_states=True).hidden_states
+    with torch.no_grad():
+        reference = teacher(feats, attention_mask=mask, output_hidden_states=True).hidden_states
+    return student, reference, mask
+
+
+def test_distill_objective_advances_its_step_in_training_only():
+    """The target is a function of the training step; evaluating (any number of times) must not move it."""
+    model, teacher = tiny_model(1), tiny_model(2)
+    mask_set = attach_masks(model)
+    objective = distill_objective(mask_set)
+    feats, mask = padded_batch()
+    outputs = student_and_teacher(model.eval(), teacher, feats, mask)
+    objective.eval()
+    evaluated = [objective(outputs, None)[2]["target_sparsity"].item() for _ in range(3)]
+    assert int(objective.step) == 0 and evaluated == [0.0, 0.0, 0.0]
+    objective.train()
+    trained = [objective(outputs, None)[2]["target_sparsity"].item() for _ in range(3)]
+    assert int(objective.step) == 3 and trained == pytest.approx([0.0, 0.05, 0.1])
+    objective.eval()
+    assert objective(outputs, None)[2]["target_sparsity"].item() == pytest.approx(0.15)
+    assert int(objective.step) == 3
+    # the step is a buffer: saved with the objective (the engine checkpoints it) and restored
+    fresh = distill_objective(mask_set)
+    fresh.load_state_dict(objective.state_dict())
+    assert int(fresh.step) == 3
+
+
+@pytest.mark.parametrize("constrain", ["expected", "deterministic"])
+def test_distill_training_step_reads_nothing_back_to_the_host(constrain):
+    """A pruning step (masked forward + objective + backward) must not wait for the device: it used to read
+    the deterministic parameter count (two host reads per gate group) and whether every conv channel was
+    kept (per layer) on every step, ~190 syncs at full size."""
+    model, teacher = tiny_model(1), tiny_model(2)
+    mask_set = attach_masks(model)
+    randomise_gates(mask_set, 3, empty={(0, "ffn1")})
+    objective = distill_objective(mask_set, constrain).train()
+    feats, mask = padded_batch()
+    model.train()
+    with host_reads("svlib", "experiments") as calls:
+        for _ in range(2):
+            loss, _, extras = objective(student_and_teacher(model, teacher, feats, mask), None)
+            loss.backward()
+    assert calls == []
+    assert all(torch.is_tensor(v) and v.ndim == 0 for v in extras.values())
+    # and the on-device values are the host ones
+    assert extras["deterministic_sparsity"].item() == pytest.approx(
+        1 - mask_set.deterministic_params() / mask_set.dense_params, abs=1e-12)
+    assert extras["expected_params"].item() == pytest.approx(mask_set.expected_params().item())
+
+
+class _Batches:
+    """An endless in-memory loader for the engine: fixed waves, lengths and (unused) labels."""
+
+    def __init__(self, n=2, samples=8000):
+        g = torch.Generator().manual_seed(0)
+        self.waves = torch.randn(n, samples, generator=g) * 0.1
+        self.lengths = torch.tensor([samples, samples * 3 // 4])[:n]
+
+    def __iter__(self):
+        from types import SimpleNamespace
+
+        while True:
+            yield SimpleNamespace(waves=self.waves, lengths=self.lengths, labels=torch.zeros(len(self.waves),
+                                                                                           dtype=torch.long))
+
+
+def test_engine_reads_pruning_metrics_only_on_log_steps(tmp_path):
+    """Through the engine (prune1's loop): the extras stay on the device between log steps."""
+    from experiments import prune as P
+    from svlib.config import from_dict
+    from svlib.model.frontend import Frontend
+    from svlib.model.speaker import SpeakerModelConfig, build_speaker_model
+    from svlib.train.engine import TrainConfig, train
+
+    def tiny_frontend():
+        return build_speaker_model(from_dict(SpeakerModelConfig, {
+            "frontend": {"preset": "tiny"}, "backend": {"type": "mfa", "adapter_dim": 16, "embed_dim": 32}})).frontend
+
+    torch.manual_seed(0)
+    student, teacher = tiny_frontend(), tiny_frontend()
+    mask_set = attach_masks(student.encoder)
+    pair = P.DistillPair(Frontend(student.encoder), teacher, mask_set)
+    objective = distill_objective(mask_set)
+    per_step = []
+    forward = objective.forward
+
+    def recording_forward(*args):
+        per_step.append(len(calls))
+        return forward(*args)
+
+    objective.forward = recording_forward
+    cfg = from_dict(TrainConfig, {"steps": 5, "log_every": 2, "ckpt_every": 5, "progress": False,
+                                  "schedule": {"kind": "constant"}})
+    logged = []
+    with host_reads("svlib/pruning", "svlib/train/engine.py", "experiments/prune.py") as calls:
+        train(pair, objective, _Batches(), cfg, tmp_path, log=lambda record, step: logged.append(step))
+    per_step.append(len(calls))
+    reads = [b - a for a, b in zip(per_step, per_step[1:])]   # steps 1..5: forward, backward, update, log
+    assert [step for step in (1, 2, 3, 4, 5) if reads[step - 1]] == logged == [2, 4, 5]
+    assert reads[0] == reads[2] == 0 and reads[1] > 0
 
 
 def test_target_schedule_start_and_ease_out():
@@ -288,14 +432,14 @@ def test_distill_loss_values_and_padding():
     t = [torch.randn(2, 5, 8) for _ in range(3)]
     same, parts = distill_loss(t, t)
     # identical states: L1 = 0, -log(sigmoid(1)) = log(1 + e^-1) per layer
-    assert parts["l1"] == 0.0
+    assert torch.is_tensor(parts["l1"]) and parts["l1"].item() == 0.0
     assert same.item() == pytest.approx(3 * torch.log1p(torch.exp(torch.tensor(-1.0))).item(), rel=1e-6)
     raw, _ = distill_loss(t, t, cos_type="raw")
     assert raw.item() == pytest.approx(-3.0, rel=1e-6)
     s = [x + 0.5 for x in t]
     loss, parts = distill_loss(s, t, layers=[0, (2, 1)], cos_weight=0.0)
     expected = 0.5 + (s[2] - t[1]).abs().mean().item()  # state 0 vs 0, student 2 vs teacher 1
-    assert parts["l1"] == pytest.approx(expected, rel=1e-6) and loss.item() == pytest.approx(expected, rel=1e-6)
+    assert parts["l1"].item() == pytest.approx(expected, rel=1e-6) and loss.item() == pytest.approx(expected, rel=1e-6)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     s_pad = [x.clone() for x in s]
     for x in s_pad:
@@ -326,3 +470,91 @@ def test_zeroing_channels_before_the_depthwise_layernorm_is_not_removal():
     shrunk = all_states(model, feats, att)
     assert (shrunk - masked).abs().max().item() <= 1e-4
     assert (shrunk - zeroed).abs().max().item() > 1e-2
+
+
+def shrunk_tiny_model(pos="relative_key", seed=7, empty=((1, "heads"), (2, "ffn2"), (0, "conv"))):
+    """A tiny encoder pruned to uneven widths per layer (random gates) with some blocks removed entirely."""
+    model = tiny_model(seed, position_embeddings_type=pos, attn_implementation="eager")
+    mask_set = attach_masks(model)
+    randomise_gates(mask_set, 11, empty=set(empty))
+    prune_model(model.eval(), mask_set)
+    return model
+
+
+def test_removed_blocks_return_fresh_tensors_flop_counter_runs():
+    """ConstantBlock returned a zero-stride view of its bias; FlopCounterMode (and anything that needs a
+    tensor with its own storage) failed on it."""
+    model = shrunk_tiny_model()
+    assert isinstance(model.encoder.layers[1].self_attn, ConstantBlock)
+    feats = torch.randn(2, 20, FEAT)
+    out, _ = model.encoder.layers[1].self_attn(feats.new_zeros(2, 20, 32))
+    assert out.stride() == (640, 32, 1) and out.data_ptr() != model.encoder.layers[1].self_attn.bias.data_ptr()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(feats)
+    assert counter.get_total_flops() > 0
+    # the bias still trains (prune2 fine-tunes the shrunk encoder)
+    model.train()
+    model(feats).last_hidden_state.sum().backward()
+    assert model.encoder.layers[1].self_attn.bias.grad.abs().sum() > 0
+
+
+def macs_counter() -> FlopCounterMode:
+    """torch's FLOP counter, also counting the CPU flash SDPA kernel (torch registers only the GPU ones; the
+    lean attention calls SDPA): 4 * B * H * Tq * Tk * d flops, q k^T and the weighted sum of v."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    return FlopCounterMode(display=False, custom_mapping={
+        cpu_sdpa: lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)})
+
+
+def _attention_of(model) -> str:
+    try:
+        from svlib.model.attention import attention_implementation
+    except ImportError:  # no lean attention in this tree: HF's forward everywhere
+        return "stock"
+    return attention_implementation(model) or "stock"
+
+
+@pytest.mark.parametrize("pos", ["relative_key", "relative", "rotary", None])
+def test_count_macs_of_pruned_structures_matches_the_flop_counter(pos):
+    """Uneven per-layer heads / FFN units / conv channels (and removed blocks) with whichever relative_key
+    attention the front-end installs: count_macs equals torch's FLOP counter / 2."""
+    from svlib.model.frontend import encoder_from_config
+
+    torch.manual_seed(3)
+    model = encoder_from_config(tiny_config(position_embeddings_type=pos, attn_implementation="eager")).eval()
+    mask_set = attach_masks(model)
+    randomise_gates(mask_set, 5, empty={(0, "heads"), (1, "ffn1"), (2, "conv")})
+    prune_model(model, mask_set)
+    sizes = layer_sizes(model)
+    assert len({s["heads"] for s in sizes}) > 1 and len({s["ffn2"] for s in sizes}) > 1
+    assert len({s["conv"] for s in sizes}) > 1 and sizes[0]["heads"] == 0
+    attention = _attention_of(model)
+    for frames in (50, 7):   # 7 frames: fewer than the relative distances (the lean term does not shrink)
+        with macs_counter() as counter, torch.no_grad():
+            model(torch.randn(1, frames, FEAT))
+        macs = count_macs(model.config, sizes, seconds=frames / 50, attention=attention)
+        assert macs == counter.get_total_flops() // 2, (frames, attention)
+    assert macs < count_macs(model.config, dense_sizes(model.config), seconds=frames / 50, attention=attention)
+
+
+def test_rotary_head_shrinking_refused_on_transformers_4(monkeypatch):
+    """transformers 4.x reshapes q/k/v with the layer's num_heads, which rotary shrinking keeps at its
+    original value: refuse with a clear error (before any weight changes) rather than compute garbage."""
+    model = tiny_model(7, position_embeddings_type="rotary")
+    mask_set = attach_masks(model)
+    randomise_gates(mask_set, 11)
+    masks = mask_set.deterministic_masks()
+    assert any(0 < int((m["heads"] != 0).sum()) < 4 for m in masks)
+    mask_set.detach()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(shrink_module, "TRANSFORMERS_VERSION", "4.46.3")
+    with pytest.raises(RuntimeError, match=r"rotary attention heads needs transformers >= 5 \(installed: 4.46.3\)"):
+        shrink_encoder(model, masks)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # heads untouched (conv/ffn only) is fine on 4.x; so is everything on 5.x
+    shrink_encoder(model, [{k: m for k, m in layer.items() if k != "heads"} for layer in masks])
+    monkeypatch.setattr(shrink_module, "TRANSFORMERS_VERSION", "5.0.0")
+    shrink_encoder(model, [{"heads": layer["heads"]} for layer in masks])
+    assert [s["heads"] for s in layer_sizes(model)] == [int((m["heads"] != 0).sum()) for m in masks]

@@ -121,13 +121,20 @@ def count_params(config, sizes: list[dict[str, int]]) -> int:
     return total
 
 
-def expected_params(
-    config, keep_probs: list[dict[str, torch.Tensor]], sizes: list[dict[str, int]] | None = None
-) -> torch.Tensor:
-    """Expected parameter count (float64, differentiable) from per-unit keep probabilities per layer.
+def _expected_count(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E[n] = sum p_i and P(n > 0) = 1 - prod(1 - p_i) of independent gates."""
+    p = p.to(torch.float64)
+    return p.sum(), 1.0 - torch.prod(1.0 - p)
 
-    A kind missing from a layer's dict is not pruned and counts at its width in ``sizes`` (default dense).
-    """
+
+def _rounded_count(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """n = round(E[L0]) and [n > 0]: what ``HardConcrete.deterministic`` keeps (the same float32 sum, and
+    torch.round rounds half to even like Python's round)."""
+    n = torch.round(p.detach().sum()).to(torch.float64)
+    return n, (n > 0).to(torch.float64)
+
+
+def _gate_params(config, keep_probs, sizes, count) -> torch.Tensor:
     if len(keep_probs) != config.num_hidden_layers:
         raise ValueError(f"expected {config.num_hidden_layers} layers of probabilities, got {len(keep_probs)}")
     costs = layer_costs(config)
@@ -137,22 +144,43 @@ def expected_params(
         n, alive = {}, {}
         for k in KINDS:
             if k in probs:
-                p = probs[k].to(torch.float64)
-                n[k] = p.sum()
-                alive[k] = 1.0 - torch.prod(1.0 - p)
+                n[k], alive[k] = count(probs[k])
             else:
                 n[k], alive[k] = int(fixed[k]), int(fixed[k] > 0)
         total = total + _layer_params(costs, n, alive)
     return torch.as_tensor(total, dtype=torch.float64)
 
 
-def count_macs(config, sizes: list[dict[str, int]], seconds: float = 1.0) -> int:
+def expected_params(
+    config, keep_probs: list[dict[str, torch.Tensor]], sizes: list[dict[str, int]] | None = None
+) -> torch.Tensor:
+    """Expected parameter count (float64, differentiable) from per-unit keep probabilities per layer.
+
+    A kind missing from a layer's dict is not pruned and counts at its width in ``sizes`` (default dense).
+    """
+    return _gate_params(config, keep_probs, sizes, _expected_count)
+
+
+def rounded_params(
+    config, keep_probs: list[dict[str, torch.Tensor]], sizes: list[dict[str, int]] | None = None
+) -> torch.Tensor:
+    """Exact parameter count of the deterministic masks (``round(E[L0])`` units kept per gate group), as a
+    float64 tensor on the gates' device: equal to ``count_params(config, mask_set.sizes())`` without reading
+    anything back to the host (no sync; a training step can afford it). Not differentiable."""
+    return _gate_params(config, keep_probs, sizes, _rounded_count)
+
+
+def count_macs(config, sizes: list[dict[str, int]], seconds: float = 1.0, attention: str = "stock") -> int:
     """Multiply-accumulates of one forward pass over ``seconds`` of audio (one utterance, no padding).
 
     Counts the weight matmuls and convolutions plus the attention score, context and relative-position
     products; ignores normalisation, activations and softmax (a few percent at most). The adapter (not
-    used by W2V-BERT 2.0) is not counted.
+    used by W2V-BERT 2.0) is not counted. ``attention``: which relative_key forward runs, HF's ("stock":
+    the position term is a T x T x hs contraction per head) or ``svlib.model.attention``'s ("lean": q against
+    the P = left + right + 1 distance embeddings, T x P x hs, then a gather).
     """
+    if attention not in ("stock", "lean"):
+        raise ValueError(f"attention must be 'stock' or 'lean', got {attention!r}")
     t = max(1, int(round(seconds * FRAMES_PER_SECOND)))
     d, hs, k = config.hidden_size, head_size(config), config.conv_depthwise_kernel_size
     pos_type = config.position_embeddings_type
@@ -161,7 +189,8 @@ def count_macs(config, sizes: list[dict[str, int]], seconds: float = 1.0) -> int
         h = int(s["heads"])
         attn = 4 * t * d * h * hs + 2 * h * t * t * hs
         if pos_type == "relative_key":
-            attn += h * t * t * hs
+            positions = config.left_max_position_embeddings + config.right_max_position_embeddings + 1
+            attn += h * t * (positions if attention == "lean" else t) * hs
         elif pos_type == "relative":
             attn += (2 * t - 1) * d * h * hs + h * t * (2 * t - 1) * hs
         ffn = 2 * t * d * (int(s["ffn1"]) + int(s["ffn2"]))

@@ -51,7 +51,8 @@ def distill_loss(
 
     ``layers``: state indices (student i -> teacher i) or ``(student, teacher)`` pairs; default all states.
     ``attention_mask [B, T]``: 1 for real frames; padded frames do not count. Returns ``(loss, parts)``
-    where ``parts`` holds the detached ``l1`` and ``cos`` terms (unweighted, summed over layers).
+    where ``parts`` holds the detached ``l1`` and ``cos`` terms (unweighted, summed over layers) as 0-d
+    tensors on the states' device (reading them as floats would wait for the device on every step).
     """
     if cos_type not in ("log_sigmoid", "raw"):
         raise ValueError(f"cos_type must be 'log_sigmoid' or 'raw', got {cos_type!r}")
@@ -75,7 +76,7 @@ def distill_loss(
         penalty = -F.logsigmoid(cos) if cos_type == "log_sigmoid" else -cos
         cos_total = cos_total + (penalty * weights).sum()
     loss = l1_weight * l1_total + cos_weight * cos_total
-    return loss, {"l1": float(l1_total.detach()), "cos": float(cos_total.detach())}
+    return loss, {"l1": l1_total.detach(), "cos": cos_total.detach()}
 
 
 class Lagrangian(nn.Module):
@@ -114,13 +115,21 @@ class TargetSchedule:
         self.start = float(start)
         self.shape = shape
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step: int | torch.Tensor) -> float | torch.Tensor:
+        """The target at ``step``: a float for an int step; a float64 tensor on its device for a tensor step
+        (a training loop's step counter buffer, read without a host sync)."""
+        if torch.is_tensor(step):
+            if self.warmup_steps == 0:
+                return torch.full((), self.target, dtype=torch.float64, device=step.device)
+            u = (step.to(torch.float64) / self.warmup_steps).clamp(0.0, 1.0)
+            ramp = self.start + (self.target - self.start) * self._shaped(u)
+            return torch.where(step >= self.warmup_steps, torch.full_like(ramp, self.target), ramp)
         if self.warmup_steps == 0 or step >= self.warmup_steps:
             return self.target
-        u = max(step, 0) / self.warmup_steps
-        if self.shape == "ease_out":
-            u = 1.0 - (1.0 - u) ** 2
-        return self.start + (self.target - self.start) * u
+        return self.start + (self.target - self.start) * self._shaped(max(step, 0) / self.warmup_steps)
+
+    def _shaped(self, u):
+        return 1.0 - (1.0 - u) ** 2 if self.shape == "ease_out" else u
 
 
 def param_groups(

@@ -130,9 +130,9 @@ class MaskSet(nn.Module):
 
     def _conv_norm_hook(self, i):
         def hook(mod, args, output):
+            # Always recomputed, also when every channel is kept: asking whether they all are would read the
+            # mask back to the host (a device sync per layer and step); with all kept this is the plain norm.
             keep = self._mask(i, "conv", mod.training) != 0
-            if bool(keep.all()):
-                return None
             return _masked_layer_norm(mod, args[0], keep).to(output.dtype)
         return hook
 
@@ -174,8 +174,17 @@ class MaskSet(nn.Module):
         return 1.0 - self.expected_params() / self.dense_params
 
     def deterministic_params(self) -> int:
-        """Exact parameter count of the model shrunk with ``deterministic_masks()``."""
+        """Exact parameter count of the model shrunk with ``deterministic_masks()`` (reads the gates back to the
+        host: for reports, not for every training step; see ``param_counts``)."""
         return counting.count_params(self.config, self.sizes())
+
+    def param_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(expected, deterministic)`` parameter counts as float64 device tensors from one evaluation of the
+        keep probabilities; the first is differentiable, the second equals ``deterministic_params()``. Nothing
+        is read back to the host, so a training step calls this without waiting for the device."""
+        probs = self.keep_probs()
+        return (counting.expected_params(self.config, probs, sizes=self._sizes),
+                counting.rounded_params(self.config, probs, sizes=self._sizes))
 
     def detach(self) -> None:
         """Remove the hooks; the model runs unmasked again."""

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import Wav2Vec2BertConfig, Wav2Vec2BertModel
+from transformers import __version__ as TRANSFORMERS_VERSION
 
 from .counting import KINDS
 
@@ -49,7 +50,9 @@ class ConstantBlock(nn.Module):
         if self.bias is None:
             out = torch.zeros_like(hidden_states)
         else:
-            out = self.bias.to(hidden_states.dtype).expand_as(hidden_states)
+            # a fresh tensor, not a zero-stride view of the parameter: later in-place ops and tensor
+            # subclasses (FlopCounterMode, autograd views) must not see the bias's storage
+            out = self.bias.to(hidden_states.dtype).expand_as(hidden_states).contiguous()
         # the attention slot of the HF layer unpacks (output, attention weights)
         return (out, None) if self.returns_tuple else out
 
@@ -113,8 +116,14 @@ def _shrink_attention(layer, mask: torch.Tensor) -> None:
         attn.pos_bias_u = _param(attn.pos_bias_u[idx], attn.pos_bias_u)
         attn.pos_bias_v = _param(attn.pos_bias_v[idx], attn.pos_bias_v)
     if attn.position_embeddings_type != "rotary":
-        # rotary splits the (unpruned) layer input into num_heads * head_size, so it must keep the original
+        # rotary splits the (unpruned) layer input into num_heads * head_size, so it keeps the original count
         attn.num_heads = len(idx)
+
+
+def _require_transformers_5(what: str) -> None:
+    if int(TRANSFORMERS_VERSION.split(".")[0]) < 5:
+        raise RuntimeError(f"{what} needs transformers >= 5 (installed: {TRANSFORMERS_VERSION}); "
+                           "pip install 'transformers>=5,<6'")
 
 
 def _shrink_ffn(layer, name: str, mask: torch.Tensor) -> None:
@@ -176,6 +185,11 @@ def shrink_encoder(model: Wav2Vec2BertModel, masks: list[dict[str, torch.Tensor]
     if len(masks) != len(layers):
         raise ValueError(f"got masks for {len(masks)} layers, the encoder has {len(layers)}")
     current = layer_sizes(model)
+    if model.config.position_embeddings_type == "rotary" and any(
+            0 < int((m["heads"] != 0).sum()) < m["heads"].numel() for m in masks if "heads" in m):
+        # checked before anything changes. Rotary attention keeps num_heads (see _shrink_attention):
+        # transformers 5 shapes q/k/v with -1 heads, 4.x with num_heads, which would be wrong then.
+        _require_transformers_5("shrinking rotary attention heads")
     for i, (layer, layer_masks) in enumerate(zip(layers, masks)):
         for kind, mask in layer_masks.items():
             if kind not in KINDS:
