@@ -17,6 +17,10 @@ Reverberation comes first, as in a room: the noise is not reverberated by the sp
 ``exclusive`` an utterance gets at most one of the two (the reference recipe: one of none / noise / reverb,
 ``noise_prob = reverb_prob = 1/3``): one uniform draw ``u``, reverb if ``u < reverb_prob``, noise if
 ``reverb_prob <= u < reverb_prob + noise_prob``.
+* with probability ``telephone_prob``, last (the line carries the noisy room's signal): the narrow-band 8 kHz
+  telephone channel of ``svlib.data.channel`` (300-3400 Hz band-pass, 16k -> 8k -> 16k, optional G.711 mu-law
+  with ``telephone_mu_law``). Its draws come after the others', so ``telephone_prob = 0`` changes nothing.
+
 All random choices come from the ``torch.Generator`` passed in, so a seeded generator reproduces a batch.
 
 Memory does not grow with the corpora. A noise file is never decoded whole: each use draws a random offset
@@ -39,6 +43,7 @@ import numpy as np
 import torch
 
 from svlib.audio import SAMPLE_RATE, audio_info, fit_length, load_audio
+from svlib.data.channel import TelephoneConfig, telephone
 from svlib.data.lists import ListError, read_audio_list
 from svlib.data.sampling import WaveCache
 
@@ -63,9 +68,11 @@ class AugmentConfig:
     exclusive: bool = False   # at most one of reverb / noise per utterance (see the module docstring)
     max_noise_seconds: float | None = None   # crops come from each noise file's first seconds; None: anywhere
     rir_cache_bytes: int = 64 * 2 ** 20   # LRU of decoded RIRs per process (64 MiB ~ 1,000 one-second RIRs)
+    telephone_prob: float = 0.0   # narrow-band 8 kHz line (svlib.data.channel), after reverb and noise
+    telephone_mu_law: bool = True   # G.711 mu-law 8-bit companding on the 8 kHz line
 
     def __post_init__(self) -> None:
-        for name in ("noise_prob", "reverb_prob"):
+        for name in ("noise_prob", "reverb_prob", "telephone_prob"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
@@ -302,7 +309,7 @@ class Augmenter:
         if waves.dim() != 2:
             raise ValueError(f"Augmenter expects waves [B, N], got shape {tuple(waves.shape)}")
         cfg = self.cfg
-        if (cfg.noise_prob == 0 and cfg.reverb_prob == 0) or waves.numel() == 0:
+        if (cfg.noise_prob == 0 and cfg.reverb_prob == 0 and cfg.telephone_prob == 0) or waves.numel() == 0:
             return waves
         batch, num = waves.shape
         device, dtype = waves.device, waves.dtype
@@ -342,6 +349,14 @@ class Augmenter:
             rows = torch.tensor(noise_rows, device=device)
             sub_lengths = lengths[rows.to(lengths.device)] if lengths is not None else None
             out[rows] = add_noise(out[rows], noise.to(device), snrs.to(device), sub_lengths)
+
+        if cfg.telephone_prob > 0:
+            phone_rows = [b for b, u in enumerate(self._uniform(batch, generator)) if u < cfg.telephone_prob]
+            if phone_rows:
+                rows = torch.tensor(phone_rows, device=device)
+                sub_lengths = lengths[rows.to(lengths.device)] if lengths is not None else None
+                out[rows] = telephone(out[rows], sub_lengths, TelephoneConfig(mu_law=cfg.telephone_mu_law),
+                                      self.sample_rate)
         return out.to(dtype)
 
     def _babble(self, num: int, generator, count: int | None = None) -> torch.Tensor:
