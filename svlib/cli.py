@@ -104,6 +104,41 @@ def _score_args(p: argparse.ArgumentParser) -> None:
                    help="apply this calibration; scores become LLRs and Cllr is reported. It must have been fitted "
                         "with the same --asnorm/--top-n setting")
     p.add_argument("--det", type=Path, metavar="DET.png", help="also write a DET plot")
+    p.add_argument("--ci", action="store_true",
+                   help="also print speaker-level bootstrap 95%% confidence intervals of EER and minDCF")
+    _bootstrap_args(p, "--ci-")
+
+
+def _bootstrap_args(p: argparse.ArgumentParser, prefix: str) -> None:
+    p.add_argument(f"{prefix}replicates", type=int, default=1000, dest="replicates",
+                   help="bootstrap replicates (default 1000)")
+    p.add_argument(f"{prefix}seed", type=int, default=0, dest="seed", help="bootstrap random seed (default 0)")
+    p.add_argument("--utt2spk", type=Path, metavar="UTT2SPK",
+                   help="'<utt> <speaker>' lines giving the speakers the bootstrap resamples; default: the id's "
+                        "prefix before the first '/' or '-' (VoxCeleb, svlib prepare)")
+
+
+def _trial_speakers(args: argparse.Namespace, trials):
+    """Speakers of the trials (``--utt2spk`` or the id prefix), checked against the labels."""
+    from svlib.scoring.bootstrap import trial_speakers
+
+    if args.replicates < 1:
+        raise ValueError(f"--replicates must be a positive number, got {args.replicates}")
+    utt2spk = None
+    if args.utt2spk is not None:
+        from svlib.data.lists import _read_table  # the list reader's strict 2-field table (line-numbered errors)
+
+        utt2spk = _read_table(args.utt2spk, 2, "<utt> <speaker>").values
+    return trial_speakers(trials.enroll, trials.test, trials.labels, utt2spk,
+                          source=str(args.utt2spk or args.trials))
+
+
+def _p_value(p: float, replicates: int) -> str:
+    return f"< {1.0 / replicates:.2g}" if p == 0.0 else f"= {p:.3f}"
+
+
+def _interval(ci: list[float], digits: int) -> str:
+    return f"[{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
 def _norm_setting(top_n: int | None, cohort: str | None = None) -> str:
@@ -190,6 +225,15 @@ def _score(args: argparse.Namespace) -> int:
         ("minDCF (p=0.01)", f"{summary['mindcf_0.01']:.4f}"),
         ("minDCF (p=0.05)", f"{summary['mindcf_0.05']:.4f}"),
     ]
+    if args.ci:
+        from svlib.scoring.bootstrap import bootstrap_ci
+
+        speakers = _trial_speakers(args, trials)
+        ci = bootstrap_ci(final, trials.labels, speakers, args.replicates, args.seed)
+        rows[3:3] = [("EER 95% CI (%)", _interval(ci["eer_pct"], 3))]
+        rows[5:5] = [("minDCF (p=0.01) 95% CI", _interval(ci["mindcf_0.01"], 4))]
+        rows += [("minDCF (p=0.05) 95% CI", _interval(ci["mindcf_0.05"], 4)),
+                 ("bootstrap", f"{ci['replicates']} x {ci['speakers']} speakers, seed {ci['seed']}")]
     if calibrated is not None:
         from svlib.scoring.calibration import cllr, min_cllr
 
@@ -207,6 +251,48 @@ def _score(args: argparse.Namespace) -> int:
                                              zip(trials.enroll, trials.test, np.asarray(final))))
     if args.det is not None:
         plot_det({norm: (final, trials.labels)}, args.det)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ compare
+
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("scores", nargs=2, type=Path, metavar="SCORES",
+                   help="score files of systems A and B ('enroll test score [label]', e.g. from score --scores-out)")
+    p.add_argument("--trials", required=True, type=Path, help="the labelled trial list both files score")
+    _bootstrap_args(p, "--")
+    p.add_argument("--json", type=Path, metavar="OUT.json", help="also write the comparison as JSON")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from svlib.data.lists import read_trials
+    from svlib.files import write_json
+    from svlib.scoring.bootstrap import load_trial_scores, paired_bootstrap
+
+    if args.json is not None:
+        _check_output(args.json, ".json", "--json")
+    trials = read_trials(args.trials)
+    speakers = _trial_speakers(args, trials)
+    path_a, path_b = args.scores
+    scores_a = load_trial_scores(path_a, trials, str(args.trials))
+    scores_b = load_trial_scores(path_b, trials, str(args.trials))
+    result = paired_bootstrap(scores_a, scores_b, trials.labels, speakers, args.replicates, args.seed)
+    print(f"# A = {path_a} | B = {path_b} | {args.trials}: {len(trials)} trials, {speakers.num_speakers} speakers, "
+          f"paired speaker bootstrap x {args.replicates}, seed {args.seed}")
+    print(f"{'metric':<16}  {'A':>9}  {'B':>9}  {'A - B':>9}  {'95% CI of A - B':>22}")
+    for key, name, digits in (("eer_pct", "EER (%)", 3), ("mindcf_0.01", "minDCF (p=0.01)", 4),
+                              ("mindcf_0.05", "minDCF (p=0.05)", 4)):
+        r = result[key]
+        print(f"{name:<16}  {r['a']:>9.{digits}f}  {r['b']:>9.{digits}f}  {r['diff']:>+9.{digits}f}  "
+              f"{_interval(r['ci'], digits):>22}")
+    eer = result["eer_pct"]
+    verdict = ("excludes 0: the systems differ" if eer["excludes_zero"]
+               else "contains 0: no significant difference")
+    print(f"EER difference A - B = {eer['diff']:+.3f} points, 95% CI {_interval(eer['ci'], 3)} {verdict} "
+          f"(bootstrap p {_p_value(eer['p_value'], args.replicates)})")
+    if args.json is not None:
+        write_json(args.json, {"a": str(path_a), "b": str(path_b), "trials": str(args.trials)} | result)
     return 0
 
 
@@ -662,6 +748,8 @@ def _info(args: argparse.Namespace) -> int:
 COMMANDS: list[Command] = [
     Command("score", "cosine-score a trial list (optionally with enrolment models, AS-norm, calibration) and "
                      "print EER / minDCF", _score_args, _score),
+    Command("compare", "paired speaker-level bootstrap of the EER / minDCF difference of two score files on "
+                       "the same trials", _compare_args, _compare),
     Command("calibrate", "train a (quality-measure) score calibration on a labelled trial list",
             _calibrate_args, _calibrate),
     Command("embed", "embed audio files with a model folder (batched by length) into an .npz", _embed_args, _embed),

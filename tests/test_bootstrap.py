@@ -1,0 +1,163 @@
+"""Speaker-level bootstrap (svlib.scoring.bootstrap) on hand-made score sets whose bootstrap distribution is
+known exactly, against a slow reference that builds every replicate's trial list copy by copy, and the
+paired bootstrap on systems that do and do not differ."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from svlib.scoring.bootstrap import (BootstrapError, bootstrap_ci, ci_fields, paired_bootstrap, percentile_interval,
+                                     replicate_metrics, speaker_counts, speaker_of, trial_speakers, trial_weights,
+                                     weighted_metrics)
+from svlib.scoring.metrics import summarize
+
+
+def all_pairs(num_speakers: int, per_speaker: int):
+    """Every pair of ``num_speakers x per_speaker`` utterances: enroll ids, test ids, labels, speaker indices."""
+    utts = [f"s{s:02d}-u{u}" for s in range(num_speakers) for u in range(per_speaker)]
+    spk = np.repeat(np.arange(num_speakers), per_speaker)
+    i, j = np.triu_indices(len(utts), k=1)
+    labels = (spk[i] == spk[j]).astype(np.int8)
+    return [utts[k] for k in i], [utts[k] for k in j], labels, spk[i]
+
+
+def bad_speakers_scores(labels, enroll_spk, bad) -> np.ndarray:
+    """Targets of the ``bad`` speakers score 0, non-targets 1, all other targets 2 (ties inside each class)."""
+    scores = np.where(labels == 1, 2.0, 1.0)
+    scores[(labels == 1) & np.isin(enroll_spk, list(bad))] = 0.0
+    return scores
+
+
+def test_speaker_of_and_label_check():
+    assert speaker_of("id10270/5r0dWxy17C8/00001.wav") == "id10270"
+    assert speaker_of("ls1688-1688-142285-0000") == "ls1688"
+    assert speaker_of("spk7") == "spk7"
+    sp = trial_speakers(["a-1", "a-1", "b-1"], ["a-2", "b-2", "c-1"], [1, 0, 0])
+    assert sp.names == ("a", "b", "c") and sp.enroll.tolist() == [0, 0, 1] and sp.test.tolist() == [0, 1, 2]
+    with pytest.raises(BootstrapError, match=r"trial 2 \(a-1 b-2\) is a target trial but .* different speakers"):
+        trial_speakers(["a-1", "a-1"], ["a-2", "b-2"], [1, 1])
+    with pytest.raises(BootstrapError, match="has no speaker in utt2spk"):
+        trial_speakers(["x"], ["y"], [0], utt2spk={"x": "p"})
+
+
+def test_perfectly_separable_interval_is_zero():
+    enroll, test, labels, _ = all_pairs(8, 3)
+    scores = labels + np.random.default_rng(0).uniform(0, 0.5, labels.size)  # targets all above non-targets
+    ci = bootstrap_ci(scores, labels, trial_speakers(enroll, test, labels), replicates=200, seed=1)
+    assert ci["eer_pct"] == [0.0, 0.0]
+    assert ci["mindcf_0.01"] == [0.0, 0.0] and ci["mindcf_0.05"] == [0.0, 0.0]
+    assert ci["invalid"] == 0 and ci["speakers"] == 8 and ci["replicates"] == 200
+
+
+def test_one_bad_speaker_gives_the_binomial_distribution_exactly():
+    """One speaker's targets all below the non-targets, the others' above: a replicate drawing that speaker
+    m ~ Binomial(S, 1/S) times has FNR m/S flat across the non-targets, so EER = minDCF = m/S exactly."""
+    S = 10
+    enroll, test, labels, spk = all_pairs(S, 4)
+    scores = bad_speakers_scores(labels, spk, {3})
+    speakers = trial_speakers(enroll, test, labels)
+    dist = replicate_metrics([scores], labels, speakers, replicates=1000, seed=5, chunk=64)[0]
+    m = speaker_counts(S, 1000, np.random.default_rng(5))[:, 3]  # the same draws: one generator, any chunk
+    np.testing.assert_allclose(dist["eer_pct"], 100.0 * m / S, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(dist["mindcf_0.01"], m / S, rtol=0, atol=1e-12)
+    # Binomial(10, 0.1): P(m <= 0) = 0.349 > 2.5 %, P(m <= 2) = 0.930 < 97.5 % < P(m <= 3) = 0.987
+    assert bootstrap_ci(scores, labels, speakers, 1000, seed=5)["eer_pct"] == [0.0, 30.0]
+    assert summarize(scores, labels)["eer_pct"] == pytest.approx(10.0)
+
+
+def reference_replicate(scores, labels, enroll, test, draws) -> dict:
+    """The replicate's trial list built literally: every drawn copy's targets, and for every two copies of
+    different speakers their non-target trials (copies of one speaker are never paired)."""
+    spk_e, spk_t = np.array([speaker_of(u) for u in enroll]), np.array([speaker_of(u) for u in test])
+    keep = []
+    for x, a in enumerate(draws):
+        keep += np.flatnonzero((labels == 1) & (spk_e == a)).tolist()
+        for y, b in enumerate(draws):
+            if x != y and a != b:
+                keep += np.flatnonzero((labels == 0) & (spk_e == a) & (spk_t == b)).tolist()
+    keep = np.array(keep, dtype=np.int64)
+    return summarize(scores[keep], labels[keep])
+
+
+def test_against_the_slow_reference_with_ties():
+    enroll, test, labels, spk = all_pairs(6, 3)
+    rng = np.random.default_rng(2)
+    speaker_effect = rng.normal(0, 0.7, 6)[spk]
+    scores = np.round(rng.normal(size=labels.size) + 1.2 * labels + speaker_effect, 1)  # many ties
+    speakers = trial_speakers(enroll, test, labels)
+    counts = speaker_counts(speakers.num_speakers, 25, np.random.default_rng(9))
+    fast = weighted_metrics(scores, labels, trial_weights(counts, speakers))
+    for r in range(counts.shape[0]):
+        draws = [speakers.names[s] for s in np.repeat(np.arange(6), counts[r])]
+        ref = reference_replicate(scores, labels, enroll, test, draws)
+        for key in ("eer_pct", "mindcf_0.01", "mindcf_0.05"):
+            assert fast[key][r] == pytest.approx(ref[key], abs=1e-12), (r, key)
+    # and the blocked bootstrap uses exactly these draws for the same seed
+    dist = replicate_metrics([scores], labels, speakers, replicates=25, seed=9, chunk=4)[0]
+    np.testing.assert_allclose(dist["eer_pct"], fast["eer_pct"], rtol=0, atol=1e-12)
+
+
+def test_weighted_metrics_equal_the_repeated_list():
+    rng = np.random.default_rng(4)
+    labels = (rng.random(300) < 0.2).astype(int)
+    scores = np.round(rng.normal(size=300) + labels, 1)
+    weights = rng.integers(0, 4, size=(5, 300))
+    got = weighted_metrics(scores, labels, weights)
+    for r in range(5):
+        rep = np.repeat(np.arange(300), weights[r])
+        want = summarize(scores[rep], labels[rep])
+        assert got["eer_pct"][r] == pytest.approx(want["eer_pct"], abs=1e-12)
+        assert got["mindcf_0.01"][r] == pytest.approx(want["mindcf_0.01"], abs=1e-12)
+    one_class = np.where(labels == 1, 1, 0)[None, :]  # only targets kept: no EER, reported as NaN
+    assert np.isnan(weighted_metrics(scores, labels, one_class)["eer_pct"][0])
+
+
+def test_enroll_only_scheme_weights():
+    enroll, test, labels, _ = all_pairs(3, 2)
+    speakers = trial_speakers(enroll, test, labels)
+    counts = np.array([[2, 0, 1]])
+    both, one = trial_weights(counts, speakers, "both")[0], trial_weights(counts, speakers, "enroll")[0]
+    e, t = speakers.enroll, speakers.test
+    np.testing.assert_array_equal(both, np.where(e == t, counts[0, e], counts[0, e] * counts[0, t]))
+    np.testing.assert_array_equal(one, counts[0, e])
+
+
+def test_paired_bootstrap_systems_that_differ():
+    """B has 6 more bad speakers than A: diff = -100 (sum of their draws) / S <= 0 in every replicate, 0 only
+    if none of them is drawn, P = (14/20)^20 < 0.1 %."""
+    S = 20
+    enroll, test, labels, spk = all_pairs(S, 3)
+    a = bad_speakers_scores(labels, spk, {0})
+    b = bad_speakers_scores(labels, spk, {0, 1, 2, 3, 4, 5, 6})
+    res = paired_bootstrap(a, b, labels, trial_speakers(enroll, test, labels), replicates=500, seed=3)
+    eer = res["eer_pct"]
+    assert eer["a"] == pytest.approx(5.0) and eer["b"] == pytest.approx(35.0) and eer["diff"] == pytest.approx(-30.0)
+    assert eer["ci"][1] < 0.0 and eer["excludes_zero"] and eer["p_value"] < 0.01
+
+
+def test_paired_bootstrap_systems_that_do_not_differ():
+    """A's bad speaker is 0, B's is 1: diff = 100 (m_0 - m_1) / S, symmetric about 0."""
+    S = 20
+    enroll, test, labels, spk = all_pairs(S, 3)
+    a, b = bad_speakers_scores(labels, spk, {0}), bad_speakers_scores(labels, spk, {1})
+    speakers = trial_speakers(enroll, test, labels)
+    res = paired_bootstrap(a, b, labels, speakers, replicates=400, seed=11)
+    counts = speaker_counts(S, 400, np.random.default_rng(11))
+    want = percentile_interval(100.0 * (counts[:, 0] - counts[:, 1]) / S)
+    assert res["eer_pct"]["diff"] == 0.0
+    assert res["eer_pct"]["ci"] == pytest.approx(want, abs=1e-9)
+    assert res["eer_pct"]["ci"][0] < 0.0 < res["eer_pct"]["ci"][1] and not res["eer_pct"]["excludes_zero"]
+
+
+def test_ci_fields_and_bad_settings():
+    enroll, test, labels, spk = all_pairs(5, 2)
+    scores = bad_speakers_scores(labels, spk, {1})
+    ci = bootstrap_ci(scores, labels, trial_speakers(enroll, test, labels), replicates=50, seed=0)
+    fields = ci_fields(ci)
+    assert set(fields) == {"eer_ci_pct", "mindcf_0.01_ci", "mindcf_0.05_ci", "ci_replicates", "ci_speakers",
+                           "ci_confidence", "ci_seed"}
+    assert fields["eer_ci_pct"] == ci["eer_pct"] and fields["ci_speakers"] == 5
+    with pytest.raises(BootstrapError, match="replicates must be at least 1"):
+        bootstrap_ci(scores, labels, trial_speakers(enroll, test, labels), replicates=0)
+    with pytest.raises(BootstrapError, match="confidence must be in"):
+        percentile_interval([1.0, 2.0], 1.5)
