@@ -123,7 +123,8 @@ def _trial_speakers(args: argparse.Namespace, trials):
     from svlib.scoring.bootstrap import trial_speakers
 
     if args.replicates < 1:
-        raise ValueError(f"--replicates must be a positive number, got {args.replicates}")
+        flag = "--ci-replicates" if args.command == "score" else "--replicates"
+        raise ValueError(f"{flag} must be a positive number, got {args.replicates}")
     utt2spk = None
     if args.utt2spk is not None:
         from svlib.data.lists import _read_table  # the list reader's strict 2-field table (line-numbered errors)

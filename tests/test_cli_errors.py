@@ -75,6 +75,15 @@ def env(tmp_path_factory):
     save_embeddings(tmp / "cohort.npz", [f"c{i}" for i in range(20)], rng.normal(size=(20, 8)))
     trials = [f"{int(a[:2] == b[:2])} {a} {b}" for i, a in enumerate(utts) for b in utts[i + 1:]]
     (tmp / "trials.txt").write_text("\n".join(trials) + "\n")
+    pairs = [line.split()[1:] for line in trials]
+    score_lines = [f"{a} {b} {0.1 * k:.3f}" for k, (a, b) in enumerate(pairs)]
+    (tmp / "scores.txt").write_text("\n".join(score_lines) + "\n")
+    (tmp / "scores_short.txt").write_text("\n".join(score_lines[:-1]) + "\n")
+    (tmp / "scores_extra.txt").write_text("\n".join(score_lines + ["s0-u0 c9 0.5"]) + "\n")
+    (tmp / "scores_twice.txt").write_text("\n".join(score_lines + score_lines[:1]) + "\n")
+    (tmp / "scores_nan.txt").write_text("\n".join(score_lines[:1] + [f"{pairs[1][0]} {pairs[1][1]} nan"]) + "\n")
+    (tmp / "scores_label.txt").write_text(f"{pairs[0][0]} {pairs[0][1]} 0.5 nontarget\n")
+    (tmp / "utt2spk_short").write_text("s0-u0 s0\n")
     (tmp / "enroll_trials.txt").write_text("1 spk0 s0-u2\n0 spk0 s1-u2\n1 nobody s1-u1\n")
     (tmp / "enroll.lst").write_text("spk0 s0-u0 s0-u1\n")
     _calibration(tmp / "raw_cal.json", {"asnorm": None})
@@ -228,6 +237,35 @@ CASES: dict[str, Case] = {
         lambda t: ["score", "--trials", t / "enroll_trials.txt", "--embeddings", t / "emb.npz", "--enroll",
                    t / "enroll.lst"],
         "svlib score: error: trial enrolment id 'nobody' is not in the enrolment list {t}/enroll.lst (1 unknown)"),
+    # --- compare: the two score files must hold exactly the trial list's trials
+    "compare: a trial missing from B": Case(
+        lambda t: ["compare", t / "scores.txt", t / "scores_short.txt", "--trials", t / "trials.txt"],
+        "svlib compare: error: {t}/scores_short.txt: no score for trial 's3-u1 s3-u2' of {t}/trials.txt "
+        "(1 of 66 trials missing)"),
+    "compare: B scores a pair that is not a trial": Case(
+        lambda t: ["compare", t / "scores.txt", t / "scores_extra.txt", "--trials", t / "trials.txt"],
+        "svlib compare: error: {t}/scores_extra.txt: 1 score line(s) are not trials of {t}/trials.txt (first: "
+        "'s0-u0 c9'); the score files must hold the same trial set"),
+    "compare: a trial scored twice": Case(
+        lambda t: ["compare", t / "scores_twice.txt", t / "scores.txt", "--trials", t / "trials.txt"],
+        "svlib compare: error: {t}/scores_twice.txt:67: trial 's0-u0 s0-u1' repeats line 1"),
+    "compare: a NaN score": Case(
+        lambda t: ["compare", t / "scores.txt", t / "scores_nan.txt", "--trials", t / "trials.txt"],
+        "svlib compare: error: {t}/scores_nan.txt:2: score 'nan' is not finite"),
+    "compare: a label that contradicts the trial list": Case(
+        lambda t: ["compare", t / "scores_label.txt", t / "scores.txt", "--trials", t / "trials.txt"],
+        "svlib compare: error: {t}/scores_label.txt:1: trial 's0-u0 s0-u1' is labelled nontarget here but not in "
+        "{t}/trials.txt"),
+    "compare: a score file that does not exist": Case(
+        lambda t: ["compare", t / "scores.txt", t / "nothing.txt", "--trials", t / "trials.txt"],
+        "svlib compare: error: {t}/nothing.txt: score file not found"),
+    "compare: --replicates 0": Case(
+        lambda t: ["compare", t / "scores.txt", t / "scores.txt", "--trials", t / "trials.txt", "--replicates", "0"],
+        "svlib compare: error: --replicates must be a positive number, got 0"),
+    "score --ci with an utt2spk that lacks a trial utterance": Case(
+        lambda t: ["score", "--trials", t / "trials.txt", "--embeddings", t / "emb.npz", "--ci", "--utt2spk",
+                   t / "utt2spk_short"],
+        "svlib score: error: {t}/utt2spk_short: utterance 's0-u1' has no speaker in utt2spk"),
     # --- config files (the pipeline's exit 2 and its one line)
     "empty stage YAML": Case(
         lambda t: ["--config", t / "cfg_empty" / "pipeline.yaml", "--no-tracking"],

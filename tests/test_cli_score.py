@@ -135,3 +135,55 @@ def test_python_dash_m_subprocess(setup):
                          capture_output=True, text=True, env=env, cwd=tmp, timeout=60)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip() == "svlib score: error: missing.txt: file not found"
+
+
+def _interval_row(out: str, name: str) -> list[float]:
+    line = next(line for line in out.splitlines() if line.startswith(name))
+    lo, hi = line[len(name):].strip().strip("[]").split(",")
+    return [float(lo), float(hi)]
+
+
+def test_score_ci_prints_the_library_interval(setup, capsys):
+    from svlib.scoring.bootstrap import bootstrap_ci, trial_speakers
+
+    tmp, trials, emb, _ = setup
+    assert main(["score", "--trials", str(trials), "--embeddings", str(emb), "--ci", "--ci-replicates", "300",
+                 "--ci-seed", "4"]) == 0
+    out = capsys.readouterr().out
+    t = read_trials(trials)
+    ref = bootstrap_ci(cosine_scores(load_embeddings(emb), t), t.labels, trial_speakers(t.enroll, t.test, t.labels),
+                       replicates=300, seed=4)
+    assert _interval_row(out, "EER 95% CI (%)") == pytest.approx(ref["eer_pct"], abs=5e-4)
+    assert _interval_row(out, "minDCF (p=0.01) 95% CI") == pytest.approx(ref["mindcf_0.01"], abs=5e-5)
+    assert ref["speakers"] == 12 and ref["eer_pct"][0] < float(_table(out)["EER (%)"]) < ref["eer_pct"][1]
+    assert "300 x 12 speakers, seed 4" in out
+
+
+def test_compare_differing_and_identical_systems(setup, capsys):
+    from svlib.scoring.bootstrap import paired_bootstrap, trial_speakers
+
+    tmp, trials, emb, _ = setup
+    table = load_embeddings(emb)
+    noisy = save_embeddings(tmp / "noisy.npz", table.utts,
+                            table.matrix + 1.5 * np.random.default_rng(1).normal(size=table.matrix.shape))
+    for name, path in (("a", emb), ("b", noisy)):
+        assert main(["score", "--trials", str(trials), "--embeddings", str(path),
+                     "--scores-out", str(tmp / f"{name}.txt")]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(tmp / "a.txt"), str(tmp / "b.txt"), "--trials", str(trials), "--replicates", "400",
+                 "--json", str(tmp / "cmp.json")]) == 0
+    out = capsys.readouterr().out
+    t = read_trials(trials)
+    ref = paired_bootstrap(cosine_scores(table, t), cosine_scores(load_embeddings(noisy), t), t.labels,
+                           trial_speakers(t.enroll, t.test, t.labels), replicates=400, seed=0)
+    saved = json.loads((tmp / "cmp.json").read_text())["eer_pct"]
+    assert saved["ci"] == pytest.approx(ref["eer_pct"]["ci"], abs=1e-5)  # scores were written with 6 decimals
+    assert saved["diff"] < 0 and saved["ci"][1] < 0 and saved["excludes_zero"]
+    assert "excludes 0: the systems differ" in out
+    # the same scores in another line order: the pairs are matched by id, the difference is 0 in every replicate
+    lines = (tmp / "a.txt").read_text().splitlines()
+    (tmp / "a_shuffled.txt").write_text("\n".join(lines[::-1]) + "\n")
+    assert main(["compare", str(tmp / "a.txt"), str(tmp / "a_shuffled.txt"), "--trials", str(trials),
+                 "--replicates", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "EER difference A - B = +0.000 points, 95% CI [0.000, 0.000] contains 0" in out
