@@ -40,11 +40,13 @@ def _summaries(results: dict) -> dict:
 def fbank_baseline(data: DataConfig, cfg: EvalConfig | None = None) -> dict:
     test_dir, trials = data.tests()
     needed = set().union(*(t.utterances for t in trials.values()))
-    embeddings = extract_embeddings(FbankStats(), test_dir, needed, cfg or EvalConfig(progress=False))
+    cfg = cfg or EvalConfig(progress=False)
+    embeddings = extract_embeddings(FbankStats(), test_dir, needed, cfg)
     # Centre on the test population: the raw means share a large common offset that swamps the cosine.
     centre = np.mean(np.stack(list(embeddings.values())), axis=0)
     embeddings = {utt: vector - centre for utt, vector in embeddings.items()}
-    return _summaries(score_trials(embeddings, trials))
+    return _summaries(score_trials(embeddings, trials, utt2spk=test_dir.utt2spk, ci_replicates=cfg.ci_replicates,
+                                   ci_seed=cfg.ci_seed))
 
 
 def random_init_baseline(stage_cfg, data: DataConfig, seed: int = 0, cfg: EvalConfig | None = None) -> dict:

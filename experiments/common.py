@@ -134,3 +134,7 @@ def print_table(rows: list[dict[str, Any]], columns: list[str], title: str | Non
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+            # speaker-level bootstrap interval (svlib.scoring.bootstrap.ci_fields), when evaluated with one
+            ci = summary.get("eer_ci_pct" if key == "eer_pct" else f"{key}_ci")
+            if ci is not None:
+                flat[f"{prefix}{name}_{key}_ci_low"], flat[f"{prefix}{name}_{key}_ci_high"] = map(float, ci)

@@ -233,6 +233,8 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="pipeline YAML")
     parser.add_argument("--report", help="also write the benchmark summary JSON here")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+        if summary.get("eer_ci_pct") is not None:  # speaker-level bootstrap 95 % interval
+            row[f"{list_name}_eer_ci"] = "[{:.2f}, {:.2f}]".format(*summary["eer_ci_pct"])
     parser.add_argument("--experiment", help="MLflow experiment (default: the pipeline name)")
     args = parser.parse_args(argv)
     try:

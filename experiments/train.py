@@ -116,7 +116,7 @@ def run(cfg: TrainStageConfig, data: DataConfig, out_dir: str | Path, *, init: s
         val_dir, val_trials = validation
         # in the training precision, every rank embedding its shard of the list (rank 0 scores)
         quiet = EvalConfig(max_seconds=cfg.eval.max_seconds, max_batch_seconds=cfg.eval.max_batch_seconds,
-                           progress=False, amp=cfg.train.amp)
+                           progress=False, amp=cfg.train.amp, ci_replicates=0)  # no intervals for selection
 
         def validate(m):
             scores = evaluate(m, val_dir, {"val": val_trials}, quiet, distributed=True)

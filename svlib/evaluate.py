@@ -38,6 +38,9 @@ class EvalConfig:
     # audio still gets an embedding, and two silent files then "match" with cosine 1.0. None: no check.
     min_rms_dbfs: float | None = None
     amp: Literal["off", "bf16", "fp16"] = "off"   # forward precision (svlib.train.engine.autocast)
+    # speaker-level bootstrap 95 % intervals of each list's EER/minDCF (svlib.scoring.bootstrap); 0: none
+    ci_replicates: int = 1000
+    ci_seed: int = 0
 
 
 def _world() -> tuple[int, int]:
@@ -126,12 +129,21 @@ def _embed(model: nn.Module, datadir: DataDir, utts: list[str], cfg: EvalConfig,
     return table
 
 
-def score_trials(embeddings: Mapping[str, np.ndarray], trials: Mapping[str, Trials]) -> dict[str, dict]:
-    """Per trial list: ``summarize`` (eer_pct, minDCFs) plus the raw ``scores`` and ``labels``."""
+def score_trials(embeddings: Mapping[str, np.ndarray], trials: Mapping[str, Trials], *,
+                 utt2spk: Mapping[str, str] | None = None, ci_replicates: int = 0, ci_seed: int = 0) -> dict[str, dict]:
+    """Per trial list: ``summarize`` (eer_pct, minDCFs) plus the raw ``scores`` and ``labels``; with
+    ``ci_replicates`` also the speaker-level bootstrap intervals (``bootstrap.ci_fields``: ``eer_ci_pct``,
+    ``mindcf_0.01_ci``, ...), speakers from ``utt2spk`` (default: the utterance ids' prefixes)."""
     out = {}
     for name, trial in trials.items():
         scores = cosine_scores(embeddings, trial)
-        out[name] = summarize(scores, trial.labels) | {"scores": scores, "labels": trial.labels}
+        out[name] = summarize(scores, trial.labels)
+        if ci_replicates:
+            from svlib.scoring.bootstrap import bootstrap_ci, ci_fields, trial_speakers
+
+            speakers = trial_speakers(trial.enroll, trial.test, trial.labels, utt2spk, source=f"trial list {name!r}")
+            out[name] |= ci_fields(bootstrap_ci(scores, trial.labels, speakers, ci_replicates, ci_seed))
+        out[name] |= {"scores": scores, "labels": trial.labels}
     return out
 
 
@@ -150,4 +162,6 @@ def evaluate(model: nn.Module, datadir: DataDir, trials: Mapping[str, Trials], c
                            f"e.g. {missing[:3]}")
         needed |= trial.utterances
     embeddings = extract_embeddings(model, datadir, needed, cfg, device, distributed=distributed)
-    return None if embeddings is None else score_trials(embeddings, trials)
+    cfg = cfg or EvalConfig()
+    return None if embeddings is None else score_trials(embeddings, trials, utt2spk=datadir.utt2spk,
+                                                        ci_replicates=cfg.ci_replicates, ci_seed=cfg.ci_seed)

@@ -161,3 +161,36 @@ def test_ci_fields_and_bad_settings():
         bootstrap_ci(scores, labels, trial_speakers(enroll, test, labels), replicates=0)
     with pytest.raises(BootstrapError, match="confidence must be in"):
         percentile_interval([1.0, 2.0], 1.5)
+
+
+def test_stage_summaries_mlflow_metrics_and_table_carry_the_intervals():
+    from experiments.common import metrics_of
+    from experiments.pipeline import test_row
+    from svlib.data.lists import Trials
+    from svlib.evaluate import score_trials
+
+    rng = np.random.default_rng(0)
+    enroll, test, labels, spk = all_pairs(6, 3)
+    utts = sorted(set(enroll) | set(test))
+    centres = rng.normal(size=(6, 8))
+    emb = {u: centres[int(u[1:3])] + 0.8 * rng.normal(size=8) for u in utts}
+    # ids that hide the speaker: only utt2spk can tell them, as in a Kaldi data dir
+    hidden = {u: f"utt{k}" for k, u in enumerate(utts)}
+    trials = {"test": Trials([hidden[u] for u in enroll], [hidden[u] for u in test], labels)}
+    utt2spk = {hidden[u]: u[:3] for u in utts}
+    emb = {hidden[u]: v for u, v in emb.items()}
+    out = score_trials(emb, trials, utt2spk=utt2spk, ci_replicates=200, ci_seed=2)["test"]
+    ref = bootstrap_ci(out["scores"], labels, trial_speakers(trials["test"].enroll, trials["test"].test, labels,
+                                                             utt2spk), 200, seed=2)
+    assert out["eer_ci_pct"] == ref["eer_pct"] and out["mindcf_0.01_ci"] == ref["mindcf_0.01"]
+    assert out["ci_speakers"] == 6 and out["ci_replicates"] == 200
+    assert out["eer_ci_pct"][0] <= out["eer_pct"] <= out["eer_ci_pct"][1]
+    with pytest.raises(BootstrapError, match="trial list 'test': trial 1 .* is a target trial"):
+        score_trials(emb, trials, ci_replicates=10)  # 'uttK' ids: every utterance its own speaker
+    assert "eer_ci_pct" not in score_trials(emb, trials)["test"]  # off by default for direct callers
+    summary = {k: v for k, v in out.items() if k not in ("scores", "labels")}
+    flat = metrics_of({"test": summary})
+    assert flat["test_eer_pct_ci_low"] == ref["eer_pct"][0] and flat["test_eer_pct_ci_high"] == ref["eer_pct"][1]
+    assert flat["test_mindcf_0.05_ci_high"] == ref["mindcf_0.05"][1]
+    row = test_row("s2", {"test": {"test": summary}, "minutes": 1.0})
+    assert row["test_eer_ci"] == "[{:.2f}, {:.2f}]".format(*ref["eer_pct"])
