@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import re
@@ -92,13 +93,19 @@ def timed(step, steps: int, warmup: int, device: torch.device) -> list[float]:
 
 # ------------------------------------------------------------------------------------------ inputs
 
-def speech_batch(batch: int, seconds: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """``batch`` crops of ``seconds`` of real sv-bench speech (LibriSpeech, concatenated in manifest order)."""
+@functools.lru_cache(maxsize=None)
+def speech_crops(batch: int, seconds: float) -> tuple[np.ndarray, ...]:
+    """``batch`` crops of ``seconds`` of real sv-bench speech (files concatenated in manifest order)."""
     samples = int(seconds * SR)
     audio = real_audio(REPO.parent / "shared" / "data" / "sv-bench", batch * seconds + 1)
-    crops = [audio[i * samples:(i + 1) * samples] for i in range(batch)]
+    return tuple(audio[i * samples:(i + 1) * samples] for i in range(batch))
+
+
+def speech_batch(batch: int, seconds: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The crops as a [batch, samples] tensor on ``device``, their lengths, and the crops themselves."""
+    crops = list(speech_crops(batch, seconds))
     waves = torch.from_numpy(np.stack(crops)).to(device)
-    return waves, torch.full((batch,), samples, device=device), crops
+    return waves, torch.full((batch,), waves.shape[1], device=device), crops
 
 
 # ------------------------------------------------------------------------------------------ sections
@@ -272,7 +279,11 @@ def rehearsal(args, card_slug: str) -> dict:
         return {"run": False, "command": shown,
                 "why": "--dry: tests/test_rehearsal.py runs the same script at tiny size" if args.dry else "--no-rehearsal"}
     start = time.perf_counter()
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=args.rehearsal_timeout)
+    try:
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=args.rehearsal_timeout)
+    except subprocess.TimeoutExpired:
+        return {"run": True, "command": shown, "all_ok": False, "seconds": time.perf_counter() - start,
+                "error": f"timed out after {args.rehearsal_timeout} s (--rehearsal-timeout)"}
     summary = {"run": True, "command": shown, "returncode": proc.returncode,
                "seconds": time.perf_counter() - start}
     if not out.is_file():
@@ -300,7 +311,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--prune-seconds", type=float, default=4.0)
     parser.add_argument("--fbank-repeats", type=int, default=9)
     parser.add_argument("--no-rehearsal", action="store_true")
-    parser.add_argument("--rehearsal-timeout", type=int, default=300)
+    parser.add_argument("--rehearsal-timeout", type=int, default=360, help="seconds")
     parser.add_argument("--out", help="JSON path (default: bench/results/gpu_<card>.json)")
     args = parser.parse_args(argv)
     if args.dry:
