@@ -6,6 +6,9 @@
     python -m svlib.data.prepare cnceleb  --root <CN-Celeb_flac> [--root2 <CN-Celeb2_flac>] --out data/cnceleb
     python -m svlib.data.prepare musan    --root <musan> --out data/musan.list
     python -m svlib.data.prepare rirs     --root <RIRS_NOISES> --out data/rirs.list
+    python -m svlib.data.prepare demo     --sv-bench <sv-bench>/manifest.csv --so762 <speechocean762-train> \
+                                          --esc10 <esc10-noise>/manifest.csv --out data/demo   (svlib.data.demo_data)
+    python -m svlib.data.prepare esc10 | simrirs | demo-table ...                         (svlib.data.demo_data)
 
 Run from the repo root: audio paths are written relative to the working directory (``--relative-to``), which is
 where ``DataDir.load`` resolves them (Kaldi convention), so lists stay portable between machines.
@@ -516,9 +519,14 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=what)
         p.add_argument("--root", required=True)
         p.add_argument("--out", required=True, help="list file to write")
+    from svlib.data import demo_data  # the demo's folders: speechocean762, ESC-10, simulated RIRs
+
+    demo_data.add_subcommands(sub)
     args = parser.parse_args(argv)
     try:
-        if args.command == "manifest":
+        if args.command in demo_data.SUBCOMMANDS:
+            demo_data.run_subcommand(args)
+        elif args.command == "manifest":
             prepare_manifest(args.manifest, args.out, seed=args.seed, val_long_speakers=args.val_long_speakers,
                              val_word_speakers=args.val_word_speakers, val_words=args.val_words,
                              segment_seconds=args.segment_seconds, nontarget_ratio=args.nontarget_ratio,
