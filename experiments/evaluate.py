@@ -22,6 +22,19 @@ def write_scores(path: Path, trials, scores) -> None:
             f.write(f"{e} {t} {s:.6f} {'target' if label else 'nontarget'}\n")
 
 
+def save_scores(out_dir: Path, trials: dict, results: dict, title: str, tracker=None) -> Path:
+    """``scores/<list>.txt`` for every evaluated list and one DET plot of them all (``det.png``) in
+    ``out_dir``, logged as the run's ``scores/`` and ``det.png`` artifacts; returns the plot's path."""
+    (out_dir / "scores").mkdir(parents=True, exist_ok=True)
+    for name, res in results.items():
+        write_scores(out_dir / "scores" / f"{name}.txt", trials[name], res["scores"])
+    det = plot_det({name: (r["scores"], r["labels"]) for name, r in results.items()}, out_dir / "det.png", title=title)
+    if tracker is not None:
+        tracker.log_artifact(out_dir / "scores", "scores")
+        tracker.log_artifact(det)
+    return det
+
+
 def run(init: str | Path, data: DataConfig, out_dir: str | Path, *, cfg: EvalConfig | None = None,
         tracker=None, device: str = "auto") -> dict:
     out_dir, init = Path(out_dir), Path(init)
@@ -42,11 +55,7 @@ def run(init: str | Path, data: DataConfig, out_dir: str | Path, *, cfg: EvalCon
         results |= evaluate(model, validation[0], {"val": validation[1]}, cfg)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "scores").mkdir(exist_ok=True)
-    for name, res in results.items():
-        write_scores(out_dir / "scores" / f"{name}.txt", all_trials[name], res["scores"])
-    det = plot_det({name: (r["scores"], r["labels"]) for name, r in results.items()}, out_dir / "det.png",
-                   title=f"DET: {init.name}")
+    save_scores(out_dir, all_trials, results, f"DET: {init.name}")
     rows = [{"trials": name, "eer_pct": r["eer_pct"], "mindcf_0.01": r["mindcf_0.01"], "mindcf_0.05": r["mindcf_0.05"],
              "num_trials": r["num_trials"]} for name, r in results.items()]
     print_table(rows, ["trials", "num_trials", "eer_pct", "mindcf_0.01", "mindcf_0.05"], title=f"evaluation of {init}")
@@ -57,7 +66,7 @@ def run(init: str | Path, data: DataConfig, out_dir: str | Path, *, cfg: EvalCon
     if tracker is not None:
         tracker.log_metrics(metrics_of(results) | {"params_total": float(record["params_total"])})
         tracker.log_artifact(out_dir / "scores", "scores")
-        tracker.log_artifact(det)
+        tracker.log_artifact(out_dir / "det.png")
     write_result(out_dir, record)
     return record
 

@@ -66,9 +66,11 @@ def run(init: str | Path, out_dir: str | Path, *, check_dir: DataDir, tracker=No
         shutil.copy2(init / HEAD, out_dir / HEAD)
     record = {"stage": "merge", "source": str(init), "max_abs_diff": diff, "merge_rel_diff": rel_diff,
               "params_lora": count_parameters(with_lora.frontend) - count_parameters(merged.frontend),
+              "params_encoder": count_parameters(merged.frontend), "params_total": count_parameters(merged),
               "minutes": timer.minutes}
-    if tracker is not None:
-        tracker.log_metrics({"merge_max_abs_diff": diff, "params_lora": float(record["params_lora"])})
+    if tracker is not None:  # the check (how far the merged model is from the LoRA one) and the sizes
+        tracker.log_metrics({"merge_max_abs_diff": diff, "merge_rel_diff": rel_diff} | {
+            k: float(record[k]) for k in ("params_lora", "params_encoder", "params_total", "minutes")})
     write_result(out_dir, record)
     return record
 

@@ -23,7 +23,7 @@ from experiments import train as train_stage
 from experiments.baselines import fbank_baseline, random_init_baseline
 from experiments.common import DataConfig, Timer, metrics_of, print_table, read_result
 from svlib.config import ConfigError, check_relative, load_config, to_dict
-from svlib.tracking import Tracker, data_fingerprint, git_commit
+from svlib.tracking import Tracker, data_fingerprint, git_commit, headline_metrics
 
 STAGE_KINDS = ("train", "merge", "evaluate", "prune", "shrink", "graft", "random_prune", "use")
 # kinds with a stage YAML, and the config class it is validated into
@@ -193,13 +193,14 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None) -
         summary["table"] = print_table(rows, columns, title=f"pipeline {cfg.name}: test trials per stage")
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
         if tracker is not None:
-            tracker.log_metrics({"wall_minutes": summary["wall_minutes"]})
+            # the runs table's result columns: final test/val EER, minDCF, encoder size, wall minutes (rounded)
+            tracker.log_metrics(headline_metrics(summary))
             tracker.log_artifact(out / "summary.json")
 
     if tracker is None:
         body()
     else:
-        with tracker.run("pipeline", tags=tags, params={"pipeline": to_dict(cfg)}):
+        with tracker.run(f"pipeline:{cfg.name}", tags=tags, params={"pipeline": to_dict(cfg)}):
             body()
     return summary
 

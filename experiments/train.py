@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from experiments.common import (DataConfig, Timer, metrics_of, read_result, setup_stage_device, write_result,
                                 write_stage_config)
+from experiments.evaluate import save_scores
 from svlib.config import ConfigError, load_config
 from svlib.data.augment import AugmentConfig, Augmenter
 from svlib.data.sampling import SamplingConfig, TrainLoader
@@ -164,6 +165,8 @@ def run(cfg: TrainStageConfig, data: DataConfig, out_dir: str | Path, *, init: s
                           for name, s in scores.items()}
         if tracker is not None:
             tracker.log_metrics(metrics_of(scores))
+        # the stage's score files and DET plot (README "Tracking"), also as the run's artifacts
+        save_scores(out_dir, test_trials, scores, f"DET: {cfg.stage}", tracker)
     record["minutes"] = timer.minutes
     if tracker is not None:
         tracker.log_metrics({"minutes": record["minutes"]})

@@ -18,6 +18,7 @@ import urllib.request
 import pytest
 
 from svlib.services import ServiceError, free_port, process_group_alive, start_mlflow_server, stop_process
+from svlib.tracking import headline_metrics
 
 DENSE_STAGES = {"s1", "merge", "s2", "s3", "eval"}
 PRUNE_STAGES = {"prune1", "shrink", "prune2", "graft", "ps1", "ps2", "ps3", "eval_pruned"}
@@ -63,6 +64,18 @@ def test_mlflow_server_serves_pipeline_runs(smoke_run, tmp_path, monkeypatch):
         assert len(parents) == 1 and "mlflow.parentRunId" not in tags[parents[0]["info"]["run_id"]]
         parent_id = parents[0]["info"]["run_id"]
         assert all(r["info"]["status"] == "FINISHED" for r in runs)
+        # the UI opens the "Model training" view; the parent row carries the result columns, rounded
+        assert {t["key"]: t["value"] for t in experiment["tags"]}["mlflow.experimentKind"] == "custom_model_development"
+        assert parents[0]["info"]["run_name"] == "pipeline:smoke"
+        headline = {m["key"]: m["value"] for m in parents[0]["data"]["metrics"]}
+        summary = smoke_run["summary"]
+        final = summary["stages"]["eval_pruned"]["test"]
+        assert {k: headline[k] for k in headline_metrics(summary)} == headline_metrics(summary)
+        assert headline["final_test_eer_pct"] == round(final["test"]["eer_pct"], 2)
+        assert headline["final_val_eer_pct"] == round(final["val"]["eer_pct"], 2)
+        assert headline["final_test_mindcf_0.01"] == round(final["test"]["mindcf_0.01"], 3)
+        assert headline["params_encoder"] == summary["stages"]["eval_pruned"]["params_encoder"]
+        assert headline["wall_minutes"] == round(summary["wall_minutes"], 1)
 
         # nested stage runs are found through the parent tag, exactly as the UI groups them
         children = {tags[r["info"]["run_id"]]["stage"]: r for r in runs
@@ -88,8 +101,12 @@ def test_mlflow_server_serves_pipeline_runs(smoke_run, tmp_path, monkeypatch):
         assert latest["test_eer_pct"] == pytest.approx(smoke_run["summary"]["stages"]["eval"]["test"]["test"]["eer_pct"])
         assert {"test_mindcf_0.01", "test_mindcf_0.05", "params_total"} <= set(latest)
 
-        # artifacts the UI lists for the eval runs (dense and pruned)
-        for stage in ("eval", "eval_pruned"):
+        # merge logs its check and the sizes
+        merge = {m["key"]: m["value"] for m in children["merge"]["data"]["metrics"]}
+        assert merge["merge_max_abs_diff"] == pytest.approx(smoke_run["summary"]["stages"]["merge"]["max_abs_diff"])
+        assert merge["params_encoder"] == smoke_run["summary"]["stages"]["s2"]["params_encoder"]
+        # artifacts the UI lists for the eval runs (dense and pruned) and, as the README says, the training stages
+        for stage in ("eval", "eval_pruned", "s1", "s2", "s3", "ps3"):
             run_id = children[stage]["info"]["run_id"]
             files = {f["path"] for f in _get(url, "/api/2.0/mlflow/artifacts/list", run_id=run_id).get("files", [])}
             assert {"det.png", "scores"} <= files, stage
