@@ -1,0 +1,285 @@
+"""Download the public corpora of the demo when ``../shared/data`` is absent: resumable, checksummed, with progress.
+
+    python -m svlib.data.download --list
+    python -m svlib.data.download librispeech-test-other librispeech-train-clean-100 speechocean762 esc50 \\
+        [--root data/downloads] [--no-extract]
+
+Each archive goes to ``ROOT/<file>`` and is unpacked into ``ROOT/<name>/`` (a ``.complete`` stamp marks a
+finished extraction, so a rerun skips it). Transfers are **resumable**: bytes arrive in ``ROOT/<file>.part``;
+after a cut (lost connection, killed process) the next attempt asks for the rest with an HTTP ``Range:
+bytes=<have>-`` request and appends it (a server that answers 200 instead of 206 sends the whole file again,
+which then replaces the part). ``retries`` attempts are made in one call, and a rerun resumes too.
+
+**Checksums.** A finished file is verified before it replaces anything: its MD5 and SHA-256 against the
+published digests where there are some (LibriSpeech: the MD5s of openslr's ``md5sum.txt`` and the SHA-256s
+torchaudio pins). speechocean762 (openslr 101) and ESC-50's GitHub archive publish none: their size, MD5 and
+SHA-256 are recorded in ``ROOT/checksums.json`` on the first complete download ("trust on first use") and every
+later download is checked against that record. A mismatch moves the file to ``<file>.bad`` and fails.
+
+Errors are one line (``DownloadError``): no network / connection refused, HTTP errors, a cut that retries did
+not overcome (rerun to resume), a bad checksum, an unsafe archive member (absolute or ``..`` paths).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import socket
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from svlib.files import write_json
+
+__all__ = ["SOURCES", "DownloadError", "Source", "download", "extract", "fetch", "file_digests"]
+
+CHUNK = 1 << 16
+
+
+class DownloadError(RuntimeError):
+    """A download that cannot complete; the message is one line and says what to do."""
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    url: str
+    what: str
+    licence: str
+    md5: str | None = None      # published digests; None: trust on first use (ROOT/checksums.json)
+    sha256: str | None = None
+    file: str | None = None     # local file name when the URL's last part is not a good one
+
+    @property
+    def filename(self) -> str:
+        return self.file or self.url.rsplit("/", 1)[-1]
+
+
+OPENSLR = "https://www.openslr.org/resources"
+SOURCES = {s.name: s for s in (
+    Source("librispeech-test-other", f"{OPENSLR}/12/test-other.tar.gz",
+           "LibriSpeech test-other (Panayotov et al., ICASSP 2015; openslr 12): the demo's test speakers",
+           "CC BY 4.0", md5="fb5a50374b501bb3bac4815ee91d3135",
+           sha256="d09c181bba5cf717b3dee7d4d592af11a3ee3a09e08ae025c5506f6ebe961c29"),
+    Source("librispeech-train-clean-100", f"{OPENSLR}/12/train-clean-100.tar.gz",
+           "LibriSpeech train-clean-100 (openslr 12): training speakers", "CC BY 4.0",
+           md5="2a93770f6d5c6c964bc36631d331a522",
+           sha256="d4ddd1d5a6ab303066f14971d768ee43278a5f2a0aa43dc716b0e64ecbbbf6e2"),
+    Source("speechocean762", f"{OPENSLR}/101/speechocean762.tar.gz",
+           "speechocean762 (Zhang et al., Interspeech 2021; openslr 101): children and adults reading English",
+           "CC BY 4.0 (openslr 101); free for commercial and non-commercial use (corpus README)"),
+    Source("esc50", "https://github.com/karolpiczak/ESC-50/archive/refs/heads/master.zip",
+           "ESC-50 (Piczak, ACM MM 2015), whose esc10 column selects ESC-10: environmental noise",
+           "ESC-50 CC BY-NC 3.0; its ESC-10 subset CC BY 3.0 (per-clip Freesound licences)",
+           file="ESC-50-master.zip"),
+)}
+
+
+def file_digests(path: str | os.PathLike) -> dict:
+    """``{"size", "md5", "sha256"}`` of a file, in one pass."""
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            md5.update(block)
+            sha.update(block)
+            size += len(block)
+    return {"size": size, "md5": md5.hexdigest(), "sha256": sha.hexdigest()}
+
+
+def _check(path: Path, got: dict, expected: dict, url: str) -> None:
+    for key in ("size", "md5", "sha256"):
+        if expected.get(key) is not None and got[key] != expected[key]:
+            bad = path.with_name(path.name.removesuffix(".part") + ".bad")
+            os.replace(path, bad)
+            raise DownloadError(f"{url}: checksum mismatch ({key} {got[key]}, expected {expected[key]}); the file "
+                                f"was moved to {bad}: delete it and rerun (or check the source)")
+
+
+def _open(url: str, offset: int, timeout: float):
+    request = urllib.request.Request(url, headers={"User-Agent": "svlib-download",
+                                                   **({"Range": f"bytes={offset}-"} if offset else {})})
+    try:
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and offset:
+            return None  # nothing past what we have: the part is complete
+        raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from None
+    except (socket.timeout, TimeoutError) as err:
+        raise _Cut(f"timeout ({err})") from None
+    except urllib.error.URLError as err:  # refused, no route, unknown host: no point retrying at once
+        if isinstance(err.reason, (socket.timeout, TimeoutError)):
+            raise _Cut(f"timeout ({err.reason})") from None
+        raise DownloadError(f"{url}: cannot connect ({err.reason}); no network? Rerun when online, or copy the "
+                            "corpora by hand") from None
+
+
+class _Cut(Exception):
+    """The transfer stopped early; the next attempt resumes."""
+
+
+def _transfer(url: str, part: Path, timeout: float, bar) -> None:
+    """One attempt: append the rest of ``url`` to ``part`` (or restart it if the server ignores Range)."""
+    offset = part.stat().st_size if part.exists() else 0
+    response = _open(url, offset, timeout)
+    if response is None:
+        return
+    with response:
+        status = response.status
+        if status == 200 and offset:
+            offset = 0  # the server sent the whole file: start the part again
+        elif status not in (200, 206):
+            raise DownloadError(f"{url}: unexpected HTTP {status}")
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else None
+        if bar is not None:
+            bar.reset(total=total)
+            bar.update(offset)
+        received = offset
+        with open(part, "ab" if offset else "wb") as f:
+            while True:
+                try:
+                    block = response.read(CHUNK)
+                except (http.client.IncompleteRead, ConnectionError, TimeoutError, socket.timeout) as err:
+                    raise _Cut(f"{type(err).__name__} at {received:,} bytes") from None
+                if not block:
+                    break
+                f.write(block)  # what arrived stays on disk: the next attempt asks for the rest
+                received += len(block)
+                if bar is not None:
+                    bar.update(len(block))
+        if total is not None and received < total:
+            raise _Cut(f"connection closed at {received:,} of {total:,} bytes")
+
+
+def _record_path(dest: Path) -> Path:
+    return dest.parent / "checksums.json"
+
+
+def _records(dest: Path) -> dict:
+    path = _record_path(dest)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise DownloadError(f"{path}: not valid JSON; delete it to record the checksums again") from None
+
+
+def download(url: str, dest: str | os.PathLike, md5: str | None = None, sha256: str | None = None,
+             size: int | None = None, retries: int = 3, timeout: float = 30.0, progress: bool = True,
+             backoff: float = 1.0) -> Path:
+    """``url`` -> ``dest``, resumable and verified (module docstring); returns ``dest``.
+
+    Without ``md5``/``sha256``/``size`` the digests recorded in ``dest.parent/checksums.json`` by the first
+    complete download are the reference (and the first download records them).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    published = {"size": size, "md5": md5, "sha256": sha256}
+    records = _records(dest)
+    recorded = records.get(dest.name)
+    expected = published if any(v is not None for v in published.values()) else (recorded or {})
+    if dest.is_file():
+        if expected:
+            _check(dest, file_digests(dest), expected, url)
+        return dest
+    part = dest.with_name(dest.name + ".part")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, mininterval=0.5)
+    try:
+        for attempt in range(retries + 1):
+            try:
+                _transfer(url, part, timeout, bar)
+                break
+            except _Cut as cut:
+                if attempt == retries:
+                    have = part.stat().st_size if part.exists() else 0
+                    raise DownloadError(f"{url}: transfer cut ({cut}) after {retries + 1} attempt(s); {have:,} bytes "
+                                        f"kept in {part}: rerun to resume") from None
+                time.sleep(backoff * (attempt + 1))
+    finally:
+        if bar is not None:
+            bar.close()
+    got = file_digests(part)
+    if expected:
+        _check(part, got, expected, url)
+    os.replace(part, dest)
+    if not recorded:
+        records[dest.name] = {**got, "url": url,
+                              "origin": "published" if expected else "first complete download (trust on first use)"}
+        write_json(_record_path(dest), records)
+    return dest
+
+
+def _safe_members(names: list[str], archive: Path) -> None:
+    for name in names:
+        if os.path.isabs(name) or ".." in Path(name).parts:
+            raise DownloadError(f"{archive}: unsafe member path {name!r} (absolute or '..'); not extracted")
+
+
+def extract(archive: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Unpack a .tar.gz / .tar / .zip into ``out`` once (``out/.complete`` marks a finished extraction)."""
+    archive, out = Path(archive), Path(out)
+    stamp = out / ".complete"
+    if stamp.is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                _safe_members(z.namelist(), archive)
+                z.extractall(out)
+        else:
+            with tarfile.open(archive) as t:
+                _safe_members(t.getnames(), archive)
+                t.extractall(out, filter="data")
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
+        raise DownloadError(f"{archive}: cannot unpack ({err}); delete it and rerun") from None
+    stamp.write_text(archive.name + "\n")
+    return out
+
+
+def fetch(name: str, root: str | os.PathLike = "data/downloads", unpack: bool = True, **kwargs) -> Path:
+    """Download (and unpack into ``root/name``) one of ``SOURCES``; returns the folder, or the archive."""
+    if name not in SOURCES:
+        raise DownloadError(f"unknown corpus {name!r}; known: {', '.join(SOURCES)}")
+    source = SOURCES[name]
+    archive = download(source.url, Path(root) / source.filename, md5=source.md5, sha256=source.sha256, **kwargs)
+    return extract(archive, Path(root) / name) if unpack else archive
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m svlib.data.download", description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help=f"corpora to fetch: {', '.join(SOURCES)}")
+    parser.add_argument("--root", default="data/downloads")
+    parser.add_argument("--no-extract", action="store_true")
+    parser.add_argument("--retries", type=int, default=3)
+    parser.add_argument("--list", action="store_true", help="print the sources, their licences and checksums")
+    args = parser.parse_args(argv)
+    if args.list or not args.names:
+        for s in SOURCES.values():
+            digest = f"md5 {s.md5}" if s.md5 else "no published checksum (recorded on first download)"
+            print(f"{s.name}: {s.url}\n    {s.what}; licence: {s.licence}; {digest}")
+        return 0
+    try:
+        for name in args.names:
+            print(f"{name}: {fetch(name, args.root, unpack=not args.no_extract, retries=args.retries)}")
+    except DownloadError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
