@@ -141,16 +141,13 @@ def rounded(key: str, value: float) -> float:
 
 
 def _intervals(prefix: str, summary: dict) -> dict[str, float]:
-    # confidence intervals of the EER / minDCF, under whatever names the evaluation gives them
-    # (``eer_pct_ci``: [low, high], ``eer_pct_ci_low``/``_high`` ...)
+    # the speaker-level bootstrap interval of each metric when the evaluation gives one (``eer_ci_pct``,
+    # ``mindcf_0.01_ci``: [low, high]), named like experiments.common.metrics_of: ``<metric>_ci_low/_high``
     out = {}
-    for key, value in summary.items():
-        if "_ci" not in key and "interval" not in key:
-            continue
-        if isinstance(value, (list, tuple)) and len(value) == 2:
-            out[f"{prefix}{key}_low"], out[f"{prefix}{key}_high"] = value
-        elif isinstance(value, (int, float)):
-            out[f"{prefix}{key}"] = value
+    for key in ("eer_pct", "mindcf_0.01", "mindcf_0.05"):
+        ci = summary.get("eer_ci_pct" if key == "eer_pct" else f"{key}_ci")
+        if ci is not None:
+            out[f"{prefix}{key}_ci_low"], out[f"{prefix}{key}_ci_high"] = map(float, ci)
     return out
 
 

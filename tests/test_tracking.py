@@ -32,12 +32,14 @@ def test_headline_metrics_of_a_pipeline_summary():
                "best_val_eer_pct": 15.337, "params_encoder": 2_340_001},
         "merge": {"minutes": 0.01},
         "eval": {"params_encoder": 2_340_001, "test": {
-            "test": {"eer_pct": 12.00444, "mindcf_0.01": 0.98712, "mindcf_0.05": 0.86849, "eer_pct_ci": [10.5, 13.61]},
+            "test": {"eer_pct": 12.00444, "mindcf_0.01": 0.98712, "mindcf_0.05": 0.86849, "eer_ci_pct": [10.5, 13.6149],
+                     "mindcf_0.01_ci": [0.95, 0.99912]},
             "val": {"eer_pct": 14.6449, "mindcf_0.01": 0.9, "mindcf_0.05": 0.8}}}},
         "wall_minutes": 15.2371}
     assert headline_metrics(summary) == {
         "final_test_eer_pct": 12.0, "final_test_mindcf_0.01": 0.987, "final_test_mindcf_0.05": 0.868,
         "final_test_eer_pct_ci_low": 10.5, "final_test_eer_pct_ci_high": 13.61,
+        "final_test_mindcf_0.01_ci_low": 0.95, "final_test_mindcf_0.01_ci_high": 0.999,
         "final_val_eer_pct": 14.64, "final_val_mindcf_0.01": 0.9, "final_val_mindcf_0.05": 0.8,
         "params_encoder": 2_340_001.0, "wall_minutes": 15.2}
     # no val list in the final evaluation: its best validation EER stands in
