@@ -6,6 +6,11 @@ A stage writes into its own folder ``<out>/<stage>/``::
     head.safetensors  the AAM classifier weights (training stages), so the next stage can continue them
     ckpt/           training checkpoints (resume)
     result.json     written last: its presence means the stage is complete (the pipeline skips it)
+
+Under ``torchrun`` every rank runs the pipeline. Training and distillation run on all ranks (DDP); whatever
+writes a stage folder, evaluates or talks to MLflow runs on rank 0 only, and the other ranks wait for it in
+:func:`rank_zero_result` / :func:`share_from_rank_zero`, a broadcast of rank 0's result that doubles as the
+stage's barrier: a rank leaves it only after rank 0 has written the folder, and then holds the same record.
 """
 from __future__ import annotations
 
@@ -14,9 +19,10 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
+import torch.distributed as dist
 
 from svlib.config import check_relative, save_config
 from svlib.data.lists import DataDir, Trials, read_trials
@@ -24,6 +30,7 @@ from svlib.files import write_json
 from svlib.train.engine import setup_distributed
 
 RESULT = "result.json"
+T = TypeVar("T")
 
 
 @dataclass
@@ -71,13 +78,80 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def setup_stage_device(name: str = "auto") -> tuple[int, int, torch.device]:
+def setup_process_group(timeout_minutes: float | None = None) -> tuple[int, int]:
+    """Join the torchrun process group if there is one (idempotent); returns (rank, world size).
+
+    ``timeout_minutes`` bounds every collective, the waits for rank 0 included: it must exceed the longest
+    rank-0-only step (a test-set evaluation). None: ``SVLIB_DIST_TIMEOUT_MINUTES`` or torch's default.
+    """
+    rank, world, _ = setup_distributed(timeout_minutes=timeout_minutes)
+    return rank, world
+
+
+def setup_stage_device(name: str = "auto", timeout_minutes: float | None = None) -> tuple[int, int, torch.device]:
     """Join the torchrun process group if there is one; returns (rank, world size, this rank's device)."""
-    rank, world, local_rank = setup_distributed()
+    rank, world, local_rank = setup_distributed(timeout_minutes=timeout_minutes)
     device = pick_device(name)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)  # one GPU per rank under torchrun
     return rank, world, device
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class RankError(RuntimeError):
+    """Raised on the other ranks when rank 0 failed in work only it does; the message is rank 0's error."""
+
+
+@dataclass
+class _Failure:
+    message: str
+
+
+def share_from_rank_zero(value: T) -> T:
+    """Collective: every rank returns rank 0's ``value`` (the others pass anything, e.g. None).
+
+    A broadcast from rank 0, so it is also a barrier the other ranks leave only once rank 0 got here. If rank 0
+    sends a failure (see :func:`rank_zero_result`), the other ranks raise :class:`RankError` with its message.
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        return value
+    box = [value if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], _Failure) and rank != 0:
+        raise RankError(f"rank 0 failed: {box[0].message}")
+    return box[0]
+
+
+def rank_zero_result(work: Callable[[], T]) -> T:
+    """Run ``work`` on rank 0 only; every rank returns its result (see :func:`share_from_rank_zero`).
+
+    If ``work`` raises, rank 0 first tells the others (they raise :class:`RankError` naming the error instead of
+    waiting in the broadcast until the process-group timeout) and then re-raises.
+    """
+    rank, world = rank_and_world()
+    if world == 1:
+        return work()
+    if rank != 0:
+        return share_from_rank_zero(None)
+    try:
+        value = work()
+    except BaseException as err:
+        share_from_rank_zero(_Failure(f"{type(err).__name__}: {err}"))
+        raise
+    return share_from_rank_zero(value)
+
+
+def leave_process_group() -> None:
+    """Tear the process group down at the end of a torchrun job (torch warns about a group left open)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def read_result(stage_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -90,7 +164,10 @@ def write_result(stage_dir: str | os.PathLike, result: dict[str, Any]) -> Path:
 
 
 def write_stage_config(stage_dir: Path, cfg: Any, tracker=None) -> None:
+    """The resolved stage config, written (and logged) by rank 0 only: every rank calls this."""
     stage_dir.mkdir(parents=True, exist_ok=True)
+    if rank_and_world()[0] != 0:
+        return
     save_config(cfg, stage_dir / "config.yaml")
     if tracker is not None:
         tracker.log_artifact(stage_dir / "config.yaml")
@@ -102,6 +179,10 @@ def metrics_of(results: dict[str, dict], prefix: str = "") -> dict[str, float]:
     for name, summary in results.items():
         for key in ("eer_pct", "mindcf_0.01", "mindcf_0.05"):
             flat[f"{prefix}{name}_{key}"] = float(summary[key])
+            # speaker-level bootstrap interval (svlib.scoring.bootstrap.ci_fields), when evaluated with one
+            ci = summary.get("eer_ci_pct" if key == "eer_pct" else f"{key}_ci")
+            if ci is not None:
+                flat[f"{prefix}{name}_{key}_ci_low"], flat[f"{prefix}{name}_{key}_ci_high"] = map(float, ci)
     return flat
 
 
@@ -134,7 +215,3 @@ def print_table(rows: list[dict[str, Any]], columns: list[str], title: str | Non
     text = "\n".join(lines)
     print(text, flush=True)
     return text
-            # speaker-level bootstrap interval (svlib.scoring.bootstrap.ci_fields), when evaluated with one
-            ci = summary.get("eer_ci_pct" if key == "eer_pct" else f"{key}_ci")
-            if ci is not None:
-                flat[f"{prefix}{name}_{key}_ci_low"], flat[f"{prefix}{name}_{key}_ci_high"] = map(float, ci)

@@ -1,15 +1,23 @@
 """The whole recipe in one command: every stage a nested MLflow run under one parent run.
 
     python -m experiments.pipeline --config experiments/configs/demo/pipeline.yaml [--report bench/results/demo_pipeline.json]
+    torchrun --nproc_per_node 8 -m experiments.pipeline --config P.yaml [--until merge | --stages s2,s3] [--overrides O.yaml]
 
 Stages are chained by folders only (``<out_dir>/<stage>/``, see ``experiments.common``). A finished stage
 has a ``result.json`` and is skipped when the pipeline runs again; an interrupted training stage resumes
-from its last checkpoint. So a killed pipeline is restarted with the same command.
+from its last checkpoint. So a killed pipeline is restarted with the same command, and a later invocation
+may use another number of ranks (the reference trains s1 on 8 GPUs, s2 and s3 on 4: ``--until merge`` on 8,
+then the same command on 4).
+
+Under torchrun, training and distillation stages (``train``, ``prune``) run on every rank (DDP); every other
+stage, the baselines, the summary and all MLflow tracking run on rank 0 alone, and each stage ends with a
+broadcast of rank 0's record, so no rank starts a stage before rank 0 has written the previous one's folder,
+and every rank returns the same summary. A stage failing on rank 0 makes the other ranks raise its error;
+a rank failing inside a collective stage exits and torchrun stops the others.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +29,20 @@ from experiments import merge as merge_stage
 from experiments import prune as prune_stage
 from experiments import train as train_stage
 from experiments.baselines import fbank_baseline, random_init_baseline
-from experiments.common import DataConfig, Timer, metrics_of, print_table, read_result
-from svlib.config import ConfigError, check_relative, load_config, to_dict
+from torch.distributed.elastic.multiprocessing.errors import record as record_errors
+
+from experiments.common import (DataConfig, Timer, leave_process_group, metrics_of, print_table, rank_zero_result,
+                                read_result, setup_process_group, share_from_rank_zero)
+from svlib.config import (ConfigError, check_overrides, check_relative, from_dict, load_config, merge_overrides,
+                          read_yaml, to_dict)
+from svlib.files import write_json
 from svlib.tracking import Tracker, data_fingerprint, git_commit, headline_metrics
 
 STAGE_KINDS = ("train", "merge", "evaluate", "prune", "shrink", "graft", "random_prune", "use")
 # kinds with a stage YAML, and the config class it is validated into
 CONFIG_CLASSES = {"train": train_stage.TrainStageConfig, "prune": prune_stage.DistillStageConfig}
+# kinds every rank runs (DDP training); all other kinds run on rank 0 while the others wait for its record
+ALL_RANK_KINDS = ("train", "prune")
 
 
 @dataclass
@@ -58,9 +73,15 @@ class PipelineConfig:
     stages: list[StageSpec]
     baselines: bool = True       # random-init model and mean/std-fbank cosine on the test trials
     device: str = "auto"
+    # torchrun: how long any rank waits in a collective (init_process_group's timeout). Ranks wait for rank 0
+    # while it evaluates, merges or runs the baselines, so this must exceed the longest of those (a VoxCeleb1-E/H
+    # evaluation on one GPU); null: env SVLIB_DIST_TIMEOUT_MINUTES, else torch's default (10 minutes).
+    dist_timeout_minutes: float | None = None
 
     def __post_init__(self) -> None:
         check_relative(self.out_dir, "out_dir")
+        if self.dist_timeout_minutes is not None and self.dist_timeout_minutes <= 0:
+            raise ConfigError(f"dist_timeout_minutes: must be > 0, got {self.dist_timeout_minutes}")
         seen = set()
         for spec in self.stages:
             if spec.name in seen:
@@ -84,17 +105,92 @@ class PipelineConfig:
             seen.add(spec.name)
 
 
-def load_stage_configs(cfg: PipelineConfig, config_dir: Path) -> dict:
-    """Validate every stage YAML before anything runs: a typo in s3.yaml must not cost an s1 training."""
+def load_stage_configs(cfg: PipelineConfig, config_dir: Path, overrides: dict[str, dict] | None = None) -> dict:
+    """Validate every stage YAML before anything runs: a typo in s3.yaml must not cost an s1 training.
+    ``overrides``: stage name -> partial mapping of its YAML, deep-merged in before validation."""
     out = {}
     for spec in cfg.stages:
         if spec.kind in CONFIG_CLASSES:
-            stage_cfg = load_config(config_dir / spec.config, CONFIG_CLASSES[spec.kind])
+            stage_cfg = load_config(config_dir / spec.config, CONFIG_CLASSES[spec.kind],
+                                    overrides=(overrides or {}).get(spec.name))
             stage_cfg.stage = spec.name
             if stage_cfg.device == "auto":
                 stage_cfg.device = cfg.device
             out[spec.name] = stage_cfg
     return out
+
+
+def load_pipeline(path: str | Path, overrides_path: str | Path | None = None) -> tuple[PipelineConfig, dict]:
+    """The pipeline YAML and every stage YAML, validated, with an overrides file laid over them first.
+
+    The overrides file is a mapping of pipeline settings (any key of the pipeline YAML but ``stages``:
+    ``out_dir``, ``device``, ``data: {<DataConfig fields>}``, ...) and ``stages: {<stage name>: <partial
+    mapping of that stage's YAML>}``. Mappings are deep-merged into the raw YAML (lists and scalars replace)
+    before validation, so the merged configs pass every usual check; an unknown key or stage name in the
+    overrides is an error with its dotted path. Returns (pipeline config, stage name -> stage config).
+    """
+    path = Path(path)
+    top: dict = {}
+    stage_overrides: dict = {}
+    if overrides_path is not None:
+        overrides = read_yaml(overrides_path)
+        try:
+            if not isinstance(overrides, dict):
+                raise ConfigError(f"expected a mapping, got {overrides!r}")
+            top = {k: v for k, v in overrides.items() if k != "stages"}
+            check_overrides(PipelineConfig, top, "")
+            stage_overrides = overrides.get("stages") or {}
+            if not isinstance(stage_overrides, dict):
+                raise ConfigError(f"stages: expected a mapping of stage name -> settings, got {stage_overrides!r}")
+        except ConfigError as err:
+            raise ConfigError(f"{overrides_path}: {err}") from None
+    try:
+        cfg = from_dict(PipelineConfig, merge_overrides(read_yaml(path), top))
+    except ConfigError as err:
+        raise ConfigError(f"{path}{f' (with {overrides_path})' if top else ''}: {err}") from None
+    kinds = {spec.name: spec.kind for spec in cfg.stages}
+    for name, partial in stage_overrides.items():
+        where = f"{overrides_path}: stages.{name}"
+        if name not in kinds:
+            raise ConfigError(f"{where}: no such stage in {path} (stages: {list(kinds)})")
+        if kinds[name] not in CONFIG_CLASSES:
+            raise ConfigError(f"{where}: a {kinds[name]} stage has no config to override")
+        try:
+            check_overrides(CONFIG_CLASSES[kinds[name]], partial, f"stages.{name}")
+        except ConfigError as err:
+            raise ConfigError(f"{overrides_path}: {err}") from None
+    return cfg, load_stage_configs(cfg, path.parent, stage_overrides)
+
+
+def select_stages(cfg: PipelineConfig, stages: str | None = None, until: str | None = None) -> list[str] | None:
+    """``--stages a,b`` or ``--until NAME`` -> the stage names to run (None: all of them).
+
+    A selected stage's ``init`` / ``teacher`` must be selected too or already finished (its ``result.json``).
+    """
+    names = [spec.name for spec in cfg.stages]
+    if stages is not None and until is not None:
+        raise ConfigError("give --stages or --until, not both")
+    if stages is None and until is None:
+        return None
+    if until is not None:
+        if until not in names:
+            raise ConfigError(f"--until: no stage {until!r} (stages: {names})")
+        chosen = names[: names.index(until) + 1]
+    else:
+        chosen = [name.strip() for name in stages.split(",") if name.strip()]
+        unknown = [name for name in chosen if name not in names]
+        if unknown or not chosen:
+            raise ConfigError(f"--stages: no stage(s) {unknown} (stages: {names})")
+        chosen = [name for name in names if name in chosen]  # pipeline order
+    dirs = stage_dirs(cfg)
+    for spec in cfg.stages:
+        if spec.name not in chosen:
+            continue
+        for dep in (spec.init, spec.teacher):
+            if dep is not None and dep not in chosen and read_result(dirs[dep]) is None:
+                raise ConfigError(f"stage {spec.name} starts from {dep}, which is not selected and not finished "
+                                  f"({dirs[dep]} has no result.json)")
+    return chosen
 
 
 def stage_dirs(cfg: PipelineConfig) -> dict[str, Path]:
@@ -137,6 +233,8 @@ def test_row(name: str, record: dict) -> dict:
         if list_name == "val":
             continue
         row[f"{list_name}_eer_pct"] = summary["eer_pct"]
+        if summary.get("eer_ci_pct") is not None:  # speaker-level bootstrap 95 % interval
+            row[f"{list_name}_eer_ci"] = "[{:.2f}, {:.2f}]".format(*summary["eer_ci_pct"])
         row[f"{list_name}_mindcf_0.01"] = summary["mindcf_0.01"]
         row[f"{list_name}_mindcf_0.05"] = summary["mindcf_0.05"]
     if record.get("best_val_eer_pct") is not None:
@@ -144,31 +242,47 @@ def test_row(name: str, record: dict) -> dict:
     return row
 
 
-def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None) -> dict:
+def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *,
+        stage_cfgs: dict | None = None, stages: list[str] | None = None) -> dict:
+    """Run (or skip, where finished) the pipeline's stages, then the baselines and the summary.
+
+    ``stages``: the names to run (:func:`select_stages`; None: all). A partial run skips the baselines and
+    leaves ``summary.json`` alone. Under torchrun every rank calls this and returns the same summary; only
+    rank 0 uses ``tracker`` (pass None, or anything, on the others).
+    """
+    rank, _ = setup_process_group(cfg.dist_timeout_minutes)
+    tracker = tracker if rank == 0 else None
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stage_cfgs = load_stage_configs(cfg, config_dir)
+    if stage_cfgs is None:
+        stage_cfgs = load_stage_configs(cfg, config_dir)
+    selected = [spec for spec in cfg.stages if stages is None or spec.name in stages]
+    whole = len(selected) == len(cfg.stages)
     timer = Timer()
-    tags = {"kind": "pipeline", "git_commit": git_commit(), "data_fingerprint": data_fingerprint(cfg.data.list_files())}
+    tags = {}
+    if tracker is not None:
+        tags = {"kind": "pipeline", "git_commit": git_commit(), "data_fingerprint": data_fingerprint(cfg.data.list_files())}
     summary: dict = {"name": cfg.name, "stages": {}}
+    dirs = stage_dirs(cfg)
 
-    def body():
-        dirs = stage_dirs(cfg)
-        for spec in cfg.stages:
-            reused = read_result(dirs[spec.name]) is not None
-            if tracker is None:
-                record = run_stage(spec, stage_cfgs.get(spec.name), cfg, out, None)
-            else:
-                stage_tags = tags | {"stage": spec.name, "kind": spec.kind, "reused": str(reused)}
-                params = stage_cfgs[spec.name] if spec.name in stage_cfgs else {
-                    k: v for k, v in (("init", spec.init), ("teacher", spec.teacher), ("path", spec.path)) if v}
-                with tracker.run(spec.name, nested=True, tags=stage_tags, params=params):
-                    record = run_stage(spec, stage_cfgs.get(spec.name), cfg, out, tracker)
-                    if reused:  # a resumed pipeline still shows every stage's numbers in its parent run
-                        tracker.log_metrics(metrics_of(record.get("test") or {}) | {
-                            k: float(record[k]) for k in ("achieved_sparsity", "params_encoder") if k in record})
-            summary["stages"][spec.name] = record
-        if cfg.baselines:
+    def run_tracked(spec: StageSpec) -> dict:
+        """This rank's part of one stage, in its own nested MLflow run on rank 0."""
+        if tracker is None:
+            return run_stage(spec, stage_cfgs.get(spec.name), cfg, out, None)
+        reused = read_result(dirs[spec.name]) is not None
+        stage_tags = tags | {"stage": spec.name, "kind": spec.kind, "reused": str(reused)}
+        params = stage_cfgs[spec.name] if spec.name in stage_cfgs else {
+            k: v for k, v in (("init", spec.init), ("teacher", spec.teacher), ("path", spec.path)) if v}
+        with tracker.run(spec.name, nested=True, tags=stage_tags, params=params):
+            record = run_stage(spec, stage_cfgs.get(spec.name), cfg, out, tracker)
+            if reused:  # a resumed pipeline still shows every stage's numbers in its parent run
+                tracker.log_metrics(metrics_of(record.get("test") or {}) | {
+                    k: float(record[k]) for k in ("achieved_sparsity", "params_encoder") if k in record})
+        return record
+
+    def finish() -> dict:
+        """Rank 0: baselines, the table, summary.json and the parent run's metrics."""
+        if cfg.baselines and whole:
             first_train = next((s for s in cfg.stages if s.kind == "train" and stage_cfgs[s.name].model is not None), None)
             runs = {"fbank": lambda: fbank_baseline(cfg.data)}
             if first_train is not None:
@@ -191,18 +305,29 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None) -
                  for name, res in summary.get("baselines", {}).items()]
         columns = ["stage"] + sorted({k for r in rows for k in r if k != "stage" and k != "minutes"}) + ["minutes"]
         summary["table"] = print_table(rows, columns, title=f"pipeline {cfg.name}: test trials per stage")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
-        if tracker is not None:
-            # the runs table's result columns: final test/val EER, minDCF, encoder size, wall minutes (rounded)
-            tracker.log_metrics(headline_metrics(summary))
-            tracker.log_artifact(out / "summary.json")
+        if whole:  # a partial run (--until, --stages) is not the pipeline's summary
+            write_json(out / "summary.json", summary)
+            if tracker is not None:
+                # the runs table's result columns: final test/val EER, minDCF, encoder size, wall minutes (rounded)
+                tracker.log_metrics(headline_metrics(summary))
+                tracker.log_artifact(out / "summary.json")
+        return summary
+
+    def body() -> dict:
+        for spec in selected:
+            if spec.kind in ALL_RANK_KINDS:
+                # every rank trains; the stage ends with rank 0's record on every rank, and this broadcast
+                # is the boundary also where the stage was already finished (rank 0 may still be logging it)
+                record = share_from_rank_zero(run_tracked(spec))
+            else:
+                record = rank_zero_result(lambda: run_tracked(spec))
+            summary["stages"][spec.name] = record
+        return rank_zero_result(finish)
 
     if tracker is None:
-        body()
-    else:
-        with tracker.run(f"pipeline:{cfg.name}", tags=tags, params={"pipeline": to_dict(cfg)}):
-            body()
-    return summary
+        return body()
+    with tracker.run(f"pipeline:{cfg.name}", tags=tags, params={"pipeline": to_dict(cfg)}):
+        return body()
 
 
 def report(summary: dict, path: Path, list_name: str = "test") -> dict:
@@ -224,32 +349,43 @@ def report(summary: dict, path: Path, list_name: str = "test") -> dict:
         "stages": stages,
         "baselines": {k: v.get(list_name) | {"minutes": summary["baseline_minutes"][k]} for k, v in base.items()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2, default=float) + "\n")
+    write_json(path, out)
     return out
+
+
+def launch_command(nproc: int, *args: str) -> list[str]:
+    """``torchrun --standalone --nproc_per_node N -m experiments.pipeline ARGS`` with this interpreter (tests,
+    benchmarks); ``--standalone`` takes a free port, so two such jobs on one machine do not collide."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", "experiments.pipeline", *args]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="pipeline YAML")
+    parser.add_argument("--overrides", help="YAML laid over the pipeline and stage YAMLs (see load_pipeline): "
+                        "{out_dir, device, data: {...}, stages: {<name>: {...}}, ...}")
+    parser.add_argument("--until", metavar="STAGE", help="run the stages up to and including this one")
+    parser.add_argument("--stages", help="comma-separated stages to run; what they start from must be finished")
     parser.add_argument("--report", help="also write the benchmark summary JSON here")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-        if summary.get("eer_ci_pct") is not None:  # speaker-level bootstrap 95 % interval
-            row[f"{list_name}_eer_ci"] = "[{:.2f}, {:.2f}]".format(*summary["eer_ci_pct"])
     parser.add_argument("--experiment", help="MLflow experiment (default: the pipeline name)")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, PipelineConfig)
-        load_stage_configs(cfg, Path(args.config).parent)
+        cfg, stage_cfgs = load_pipeline(args.config, args.overrides)
+        selected = select_stages(cfg, args.stages, args.until)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    tracker = None if args.no_tracking else Tracker(args.experiment or cfg.name)
-    summary = run(cfg, Path(args.config).parent, tracker)
-    if args.report:
+    rank, _ = setup_process_group(cfg.dist_timeout_minutes)
+    tracker = None if args.no_tracking or rank != 0 else Tracker(args.experiment or cfg.name)
+    summary = run(cfg, Path(args.config).parent, tracker, stage_cfgs=stage_cfgs, stages=selected)
+    if args.report and rank == 0:
         report(summary, Path(args.report))
+    leave_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # under torchrun, the failing rank's traceback goes into torchrun's failure summary (its error file)
+    sys.exit(record_errors(main)())

@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from experiments.common import (DataConfig, Timer, max_relative_diff, read_result, setup_stage_device,
-                                write_result, write_stage_config)
+                                share_from_rank_zero, write_result, write_stage_config)
 from svlib.config import ConfigError, load_config
 from svlib.data.lists import DataDir
 from svlib.data.sampling import SamplingConfig, TrainLoader
@@ -336,7 +336,8 @@ def run_distill(cfg: DistillStageConfig, data: DataConfig, out_dir: str | Path, 
         return done
     timer = Timer()
     rank, world, device = setup_stage_device(cfg.device)
-    write_stage_config(out_dir, cfg, tracker if rank == 0 else None)
+    tracker = tracker if rank == 0 else None  # MLflow is rank 0's alone
+    write_stage_config(out_dir, cfg, tracker)
 
     teacher_frontend = load_model(teacher / "model").frontend.to(device)
     student = load_stage_encoder(init).to(device)
@@ -369,8 +370,8 @@ def run_distill(cfg: DistillStageConfig, data: DataConfig, out_dir: str | Path, 
 
     result = train(model, objective, loader, cfg.train, out_dir / "ckpt", resume=resume, log=log,
                    param_groups=groups)
-    if rank != 0:
-        return {}
+    if rank != 0:  # wait for rank 0 to write the stage (a barrier), then hold its record
+        return share_from_rank_zero(None)
     model.eval()
     record = {"stage": cfg.stage, "init": str(init), "teacher": str(teacher), "final_step": result.final_step,
               # the run's length after the epoch conversion at this stage's world size
@@ -398,7 +399,7 @@ def run_distill(cfg: DistillStageConfig, data: DataConfig, out_dir: str | Path, 
         tracker.log_metrics({k: float(record[k]) for k in ("achieved_sparsity", "params_encoder")}
                             | {"minutes": record["minutes"]})
     write_result(out_dir, record)
-    return record
+    return share_from_rank_zero(record)
 
 
 def run_shrink(init: str | Path, out_dir: str | Path, *, check_dir: DataDir, tracker=None) -> dict:

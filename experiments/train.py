@@ -17,8 +17,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from experiments.common import (DataConfig, Timer, metrics_of, read_result, setup_stage_device, write_result,
-                                write_stage_config)
+from experiments.common import (DataConfig, Timer, metrics_of, rank_zero_result, read_result, setup_stage_device,
+                                write_result, write_stage_config)
 from experiments.evaluate import save_scores
 from svlib.config import ConfigError, load_config
 from svlib.data.augment import AugmentConfig, Augmenter
@@ -92,7 +92,11 @@ def initial_head(cfg: TrainStageConfig, model: SpeakerModel, loader: TrainLoader
 
 def run(cfg: TrainStageConfig, data: DataConfig, out_dir: str | Path, *, init: str | Path | None = None,
         tracker=None, resume: bool = True) -> dict:
-    """Train one stage; returns (and writes) its result: best validation and test metrics, sizes, minutes."""
+    """Train one stage; returns (and writes) its result: best validation and test metrics, sizes, minutes.
+
+    Under torchrun every rank trains (DDP); rank 0 alone saves the model, evaluates and writes the result, and
+    every rank returns that same record once it is written.
+    """
     out_dir = Path(out_dir)
     done = read_result(out_dir)
     if done is not None:
@@ -100,7 +104,8 @@ def run(cfg: TrainStageConfig, data: DataConfig, out_dir: str | Path, *, init: s
     init = Path(init) if init is not None else None
     timer = Timer()
     rank, world, device = setup_stage_device(cfg.device)
-    write_stage_config(out_dir, cfg, tracker if rank == 0 else None)
+    tracker = tracker if rank == 0 else None  # MLflow is rank 0's alone
+    write_stage_config(out_dir, cfg, tracker)
 
     model = initial_model(cfg, init).to(device)
     train_dir = data.load_dir("train")
@@ -127,7 +132,7 @@ def run(cfg: TrainStageConfig, data: DataConfig, out_dir: str | Path, *, init: s
     sizes = {"params_total": count_parameters(model), "params_encoder": count_parameters(model.frontend),
              "params_trainable": count_parameters(model, trainable_only=True) + head.weight.numel(),
              "num_classes": loader.num_classes}
-    if tracker is not None and rank == 0:
+    if tracker is not None:
         tracker.log_metrics({k: float(v) for k, v in sizes.items()})
 
     def log(record: dict, step: int) -> None:
@@ -137,42 +142,43 @@ def run(cfg: TrainStageConfig, data: DataConfig, out_dir: str | Path, *, init: s
 
     result = train(model, head, loader, cfg.train, out_dir / "ckpt", resume=resume, validate=validate, log=log,
                    augment=augmenter)
-    if rank != 0:
-        return {}
 
-    if result.best_checkpoint is not None:  # the validation-selected weights, not simply the last ones
-        best = load_checkpoint(result.best_checkpoint)
-        model.load_state_dict(best["model"])
-        head.load_state_dict(best["head"])
-    merged_lora = cfg.lora is not None
-    save_model(model, out_dir / "model", meta={"stage": cfg.stage, "best_step": result.best_step,
-                                               "best_val_eer_pct": result.best_metric, "lora_merged": merged_lora})
-    save_file({"weight": head.weight.detach().cpu().contiguous()}, str(out_dir / HEAD))
+    def finish() -> dict:  # rank 0 only: the other ranks wait for its record (the stage's barrier)
+        if result.best_checkpoint is not None:  # the validation-selected weights, not simply the last ones
+            best = load_checkpoint(result.best_checkpoint)
+            model.load_state_dict(best["model"])
+            head.load_state_dict(best["head"])
+        merged_lora = cfg.lora is not None
+        save_model(model, out_dir / "model", meta={"stage": cfg.stage, "best_step": result.best_step,
+                                                   "best_val_eer_pct": result.best_metric, "lora_merged": merged_lora})
+        save_file({"weight": head.weight.detach().cpu().contiguous()}, str(out_dir / HEAD))
 
-    record = {"stage": cfg.stage, "init": str(init) if init is not None else None, "best_step": result.best_step, "best_val_eer_pct": result.best_metric,
-              "final_step": result.final_step, **sizes,
-              # the run's length after the epoch conversion at this stage's world size
-              "steps": result.steps, "steps_per_epoch": result.steps_per_epoch, "epochs": result.epochs,
-              "world_size": world}
-    if tracker is not None:
-        tracker.log_metrics({k: float(record[k]) for k in ("steps", "steps_per_epoch", "epochs", "world_size")
-                             if record[k] is not None})
-    tests = data.tests()
-    if tests is not None:
-        test_dir, test_trials = tests
-        scores = evaluate(model, test_dir, test_trials, cfg.eval)
-        record["test"] = {name: {k: v for k, v in s.items() if k not in ("scores", "labels")}
-                          for name, s in scores.items()}
+        record = {"stage": cfg.stage, "init": str(init) if init is not None else None, "best_step": result.best_step,
+                  "best_val_eer_pct": result.best_metric, "final_step": result.final_step, **sizes,
+                  # the run's length after the epoch conversion at this stage's world size
+                  "steps": result.steps, "steps_per_epoch": result.steps_per_epoch, "epochs": result.epochs,
+                  "world_size": world}
         if tracker is not None:
-            tracker.log_metrics(metrics_of(scores))
-        # the stage's score files and DET plot (README "Tracking"), also as the run's artifacts
-        save_scores(out_dir, test_trials, scores, f"DET: {cfg.stage}", tracker)
-    record["minutes"] = timer.minutes
-    if tracker is not None:
-        tracker.log_metrics({"minutes": record["minutes"]})
-        tracker.log_artifact(out_dir / "model", "model")
-    write_result(out_dir, record)
-    return record
+            tracker.log_metrics({k: float(record[k]) for k in ("steps", "steps_per_epoch", "epochs", "world_size")
+                                 if record[k] is not None})
+        tests = data.tests()
+        if tests is not None:
+            test_dir, test_trials = tests
+            scores = evaluate(model, test_dir, test_trials, cfg.eval)
+            record["test"] = {name: {k: v for k, v in s.items() if k not in ("scores", "labels")}
+                              for name, s in scores.items()}
+            if tracker is not None:
+                tracker.log_metrics(metrics_of(scores))
+            # the stage's score files and DET plot (README "Tracking"), also as the run's artifacts
+            save_scores(out_dir, test_trials, scores, f"DET: {cfg.stage}", tracker)
+        record["minutes"] = timer.minutes
+        if tracker is not None:
+            tracker.log_metrics({"minutes": record["minutes"]})
+            tracker.log_artifact(out_dir / "model", "model")
+        write_result(out_dir, record)
+        return record
+
+    return rank_zero_result(finish)
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,7 @@ as an obscure failure deep inside a stage.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
+
+from svlib.files import write_text_atomic
 
 T = TypeVar("T")
 
@@ -80,11 +83,13 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         # YAML reads "1e-4" as a string; accept it as a float since that is what everyone writes.
         if isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan / .inf: a NaN learning rate trains nothing, silently
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -122,8 +127,8 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
         raise ConfigError(f"{label}: {err}") from None
 
 
-def load_config(path: str | os.PathLike, cls: type[T]) -> T:
-    """Read a YAML file into ``cls``; errors name the file."""
+def read_yaml(path: str | os.PathLike) -> Any:
+    """The raw YAML content of a config file (not validated); errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -131,10 +136,60 @@ def load_config(path: str | os.PathLike, cls: type[T]) -> T:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if data is None:  # an empty (or all-comment) file would otherwise give every default without a word
+        raise ConfigError(f"{path}: empty config file (no keys); write the settings, or '{{}}' for all defaults")
+    return data
+
+
+def load_config(path: str | os.PathLike, cls: type[T], overrides: dict | None = None) -> T:
+    """Read a YAML file into ``cls``; errors name the file. ``overrides`` (a partial mapping of ``cls``, already
+    checked with :func:`check_overrides`) is deep-merged into the file's mapping before validation."""
+    data = read_yaml(path)
+    if overrides:
+        data = merge_overrides(data, overrides)
     try:
         return from_dict(cls, data)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        raise ConfigError(f"{path}{' (with overrides)' if overrides else ''}: {err}") from None
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    """The dataclass a field holds (``X``, ``X | None``), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if get_origin(tp) in (Union, types.UnionType):
+        found = [a for a in get_args(tp) if dataclasses.is_dataclass(a)]
+        return found[0] if len(found) == 1 else None
+    return None
+
+
+def check_overrides(cls: type, overrides: Any, where: str = "") -> None:
+    """A partial mapping of ``cls``: every key must be a field, recursively into dataclass-valued fields, so a
+    typo in an overrides file is an error with its dotted path (values are type-checked after the merge)."""
+    label = where or cls.__name__
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{label}: expected a mapping, got {overrides!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"{label}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    for key, value in overrides.items():
+        inner = _dataclass_of(hints[key])
+        if inner is not None and isinstance(value, dict):
+            check_overrides(inner, value, f"{where}.{key}" if where else key)
+
+
+def merge_overrides(base: Any, overrides: dict) -> dict:
+    """``base`` with ``overrides`` deep-merged in: mappings merge key by key, any other value (lists too)
+    replaces the base's. Neither argument is modified."""
+    merged = dict(base) if isinstance(base, dict) else {}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_overrides(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def to_dict(obj: Any) -> Any:
@@ -149,7 +204,7 @@ def to_dict(obj: Any) -> Any:
 
 
 def save_config(obj: Any, path: str | os.PathLike) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
