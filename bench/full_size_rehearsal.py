@@ -35,6 +35,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -646,12 +647,14 @@ def run_pipeline(name: str, config: Path, overrides: Path, sampler: Sampler, dev
 
     cfg, stage_cfgs = pipeline.load_pipeline(config, overrides)
     monitor = StageMonitor(name, sampler, device)
-    error = None
+    error, interrupted = None, False
     try:
         pipeline.run(cfg, config.parent, monitor, stage_cfgs=stage_cfgs)
     except Exception as err:  # recorded: the JSON says which stage failed and why
         error = f"{type(err).__name__}: {err}".splitlines()[0][:500]
         traceback.print_exc()
+    except (KeyboardInterrupt, SystemExit) as err:  # SIGTERM / Ctrl-C: report what finished, quickly
+        error, interrupted = f"interrupted ({type(err).__name__} {err})", True
     from experiments.common import read_result
 
     dirs = pipeline.stage_dirs(cfg)
@@ -663,6 +666,13 @@ def run_pipeline(name: str, config: Path, overrides: Path, sampler: Sampler, dev
                                               "problems": [error or "stage did not finish"]}
             continue
         label = f"{name}/{spec.name}"
+        if interrupted:
+            stages[label] = {"kind": spec.kind, "ok": False, "minutes_recorded": record.get("minutes"),
+                             "seconds": monitor.stages.get(spec.name, {}).get("seconds"),
+                             "peak_rss_gib": monitor.stages.get(spec.name, {}).get("peak_rss_gib"),
+                             **step_metrics(monitor.stages.get(spec.name, {})),
+                             "problems": ["finished, not checked: the run was interrupted"]}
+            continue
         sampler.relabel(f"check:{label}")
         try:
             stages[label] = check_stage(spec, record, monitor.stages.get(spec.name, {}), dirs,
@@ -670,7 +680,7 @@ def run_pipeline(name: str, config: Path, overrides: Path, sampler: Sampler, dev
         except Exception as err:
             traceback.print_exc()
             stages[label] = {"kind": spec.kind, "ok": False, "problems": [f"check failed: {type(err).__name__}: {err}"]}
-    return stages, error
+    return stages, error, interrupted
 
 
 def print_table(stages: dict) -> None:
@@ -680,6 +690,53 @@ def print_table(stages: dict) -> None:
         note = "; ".join(e.get("problems", []))[:80]
         print(f"{label:<24} {'yes' if e.get('ok') else 'NO':<4} {'' if sps is None else f'{sps:8.2f}':>8} "
               f"{e.get('seconds') or 0:8.1f} {e.get('peak_rss_gib') or 0:9.2f}  {note}")
+
+
+def summarise(run: dict, complete: bool) -> dict:
+    """The JSON of the run so far (``complete``: all pipelines were attempted)."""
+    args, stages, errors, setup, sampler = run["args"], run["stages"], run["errors"], run["setup"], run["sampler"]
+    expected, encoder_params, amp_off = run.get("expected"), run.get("encoder_params"), run["amp_off"]
+    start, load_start = run["start"], run["load_start"]
+    wall = (time.perf_counter() - start) / 60.0
+    peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = max(sampler.peak, peak_self)
+    backend = stages.get("w2vbert/s1", {})
+    backend_params = (backend.get("params_total") or 0) - (backend.get("params_encoder") or 0)
+    checks = {
+        "encoder_params": expected is not None and encoder_params == expected["encoder"],
+        "backend_params": backend_params == FULL_BACKEND_PARAMS if args.size == "full" else backend_params > 0,
+        "stages_ok": complete and bool(stages) and all(e.get("ok") for e in stages.values()) and not errors,
+    }
+    if args.size == "full":
+        checks["within_minutes"] = wall <= LIMIT_MINUTES
+        checks["within_rss"] = peak / GIB <= LIMIT_RSS_GIB
+    load_end = os.getloadavg()
+    result = {
+        "all_ok": all(checks.values()),
+        "checks": checks,
+        "size": args.size,
+        "device": args.device,
+        "threads": args.threads,
+        "amp": "off (float32): this CPU has no native bf16" if amp_off else "recipe (bf16 autocast)",
+        "encoder_params": encoder_params,
+        "encoder_params_expected": expected["encoder"] if expected is not None else None,
+        "backend_params": backend_params,
+        "lora_params": stages.get("w2vbert/merge", {}).get("params_lora"),
+        "peak_rss_gib": peak / GIB,
+        "wall_minutes": wall,
+        "limits": {"minutes": LIMIT_MINUTES, "rss_gib": LIMIT_RSS_GIB} if args.size == "full" else None,
+        "errors": errors,
+        "stages": stages,
+        "setup": setup,
+        "machine": {"cpu_count": os.cpu_count(), "load_average_start": list(load_start),
+                    "load_average_end": list(load_end),
+                    "load_1min_mean": float(np.mean(sampler.loads)) if sampler.loads else None,
+                    "load_1min_max": float(np.max(sampler.loads)) if sampler.loads else None,
+                    "native_bf16": native_bf16(), "torch": torch.__version__,
+                    "memory_total_gib": _kib_field("/proc/meminfo", ("MemTotal:",)) / GIB},
+    }
+    result["complete"] = complete
+    return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -705,89 +762,63 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     amp_off = args.amp == "off" or (args.amp == "auto" and args.size == "full" and device.type == "cpu"
                                     and not native_bf16())
-    start = time.perf_counter()
-    load_start = os.getloadavg()
+    # SIGTERM (a timeout of bench/gpu.py, a scheduler) ends the run like Ctrl-C: the JSON still says what finished
+    signal.signal(signal.SIGTERM, _terminate)
     sampler = Sampler()
     sampler.start()
+    run = {"args": args, "stages": {}, "errors": [], "setup": {}, "sampler": sampler, "amp_off": amp_off,
+           "start": time.perf_counter(), "load_start": os.getloadavg()}
+    stages, errors, setup = run["stages"], run["errors"], run["setup"]
     scratch = Path(args.keep).resolve() if args.keep else Path(tempfile.mkdtemp(prefix="rehearsal_"))
     scratch.mkdir(parents=True, exist_ok=True)
     cwd = Path.cwd()
-    stages: dict[str, dict] = {}
-    errors: list[str] = []
-    setup: dict[str, Any] = {}
+    size = "w2v-bert-2.0" if args.size == "full" else "tiny"
+    interrupted = complete = False
     try:
         os.chdir(scratch)  # the recipe's relative paths (pretrained/, data/, exp/) resolve in the scratch folder
         t = time.perf_counter()
-        setup["pretrained"] = write_pretrained_folder(scratch / PRETRAINED, "w2v-bert-2.0" if args.size == "full" else "tiny")
+        setup["pretrained"] = write_pretrained_folder(scratch / PRETRAINED, size)
         setup["pretrained"]["write_seconds"] = time.perf_counter() - t
         t = time.perf_counter()
         setup["data"] = prepare_data(scratch, Path(args.shared).resolve())
         setup["data"]["seconds"] = time.perf_counter() - t
-        expected = expected_sizes("w2v-bert-2.0" if args.size == "full" else "tiny", setup["data"]["train"]["speakers"])
+        expected = run["expected"] = expected_sizes(size, setup["data"]["train"]["speakers"])
         if args.size == "full":
             assert expected["encoder"] == FULL_ENCODER_PARAMS and expected["lora"] == FULL_LORA_PARAMS, expected
-        pretrained = load_encoder(PRETRAINED)
-        encoder_params = count_parameters(pretrained)
-        del pretrained
+        run["encoder_params"] = count_parameters(load_encoder(PRETRAINED))
         for name, config, overrides in PIPELINES:
             eff = effective_overrides(overrides, args.device, amp_off, scratch / f"overrides_{name}.yaml")
-            result, error = run_pipeline(name, config, eff, sampler, device, expected)
+            result, error, interrupted = run_pipeline(name, config, eff, sampler, device, expected)
             stages |= result
+            write_json(out_path, summarise(run, complete=False))  # an interim record, in case of a later kill
             if error:
                 errors.append(f"{name}: {error}")
                 break
             for stage_dir in (scratch / "exp" / name).glob("*/ckpt"):
                 shutil.rmtree(stage_dir)  # checked already; frees ~20 GB at full size before the next pipeline
+        complete = not interrupted
+    except (KeyboardInterrupt, SystemExit) as err:
+        errors.append(f"interrupted during setup ({type(err).__name__} {err})")
+        interrupted = True
     finally:
         os.chdir(cwd)
         sampler.relabel("cleanup")
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
         sampler.stop()
-    wall = (time.perf_counter() - start) / 60.0
-    peak_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peak = max(sampler.peak, peak_self)
-    backend = stages.get("w2vbert/s1", {})
-    backend_params = (backend.get("params_total") or 0) - (backend.get("params_encoder") or 0)
-    checks = {
-        "encoder_params": encoder_params == expected["encoder"] if "expected" in locals() else False,
-        "backend_params": backend_params == FULL_BACKEND_PARAMS if args.size == "full" else backend_params > 0,
-        "stages_ok": bool(stages) and all(e.get("ok") for e in stages.values()) and not errors,
-    }
-    if args.size == "full":
-        checks["within_minutes"] = wall <= LIMIT_MINUTES
-        checks["within_rss"] = peak / GIB <= LIMIT_RSS_GIB
-    load_end = os.getloadavg()
-    result = {
-        "all_ok": all(checks.values()),
-        "checks": checks,
-        "size": args.size,
-        "device": args.device,
-        "threads": args.threads,
-        "amp": "off (float32): this CPU has no native bf16" if amp_off else "recipe (bf16 autocast)",
-        "encoder_params": encoder_params if "encoder_params" in locals() else None,
-        "encoder_params_expected": expected["encoder"] if "expected" in locals() else None,
-        "backend_params": backend_params,
-        "lora_params": stages.get("w2vbert/merge", {}).get("params_lora"),
-        "peak_rss_gib": peak / GIB,
-        "wall_minutes": wall,
-        "limits": {"minutes": LIMIT_MINUTES, "rss_gib": LIMIT_RSS_GIB} if args.size == "full" else None,
-        "errors": errors,
-        "stages": stages,
-        "setup": setup,
-        "machine": {"cpu_count": os.cpu_count(), "load_average_start": list(load_start),
-                    "load_average_end": list(load_end),
-                    "load_1min_mean": float(np.mean(sampler.loads)) if sampler.loads else None,
-                    "load_1min_max": float(np.max(sampler.loads)) if sampler.loads else None,
-                    "native_bf16": native_bf16(), "torch": torch.__version__,
-                    "memory_total_gib": _kib_field("/proc/meminfo", ("MemTotal:",)) / GIB},
-    }
+    result = summarise(run, complete=complete)
     print_table(stages)
-    print(f"all_ok {result['all_ok']} ({checks}); wall {wall:.1f} min, peak {peak / GIB:.2f} GiB, "
+    checks, wall, peak = result["checks"], result["wall_minutes"], result["peak_rss_gib"]
+    print(f"all_ok {result['all_ok']} ({checks}); wall {wall:.1f} min, peak {peak:.2f} GiB, "
           f"load mean {result['machine']['load_1min_mean']}")
     print(f"wrote {write_json(out_path, result)}")
+    if interrupted:
+        sys.exit(143)
     return result
 
+
+def _terminate(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 if __name__ == "__main__":
     sys.exit(0 if main()["all_ok"] else 1)

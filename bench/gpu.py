@@ -279,15 +279,24 @@ def rehearsal(args, card_slug: str) -> dict:
         return {"run": False, "command": shown,
                 "why": "--dry: tests/test_rehearsal.py runs the same script at tiny size" if args.dry else "--no-rehearsal"}
     start = time.perf_counter()
-    try:
-        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=args.rehearsal_timeout)
-    except subprocess.TimeoutExpired:
-        return {"run": True, "command": shown, "all_ok": False, "seconds": time.perf_counter() - start,
-                "error": f"timed out after {args.rehearsal_timeout} s (--rehearsal-timeout)"}
-    summary = {"run": True, "command": shown, "returncode": proc.returncode,
-               "seconds": time.perf_counter() - start}
+    log = out.with_suffix(".log")
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(command, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=args.rehearsal_timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:  # SIGTERM: the rehearsal writes what finished, then cleans up
+            proc.terminate()
+            timed_out = True
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    summary = {"run": True, "command": shown, "returncode": proc.returncode, "timed_out": timed_out,
+               "seconds": time.perf_counter() - start, "log": log.name}
     if not out.is_file():
-        return summary | {"all_ok": False, "error": (proc.stderr or proc.stdout)[-2000:]}
+        return summary | {"all_ok": False, "error": log.read_text()[-2000:]}
     result = json.loads(out.read_text())
     return summary | {"all_ok": result["all_ok"], "wall_minutes": result["wall_minutes"], "json": out.name,
                       "stages": {k: {"ok": v.get("ok"), "seconds_per_step": v.get("seconds_per_step"),
