@@ -243,14 +243,15 @@ def _fake_vox2(root: Path, pieces: list[np.ndarray]) -> Path:
 
 def test_voxceleb2_aac_holdout_is_speaker_disjoint(tmp_path, speech_pieces):
     aac = _fake_vox2(tmp_path, speech_pieces)
-    out = tmp_path / "data" / "vox2"
-    code = main(["--relative-to", str(tmp_path), "voxceleb", "--root", str(aac), "--out", str(out),
-                 "--val-speakers", "3", "--val-trials", "12", "--seed", "4", "--workers", "2"])
-    assert code == 0
-    train = DataDir.load(out / "train", check_files=True, root=tmp_path)
-    val = DataDir.load(out / "val", check_files=True, root=tmp_path)
-    trials = read_trials(out / "val_trials.txt")
-    assert (out / "val_trials.txt").read_text().splitlines()[0].split()[0] in ("0", "1")  # VoxCeleb form
+    data = tmp_path / "data"
+    code = main(["--relative-to", str(tmp_path), "voxceleb", "--root", str(aac), "--out", str(data / "vox2_dev"),
+                 "--val-speakers", "3", "--val-out", str(data / "vox2_val"), "--val-trials", "12", "--seed", "4",
+                 "--workers", "2"])
+    assert code == 0  # the paths experiments/configs/w2vbert/pipeline.yaml reads
+    train = DataDir.load(data / "vox2_dev", check_files=True, root=tmp_path)
+    val = DataDir.load(data / "vox2_val", check_files=True, root=tmp_path)
+    trials = read_trials(data / "vox2_val_trials.txt")
+    assert (data / "vox2_val_trials.txt").read_text().splitlines()[0].split()[0] in ("0", "1")  # VoxCeleb form
     assert len(train.speakers) == 5 and len(set(val.speakers)) == 3
     assert not set(train.speakers) & set(val.speakers)  # no held-out speaker leaks into training
     files_of = {f"id{12 + s:05d}": sum(1 + (s + v) % 2 for v in range(2)) for s in range(8)}
@@ -267,12 +268,12 @@ def test_voxceleb2_aac_holdout_is_speaker_disjoint(tmp_path, speech_pieces):
         assert 1.0 <= train.durations[utt] <= 1.1
     wave = train.load_wave(train.utts[0], max_seconds=0.5, offset=0.3)
     assert wave.shape == (8000,) and np.abs(wave).max() > 0.01  # AAC speech decodes through the data dir
-    summary = json.loads((out / "split_summary.json").read_text())
+    summary = json.loads((data / "vox2_val" / "split_summary.json").read_text())
     assert summary["val_speakers"] == 3 and summary["trials"] == {"trials": 12, "target": 6, "nontarget": 6}
     # The same seed gives the same hold-out; another seed another one.
     again = tmp_path / "again"
     prepare_voxceleb(aac, again, relative_to=tmp_path, val_speakers=3, val_trials=12, seed=4, workers=1, progress=False)
-    assert (again / "val_trials.txt").read_text() == (out / "val_trials.txt").read_text()
+    assert Path(f"{again}_val_trials.txt").read_text() == (data / "vox2_val_trials.txt").read_text()
     other = prepare_voxceleb(aac, tmp_path / "other", relative_to=tmp_path, val_speakers=3, val_trials=12, seed=5,
                              workers=1, progress=False)
     assert other.speakers != train.speakers

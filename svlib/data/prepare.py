@@ -2,7 +2,7 @@
 
     python -m svlib.data.prepare manifest --manifest ../shared/data/sv-bench/manifest.csv --out data/sv-bench [--seed 0]
     python -m svlib.data.prepare voxceleb --root <vox1>/wav [--root <vox2>/dev/aac] --out data/vox
-    python -m svlib.data.prepare voxceleb --root <vox2>/dev/aac --out data/vox2 --val-speakers 500 --val-trials 30000
+    python -m svlib.data.prepare voxceleb --root <vox2>/dev/aac --out data/vox2_dev --val-speakers 500 --val-out data/vox2_val
     python -m svlib.data.prepare cnceleb  --root <CN-Celeb_flac> [--root2 <CN-Celeb2_flac>] --out data/cnceleb
     python -m svlib.data.prepare musan    --root <musan> --out data/musan.list
     python -m svlib.data.prepare rirs     --root <RIRS_NOISES> --out data/rirs.list
@@ -26,10 +26,11 @@ Manifest split (sv-bench, sv-mini):
 
 VoxCeleb (``prepare voxceleb``): every ``<root>/<speaker>/<video>/<file>`` (.wav, .flac, VoxCeleb2's AAC .m4a),
 ``utt2dur`` from the file headers / container metadata (no decoding; ``--workers`` processes with a progress
-bar, ~1M files). ``--val-speakers N`` holds N speakers out (chosen with ``--seed``) into ``out/val`` with
-``out/val_trials.txt`` (VoxCeleb form ``1 enroll test``; half target pairs, from two different videos of one
-speaker where it has several, half non-target), and writes the other speakers to ``out/train``: no held-out
-speaker's utterance reaches training. ``out/val`` holds only the utterances the trials use.
+bar, ~1M files). ``--out`` is the training directory. ``--val-speakers N`` holds N speakers out of it (chosen
+with ``--seed``) into ``--val-out`` (default ``<out>_val``) with ``<val-out>_trials.txt`` (VoxCeleb form
+``1 enroll test``, ``--val-trials`` of them; half target pairs, from two different videos of one speaker where
+it has several, half non-target): no held-out speaker's utterance reaches training. The validation directory
+holds only the utterances the trials use, and ``split_summary.json``.
 
 Every list written is checked by decoding its first file, so a missing decoder or an unreadable corpus fails
 here, in one line, and not at the first training batch after the model has loaded.
@@ -373,10 +374,10 @@ def holdout_trials(utts_by_speaker: dict[str, list[str]], num_trials: int, seed:
 def prepare_voxceleb(roots, out: str | os.PathLike | None = None, relative_to=None,
                      extensions: tuple[str, ...] = (".wav", ".m4a", ".flac"), durations: bool = True,
                      workers: int | None = None, val_speakers: int = 0, val_trials: int = 20000, seed: int = 0,
-                     progress: bool = True) -> DataDir:
+                     val_out: str | os.PathLike | None = None, progress: bool = True) -> DataDir:
     """``<root>/<speaker>/<video>/<file>`` -> DataDir with utt id ``speaker/video/file`` (as in VoxCeleb trial lists).
 
-    Returns the directory written to ``out`` (``out/train`` with a hold-out, see the module docstring).
+    Returns the training directory, written to ``out`` (the hold-out goes to ``val_out``: module docstring).
     """
     roots = [Path(roots)] if isinstance(roots, (str, os.PathLike)) else [Path(r) for r in roots]
     wavs, utt2spk, origin = {}, {}, {}
@@ -415,15 +416,15 @@ def prepare_voxceleb(roots, out: str | os.PathLike | None = None, relative_to=No
     train = d.subset(u for u in d.utts if d.utt2spk[u] not in held)
     val = d.subset(trials.utterances)
     if out is not None:
-        out = Path(out)
-        train.write(out / "train")
-        val.write(out / "val")
-        write_trials(out / "val_trials.txt", trials)
+        val_dir = Path(val_out) if val_out is not None else Path(f"{out}_val")
+        train.write(out)
+        val.write(val_dir)
+        write_trials(Path(f"{val_dir}_trials.txt"), trials)
         summary = {"seed": seed, "val_speakers": len(held), "train_speakers": len(train.speakers),
                    "train_utterances": len(train), "val_utterances": len(val),
                    "held_out_unused_utterances": sum(len(spk2utt[s]) for s in held) - len(val),
                    "trials": {"trials": len(trials), "target": trials.num_target, "nontarget": trials.num_nontarget}}
-        write_json(out / "split_summary.json", summary)
+        write_json(val_dir / "split_summary.json", summary)
     return train
 
 
@@ -504,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--root", action="append", required=True, help="repeatable (e.g. VoxCeleb2 dev + test)")
     v.add_argument("--out", required=True)
     v.add_argument("--val-speakers", type=int, default=0,
-                   help="hold this many speakers out into OUT/val + OUT/val_trials.txt (training list: OUT/train)")
+                   help="hold this many speakers out of OUT into VAL_OUT + VAL_OUT_trials.txt")
+    v.add_argument("--val-out", default=None, help="validation directory (default: OUT_val)")
     v.add_argument("--val-trials", type=int, default=20000, help="trials of the hold-out (half target)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--workers", type=int, default=None, help="processes reading headers for utt2dur (default: all CPUs)")
@@ -534,10 +536,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "voxceleb":
             d = prepare_voxceleb(args.root, args.out, args.relative_to, durations=not args.no_durations,
                                  workers=args.workers, val_speakers=args.val_speakers, val_trials=args.val_trials,
-                                 seed=args.seed)
-            where = f"{args.out}/train" if args.val_speakers > 0 else args.out
-            print(f"{where}: {len(d.speakers)} speakers, {len(d)} utterances"
-                  + (f"; {args.out}/val_trials.txt: {args.val_speakers} held-out speakers" if args.val_speakers > 0 else ""))
+                                 seed=args.seed, val_out=args.val_out)
+            val_dir = args.val_out or f"{args.out}_val"
+            print(f"{args.out}: {len(d.speakers)} speakers, {len(d)} utterances"
+                  + (f"; {val_dir} + {val_dir}_trials.txt: {args.val_speakers} held-out speakers"
+                     if args.val_speakers > 0 else ""))
         elif args.command == "cnceleb":
             from svlib.data.cnceleb import prepare_cnceleb  # its own module (svlib.data.cnceleb)
 
