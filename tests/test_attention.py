@@ -77,8 +77,19 @@ def test_row_blocks_are_exact(monkeypatch):
     model = _encoder()
     feats, mask = _inputs(2, 150)
     reference, _ = _both(model, feats, attention_mask=mask)
-    monkeypatch.setenv(BUDGET_ENV, str(2 * 4 * 150 * 11))
-    _, blocked = _both(model, feats, attention_mask=mask)
+    monkeypatch.setenv(BUDGET_ENV, str((2 * 4 + 2) * 150 * 11))
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting_sdpa)
+    set_attention(model, "lean")
+    with torch.no_grad():
+        blocked = model(feats, attention_mask=mask).last_hidden_state
+    assert calls == 2 * ([11] * 13 + [7])  # 2 layers, 13 blocks of 11 query rows and one of 7
     assert _max_diff(reference, blocked) <= TOL
     monkeypatch.setenv(BUDGET_ENV, "0")
     with pytest.raises(ValueError, match=BUDGET_ENV):

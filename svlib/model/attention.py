@@ -48,7 +48,7 @@ __all__ = [
 ATTENTION_ENV = "SVLIB_ATTENTION"
 IMPLEMENTATIONS = ("lean", "stock")
 BUDGET_ENV = "SVLIB_ATTENTION_BIAS_ELEMENTS"
-# 2^25 bias entries = 128 MiB in float32: one block for 8 x 3 s (B H T^2 = 2.9M), 2 blocks at 30 s.
+# 2^25 entries = 128 MiB in float32: one block for 8 x 3 s (B H T^2 = 2.9M), 2 blocks at 30 s.
 _DEFAULT_BUDGET = 1 << 25
 
 
@@ -61,7 +61,8 @@ def default_implementation() -> str:
 
 
 def bias_budget_elements() -> int:
-    """Most bias entries (B x H x rows x T) built at once; ``SVLIB_ATTENTION_BIAS_ELEMENTS`` overrides 2^25."""
+    """Most 4-byte entries a query block builds at once: the (B, H, rows, T) bias plus its (rows, T) int64
+    distance index; ``SVLIB_ATTENTION_BIAS_ELEMENTS`` overrides 2^25."""
     raw = os.environ.get(BUDGET_ENV)
     if raw is None:
         return _DEFAULT_BUDGET
@@ -74,11 +75,14 @@ def bias_budget_elements() -> int:
     return value
 
 
-def relative_distance_index(query_length: int, key_length: int, left: int, right: int, device) -> Tensor:
-    """``c(r - l) = clamp(r - l, -left, right) + left`` as a (query_length, key_length) int64 index."""
-    rows = torch.arange(query_length, dtype=torch.long, device=device).view(-1, 1)
+def relative_distance_index(query_length: int, key_length: int, left: int, right: int, device,
+                            first_query: int = 0) -> Tensor:
+    """``c(r - l) = clamp(r - l, -left, right) + left`` for queries l = first_query .. first_query +
+    query_length - 1 and keys r = 0 .. key_length - 1, as a (query_length, key_length) int64 index."""
+    rows = torch.arange(first_query, first_query + query_length, dtype=torch.long, device=device).view(-1, 1)
     cols = torch.arange(key_length, dtype=torch.long, device=device).view(1, -1)
-    return torch.clamp(cols - rows, -left, right) + left
+    # in place: one (rows, keys) int64 tensor, not three
+    return (cols - rows).clamp_(-left, right).add_(left)
 
 
 def relative_key_bias(query: Tensor, table: Tensor, index: Tensor, scaling: float) -> Tensor:
@@ -124,23 +128,26 @@ class LeanRelativeKeyAttention(Wav2Vec2BertSelfAttention):
         query = self.linear_q(hidden_states).view(shape).transpose(1, 2)
         key = self.linear_k(hidden_states).view(shape).transpose(1, 2)
         value = self.linear_v(hidden_states).view(shape).transpose(1, 2)
-        index = relative_distance_index(length, length, self.left_max_position_embeddings,
-                                        self.right_max_position_embeddings, hidden_states.device)
-        context = self._attend(query, key, value, index, attention_mask)
+        context = self._attend(query, key, value, attention_mask)
         context = context.transpose(1, 2).reshape(batch, length, -1)
         return self.linear_out(context), None
 
-    def _attend(self, query: Tensor, key: Tensor, value: Tensor, index: Tensor, mask: Tensor | None) -> Tensor:
-        """softmax(q k^T * scaling + bias + mask) v over query row blocks of at most the bias budget."""
+    def _attend(self, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> Tensor:
+        """softmax(q k^T * scaling + bias + mask) v over query row blocks of at most the bias budget (the
+        distance index is built per block too: a whole (T, T) int64 index is 1.8 GB at T = 15,000)."""
         batch, heads, length = query.shape[:3]
+        keys = key.shape[2]
         dropout = self.dropout.p if self.training else 0.0
-        rows = length if _is_tracing() else max(1, bias_budget_elements() // max(1, batch * heads * key.shape[2]))
+        # per query row: batch x heads bias entries, plus the int64 distance index (two float32 entries' worth)
+        rows = length if _is_tracing() else max(1, bias_budget_elements() // ((batch * heads + 2) * keys))
         table = self.distance_embedding.weight
         outputs = []
         for start in range(0, length, rows):
             stop = min(start + rows, length)
             q = query[:, :, start:stop] if rows < length else query
-            bias = relative_key_bias(q, table, index[start:stop] if rows < length else index, self.scaling)
+            index = relative_distance_index(stop - start, keys, self.left_max_position_embeddings,
+                                            self.right_max_position_embeddings, query.device, first_query=start)
+            bias = relative_key_bias(q, table, index, self.scaling)
             block_mask = mask
             if mask is not None and mask.shape[-2] != 1 and rows < length:
                 block_mask = mask[..., start:stop, :]
