@@ -109,7 +109,8 @@ def test_old_list_is_kept_exactly(corpora, tmp_path):
     _demo(corpora, tmp_path / "demo")
     prepare_manifest(corpora["bench"], tmp_path / "old", val_long_speakers=2, val_word_speakers=1, val_words=2,
                      relative_to=REPO, verbose=False)
-    assert (tmp_path / "demo" / "test_ls10_trials.txt").read_text() == (tmp_path / "old" / "test_trials.txt").read_text()
+    old = (tmp_path / "old" / "test_trials.txt").read_text()
+    assert (tmp_path / "demo" / "test_ls10_trials.txt").read_text() == old
 
 
 def test_deterministic_from_the_seed(corpora, tmp_path):

@@ -23,7 +23,8 @@ def downloads(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("downloads")
     n = 0
     # LibriSpeech: test-other 4 speakers (3 with two chapters, 1 with one), train-clean-100 3 speakers x 2 utts.
-    for subset, speakers in (("test-other", {"11": 2, "12": 2, "13": 2, "14": 1}), ("train-clean-100", {"21": 1, "22": 1, "23": 1})):
+    for subset, speakers in (("test-other", {"11": 2, "12": 2, "13": 2, "14": 1}),
+                             ("train-clean-100", {"21": 1, "22": 1, "23": 1})):
         for spk, chapters in speakers.items():
             for c in range(chapters):
                 for u in range(3 if subset == "test-other" else 2):

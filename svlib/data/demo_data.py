@@ -88,7 +88,8 @@ def prepare_esc10(manifest: str | os.PathLike, out: str | os.PathLike, train_fol
             line = reader.line_num
             rel, label = (row.get("path") or "").strip(), (row.get("class") or "").strip()
             if not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
-                raise ListError(f"{manifest}:{line}: path must be relative and inside the manifest's folder, got {rel!r}")
+                raise ListError(f"{manifest}:{line}: path must be relative and inside the manifest's folder, "
+                                f"got {rel!r}")
             if not label or any(c.isspace() for c in label):
                 raise ListError(f"{manifest}:{line}: class {label!r} is empty or contains whitespace")
             try:
@@ -238,7 +239,8 @@ def simulate_rirs(cache: str | os.PathLike, cfg: RirSimConfig = RirSimConfig(), 
         seconds = time.perf_counter() - start
         measured = np.asarray([r["rt60_measured"] for r in rirs])
         target = np.asarray([r["rt60_target"] for r in rirs])
-        manifest = {"library": "pyroomacoustics", "library_version": pra.__version__, "method": "image source (ShoeBox)",
+        manifest = {"library": "pyroomacoustics", "library_version": pra.__version__,
+                    "method": "image source (ShoeBox)",
                     "sample_rate": cfg.sample_rate, "config": cfg.as_json(), "simulation_seconds": round(seconds, 2),
                     "rt60_measured_over_target_median": round(float(np.median(measured / target)), 3),
                     "rirs": rirs}

@@ -105,7 +105,8 @@ def build_sv_bench(downloads: Path, out: Path, test_speakers: int = 10, test_utt
         for spk, files in sorted(chosen.items()):
             for f in files:
                 seconds, rate = _seconds(f)
-                rows.append(f"{f.relative_to(out).as_posix()},ls{spk},openslr 12 {subset},{licence},{seconds:.3f},{rate}")
+                rel = f.relative_to(out).as_posix()
+                rows.append(f"{rel},ls{spk},openslr 12 {subset},{licence},{seconds:.3f},{rate}")
         counts[folder] = {"speakers": len(chosen), "utterances": sum(map(len, chosen.values()))}
     write_lines_atomic(out / "manifest.csv", rows)
     return counts
