@@ -333,18 +333,23 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
 def report(summary: dict, path: Path, list_name: str = "test") -> dict:
     """The benchmark JSON the issue asks for: per-stage test EER/minDCF and minutes, baselines, wall time."""
     stages = {}
-    final = None
+    final = final_ci = test_speakers = None
     for name, record in summary["stages"].items():
         test = (record.get("test") or {}).get(list_name)
         stages[name] = {"minutes": record.get("minutes")}
         if test is not None:
             stages[name] |= {"eer_pct": test["eer_pct"], "mindcf_0.01": test["mindcf_0.01"], "mindcf_0.05": test["mindcf_0.05"]}
-            final = test["eer_pct"]
+            # speaker-level bootstrap 95 % interval [low, high] and the list's speaker count, when evaluated with one
+            stages[name] |= {k: test[k] for k in ("eer_ci_pct", "mindcf_0.01_ci") if test.get(k) is not None}
+            final, final_ci, test_speakers = test["eer_pct"], test.get("eer_ci_pct"), test.get("ci_speakers")
     base = summary.get("baselines", {})
     out = {
         "final_test_eer_pct": final,
+        "final_test_eer_ci": final_ci,
+        "test_speakers": test_speakers,
         "baseline_random_init_eer_pct": base.get("random_init", {}).get(list_name, {}).get("eer_pct"),
         "baseline_fbank_eer_pct": base.get("fbank", {}).get(list_name, {}).get("eer_pct"),
+        "baseline_fbank_eer_ci": base.get("fbank", {}).get(list_name, {}).get("eer_ci_pct"),
         "wall_minutes": summary["wall_minutes"],
         "stages": stages,
         "baselines": {k: v.get(list_name) | {"minutes": summary["baseline_minutes"][k]} for k, v in base.items()},

@@ -339,16 +339,23 @@ def teacher_reference(runs: pd.DataFrame, split: str = "test", run_id: str | Non
     if cand.empty:
         return None
     row = cand.iloc[0]
-    return {"run_id": row["run_id"], "label": _label(row), "params_encoder": float(row["_params"]),
-            "eer_pct": float(row["_eer"]),
-            "mindcf_0.01": float(_col(cand, f"metrics.{split}_mindcf_0.01").iloc[0]),
-            "mindcf_0.05": float(_col(cand, f"metrics.{split}_mindcf_0.05").iloc[0])}
+    out = {"run_id": row["run_id"], "label": _label(row), "params_encoder": float(row["_params"]),
+           "eer_pct": float(row["_eer"]),
+           "mindcf_0.01": float(_col(cand, f"metrics.{split}_mindcf_0.01").iloc[0]),
+           "mindcf_0.05": float(_col(cand, f"metrics.{split}_mindcf_0.05").iloc[0])}
+    for metric in ("eer_pct", "mindcf_0.01", "mindcf_0.05"):  # speaker-bootstrap interval, when logged
+        for side in ("low", "high"):
+            value = _col(cand, f"metrics.{split}_{metric}_ci_{side}").iloc[0]
+            if not pd.isna(value):
+                out[f"{metric}_ci_{side}"] = float(value)
+    return out
 
 
 def pruning_points(runs: pd.DataFrame, split: str = "test", teacher: Mapping | None = None) -> pd.DataFrame:
     """One row per evaluated model: ``source`` (dense | pruned | trial), ``run_id``, ``label``,
     ``target_sparsity``, ``achieved_sparsity``, ``params_encoder``, ``eer_pct``, ``mindcf_0.01``,
-    ``mindcf_0.05``, ``val_eer_pct``, ``pareto``.
+    ``mindcf_0.05``, ``val_eer_pct``, ``pareto``, and the speaker-bootstrap intervals ``<metric>_ci_low`` /
+    ``<metric>_ci_high`` (NaN where the run logged none).
 
     Points are the sweep trial runs and the pipeline stage runs that report ``{split}_eer_pct``; stage runs
     nested in a trial are left out (the trial run carries the numbers). ``achieved_sparsity`` is the
@@ -357,6 +364,8 @@ def pruning_points(runs: pd.DataFrame, split: str = "test", teacher: Mapping | N
     """
     columns = ["source", "run_id", "label", "stage", "target_sparsity", "achieved_sparsity", "params_encoder",
                "eer_pct", "mindcf_0.01", "mindcf_0.05", "val_eer_pct", "pareto"]
+    ci_columns = [f"{m}_ci_{side}" for m in ("eer_pct", "mindcf_0.01", "mindcf_0.05") for side in ("low", "high")]
+    columns += ci_columns
     if runs.empty:
         return pd.DataFrame(columns=columns)
     teacher = teacher if teacher is not None else teacher_reference(runs, split)
@@ -371,7 +380,7 @@ def pruning_points(runs: pd.DataFrame, split: str = "test", teacher: Mapping | N
         "params_encoder": params.loc[df.index], "eer_pct": _col(df, f"metrics.{split}_eer_pct"),
         "mindcf_0.01": _col(df, f"metrics.{split}_mindcf_0.01"), "mindcf_0.05": _col(df, f"metrics.{split}_mindcf_0.05"),
         "val_eer_pct": _col(df, "metrics.val_eer_pct"),
-    }, index=df.index)
+    } | {c: _col(df, f"metrics.{split}_{c}") for c in ci_columns}, index=df.index)
     out = out[out["eer_pct"].notna()]
     if teacher is not None and teacher.get("params_encoder"):
         derived = 1.0 - out["params_encoder"] / float(teacher["params_encoder"])
@@ -437,13 +446,26 @@ def study_pareto(storage: str, study_name: str) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("number").reset_index(drop=True)
 
 
+def _draw_intervals(ax, points: pd.DataFrame, x: str, metric: str, color) -> None:
+    """Vertical bars for the speaker-bootstrap 95 % intervals (``<metric>_ci_low/high``) where present;
+    no caps and no legend entry, so the figure's series stay those of the points."""
+    low, high = f"{metric}_ci_low", f"{metric}_ci_high"
+    if low not in points or high not in points:
+        return
+    sel = points[points[low].notna() & points[high].notna() & points[x].notna() & points[metric].notna()]
+    if len(sel):  # vlines, not errorbar: a percentile interval need not contain the point estimate
+        ax.vlines(sel[x].astype(float), sel[low].astype(float), sel[high].astype(float), colors=color,
+                  linewidth=1.0, alpha=0.6, zorder=2)
+
+
 def plot_pruning_curve(points: pd.DataFrame, teacher: Mapping | None = None, *, pareto_run_ids: Iterable[str] | None = None,
                        metrics: Sequence[str] = ("eer_pct", "mindcf_0.01"), split: str = "test"):
     """EER/minDCF against encoder parameters (left column) and achieved sparsity (right column).
 
     Dense stages are grey squares, pruning-pipeline models circles, sweep trials triangles (annotated
     with their target sparsity); the Pareto front (``pareto_run_ids`` from an Optuna study, else the
-    ``pareto`` column) is joined by a line; the teacher is a dashed horizontal line (and a star).
+    ``pareto`` column) is joined by a line; the teacher is a dashed horizontal line (and a star). Points with
+    ``<metric>_ci_low/high`` columns get their 95 % interval as a vertical bar.
     """
     import matplotlib.pyplot as plt
 
@@ -459,6 +481,7 @@ def plot_pruning_curve(points: pd.DataFrame, teacher: Mapping | None = None, *, 
                 sel = points[points["source"] == source] if len(points) else points
                 if len(sel):
                     ax.scatter(sel[x], sel[metric], s=36, label=source, alpha=0.85, **style)
+                    _draw_intervals(ax, sel, x, metric, style["color"])
             if len(points) and front.any():
                 f = points[front].sort_values(x)
                 ax.plot(f[x], f[metric], color="tab:red", linewidth=1.3, zorder=3)
@@ -477,6 +500,9 @@ def plot_pruning_curve(points: pd.DataFrame, teacher: Mapping | None = None, *, 
             if teacher is not None and teacher.get(metric) is not None and not math.isnan(teacher[metric]):
                 ax.axhline(teacher[metric], color="k", linestyle="--", linewidth=1,
                            label=f"teacher ({teacher.get('label', '')}) {teacher[metric]:.3g}")
+                if teacher.get(f"{metric}_ci_low") is not None and teacher.get(f"{metric}_ci_high") is not None:
+                    ax.axhspan(teacher[f"{metric}_ci_low"], teacher[f"{metric}_ci_high"], color="k", alpha=0.07,
+                               linewidth=0)  # the teacher's 95 % interval
                 tx = teacher.get("params_encoder") if x == "params_encoder" else 0.0
                 if tx is not None:
                     ax.scatter([tx], [teacher[metric]], marker="*", s=160, color="k", zorder=5)

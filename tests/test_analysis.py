@@ -288,3 +288,25 @@ def test_require_runs_names_what_is_missing(sweep_store, tmp_path):
     with pytest.raises(LookupError, match="no such store"):
         A.require_runs(A.load_runs(f"sqlite:///{tmp_path}/absent/mlflow.db", "demo"))
     assert not (tmp_path / "absent").exists()
+
+
+def test_pruning_curve_draws_bootstrap_intervals():
+    """``<metric>_ci_low/high`` columns become vertical bars (no legend entry); the teacher's interval a band."""
+    from matplotlib.collections import LineCollection
+
+    pts = pd.DataFrame({"source": ["trial", "trial"], "run_id": ["a", "b"], "label": ["t0", "t1"], "stage": [None, None],
+                        "target_sparsity": [0.3, 0.5], "achieved_sparsity": [0.3, 0.5], "params_encoder": [700.0, 500.0],
+                        "eer_pct": [10.0, 12.0], "mindcf_0.01": [0.5, 0.6], "mindcf_0.05": [0.4, 0.5],
+                        "val_eer_pct": [11.0, 13.0], "pareto": [True, True],
+                        "eer_pct_ci_low": [8.0, np.nan], "eer_pct_ci_high": [12.5, np.nan]})
+    teacher = {"label": "s2", "params_encoder": 1000.0, "eer_pct": 9.0, "mindcf_0.01": 0.45,
+               "eer_pct_ci_low": 7.0, "eer_pct_ci_high": 11.0}
+    fig = A.plot_pruning_curve(pts, teacher)
+    ax = fig.axes[0]  # eer_pct vs params
+    bars = [c for c in ax.collections if isinstance(c, LineCollection)]
+    assert len(bars) == 1 and [s.tolist() for s in bars[0].get_segments()] == [[[700.0, 8.0], [700.0, 12.5]]]
+    band = [p for p in ax.patches if p.get_alpha() == 0.07]
+    assert len(band) == 1 and band[0].get_extents().height > 0
+    assert not [c for c in fig.axes[2].collections if isinstance(c, LineCollection)]  # no minDCF intervals given
+    assert "trial" in A.figure_series(fig) and len(A.figure_series(fig)) == 3  # trial, Pareto front, teacher
+    plt.close(fig)

@@ -163,7 +163,7 @@ def test_ci_fields_and_bad_settings():
         percentile_interval([1.0, 2.0], 1.5)
 
 
-def test_stage_summaries_mlflow_metrics_and_table_carry_the_intervals():
+def test_stage_summaries_mlflow_metrics_and_table_carry_the_intervals(tmp_path):
     from experiments.common import metrics_of
     from experiments.pipeline import test_row
     from svlib.data.lists import Trials
@@ -194,3 +194,48 @@ def test_stage_summaries_mlflow_metrics_and_table_carry_the_intervals():
     assert flat["test_mindcf_0.05_ci_high"] == ref["mindcf_0.05"][1]
     row = test_row("s2", {"test": {"test": summary}, "minutes": 1.0})
     assert row["test_eer_ci"] == "[{:.2f}, {:.2f}]".format(*ref["eer_pct"])
+    from experiments.pipeline import report
+
+    bench = report({"stages": {"s2": {"test": {"test": summary}, "minutes": 1.0}}, "wall_minutes": 1.0},
+                   tmp_path / "demo_pipeline.json")
+    assert bench["final_test_eer_ci"] == ref["eer_pct"] and bench["test_speakers"] == 6
+    assert bench["stages"]["s2"]["eer_ci_pct"] == ref["eer_pct"]
+
+
+def test_sparsity_curve_intervals_from_stored_scores(tmp_path):
+    """bench/sparsity_curve.py: a point's interval from its stored score file, the teacher's from its
+    result.json, a point without scores listed in ci_note; the figure draws the bars."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from svlib.scoring.bootstrap import score_file_ci
+
+    spec = importlib.util.spec_from_file_location(
+        "sparsity_curve", Path(__file__).resolve().parents[1] / "bench" / "sparsity_curve.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    enroll, test, labels, spk = all_pairs(6, 3)
+    scores = np.random.default_rng(0).normal(size=labels.size) + labels
+    folder = tmp_path / "runs" / "trial_0" / "eval_pruned" / "scores"
+    folder.mkdir(parents=True)
+    (folder / "test.txt").write_text("".join(f"{e} {t} {s:.6f} {'target' if y else 'nontarget'}\n"
+                                             for e, t, s, y in zip(enroll, test, scores, labels)))
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "result.json").write_text(json.dumps(
+        {"test": {"test": {"eer_pct": 9.0, "eer_ci_pct": [7.0, 11.0], "mindcf_0.01_ci": [0.5, 0.9]}}}))
+    point = {"target": 0.5, "achieved_sparsity": 0.5, "params": 500, "eer_pct": 12.0, "mindcf": 0.7,
+             "mindcf_0.05": 0.6, "val_eer_pct": 13.0, "pareto": True, "trial": 0, "trial_dir": "runs/trial_0"}
+    result = {"teacher": "teacher", "teacher_eer_pct": 9.0, "teacher_mindcf": 0.6, "teacher_params": 1000,
+              "points": [point, dict(point, target=0.7, trial=1, trial_dir="runs/trial_1")]}
+    missing = bench.attach_intervals(result, tmp_path, "test", replicates=100, seed=0)
+    want = score_file_ci(folder / "test.txt", replicates=100, seed=0)
+    assert result["points"][0]["eer_ci_pct"] == want["eer_pct"] and result["points"][0]["ci_source"] == "scores"
+    assert result["points"][1]["eer_ci_pct"] is None and len(missing) == 1 and "target 0.7" in result["ci_note"]
+    assert result["teacher_eer_ci_pct"] == [7.0, 11.0]
+    plotted = bench.plot_points(result)
+    assert plotted[0]["test_eer_pct_ci_low"] == want["eer_pct"][0] and "test_eer_pct_ci_low" not in plotted[1]
+    assert bench.plot_teacher(result)["eer_pct_ci_high"] == 11.0
+    from sweeps.prune_sweep import plot_sweep
+
+    assert plot_sweep(plotted, bench.plot_teacher(result), tmp_path / "curve.png").stat().st_size > 10_000

@@ -64,6 +64,8 @@ __all__ = [
     "paired_bootstrap",
     "ci_fields",
     "load_trial_scores",
+    "read_labelled_scores",
+    "score_file_ci",
 ]
 
 DEFAULT_REPLICATES = 1000
@@ -395,3 +397,35 @@ def load_trial_scores(path, trials, trials_source: str = "the trial list") -> np
         raise BootstrapError(f"{path}: no score for trial '{trials.enroll[i]} {trials.test[i]}' of {trials_source} "
                              f"({missing.size} of {len(trials)} trials missing)")
     return scores
+
+
+def read_labelled_scores(path) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """A stage score file ``enroll test score target|nontarget`` -> ``(enroll, test, scores, labels)``."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise BootstrapError(f"{path}: score file not found")
+    enroll, test, scores, labels = [], [], [], []
+    names = {"target": 1, "nontarget": 0, "1": 1, "0": 0}
+    with open(path, encoding="utf-8-sig") as fh:
+        for number, line in enumerate(fh, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != 4 or fields[3].lower() not in names:
+                raise BootstrapError(f"{path}:{number}: expected 'enroll test score target|nontarget'")
+            try:
+                scores.append(float(fields[2]))
+            except ValueError:
+                raise BootstrapError(f"{path}:{number}: score {fields[2]!r} is not a number") from None
+            enroll.append(fields[0]); test.append(fields[1]); labels.append(names[fields[3].lower()])
+    return enroll, test, np.asarray(scores), np.asarray(labels, dtype=np.int8)
+
+
+def score_file_ci(path, utt2spk: Mapping[str, str] | None = None, replicates: int = DEFAULT_REPLICATES,
+                  seed: int = 0, confidence: float = CONFIDENCE) -> dict:
+    """``bootstrap_ci`` of a stage score file (speakers from ``utt2spk`` or the ids)."""
+    enroll, test, scores, labels = read_labelled_scores(path)
+    speakers = trial_speakers(enroll, test, labels, utt2spk, source=str(path))
+    return bootstrap_ci(scores, labels, speakers, replicates, seed, confidence)
