@@ -12,7 +12,7 @@ import torch
 
 from svlib.audio import load_audio, write_audio
 from svlib.data.augment import AugmentConfig, Augmenter, read_noise_list, read_rir_list
-from svlib.data.demo_data import (RirSimConfig, prepare_demo, prepare_esc10, simulate_rirs, split_table,
+from svlib.data.demo_data import (RirSimConfig, prepare_demo, prepare_esc10, simulate_one, simulate_rirs, split_table,
                                   stratified_pick)
 from svlib.data.lists import DataDir, ListError, read_trials
 from svlib.data.prepare import main, prepare_manifest
@@ -250,6 +250,9 @@ def test_rir_config_is_validated():
         RirSimConfig(rt60=(0.5, 0.2))
     with pytest.raises(ValueError, match="room_min"):
         RirSimConfig(room_min=(0.8, 3.0, 2.4))
+    tight = RirSimConfig(room_min=(1.05, 1.05, 1.05), room_max=(1.1, 1.1, 1.1))
+    with pytest.raises(ValueError, match="no two points 0.5 m apart"):
+        simulate_one(tight, 0)
 
 
 @pytest.mark.skipif(not (DATA / "speechocean762-train" / "manifest.csv").is_file(), reason="shared data absent")

@@ -152,10 +152,12 @@ def _room_category(volume: float) -> str:
 
 def _positions(rng: np.random.Generator, room: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
     """Source and microphone uniform in the room ``margin`` from the walls and from each other."""
-    while True:  # the rejection rate is tiny for rooms of metres and margins of half a metre
+    for _ in range(1000):  # the rejection rate is tiny for rooms of metres and margins of half a metre
         source, mic = rng.uniform(margin, room - margin, size=(2, 3))
         if np.linalg.norm(source - mic) >= margin:
             return source, mic
+    raise ValueError(f"room {np.round(room, 2).tolist()} m has no two points {margin} m apart and from the walls; "
+                     "raise room_min or lower min_distance")
 
 
 def simulate_one(cfg: RirSimConfig, index: int) -> tuple[np.ndarray, dict]:
