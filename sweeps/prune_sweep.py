@@ -356,6 +356,9 @@ def run_trial(cfg: SweepConfig, knobs: dict[str, Any], folder: Path, tracker=Non
               "test_eer_pct": float(test["eer_pct"]), "test_mindcf_0.01": float(test["mindcf_0.01"]),
               "test_mindcf_0.05": float(test["mindcf_0.05"]), "layers": structure["layers"],
               "minutes": timer.minutes}
+    for key, ci in (("test_eer_pct", test.get("eer_ci_pct")), ("test_mindcf_0.01", test.get("mindcf_0.01_ci"))):
+        if ci is not None:  # speaker-level bootstrap 95 % interval of the evaluation stage
+            record[f"{key}_ci_low"], record[f"{key}_ci_high"] = float(ci[0]), float(ci[1])
     if record["params_encoder"] != structure["params_encoder"]:
         raise RuntimeError(f"{folder}: evaluated encoder has {record['params_encoder']} parameters, the structure "
                            f"says {structure['params_encoder']}")
@@ -377,6 +380,7 @@ def make_objective(cfg: SweepConfig, study: str, *, grid: bool = False, tracker=
         record = run_trial(cfg, knobs, folder, tracker, previous_run=trial.user_attrs.get("retry_of_mlflow_run_id"))
         extras = {k: record[k] for k in ("target_sparsity", "achieved_sparsity", "test_eer_pct", "test_mindcf_0.01",
                                          "test_mindcf_0.05", "val_mindcf_0.01", "dense_params_encoder", "minutes")}
+        extras |= {k: v for k, v in record.items() if k.endswith(("_ci_low", "_ci_high"))}
         for key, value in extras.items():
             trial.set_user_attr(key, value)
         if tracker is not None and tracker.active_run_id is not None:
@@ -453,7 +457,8 @@ def sweep_points(study: optuna.Study) -> list[dict[str, Any]]:
                        "test_mindcf_0.01": attrs.get("test_mindcf_0.01"),
                        "test_mindcf_0.05": attrs.get("test_mindcf_0.05"),
                        "mlflow_run_id": attrs.get("mlflow_run_id"), "trial_dir": attrs.get("trial_dir"),
-                       "pareto": t.number in front})
+                       "pareto": t.number in front}
+                      | {k: v for k, v in attrs.items() if k.endswith(("_ci_low", "_ci_high"))})
     return points
 
 
@@ -471,9 +476,12 @@ def plot_sweep(points: list[dict], teacher: dict | None, path: str | os.PathLike
         "source": "trial", "run_id": p["mlflow_run_id"] or f"trial-{p['number']}", "label": f"trial {p['number']}",
         "stage": None, "target_sparsity": p["target_sparsity"], "achieved_sparsity": p["achieved_sparsity"],
         "params_encoder": p["params_encoder"], "eer_pct": p["test_eer_pct"], "mindcf_0.01": p["test_mindcf_0.01"],
-        "mindcf_0.05": p["test_mindcf_0.05"], "val_eer_pct": p["val_eer_pct"], "pareto": p["pareto"]} for p in points],
+        "mindcf_0.05": p["test_mindcf_0.05"], "val_eer_pct": p["val_eer_pct"], "pareto": p["pareto"]}
+        | {f"{m}_ci_{side}": p.get(f"test_{m}_ci_{side}") for m in ("eer_pct", "mindcf_0.01") for side in ("low", "high")}
+        for p in points],
         columns=["source", "run_id", "label", "stage", "target_sparsity", "achieved_sparsity", "params_encoder",
-                 "eer_pct", "mindcf_0.01", "mindcf_0.05", "val_eer_pct", "pareto"])
+                 "eer_pct", "mindcf_0.01", "mindcf_0.05", "val_eer_pct", "pareto", "eer_pct_ci_low", "eer_pct_ci_high",
+                 "mindcf_0.01_ci_low", "mindcf_0.01_ci_high"])
     front = frame.loc[frame["pareto"].astype(bool), "run_id"].tolist() if len(frame) else []
     fig = plot_pruning_curve(frame, teacher, pareto_run_ids=front, split="test")
     if title:
