@@ -11,6 +11,7 @@ read by bench/scale.py into scale.json, and ``pipeline_1rank_seconds``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -56,7 +57,9 @@ def main(argv=None) -> int:
         for repeat in range(args.repeats):
             for name, command in jobs.items():  # interleaved: both see the same drift in machine load
                 workdir = Path(tmp) / f"{name}_{repeat}"
-                prepare_manifest(MANIFEST, workdir / "data" / "sv-mini", seed=0)
+                workdir.mkdir()
+                with contextlib.chdir(workdir):  # the lists hold audio paths relative to where the job runs
+                    prepare_manifest(MANIFEST, Path("data") / "sv-mini", seed=0)
                 seconds[name].append(timed_run(command, workdir))
     load_after = os.getloadavg()
     best = {name: min(times) for name, times in seconds.items()}
