@@ -21,6 +21,13 @@ DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 # UI open the "Model training" view (runs table) for our experiments.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
+# A saved view of the runs table (experiment tag ``mlflow.sharedViewState.<key>``, opened by
+# ``#/experiments/<id>/runs?viewStateShareKey=<key>``) whose columns are the result metrics: without it MLflow
+# shows no metric column until the user picks them.
+RESULTS_VIEW = "svlib-results"
+RESULT_COLUMNS = ("final_test_eer_pct", "final_val_eer_pct", "final_test_mindcf_0.01", "test_eer_pct",
+                  "val_eer_pct", "best_val_eer_pct", "best_test_eer_pct", "params_encoder", "best_params_encoder",
+                  "pareto_size", "wall_minutes", "minutes")
 # Decimals of the headline metrics as the runs table shows them (an EER of 12.0044 % reads 12.0).
 _ROUND = {"eer_pct": 2, "mindcf": 3, "minutes": 1}
 # MLflow refuses longer param values; a list of 25 layer indices can get close.
@@ -77,10 +84,12 @@ class Tracker:
                 db_dir = Path(self.tracking_uri[len("sqlite:///"):]).resolve().parent
                 artifact_root = (db_dir / "artifacts" / experiment).as_uri()
             mlflow.create_experiment(experiment, artifact_location=artifact_root,
-                                     tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
-        elif EXPERIMENT_KIND_TAG not in found.tags:  # stores made before the tag existed
-            mlflow.MlflowClient(self.tracking_uri).set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG,
-                                                                      TRAINING_KIND)
+                                     tags={EXPERIMENT_KIND_TAG: TRAINING_KIND, **results_view_tag()})
+        else:  # stores made before these tags existed
+            missing = {k: v for k, v in {EXPERIMENT_KIND_TAG: TRAINING_KIND, **results_view_tag()}.items()
+                       if k not in found.tags}
+            for key, value in missing.items():
+                mlflow.MlflowClient(self.tracking_uri).set_experiment_tag(found.experiment_id, key, value)
         self.experiment = experiment
         self.experiment_id = mlflow.set_experiment(experiment).experiment_id
 
@@ -123,9 +132,20 @@ class Tracker:
         return run.info.run_id if run else None
 
 
-def runs_page(server_url: str, experiment_id: str) -> str:
-    """The UI page of an experiment's runs table (``#/experiments/<id>`` alone opens MLflow 3's overview)."""
-    return f"{server_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+def results_view_tag(columns: Iterable[str] = RESULT_COLUMNS) -> dict[str, str]:
+    """The experiment tag of the saved runs-table view :data:`RESULTS_VIEW`: the run name, start time and the
+    result metrics as columns (MLflow's column ids are ``attributes.`X```, ``metrics.`name```)."""
+    import json
+
+    selected = ["attributes.`Duration`", *(f"metrics.`{c}`" for c in columns)]
+    return {f"mlflow.sharedViewState.{RESULTS_VIEW}": json.dumps({"selectedColumns": selected})}
+
+
+def runs_page(server_url: str, experiment_id: str, view: str | None = RESULTS_VIEW) -> str:
+    """The UI page of an experiment's runs table (``#/experiments/<id>`` alone opens MLflow 3's overview),
+    in the saved view ``view`` (the result columns) unless None."""
+    page = f"{server_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return page + (f"?viewStateShareKey={view}" if view else "")
 
 
 def rounded(key: str, value: float) -> float:

@@ -1,6 +1,7 @@
 """svlib.tracking: what the MLflow UI opens on, the headline columns, and stores that survive being moved."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -23,7 +24,13 @@ def test_experiments_open_on_the_model_training_view(tmp_path):
     assert tracking.EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
     Tracker("old", tracking_uri=uri)
     assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
-    assert tracking.runs_page("http://127.0.0.1:5000/", "7") == "http://127.0.0.1:5000/#/experiments/7/runs"
+    assert tracking.runs_page("http://127.0.0.1:5000/", "7", view=None) == "http://127.0.0.1:5000/#/experiments/7/runs"
+    # the saved runs-table view whose columns are the result metrics, and the link that opens it
+    assert tracking.runs_page("http://h:1", "7") == "http://h:1/#/experiments/7/runs?viewStateShareKey=svlib-results"
+    view = json.loads(experiment.tags["mlflow.sharedViewState.svlib-results"])
+    assert {"metrics.`final_test_eer_pct`", "metrics.`params_encoder`", "metrics.`wall_minutes`",
+            "metrics.`best_val_eer_pct`"} <= set(view["selectedColumns"])
+    assert "mlflow.sharedViewState.svlib-results" in client.get_experiment(old).tags
 
 
 def test_headline_metrics_of_a_pipeline_summary():
