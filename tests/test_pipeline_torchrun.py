@@ -118,7 +118,7 @@ baselines: false
 """
 
 
-def test_a_stage_failing_on_rank_zero_stops_every_rank_with_its_error(tmp_path):
+def test_a_stage_failing_on_rank_zero_stops_every_rank_with_its_error(tmp_path, monkeypatch):
     """eval runs on rank 0 alone and fails (its init has a result.json but no model); rank 1, waiting for rank
     0's record, must raise rank 0's error at once, not sit in the broadcast until the 5-minute timeout."""
     from svlib.data.prepare import prepare_manifest
@@ -126,6 +126,7 @@ def test_a_stage_failing_on_rank_zero_stops_every_rank_with_its_error(tmp_path):
 
     if not (DATA / "sv-mini").exists():
         pytest.skip("shared data not found")
+    monkeypatch.chdir(tmp_path)  # the lists' audio paths are relative to where the job runs
     prepare_manifest(DATA / "sv-mini" / "manifest.csv", tmp_path / "data" / "sv-mini", seed=0)
     (tmp_path / "exp" / "unfinished").mkdir(parents=True)
     (tmp_path / "exp" / "unfinished" / "result.json").write_text("{}\n")
