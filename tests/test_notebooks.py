@@ -183,6 +183,7 @@ def test_pruning_curve_notebook_on_a_sweep(sweep_store, tmp_path):
     nb, text = _run("pruning_curve", sweep_store["root"], tracking_uri=sweep_store["uri"], experiment=BOTH,
                     figures_dir=str(tmp_path))
     assert "points by source: {'dense': 5, 'trial': 3}" in text  # s1-s3, eval, the teacher; every trial
+    assert "points with a 95 % interval: 3 of 8" in text  # the trials logged test_eer_pct_ci_low/high
     series = _series(text, "series:")
     assert series[:2] == ["dense", "trial"] and "Pareto front" in series
     assert any(s.startswith("teacher (teacher:s2) 17") for s in series), series  # the sweep's teacher, 17 %
