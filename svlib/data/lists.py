@@ -20,7 +20,8 @@ import gc
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
@@ -73,10 +74,16 @@ def _lines(path: Path) -> Iterator[tuple[int, list[str]]]:
 class _Table:
     """One Kaldi table in memory: ``values`` maps key -> the other field (a string; for 2 fields and for
     "rest of the line" tables) or fields (a list). Line numbers are looked up again only for error
-    messages, so a million-line table costs one dict and no per-line bookkeeping."""
+    messages, so a million-line table costs one dict and no per-line bookkeeping. ``keys`` is the key
+    column in file order when the fast path read it (tables written in one order can then be matched by
+    one list comparison instead of set operations); ``typed`` says ``value_type`` was applied."""
 
-    def __init__(self, path: Path, values: dict):
-        self.path, self.values = path, values
+    def __init__(self, path: Path, values: dict, keys: list[str] | None = None, typed: bool = False):
+        self.path, self.values, self.keys, self.typed = path, values, keys, typed
+
+    def same_keys(self, other: "_Table") -> bool:
+        """Whether both were read by the fast path with the same keys in the same order (no key repeats there)."""
+        return self.keys is not None and other.keys is not None and self.keys == other.keys
 
     def line_of(self, key: str) -> int:
         for number, line in enumerate(_read_text(self.path).splitlines(), start=1):
@@ -85,18 +92,32 @@ class _Table:
         return 0
 
 
-def _read_table(path: Path, num_fields: int | None, what: str) -> _Table:
+def _read_table(path: Path, num_fields: int | None, what: str, value_type=None) -> _Table:
     """Key -> other field(s). ``num_fields`` None means "key plus the rest of the line as one field".
 
     Fast path: split every line with C-level list/dict builders and accept the result when every line has the
     expected shape and no key repeats. Anything else (blank lines, bad lines, duplicates) goes through the
     line-by-line parser, which tolerates blanks and raises the error naming the file and line.
+    ``value_type`` (2-field tables) converts the values on the fast path, so that e.g. utt2dur builds one
+    dict of floats rather than one of strings and then one of floats; if it fails the values stay strings.
     """
     text = _read_text(path)
     with _no_gc():
-        values = _canonical_table(text, num_fields)
-        if values is not None:
-            return _Table(path, values)
+        columns = _canonical_columns(text, num_fields)
+        if columns is not None:
+            keys, typed = columns[0], False
+            if len(columns) == 2:
+                rest = columns[1]
+                if value_type is not None:
+                    try:
+                        rest, typed = list(map(value_type, rest)), True
+                    except ValueError:
+                        pass
+            else:
+                rest = map(list, zip(*columns[1:]))
+            values = dict(zip(keys, rest))
+            if len(values) == len(keys):  # else a repeated key: the line parser names it
+                return _Table(path, values, keys, typed)
         lines = text.splitlines()
         if num_fields is None:
             rows = [line.split(None, 1) for line in lines]
@@ -120,11 +141,12 @@ def _read_table(path: Path, num_fields: int | None, what: str) -> _Table:
 _OTHER_BLANKS = "\t\r\x0b\x0c\x1c\x1d\x1e\x1f"  # ASCII characters str.split()/splitlines() also treat as blanks
 
 
-def _canonical_table(text: str, num_fields: int | None) -> dict | None:
-    """The table as a dict when ``text`` is in the form Kaldi and svlib write (ASCII, fields separated by one
+def _canonical_columns(text: str, num_fields: int | None) -> list[list[str]] | None:
+    """The table's columns when ``text`` is in the form Kaldi and svlib write (ASCII, fields separated by one
     space, one line per entry, no blank lines), else None. One ``str.split`` of the whole file gives the
-    fields; rebuilding the text from them with C-level joins and comparing proves the form (every line has
-    exactly ``k`` fields, one space apart), with no per-line Python work.
+    fields, with no per-line Python work: with no blank but spaces and newlines, no two spaces in a row
+    and none at a line's start or end, a line with ``k - 1`` spaces has exactly ``k`` fields, and
+    ``map(str.count)`` checks that for every line at C speed.
     """
     k = 2 if num_fields is None else num_fields  # "rest of the line" is the second field when there is one space
     if not text or not text.isascii() or any(c in text for c in _OTHER_BLANKS) or "\n\n" in text:
@@ -133,11 +155,12 @@ def _canonical_table(text: str, num_fields: int | None) -> dict | None:
     tokens = text.split()
     if text.count(" ") != (k - 1) * num_lines or len(tokens) != k * num_lines:
         return None
-    columns = [tokens[i::k] for i in range(k)]
-    if "\n".join(map(" ".join, zip(*columns))) != text.rstrip("\n") or text.endswith("\n\n"):
+    body = text[:-1] if text.endswith("\n") else text
+    if "  " in body or "\n " in body or " \n" in body or body.startswith(" ") or body.endswith(" "):
         return None
-    values = dict(zip(columns[0], columns[1] if k == 2 else map(list, zip(*columns[1:]))))
-    return values if len(values) == num_lines else None  # a repeated key: the line parser names it
+    if set(map(str.count, body.split("\n"), repeat(" "))) != {k - 1}:
+        return None
+    return [tokens[i::k] for i in range(k)]
 
 
 def _has_trailing_blank(text: str) -> bool:
@@ -251,8 +274,15 @@ class DataDir:
     utt2rec: dict[str, str] | None = None
     durations: dict[str, float] | None = None
     _seconds_cache: dict[str, float] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # ``load`` has matched the ids of its tables (with file:line errors) and split them on blanks already.
+    ids_checked: InitVar[bool] = False
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, ids_checked: bool = False) -> None:
+        if not ids_checked:
+            self._check_ids()
+        self._check_segments()
+
+    def _check_ids(self) -> None:
         # Set operations and one joined split instead of per-utterance Python checks: 1M-line lists load in seconds.
         no_speaker, utt = _first_unmatched(self.wavs, self.utt2spk)
         if no_speaker is not None:
@@ -266,6 +296,11 @@ class DataDir:
         bad = _first_bad_token(self.utt2spk.values())
         if bad is not None:
             _check_token(self.utt2spk[utts[bad]], f"speaker of '{utts[bad]}'")
+        if self.durations is not None and not self.durations.keys() <= self.wavs.keys():
+            extra = sorted(self.durations.keys() - self.wavs.keys())
+            raise ListError(f"utt2dur names utterance '{extra[0]}' that is not in the directory")
+
+    def _check_segments(self) -> None:
         if self.segments is not None:
             if set(self.segments) != set(self.wavs):
                 odd = sorted(set(self.segments) ^ set(self.wavs))[0]
@@ -282,10 +317,6 @@ class DataDir:
                 _check_token(rec, f"recording of '{utt}'")
                 if rec_path.setdefault(rec, self.wavs[utt]) != self.wavs[utt]:
                     raise ListError(f"recording '{rec}' maps to two paths: {rec_path[rec]!r} and {self.wavs[utt]!r}")
-        if self.durations is not None and not self.durations.keys() <= self.wavs.keys():
-            extra = sorted(self.durations.keys() - self.wavs.keys())
-            if extra:
-                raise ListError(f"utt2dur names utterance '{extra[0]}' that is not in the directory")
 
     # ---- views -------------------------------------------------------------------------------------
     @property
@@ -408,7 +439,7 @@ class DataDir:
             wavs = dict(scp.values) if root is None else {utt: resolve(p) for utt, p in scp.values.items()}
             keyed, keyed_path = scp, scp_path
 
-        no_speaker, utt = _first_unmatched(keyed.values, u2s.values)
+        no_speaker, utt = (None, None) if keyed.same_keys(u2s) else _first_unmatched(keyed.values, u2s.values)
         if no_speaker is not None:
             raise ListError(f"{keyed_path}:{keyed.line_of(no_speaker)}: utterance '{no_speaker}' is missing from {u2s_path}")
         if utt is not None:
@@ -418,25 +449,27 @@ class DataDir:
         durations = None
         dur_path = dirpath / "utt2dur"
         if dur_path.exists():
-            durations = _read_durations(_read_table(dur_path, 2, "<utt> <seconds>"), utt2spk, u2s_path)
+            durations = _read_durations(_read_table(dur_path, 2, "<utt> <seconds>", value_type=float), u2s, u2s_path)
 
         s2u_path = dirpath / "spk2utt"
         if s2u_path.exists():
             # A stale spk2utt (utt2spk edited, spk2utt not regenerated) silently breaks Kaldi tools; catch it.
             seen: set[str] = set()
             for number, fields in _lines(s2u_path):
-                spk = fields[0]
-                for utt in fields[1:]:
-                    if utt2spk.get(utt) != spk:
-                        raise ListError(f"{s2u_path}:{number}: '{utt}' listed under '{spk}' but utt2spk says "
-                                        f"{utt2spk.get(utt)!r}; delete spk2utt or regenerate it")
-                    seen.add(utt)
+                spk, utts = fields[0], fields[1:]
+                if set(map(utt2spk.get, utts)) != {spk}:  # C-level lookups; the loop below only names the culprit
+                    for utt in utts:
+                        if utt2spk.get(utt) != spk:
+                            raise ListError(f"{s2u_path}:{number}: '{utt}' listed under '{spk}' but utt2spk says "
+                                            f"{utt2spk.get(utt)!r}; delete spk2utt or regenerate it")
+                seen.update(utts)
             if len(seen) != len(utt2spk):
                 missing = sorted(set(utt2spk) - seen)[0]
                 raise ListError(f"{s2u_path}: utterance '{missing}' of utt2spk is not listed; regenerate spk2utt")
 
         try:
-            return cls(wavs=wavs, utt2spk=utt2spk, segments=segments, utt2rec=utt2rec, durations=durations)
+            return cls(wavs=wavs, utt2spk=utt2spk, segments=segments, utt2rec=utt2rec, durations=durations,
+                       ids_checked=True)
         except ListError as err:
             raise ListError(f"{dirpath}: {err}") from None
 
@@ -481,12 +514,17 @@ class DataDir:
         return {u: rec_of_path[self.wavs[u]] for u in self.wavs}
 
 
-def _read_durations(table: _Table, utt2spk: dict[str, str], u2s_path: Path) -> dict[str, float]:
+def _read_durations(table: _Table, u2s: _Table, u2s_path: Path) -> dict[str, float]:
     """utt2dur values as floats; every check is vectorised, and only a failing one looks up its line."""
     path = table.path
-    utt = _first_missing(table.values, utt2spk)
+    utt = None if table.same_keys(u2s) else _first_missing(table.values, u2s.values)
     if utt is not None:
         raise ListError(f"{path}:{table.line_of(utt)}: utterance '{utt}' is missing from {u2s_path}")
+    if table.typed:
+        values = list(table.values.values())
+        seconds = np.array(values, dtype=np.float64)
+        if np.isfinite(seconds).all() and (seconds > 0).all():
+            return table.values
     try:
         values = list(map(float, table.values.values()))
     except ValueError:
@@ -496,7 +534,9 @@ def _read_durations(table: _Table, utt2spk: dict[str, str], u2s_path: Path) -> d
     bad = np.flatnonzero(~(np.isfinite(seconds) & (seconds > 0)))
     if bad.size:
         utt = list(table.values)[int(bad[0])]
-        raise ListError(f"{path}:{table.line_of(utt)}: duration must be positive, got {table.values[utt]!r}")
+        number = table.line_of(utt)
+        text = _read_text(path).splitlines()[number - 1].split()[1] if table.typed else table.values[utt]
+        raise ListError(f"{path}:{number}: duration must be positive, got {text!r}")
     return dict(zip(table.values, values))
 
 
