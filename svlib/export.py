@@ -13,6 +13,9 @@ Two input kinds:
   so padding past the longest row only adds masked frames.
 
 The exporter is the TorchScript one (``dynamo=False``); the dynamo exporter is the fallback when it fails.
+The encoder's relative_key attention is exported as svlib builds it, the lean form of ``svlib.model.attention``
+(q E^T over the 73 distances, a GatherElements by the clamped distance index, then SDPA's ONNX form): under
+tracing it runs as one query block, so the graph is valid for every length and holds no (T, T, d) tensor.
 The back-end's ``AttentiveStatsPool`` normalises ``h[mask]`` with boolean indexing (needed in training,
 where BatchNorm uses batch statistics); in eval mode BatchNorm is an elementwise affine map, so the export
 wrapper applies it to all frames and zeroes the padded ones, which is the same function without dynamic

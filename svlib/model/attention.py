@@ -10,13 +10,15 @@ by first gathering ``E[c(r - l)]`` into a (T, T, d) tensor (T = 1500 frames at 3
 rows of E exist, so the same term is
 
     P = q E^T / sqrt(d)                  (B, H, T, L + R + 1)   -- a T x 73 x d matmul, not T x T x d
-    bias[b, h, l, r] = P[b, h, l, c(r - l)]                     -- one gather by a (T, T) index
+    bias[b, h, l, r] = P[b, h, l, c(r - l)]                     -- one gather by the distance index
 
 and ``bias`` (+ the padding mask) goes to ``torch.nn.functional.scaled_dot_product_attention`` as its
 additive ``attn_mask`` with ``scale = 1 / sqrt(d)``: softmax(q k^T / sqrt(d) + bias) v, the same function
-(fused kernels on GPU, the flash CPU kernel on CPU). Queries are processed in row blocks so that the bias
-held at once is at most ``bias_budget_elements()`` entries (softmax is per query row, so blocks are exact);
-under tracing/export one block is used so the graph stays valid for every length.
+(HF scales the position scores by 1 / sqrt(d) too; on CUDA the memory-efficient kernel takes the additive
+bias, so no B x H x T x T probabilities are stored). Queries are processed in row blocks so that the bias and
+index held at once are at most ``bias_budget_elements()`` entries (softmax is per query row, so blocks are
+exact); under tracing/export one block is used so the graph stays valid for every length. Training keeps
+what autograd saves (per block, the bias), as HF does.
 
 The replacement is a subclass installed by swapping ``__class__`` on the existing modules
 (``install_lean_attention``): parameters, state-dict keys, ``isinstance`` checks, peft LoRA injection, the
