@@ -297,3 +297,13 @@ def test_prepare_fails_at_once_when_the_first_file_cannot_be_decoded(tmp_path, c
                                          r"not a readable audio file"):
         prepare_musan(tmp_path / "musan", tmp_path / "musan.list", relative_to=tmp_path)
     assert not (tmp_path / "musan.list").exists()
+
+
+def test_utt2dur_names_a_broken_file_after_the_first(tmp_path):
+    video = tmp_path / "vox2" / "id00012" / "21Uxsk56VDQ"
+    video.mkdir(parents=True)
+    write_audio(video / "00001.m4a", np.zeros(3200, dtype=np.float32))
+    (video / "00002.m4a").write_bytes(b"\0" * 64)
+    with pytest.raises(ListError, match=r"utt2dur of 'id00012/21Uxsk56VDQ/00002.m4a': .*00002.m4a: not a readable "
+                                         r"audio file"):
+        prepare_voxceleb(tmp_path / "vox2", tmp_path / "out", relative_to=tmp_path, workers=1, progress=False)

@@ -436,7 +436,7 @@ class DataDir:
                 segments[utt], utt2rec[utt], wavs[utt] = (start, end_v), rec, resolve(scp.values[rec])
             keyed, keyed_path = seg, seg_path
         else:
-            wavs = dict(scp.values) if root is None else {utt: resolve(p) for utt, p in scp.values.items()}
+            wavs = scp.values if root is None else {utt: resolve(p) for utt, p in scp.values.items()}
             keyed, keyed_path = scp, scp_path
 
         no_speaker, utt = (None, None) if keyed.same_keys(u2s) else _first_unmatched(keyed.values, u2s.values)

@@ -308,18 +308,19 @@ def read_durations(paths: dict[str, str], workers: int | None = None, progress: 
     from tqdm import tqdm
 
     items = list(paths.items())
-    workers = max(1, min(workers or os.cpu_count() or 1, len(items) // 64 or 1))
-    bar = tqdm(total=len(items), desc="utt2dur", unit="file", disable=not progress, mininterval=1.0, file=sys.stderr)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(items) // 8 or 1))  # tiny lists: no pool
     out: dict[str, float] = {}
     with (multiprocessing.Pool(workers) if workers > 1 else _Serial()) as pool:
-        for utt, seconds in pool.imap(_header_seconds, items, chunksize=256):
-            if isinstance(seconds, str):
-                raise ListError(f"utt2dur of '{utt}': {seconds}")
-            if not seconds > 0:
-                raise ListError(f"utt2dur of '{utt}': {paths[utt]} has no samples")
-            out[utt] = seconds
-            bar.update()
-    bar.close()
+        # The bar (and its monitor thread) only after the fork.
+        with tqdm(total=len(items), desc="utt2dur", unit="file", disable=not progress, mininterval=1.0,
+                  file=sys.stderr) as bar:
+            for utt, seconds in pool.imap(_header_seconds, items, chunksize=min(256, -(-len(items) // workers))):
+                if isinstance(seconds, str):
+                    raise ListError(f"utt2dur of '{utt}': {seconds}")
+                if not seconds > 0:
+                    raise ListError(f"utt2dur of '{utt}': {paths[utt]} has no samples")
+                out[utt] = seconds
+                bar.update()
     return out
 
 
