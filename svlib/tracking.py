@@ -25,9 +25,8 @@ TRAINING_KIND = "custom_model_development"
 # ``#/experiments/<id>/runs?viewStateShareKey=<key>``) whose columns are the result metrics: without it MLflow
 # shows no metric column until the user picks them.
 RESULTS_VIEW = "svlib-results"
-RESULT_COLUMNS = ("final_test_eer_pct", "final_val_eer_pct", "final_test_mindcf_0.01", "test_eer_pct",
-                  "val_eer_pct", "best_val_eer_pct", "best_test_eer_pct", "params_encoder", "best_params_encoder",
-                  "pareto_size", "wall_minutes", "minutes")
+RESULT_COLUMNS = ("final_test_eer_pct", "final_val_eer_pct", "final_test_mindcf_0.01", "params_encoder", "wall_minutes",
+                  "best_val_eer_pct", "best_test_eer_pct", "best_params_encoder", "pareto_size", "test_eer_pct")
 # Decimals of the headline metrics as the runs table shows them (an EER of 12.0044 % reads 12.0).
 _ROUND = {"eer_pct": 2, "mindcf": 3, "minutes": 1}
 # MLflow refuses longer param values; a list of 25 layer indices can get close.
@@ -85,9 +84,9 @@ class Tracker:
                 artifact_root = (db_dir / "artifacts" / experiment).as_uri()
             mlflow.create_experiment(experiment, artifact_location=artifact_root,
                                      tags={EXPERIMENT_KIND_TAG: TRAINING_KIND, **results_view_tag()})
-        else:  # stores made before these tags existed
+        else:  # stores made before these tags existed, or with an older results view
             missing = {k: v for k, v in {EXPERIMENT_KIND_TAG: TRAINING_KIND, **results_view_tag()}.items()
-                       if k not in found.tags}
+                       if found.tags.get(k) != v}
             for key, value in missing.items():
                 mlflow.MlflowClient(self.tracking_uri).set_experiment_tag(found.experiment_id, key, value)
         self.experiment = experiment
@@ -138,7 +137,9 @@ def results_view_tag(columns: Iterable[str] = RESULT_COLUMNS) -> dict[str, str]:
     import json
 
     selected = ["attributes.`Duration`", *(f"metrics.`{c}`" for c in columns)]
-    return {f"mlflow.sharedViewState.{RESULTS_VIEW}": json.dumps({"selectedColumns": selected})}
+    # columnOrder keeps the order given (the UI would otherwise sort the metric columns by name)
+    return {f"mlflow.sharedViewState.{RESULTS_VIEW}": json.dumps({"selectedColumns": selected,
+                                                                  "columnOrder": selected})}
 
 
 def runs_page(server_url: str, experiment_id: str, view: str | None = RESULTS_VIEW) -> str:

@@ -247,21 +247,29 @@ def close_orphaned_runs(study: optuna.Study, tracking_uri: str) -> list[str]:
         run_id = t.user_attrs.get("mlflow_run_id")
         if not run_id or t.user_attrs.get("trial_number", t.number) != t.number:
             continue  # untracked, or the attrs a retry inherited from the trial it replaces
-        try:
-            run = client.get_run(run_id)
-            if run.info.status != "RUNNING":
-                continue
-            for key, value in t.params.items():
-                if key not in run.data.params:
-                    client.log_param(run_id, key, value)
-            client.set_tag(run_id, "optuna_state", "FAIL")
-            client.set_terminated(run_id, "FAILED")
+        if _close_run(client, run_id, t.params, t.number):
             closed.append(run_id)
-        except Exception as err:  # noqa: BLE001 - a store hiccup must not stop the worker
-            log.warning("could not close MLflow run %s of trial %d: %s", run_id, t.number, err)
     if closed:
         log.info("closed %d MLflow run(s) left RUNNING by dead workers", len(closed))
     return closed
+
+
+def _close_run(client, run_id: str, params: dict, number: int) -> bool:
+    """End a dead trial's MLflow run FAILED (tag ``optuna_state=FAIL``) with the params its worker never got to
+    log; False when it is not RUNNING (closed already) or cannot be read (a store hiccup must not stop a worker)."""
+    try:
+        run = client.get_run(run_id)
+        if run.info.status != "RUNNING":
+            return False
+        for key, value in params.items():
+            if key not in run.data.params:
+                client.log_param(run_id, key, value)
+        client.set_tag(run_id, "optuna_state", "FAIL")
+        client.set_terminated(run_id, "FAILED")
+        return True
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not close MLflow run %s of trial %s: %s", run_id, number, err)
+        return False
 
 
 class _StaleWatch:
@@ -471,15 +479,7 @@ def tracked_objective(tracker, study_name: str, objective: Callable[[optuna.Tria
             if old_run:
                 # the objective finds the dead trial's stage runs here (reused stages copy their metrics)
                 trial.set_user_attr("retry_of_mlflow_run_id", old_run)
-                try:
-                    if client.get_run(old_run).info.status == "RUNNING":
-                        # The dead worker never got to log the params; the retry carries the same ones.
-                        for key, value in trial.params.items():
-                            client.log_param(old_run, key, value)
-                        client.set_tag(old_run, "optuna_state", "FAIL")
-                        client.set_terminated(old_run, "FAILED")
-                except Exception as err:  # a missing old run must not fail the retry
-                    log.warning("could not close MLflow run %s of trial %s: %s", old_run, previous, err)
+                _close_run(client, old_run, trial.params, previous)  # if no worker has closed it yet
         state, pruned_exc = "FAIL", None
         with tracker.run(trial_run_name(trial.number, retry_of=retry_of), tags=tags) as run_id:
             trial.set_user_attr("mlflow_run_id", run_id)

@@ -356,9 +356,11 @@ def test_readme_pareto_command_reads_the_readme_grid_sweep(fake_trials):
     grid_line = next(line for line in readme.splitlines() if "sweeps.prune_sweep" in line and "--grid" in line)
     pareto = next(line for line in readme.splitlines() if "sweeps.study pareto" in line)
     args = shlex.split(pareto.split("#")[0])
+    assert "--config sweeps/configs/demo.yaml" in grid_line
+    demo = load_config(REPO / "sweeps" / "configs" / "demo.yaml", SweepConfig)
+    assert args[args.index("--study") + 1] == prune_sweep.study_name(demo, grid=True)
     config = load_config(SMOKE_SWEEP, SweepConfig)
-    config.name = "demo-prune"  # sweeps/configs/demo.yaml's name, on the smoke sizes
-    assert f"--config {Path('sweeps/configs/demo.yaml')}" in grid_line
+    config.name = demo.name  # the README's sweep, on the smoke sizes
     run_sweep(config, grid=True, n_trials=2, track=False)  # default storage, as the README's grid sweep
     proc = subprocess.run([sys.executable, *args[1:]], cwd=root, capture_output=True, text=True, timeout=120,
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)})

@@ -300,8 +300,9 @@ def test_open_study_rejects_bad_input(tmp_path):
         open_study("ok", f"sqlite:///{tmp_path}/s.db", ["down"])
     with pytest.raises(SweepError, match="metric names"):
         open_study("ok", f"sqlite:///{tmp_path}/s.db", ["minimize"], metric_names=["a", "b"])
-    with pytest.raises(SweepError, match="no study"):
+    with pytest.raises(SweepError, match="no Optuna storage at"):  # read-only: the file is not created
         load_study("missing", f"sqlite:///{tmp_path}/s.db")
+    assert not (tmp_path / "s.db").exists()
 
 
 def test_default_storage_is_sqlite_under_sweeps(tmp_path, monkeypatch):
