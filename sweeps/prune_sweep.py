@@ -24,11 +24,13 @@ optimised. Storage: ``--storage`` (any SQLAlchemy URL; default ``sqlite:///sweep
 counts COMPLETE trials, so running the same command again resumes an interrupted sweep and redoes nothing.
 A trial that raises is recorded FAILED and the sweep goes on.
 
-MLflow (experiment = the study name): a ``study`` parent run, one nested ``trial-<n>`` run per trial
-(:func:`sweeps.study.tracked_objective`) with the trial's params, the metrics ``val_eer_pct``,
+MLflow (experiment = the study name): a ``study:<name>`` parent run (with the study's headline metrics,
+:func:`study_headline`), one nested ``trial-<n> t=<target>`` run per trial (``(retry of <k>)`` for a retry;
+:func:`sweeps.study.tracked_objective`) with the trial's params, the metrics ``val_eer_pct``,
 ``params_encoder``, ``test_eer_pct``, ``achieved_sparsity``, ``target_sparsity`` (...) and the artifacts
 ``structure.json``/``structure.png``; the stage runs are nested inside the trial run. The teacher is a
-finished run (tag ``kind=use``, its own numbers) under the study run, for the notebooks' reference line.
+finished run ``teacher:<stage>`` (tags ``kind=use``, ``teacher=true``, its own numbers) under the study run, for
+the notebooks' reference line.
 
 After the worker stops, ``<out_dir>/<study>/report.json`` (points, Pareto front, teacher) and
 ``<out_dir>/<study>/curve.png`` (EER vs encoder parameters and vs achieved sparsity, teacher as a reference
