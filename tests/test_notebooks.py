@@ -143,7 +143,11 @@ def test_training_curves_notebook(smoke_run, tmp_path):
     assert ("13 stage runs: s1, merge, s2, s3, eval, prune1, shrink, prune2, graft, ps1, ps2, ps3, eval_pruned"
             in text)
     assert "note: no run of these stages has" not in text  # training and pruning-schedule metrics all logged
-    assert "4 score files: eval/test, eval/val, eval_pruned/test, eval_pruned/val" in text
+    # the evaluation stages' val + test lists and, as the README says, every training stage's test list
+    det = [d.split(" (")[0] for d in _series(text, "DET series:")]
+    assert det == ["s1/test", "s2/test", "s3/test", "eval/test", "eval/val", "ps1/test", "ps2/test", "ps3/test",
+                   "eval_pruned/test", "eval_pruned/val"]
+    assert f"{len(det)} score files: {', '.join(det)}" in text
     for png in ("training_curves.png", "pruning_schedule.png", "det_curves.png"):
         assert (tmp_path / png).stat().st_size > 10_000
     assert _images(nb) == 3
