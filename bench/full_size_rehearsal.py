@@ -124,12 +124,20 @@ def write_pretrained_folder(folder: Path, size: str, seed: int = 0) -> dict:
     config.architectures = ["Wav2Vec2BertModel"]
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in Wav2Vec2BertModel(config).state_dict().items()}
-    config.save_pretrained(folder)
-    gen = torch.Generator().manual_seed(seed)
-    nbytes = write_safetensors_streamed(folder / "model.safetensors", shapes,
-                                        lambda name, shape: init_tensor(name, shape, config.initializer_range, gen))
-    return {"tensors": len(shapes), "gib": nbytes / GIB, "has_masked_spec_embed": "masked_spec_embed" in shapes,
-            "params_in_file": sum(math.prod(s) for s in shapes.values())}
+    weights = folder / "model.safetensors"
+    stamp = folder / ".rehearsal_seed"
+    expected_bytes = sum(4 * math.prod(s) for s in shapes.values())
+    reused = (stamp.is_file() and stamp.read_text() == f"{size} {seed}" and weights.is_file()
+              and weights.stat().st_size > expected_bytes)  # the same draw, written by an earlier --keep run
+    if not reused:
+        stamp.unlink(missing_ok=True)
+        config.save_pretrained(folder)
+        gen = torch.Generator().manual_seed(seed)
+        write_safetensors_streamed(weights, shapes,
+                                   lambda name, shape: init_tensor(name, shape, config.initializer_range, gen))
+        stamp.write_text(f"{size} {seed}")
+    return {"tensors": len(shapes), "gib": expected_bytes / GIB, "has_masked_spec_embed": "masked_spec_embed" in shapes,
+            "params_in_file": sum(math.prod(s) for s in shapes.values()), "reused": reused}
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -279,6 +287,8 @@ class StageMonitor:
             return
         label = f"{self.pipeline}/{name}"
         entry = self.stages.setdefault(name, {"metrics": [], "artifacts_gib": 0.0})
+        # finished by an earlier invocation (a --keep folder): skipped now, so its steps are not observed here
+        entry["reused"] = (tags or {}).get("reused") == "True"
         self.current = name
         self.sampler.relabel(label)
         if self.device.type == "cuda":
@@ -502,11 +512,14 @@ def check_stage(spec, record: dict, monitor: dict, dirs: dict[str, Path], stage_
         if not cond:
             problems.append(what)
 
-    if spec.kind in ("train", "prune"):
+    if monitor.get("reused"):
+        entry["reused"] = True   # its step times and memory belong to the invocation that ran it
+    elif spec.kind in ("train", "prune"):
         steps = step_metrics(monitor)
         entry |= steps
         need(steps["steps"] == stage_cfg.train.steps, f"{steps['steps']} logged steps, expected {stage_cfg.train.steps}")
         need(steps["losses_finite"], "a loss is not finite (or none was logged)")
+    if spec.kind in ("train", "prune"):
         entry["amp"] = stage_cfg.train.amp
     if spec.kind == "train":
         frozen = stage_cfg.freeze_frontend
