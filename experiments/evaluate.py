@@ -11,15 +11,16 @@ from pathlib import Path
 from experiments.common import DataConfig, Timer, metrics_of, pick_device, print_table, read_result, write_result
 from svlib.config import ConfigError, load_config
 from svlib.evaluate import EvalConfig, evaluate
+from svlib.files import write_lines_atomic
 from svlib.model.frontend import count_parameters
 from svlib.model.speaker import load_model
 from svlib.scoring.metrics import plot_det
 
 
-def write_scores(path: Path, trials, scores) -> None:
-    with open(path, "w") as f:
-        for e, t, label, s in zip(trials.enroll, trials.test, trials.labels, scores):
-            f.write(f"{e} {t} {s:.6f} {'target' if label else 'nontarget'}\n")
+def write_scores(path: Path, trials, scores) -> Path:
+    """``enroll test score target|nontarget`` per trial, written atomically (a rerun never sees half a list)."""
+    return write_lines_atomic(path, (f"{e} {t} {s:.6f} {'target' if label else 'nontarget'}"
+                                     for e, t, label, s in zip(trials.enroll, trials.test, trials.labels, scores)))
 
 
 def save_scores(out_dir: Path, trials: dict, results: dict, title: str, tracker=None) -> Path:

@@ -40,15 +40,16 @@ from typing import Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from experiments.common import (DataConfig, Timer, max_relative_diff, read_result, setup_stage_device,
-                                share_from_rank_zero, write_result, write_stage_config)
+from experiments.common import (DataConfig, Timer, max_relative_diff, rank_zero_result, read_result,
+                                setup_stage_device, write_result, write_stage_config)
 from svlib.config import ConfigError, load_config
 from svlib.data.lists import DataDir
 from svlib.data.sampling import SamplingConfig, TrainLoader
 from svlib.features import W2VBertFbank
+from svlib.files import save_tensors_atomic
 from svlib.model.frontend import Frontend, count_parameters, load_encoder, save_encoder
 from svlib.model.speaker import load_model
 from svlib.pruning import (Lagrangian, MaskConfig, MaskSet, TargetSchedule, attach_masks, count_params,
@@ -370,36 +371,39 @@ def run_distill(cfg: DistillStageConfig, data: DataConfig, out_dir: str | Path, 
 
     result = train(model, objective, loader, cfg.train, out_dir / "ckpt", resume=resume, log=log,
                    param_groups=groups)
-    if rank != 0:  # wait for rank 0 to write the stage (a barrier), then hold its record
-        return share_from_rank_zero(None)
-    model.eval()
-    record = {"stage": cfg.stage, "init": str(init), "teacher": str(teacher), "final_step": result.final_step,
-              # the run's length after the epoch conversion at this stage's world size
-              "steps": result.steps, "steps_per_epoch": result.steps_per_epoch, "epochs": result.epochs,
-              "world_size": world}
-    if tracker is not None:
-        tracker.log_metrics({k: float(record[k]) for k in ("steps", "steps_per_epoch", "epochs", "world_size")
-                             if record[k] is not None})
-    if mask_set is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in mask_set.state_dict().items()}, str(out_dir / GATES))
-        structure = write_structure(out_dir, mask_set.sizes(), student.config, cfg.stage, tracker)
-        # Expected sparsity at the end vs what the deterministic (rounded, top-k) masks actually keep.
-        record |= {"target_sparsity": cfg.prune.target_sparsity,
-                   "expected_sparsity": float(mask_set.expected_sparsity().detach()),
-                   "lambda1": float(objective.lagrangian.lambda1.detach()),
-                   "lambda2": float(objective.lagrangian.lambda2.detach()),
-                   **_size_metrics(structure), "sizes": structure["layers"]}
-        # the student keeps its dense shape here; shrink removes the units
-        mask_set.detach()
-    else:
-        record |= _size_metrics(structure_record(layer_sizes(student.encoder), student.config))
-    save_stage_encoder(student.encoder, out_dir / ENCODER)
-    record["minutes"] = timer.minutes
-    if tracker is not None:
-        tracker.log_metrics({k: float(record[k]) for k in ("achieved_sparsity", "params_encoder")}
-                            | {"minutes": record["minutes"]})
-    write_result(out_dir, record)
-    return share_from_rank_zero(record)
+
+    def finish() -> dict:  # rank 0 only: the other ranks wait for its record (the stage's barrier)
+        model.eval()
+        record = {"stage": cfg.stage, "init": str(init), "teacher": str(teacher), "final_step": result.final_step,
+                  # the run's length after the epoch conversion at this stage's world size
+                  "steps": result.steps, "steps_per_epoch": result.steps_per_epoch, "epochs": result.epochs,
+                  "world_size": world}
+        if tracker is not None:
+            tracker.log_metrics({k: float(record[k]) for k in ("steps", "steps_per_epoch", "epochs", "world_size")
+                                 if record[k] is not None})
+        if mask_set is not None:
+            save_tensors_atomic({k: v.detach().cpu().contiguous() for k, v in mask_set.state_dict().items()},
+                                out_dir / GATES)
+            structure = write_structure(out_dir, mask_set.sizes(), student.config, cfg.stage, tracker)
+            # Expected sparsity at the end vs what the deterministic (rounded, top-k) masks actually keep.
+            record |= {"target_sparsity": cfg.prune.target_sparsity,
+                       "expected_sparsity": float(mask_set.expected_sparsity().detach()),
+                       "lambda1": float(objective.lagrangian.lambda1.detach()),
+                       "lambda2": float(objective.lagrangian.lambda2.detach()),
+                       **_size_metrics(structure), "sizes": structure["layers"]}
+            # the student keeps its dense shape here; shrink removes the units
+            mask_set.detach()
+        else:
+            record |= _size_metrics(structure_record(layer_sizes(student.encoder), student.config))
+        save_stage_encoder(student.encoder, out_dir / ENCODER)
+        record["minutes"] = timer.minutes
+        if tracker is not None:
+            tracker.log_metrics({k: float(record[k]) for k in ("achieved_sparsity", "params_encoder")}
+                                | {"minutes": record["minutes"]})
+        write_result(out_dir, record)
+        return record
+
+    return rank_zero_result(finish)
 
 
 def run_shrink(init: str | Path, out_dir: str | Path, *, check_dir: DataDir, tracker=None) -> dict:

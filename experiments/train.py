@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from experiments.common import (DataConfig, Timer, metrics_of, rank_zero_result, read_result, setup_stage_device,
                                 write_result, write_stage_config)
@@ -24,11 +24,12 @@ from svlib.config import ConfigError, load_config
 from svlib.data.augment import AugmentConfig, Augmenter
 from svlib.data.sampling import SamplingConfig, TrainLoader
 from svlib.evaluate import EvalConfig, evaluate
+from svlib.files import save_tensors_atomic
 from svlib.losses import AAMSoftmax, keep_classes
 from svlib.model.frontend import LoraConfig, add_lora, count_parameters, freeze
 from svlib.model.speaker import SpeakerModel, SpeakerModelConfig, build_speaker_model, load_model, save_model
 from svlib.train.checkpoint import load_checkpoint
-from svlib.train.engine import TrainConfig, seed_everything, train
+from svlib.train.engine import ResumeError, TrainConfig, seed_everything, train
 
 HEAD = "head.safetensors"
 
@@ -151,7 +152,7 @@ def run(cfg: TrainStageConfig, data: DataConfig, out_dir: str | Path, *, init: s
         merged_lora = cfg.lora is not None
         save_model(model, out_dir / "model", meta={"stage": cfg.stage, "best_step": result.best_step,
                                                    "best_val_eer_pct": result.best_metric, "lora_merged": merged_lora})
-        save_file({"weight": head.weight.detach().cpu().contiguous()}, str(out_dir / HEAD))
+        save_tensors_atomic({"weight": head.weight.detach().cpu().contiguous()}, out_dir / HEAD)
 
         record = {"stage": cfg.stage, "init": str(init) if init is not None else None, "best_step": result.best_step,
                   "best_val_eer_pct": result.best_metric, "final_step": result.final_step, **sizes,
@@ -195,7 +196,11 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    record = run(cfg, data, args.out, init=args.init, resume=not args.no_resume)
+    try:
+        record = run(cfg, data, args.out, init=args.init, resume=not args.no_resume)
+    except ResumeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(record)
     return 0
 

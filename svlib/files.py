@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
 
-def _write_atomic(path: str | os.PathLike, fill: Callable[[TextIO], Any]) -> Path:
+def _replace_atomic(path: str | os.PathLike, fill: Callable[[int, str], Any]) -> Path:
+    """``fill(fd, tmp)`` writes a unique temporary file beside ``path`` (and closes ``fd``); it then gets the
+    umask's mode and is renamed over ``path``. On any error the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            fill(f)
+        fill(fd, tmp)
         os.chmod(tmp, umask_mode())  # mkstemp creates 0600; the result gets what open(path, "w") would give
         os.replace(tmp, path)
     except BaseException:
@@ -32,6 +33,30 @@ def _write_atomic(path: str | os.PathLike, fill: Callable[[TextIO], Any]) -> Pat
             pass
         raise
     return path
+
+
+def _write_atomic(path: str | os.PathLike, fill: Callable[[TextIO], Any]) -> Path:
+    def write_text(fd: int, tmp: str) -> None:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            fill(f)
+
+    return _replace_atomic(path, write_text)
+
+
+def save_tensors_atomic(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file`` through a unique temporary file beside ``path``, renamed over it.
+
+    Every safetensors file the project writes goes through here: a killed writer leaves the old file (or none),
+    never a truncated one, and the file gets the umask's mode (safetensors itself creates 0600 files, which
+    teammates in the same group could not read).
+    """
+    from safetensors.torch import save_file  # torch-free callers of this module do not pay for the import
+
+    def write_tensors(fd: int, tmp: str) -> None:
+        os.close(fd)  # safetensors opens the path itself
+        save_file(tensors, tmp, metadata=metadata)
+
+    return _replace_atomic(path, write_tensors)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -75,3 +75,79 @@ def test_the_final_file_gets_the_umask_mode_not_mkstemps_0600(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o664
     finally:
         os.umask(old)
+
+
+def test_tensors_are_written_atomically_with_the_umask_mode(tmp_path, monkeypatch):
+    """save_tensors_atomic: the umask's mode (safetensors alone gives 0600), no temp file left, and a failed
+    rewrite leaves the previous file whole (the write goes to a temp file that is renamed over the target)."""
+    import os
+
+    import safetensors.torch
+    import torch
+
+    from svlib.files import save_tensors_atomic
+
+    old = os.umask(0o027)
+    try:
+        path = save_tensors_atomic({"w": torch.arange(6.0).reshape(2, 3)}, tmp_path / "g" / "gates.safetensors",
+                                   metadata={"format": "pt"})
+        assert path.stat().st_mode & 0o777 == 0o640
+        os.umask(0o002)
+        save_tensors_atomic({"w": torch.ones(4)}, path)
+        assert path.stat().st_mode & 0o777 == 0o664
+    finally:
+        os.umask(old)
+    assert torch.equal(safetensors.torch.load_file(path)["w"], torch.ones(4))
+    inode = path.stat().st_ino
+
+    def half_written(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 7)  # a torn header
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_written)
+    try:
+        save_tensors_atomic({"w": torch.zeros(4)}, path)
+    except OSError as err:
+        assert "no space left" in str(err)
+    else:
+        raise AssertionError("the failed write did not raise")
+    assert path.stat().st_ino == inode and torch.equal(safetensors.torch.load_file(path)["w"], torch.ones(4))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["gates.safetensors"]  # no temp file left
+
+
+def test_every_safetensors_write_goes_through_the_atomic_helper():
+    """No module writes safetensors directly (0600, torn on a kill): only svlib/files.py calls save_file."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    direct = [f"{p.relative_to(repo)}:{n}" for folder in ("svlib", "experiments", "bench")
+              for p in sorted((repo / folder).rglob("*.py")) if p.name != "files.py" or p.parent.name != "svlib"
+              for n, line in enumerate(p.read_text().splitlines(), 1)
+              # safetensors directly, or through a model's save_pretrained (a config's writes JSON with open())
+              if re.search(r"\bsave_file\b|\bsave_pretrained\(", line) and "config.save_pretrained(" not in line]
+    assert direct == [], direct
+
+
+def test_stage_score_files_are_replaced_whole(tmp_path):
+    """experiments.evaluate.write_scores goes through write_lines_atomic: a write that fails part-way
+    leaves the previous scores file as it was (and no temp file), a complete one replaces it."""
+    from types import SimpleNamespace
+
+    from experiments.evaluate import write_scores
+
+    trials = SimpleNamespace(enroll=["a", "b"], test=["c", "d"], labels=[1, 0])
+    path = write_scores(tmp_path / "test.txt", trials, [0.5, -0.25])
+    assert path.read_text() == "a c 0.500000 target\nb d -0.250000 nontarget\n"
+
+    def dies_after_one():
+        yield 0.75
+        raise RuntimeError("killed")
+
+    try:
+        write_scores(path, trials, dies_after_one())
+    except RuntimeError:
+        pass
+    assert path.read_text() == "a c 0.500000 target\nb d -0.250000 nontarget\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["test.txt"]

@@ -344,3 +344,26 @@ def test_deterministic_constraint_is_straight_through():
     assert extras["deterministic"]["deterministic_sparsity"] == pytest.approx(deterministic)
     assert float(losses["deterministic"] - losses["expected"]) == pytest.approx(deterministic - expected, abs=1e-6)
     assert all(torch.allclose(a, b) for a, b in zip(grads["expected"], grads["deterministic"]))
+
+
+def test_a_distill_stage_failing_on_rank_zero_after_training_tells_the_other_ranks(work, monkeypatch):
+    """The stage's save/record tail runs on rank 0 inside ``rank_zero_result``: when it raises there, rank 0
+    broadcasts the failure (the other ranks raise RankError naming it) before re-raising, instead of leaving
+    them in the broadcast until the process-group timeout. Rank 0 of a 2-rank group, the broadcast captured."""
+    from experiments import common
+
+    sent = []
+    monkeypatch.setattr(common, "rank_and_world", lambda: (0, 2))  # what rank_zero_result sees: rank 0 of two
+    monkeypatch.setattr(common, "share_from_rank_zero", lambda value: sent.append(value) or value)
+
+    def disk_full(encoder, folder):
+        raise OSError(f"{folder}: no space left on device")
+
+    monkeypatch.setattr(P, "save_stage_encoder", disk_full)
+    out = work["root"] / "kd_tail_fails"
+    cfg = from_dict(P.DistillStageConfig, PRUNE2 | {"stage": "kd", "train": PRUNE2["train"] | {"steps": 2}})
+    with pytest.raises(OSError, match="no space left"):
+        P.run_distill(cfg, work["data"], out, init=work["teacher"])
+    assert len(sent) == 1 and isinstance(sent[0], common._Failure), sent
+    assert sent[0].message.startswith("OSError: ") and "no space left on device" in sent[0].message
+    assert not (out / "result.json").exists()

@@ -26,11 +26,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import Wav2Vec2BertConfig, Wav2Vec2BertModel
 
 from svlib.config import ConfigError, check_relative
+from svlib.files import save_tensors_atomic
 from svlib.model.attention import default_implementation, set_attention
 
 __all__ = [
@@ -288,7 +289,7 @@ def save_encoder(encoder: Wav2Vec2BertModel, folder: str | os.PathLike) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     encoder.config.save_pretrained(folder)
     state = {k: v.detach().to("cpu").contiguous() for k, v in merged_state_dict(encoder).items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_tensors_atomic(state, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
 
 

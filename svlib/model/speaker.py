@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from svlib.config import ConfigError, from_dict, to_dict
 from svlib.features import W2VBertFbank
-from svlib.files import respect_umask, write_text_atomic
+from svlib.files import save_tensors_atomic, write_text_atomic
 from svlib.model.backends import BackendConfig, build_backend
 from svlib.model.frontend import (
     Frontend,
@@ -114,9 +114,8 @@ def save_model(model: SpeakerModel, folder: str | os.PathLike, meta: dict[str, A
     (folder / MANIFEST).unlink(missing_ok=True)
     save_encoder(model.frontend.encoder, folder / ENCODER_DIR)
     backend_state = {f"backend.{k}": v.detach().to("cpu").contiguous() for k, v in model.backend.state_dict().items()}
-    save_file(backend_state, str(folder / BACKEND_WEIGHTS), metadata={"format": "pt"})
-    # safetensors (also under HF save_pretrained) creates its files 0600; shared models must be group-readable
-    respect_umask(folder / BACKEND_WEIGHTS, *(p for p in (folder / ENCODER_DIR).rglob("*") if p.is_file()))
+    # atomic, with the umask's mode (safetensors alone creates 0600 files; shared models must be group-readable)
+    save_tensors_atomic(backend_state, folder / BACKEND_WEIGHTS, metadata={"format": "pt"})
     write_text_atomic(folder / MANIFEST, text + "\n")
     return folder
 

@@ -233,14 +233,14 @@ def prune_model(model: Wav2Vec2BertModel, mask_set) -> Wav2Vec2BertModel:
 
 
 def save_pruned_encoder(model: Wav2Vec2BertModel, folder: str | Path) -> Path:
-    from safetensors.torch import save_file
+    from svlib.files import save_tensors_atomic
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     setattr(model.config, CONFIG_KEY, layer_sizes(model))
     model.config.save_pretrained(folder)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_tensors_atomic(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
     return folder
 
 
