@@ -37,6 +37,7 @@ from svlib.config import (ConfigError, check_overrides, check_relative, from_dic
                           read_yaml, to_dict)
 from svlib.files import write_json
 from svlib.tracking import Tracker, data_fingerprint, git_commit, headline_metrics
+from svlib.train.engine import ResumeError
 
 STAGE_KINDS = ("train", "merge", "evaluate", "prune", "shrink", "graft", "random_prune", "use")
 # kinds with a stage YAML, and the config class it is validated into
@@ -384,7 +385,11 @@ def main(argv=None) -> int:
         return 2
     rank, _ = setup_process_group(cfg.dist_timeout_minutes)
     tracker = None if args.no_tracking or rank != 0 else Tracker(args.experiment or cfg.name)
-    summary = run(cfg, Path(args.config).parent, tracker, stage_cfgs=stage_cfgs, stages=selected)
+    try:
+        summary = run(cfg, Path(args.config).parent, tracker, stage_cfgs=stage_cfgs, stages=selected)
+    except ResumeError as err:  # every rank reads the same checkpoint, so every rank stops here alike
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.report and rank == 0:
         report(summary, Path(args.report))
     leave_process_group()

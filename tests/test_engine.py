@@ -254,6 +254,37 @@ def test_resume_takes_learning_rates_from_the_config(train_data, tmp_path):
     assert groups["backend"]["lr"] == pytest.approx(2e-4 * lr_factor(w.make_config(4).schedule, 3))
 
 
+def test_resume_on_another_world_size_is_refused_where_the_ranks_decide_the_step(train_data, tmp_path, capsys):
+    """A checkpoint of 2 ranks resumed on 1: refused for an epoch-sharded loader (step 3 would be another part
+    of the epoch) and for lengths in epochs (another total and schedule); a speaker-balanced loader with lengths
+    in steps continues (each rank's batch i is a function of (seed, i, rank) alone)."""
+    run_fresh(train_data, tmp_path, 3)
+    path = tmp_path / "ckpt_00000003.pt"
+    state = ck.load_checkpoint(path)
+    assert state["world_size"] == 1
+    state["world_size"], state["rng"] = 2, state["rng"] * 2  # as 2 ranks leave it
+    ck.save_checkpoint(path, state)
+    waves, labels, utts = train_data
+
+    def resume(cfg, epoch_sharded=False, steps_per_epoch=None):
+        loader = w.MiniLoader(waves, labels, utts)
+        loader.epoch_sharded, loader.steps_per_epoch = epoch_sharded, steps_per_epoch
+        return train(*w.build(max(labels) + 1), loader, cfg, tmp_path, resume=True)
+
+    with pytest.raises(engine.ResumeError) as sharded:
+        resume(w.make_config(4), epoch_sharded=True)
+    message = str(sharded.value)
+    assert "\n" not in message and message.startswith(f"{path}: saved at step 3 by 2 rank(s), resumed on 1: ")
+    assert "epoch-mode loader" in message and "finish the stage on 2 rank(s), or start it afresh" in message
+    assert "lengths are in epochs" not in message
+    with pytest.raises(engine.ResumeError, match=r"by 2 rank\(s\), resumed on 1: its lengths are in epochs"):
+        resume(w.make_config(None, epochs=2, ckpt_every=100), steps_per_epoch=2)
+    assert ck.list_checkpoints(tmp_path) == [tmp_path / "ckpt_00000003.pt"]  # nothing trained or written
+    capsys.readouterr()
+    assert resume(w.make_config(4)).final_step == 4  # speaker-balanced, lengths in steps
+    assert "saved by 2 ranks, now 1: RNG streams restart per rank" in capsys.readouterr().out
+
+
 def test_resume_without_checkpoint_starts_fresh(train_data, tmp_path):
     _, _, result, history = run_fresh(train_data, tmp_path, 2, resume=True)
     assert history[0][0] == 1 and result.final_step == 2

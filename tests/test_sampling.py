@@ -295,6 +295,16 @@ def test_epoch_mode_speed_labels_match_content(tones):
     assert speeds == {0: 12, 1: 12, 2: 12}  # every utterance once at every speed
 
 
+def test_only_the_epoch_mode_stream_depends_on_the_world_size(mini):
+    """What the engine's resume check reads: epoch-mode batches are shards of the epoch (rank 0's first batch
+    changes with the world size), speaker-balanced ones are not (the same batch on 1 or 2 ranks)."""
+    for mode, sharded in (("epoch", True), ("speaker_balanced", False)):
+        cfg = SamplingConfig(mode=mode, batch_size=16, crop_seconds=(0.5, 1.0))
+        one, two = (TrainLoader(mini, cfg, seed=3, rank=0, world_size=n) for n in (1, 2))
+        assert one.epoch_sharded is two.epoch_sharded is sharded
+        assert same(one.batch(1), two.batch(1)) is not sharded, mode
+
+
 def test_epoch_mode_resume_mid_epoch_and_epochs_reshuffle(mini):
     cfg = SamplingConfig(mode="epoch", batch_size=16, crop_seconds=(0.5, 1.0))
     full = TrainLoader(mini, cfg, seed=9, rank=1, world_size=2)

@@ -360,6 +360,12 @@ class TrainLoader:
         self._step = start_step
 
     @property
+    def epoch_sharded(self) -> bool:
+        """Whether batch ``i`` depends on the world size (epoch mode's shard); the training engine then refuses
+        to resume a checkpoint of another world size (see ``svlib.train.engine.check_resume_world_size``)."""
+        return self.cfg.mode == "epoch"
+
+    @property
     def step(self) -> int:
         """Number of batches handed out so far (= index of the next batch)."""
         return self._step

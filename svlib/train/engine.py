@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from svlib.config import to_dict
+from svlib.config import ConfigError, to_dict
 from svlib.losses import MarginSchedule
 from svlib.train.checkpoint import (checkpoint_name, latest_checkpoint, list_checkpoints, load_checkpoint,
                                     prune_checkpoints, save_checkpoint)
@@ -323,6 +323,37 @@ def _is_better(value: float, best: float | None, mode: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- loop
 
+class ResumeError(ConfigError):
+    """A checkpoint that cannot be continued in this setup (one line naming the checkpoint and what differs)."""
+
+
+def check_resume_world_size(ckpt_path: Path, saved_world: int, world: int, step: int, loader,
+                            in_epochs: bool) -> None:
+    """Refuse to continue ``ckpt_path`` (saved at ``step`` by ``saved_world`` ranks) on ``world`` ranks where
+    the number of ranks decides what step ``step`` means.
+
+    An epoch-mode loader gives rank ``r`` the entries ``perm_e[(k W + r) B : (k W + r + 1) B]`` of epoch
+    ``e = i // K`` with ``K = floor(E / (B W))``: with another ``W`` both ``K`` and the slices change, so the
+    rest of the run would repeat some samples of the epoch and skip others. A config whose lengths are in
+    epochs has ``steps = epochs x K``: its total and its lr schedule move under the saved step. Neither holds for
+    a speaker-balanced loader with lengths in steps, whose batch ``i`` of rank ``r`` is a function of
+    ``(seed, i, r)`` alone: the ranks kept continue their streams exactly (only the RNG streams of the dropped or
+    added ranks restart), so that case is allowed.
+    """
+    if saved_world == world:
+        return
+    reasons = []
+    if getattr(loader, "epoch_sharded", False):
+        reasons.append("its epoch-mode loader shards every epoch over the ranks (samples would be repeated or "
+                       "skipped)")
+    if in_epochs:
+        reasons.append("its lengths are in epochs (the steps and the lr schedule would change under it)")
+    if reasons:
+        raise ResumeError(f"{ckpt_path}: saved at step {step} by {saved_world} rank(s), resumed on {world}: "
+                          f"{'; '.join(reasons)}; finish the stage on {saved_world} rank(s), or start it afresh "
+                          f"(remove {ckpt_path.parent})")
+
+
 def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: str | os.PathLike, *,
           resume: bool = False, validate: Callable[[nn.Module], dict] | None = None,
           log: Callable[[dict, int], None] | None = None,
@@ -346,6 +377,7 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
     out_dir = Path(out_dir)
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+    in_epochs = cfg.in_epochs  # before the conversion: whether the run's length follows the world size
     cfg, spe, conversion = resolve_config(cfg, loader, world)
     if is_main:
         print(f"[train] {conversion}")
@@ -365,6 +397,8 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
     ckpt_path = latest_checkpoint(out_dir) if resume else None
     if ckpt_path is not None:
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+        check_resume_world_size(ckpt_path, int(ckpt.get("world_size", len(ckpt["rng"]))), world, ckpt["step"],
+                                loader, in_epochs)
         model.load_state_dict(ckpt["model"])
         head.load_state_dict(ckpt["head"])
         optimizer.load_state_dict(ckpt["optimizer"])
