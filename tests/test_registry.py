@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import svlib
 from svlib import package
+from svlib.model.attention import set_attention
 from svlib.model.speaker import ModelFormatError, save_model
 
 from test_speaker import tiny_model, waves_batch
@@ -26,6 +27,9 @@ def _flop_macs(fn) -> float:
 @pytest.mark.parametrize("backend", [None, MHFA])
 def test_describe_counts_match_modules(backend):
     model = tiny_model(backend=backend)
+    # describe() reports the architecture's MACs, i.e. HF's stock relative_key forward (the lean one gives the
+    # same output with fewer products: counting.count_macs(attention="lean")), so count the stock module
+    set_attention(model.frontend.encoder, "stock")
     model.frontend.encoder.set_attn_implementation("eager")  # sdpa kernels are invisible to FlopCounterMode
     seconds, t = 3.0, 150
     info = package.describe(model, seconds=seconds)
