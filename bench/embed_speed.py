@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from svlib.data.lists import DataDir  # noqa: E402
 from svlib.data.sampling import iterate_by_length  # noqa: E402
-from svlib.files import write_json  # noqa: E402
+from svlib.files import relative_path, write_json  # noqa: E402
 from svlib.evaluate import EvalConfig, extract_embeddings  # noqa: E402
 from svlib.package import describe, load_model  # noqa: E402
 
@@ -168,8 +168,9 @@ def main(argv=None) -> dict:
     ref = tables[("dense", "torch", "single")]
     agreement = {f"{k[0]}/{k[1]}/{k[2]}": max_diff(ref, v) for k, v in tables.items() if k[0] == "dense"}
     result = {
-        "model": str(args.model) if args.model else "small preset (random weights), MFA back-end",
-        "data": str(args.data), "num_utts": len(utts), "audio_seconds": audio, "threads": args.threads,
+        "model": relative_path(args.model, REPO) if args.model else "small preset (random weights), MFA back-end",
+        "data": relative_path(args.data, REPO), "num_utts": len(utts), "audio_seconds": audio,
+        "threads": args.threads,
         "batch_seconds": args.batch_seconds, "repeats": args.repeats, "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "speedup_batched_vs_single": rate("dense", "torch", "batched") / rate("dense", "torch", "single"),

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from svlib.data.lists import DataDir, ListError, Trials, read_trials  # noqa: E402
-from svlib.files import write_json  # noqa: E402
+from svlib.files import relative_path, write_json  # noqa: E402
 from svlib.scoring.metrics import EmbeddingTable  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "score_backend.json"
@@ -151,7 +151,8 @@ def main(argv=None) -> dict:
     embed_seconds = time.perf_counter() - t0
     result = score_backends(tables["train"], splits["train"].utt2spk, tables["val"], val_trials, tables["test"],
                             test_trials, args.top_n, args.quality, args.p_target)
-    result.update({"model": str(args.model), "data": str(args.data), "embed_seconds": embed_seconds,
+    result.update({"model": relative_path(args.model, REPO), "data": relative_path(args.data, REPO),
+                   "embed_seconds": embed_seconds,
                    "utterances": {s: len(t.utts) for s, t in tables.items()}})
     for key in ("eer_raw_pct", "eer_asnorm_pct", "eer_calibrated_pct", "cllr_calibrated", "min_cllr",
                 "cllr_score_only_calibration"):

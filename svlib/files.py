@@ -74,6 +74,12 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return write_text_atomic(path, json.dumps(data, indent=2, default=float) + "\n")
 
 
+def relative_path(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """``path`` relative to ``root`` (``../`` where it lies outside), for JSON records that must not hold the
+    absolute paths of one machine (benchmark results are committed and compared across machines)."""
+    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(root))).as_posix()
+
+
 def umask_mode() -> int:
     """``0o666 & ~umask``: the mode ``open(path, "w")`` gives a new file. Read without changing it where Linux
     shows it (``/proc/self/status``, kernel >= 4.7: setting it, even briefly, races with other threads

@@ -151,3 +151,15 @@ def test_stage_score_files_are_replaced_whole(tmp_path):
         pass
     assert path.read_text() == "a c 0.500000 target\nb d -0.250000 nontarget\n"
     assert [p.name for p in tmp_path.iterdir()] == ["test.txt"]
+
+
+def test_relative_path_is_what_benchmark_records_hold(tmp_path, monkeypatch):
+    """bench/*.py record their inputs relative to the repository, never one machine's absolute path."""
+    from svlib.files import relative_path
+
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    assert relative_path(repo / "data" / "sv-bench" / "test", repo) == "data/sv-bench/test"
+    assert relative_path(tmp_path / "shared" / "data", repo) == "../shared/data"
+    monkeypatch.chdir(repo / "data")
+    assert relative_path("sv-bench", repo) == "data/sv-bench"  # a relative argument is taken from the cwd
