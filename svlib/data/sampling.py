@@ -69,8 +69,10 @@ class SamplingConfig:
     ``speed_perturb``: every utterance also counts at each speed of ``speeds`` (epoch mode: one entry per
     speed; speaker-balanced: a speed drawn uniformly per sample), and each speed is its own set of classes.
     ``cache_bytes``: decoded waveforms kept in memory per process (each DataLoader worker has its own), as an
-    LRU bounded by this many bytes of float32 audio; 0 (the default) keeps nothing. Memory is
-    ``num_workers x cache_bytes`` per rank, whatever the size of the data.
+    LRU bounded by this many bytes of float32 audio; 0 (the default) keeps nothing. The bound is per process,
+    not per job: the caches total ``cache_bytes x max(1, num_workers) x ranks`` (the main process holds the
+    cache when ``num_workers`` is 0), e.g. 400 MB x 4 workers x 8 GPUs = 12.8 GB on the node, whatever the size
+    of the data.
     """
 
     batch_size: int = 32
