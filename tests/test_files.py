@@ -138,7 +138,8 @@ def test_stage_score_files_are_replaced_whole(tmp_path):
     from experiments.evaluate import write_scores
 
     trials = SimpleNamespace(enroll=["a", "b"], test=["c", "d"], labels=[1, 0])
-    path = write_scores(tmp_path / "test.txt", trials, [0.5, -0.25])
+    path = tmp_path / "test.txt"
+    write_scores(path, trials, [0.5, -0.25])
     assert path.read_text() == "a c 0.500000 target\nb d -0.250000 nontarget\n"
 
     def dies_after_one():
