@@ -5,10 +5,12 @@
 
 Runs the smoke pipeline (tiny model, sv-mini, ~1 min on 2 cores) into ``DIR/mlruns/mlflow.db`` unless that
 store already holds the ``smoke`` experiment, serves it with ``mlflow server`` on 127.0.0.1 (started and
-stopped by PID through ``svlib.services``) and takes headless-Chromium screenshots:
+stopped by PID through ``svlib.services``) and takes headless-Chromium screenshots, driven over the DevTools
+protocol so that the page opens in the "Model training" workflow with the MLflow Assistant panel closed:
 
-* ``docs/mlflow_runs.png``     the experiment's runs table with the result columns (svlib's saved view): the
-  pipeline run with its headline metrics, its stage runs folded under it;
+* ``docs/mlflow_runs.png``     the experiment's runs table (``#/experiments/<id>/runs?viewStateShareKey=svlib-results``)
+  with the result columns of svlib's saved view plus the final test/val EER bootstrap intervals: the pipeline
+  run with its headline metrics, expanded to show its stage runs;
 * ``docs/mlflow_metrics.png``  the train_loss chart of the s1, s2 and s3 stage runs;
 * ``docs/optuna_dashboard.png`` only if ``optuna-dashboard`` is installed: a small two-objective study.
 
@@ -17,12 +19,16 @@ Nothing listens beyond 127.0.0.1 and every server this script starts is stopped 
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -31,10 +37,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # experiments/ and svlib/ from this checkout
 
 from svlib.services import free_port, start_mlflow_server, stop_process, wait_http  # noqa: E402
-from svlib.tracking import Tracker, runs_page  # noqa: E402
+from svlib.tracking import RESULT_COLUMNS, Tracker, results_view_tag, runs_page  # noqa: E402
 
 SMOKE = REPO / "experiments" / "configs" / "smoke" / "pipeline.yaml"
 MANIFEST = REPO.parent / "shared" / "data" / "sv-mini" / "manifest.csv"
+# the expander of a parent run's row in the runs table (its componentId in MLflow 3.x's RunNameCellRenderer)
+EXPANDER = '[data-component-id$="runnamecellrenderer.tsx_46"]'
+# ag-grid auto-sizes a column to its header and cells on a double click of the header's resize handle: the
+# metric names (final_test_eer_pct_ci_low...) are longer than MLflow's default column width
+AUTOSIZE_COLUMNS = ("document.querySelectorAll('.ag-header-cell-resize').forEach("
+                    "e => e.dispatchEvent(new MouseEvent('dblclick', {bubbles: true})))")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars", "--force-device-scale-factor=1"]
@@ -59,6 +71,27 @@ def fill_store(workdir: Path) -> str:
     return uri
 
 
+def with_intervals(columns=RESULT_COLUMNS, metrics=("final_test_eer_pct", "final_val_eer_pct")) -> list[str]:
+    """``columns`` with the bootstrap interval ``<metric>_ci_low``/``_ci_high`` right after each of ``metrics``
+    (unless the saved view already lists them)."""
+    out = []
+    for column in columns:
+        out.append(column)
+        if column in metrics:
+            out += [f"{column}_{end}" for end in ("ci_low", "ci_high") if f"{column}_{end}" not in columns]
+    return out
+
+
+def show_intervals(uri: str, experiment: str = "smoke") -> None:
+    """Save the results view of ``experiment`` with the EER intervals beside the EERs (the shot shows them)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    for key, value in results_view_tag(with_intervals()).items():
+        client.set_experiment_tag(experiment_id, key, value)
+
+
 def chromium() -> str:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if shutil.which(name):
@@ -66,13 +99,129 @@ def chromium() -> str:
     sys.exit("chromium not found: apt-get install -y chromium")
 
 
-def screenshot(url: str, path: Path, size=(1920, 1000), budget_ms: int = 20000) -> Path:
+# localStorage the MLflow 3 UI reads (its useLocalStorage hook stores JSON under ``<key>_v<version>``): the
+# "Model training" workflow, and the Assistant panel closed and marked as already auto-opened once (on a
+# 127.0.0.1 server the UI otherwise opens it over a third of the page on first load).
+UI_STORAGE = {"mlflow.workflowType_v1": "machine_learning", "mlflow.assistant.panelOpen_v1": False,
+              "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": True}
+
+
+class _DevTools:
+    """A minimal Chrome DevTools Protocol client over one websocket (stdlib only: RFC 6455 text frames)."""
+
+    def __init__(self, ws_url: str):
+        parsed = urllib.parse.urlparse(ws_url)
+        self.sock = socket.create_connection((parsed.hostname, parsed.port), timeout=60)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET {parsed.path} HTTP/1.1\r\nHost: {parsed.netloc}\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                           "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += self.sock.recv(4096)
+        if b" 101 " not in reply.split(b"\r\n", 1)[0]:
+            raise RuntimeError(f"devtools websocket refused: {reply[:80]!r}")
+        self._buffer = reply.split(b"\r\n\r\n", 1)[1]
+        self._next_id = 0
+
+    def _read(self, n: int) -> bytes:
+        while len(self._buffer) < n:
+            chunk = self.sock.recv(1 << 20)
+            if not chunk:
+                raise RuntimeError("devtools websocket closed")
+            self._buffer += chunk
+        out, self._buffer = self._buffer[:n], self._buffer[n:]
+        return out
+
+    def _send(self, text: str) -> None:
+        data, mask = text.encode(), os.urandom(4)
+        n = len(data)
+        head = bytes([0x81]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + struct.pack(">H", n)
+                                if n < 1 << 16 else bytes([0x80 | 127]) + struct.pack(">Q", n))
+        self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
+
+    def _receive(self) -> dict:
+        message = b""
+        while True:
+            first, second = self._read(2)
+            n = second & 0x7F
+            if n == 126:
+                n = struct.unpack(">H", self._read(2))[0]
+            elif n == 127:
+                n = struct.unpack(">Q", self._read(8))[0]
+            payload = self._read(n)
+            if first & 0x0F in (0x1, 0x0):  # text or continuation
+                message += payload
+                if first & 0x80:
+                    return json.loads(message)
+
+    def call(self, method: str, **params) -> dict:
+        self._next_id += 1
+        self._send(json.dumps({"id": self._next_id, "method": method, "params": params}))
+        while True:  # events arrive in between; keep the reply to this call
+            reply = self._receive()
+            if reply.get("id") == self._next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+
+    def evaluate(self, expression: str):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True).get("result", {}).get("value")
+
+
+def screenshot(url: str, path: Path, size=(1920, 1000), ready_text: str = "", clicks: tuple[str, ...] = (),
+               scripts: tuple[str, ...] = (), timeout: float = 60.0) -> Path:
+    """Open ``url`` in headless Chromium with :data:`UI_STORAGE` set before the page's scripts run, wait until
+    the page shows ``ready_text`` (and stops changing), click the CSS selectors ``clicks`` (e.g. a row
+    expander), run the JavaScript ``scripts``, then save a ``size`` PNG to ``path``."""
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         cmd = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}",
-               f"--virtual-time-budget={budget_ms}", f"--screenshot={path}", url]
-        subprocess.run(cmd, check=True, timeout=180, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               f"--remote-debugging-port={port}", "--remote-debugging-address=127.0.0.1", "about:blank"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        try:
+            if not wait_http(f"http://127.0.0.1:{port}/json/version", timeout=60, proc=proc):
+                sys.exit("chromium did not open its devtools port")
+            page = next(t for t in _api(f"http://127.0.0.1:{port}", "/json/list") if t["type"] == "page")
+            tools = _DevTools(page["webSocketDebuggerUrl"])
+            tools.call("Page.enable")
+            tools.call("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1,
+                       mobile=False)
+            seed = "".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(json.dumps(v))});"
+                           for k, v in UI_STORAGE.items())
+            tools.call("Page.addScriptToEvaluateOnNewDocument", source=seed)
+            tools.call("Page.navigate", url=url)
+            _wait_for(tools, ready_text, timeout)
+            for selector in clicks:
+                if tools.evaluate(f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+                                  f" if (e) e.click(); return Boolean(e); }})()"):
+                    _wait_for(tools, ready_text, timeout)
+                else:
+                    print(f"  (nothing to click at {selector})")
+            for script in scripts:
+                tools.evaluate(script)
+                time.sleep(1.0)
+            shot = tools.call("Page.captureScreenshot", format="png")["data"]
+            tools.sock.close()
+            path.write_bytes(base64.b64decode(shot))
+        finally:
+            stop_process(proc)
     print(f"wrote {path} ({path.stat().st_size} bytes) <- {url}")
     return path
+
+
+def _wait_for(tools: _DevTools, text: str, timeout: float) -> None:
+    """Until the page's text contains ``text`` and has not changed for 2 s (charts and tables drawn)."""
+    deadline, last, stable_since = time.monotonic() + timeout, None, time.monotonic()
+    while time.monotonic() < deadline:
+        body = tools.evaluate("document.body ? document.body.innerText : ''") or ""
+        if body != last:
+            last, stable_since = body, time.monotonic()
+        elif text in body and time.monotonic() - stable_since > 2.0:
+            return
+        time.sleep(0.5)
+    print(f"  (page not settled on {text!r} after {timeout:.0f} s; shooting anyway)")
 
 
 def _api(url: str, path: str, body: dict | None = None, **query) -> dict:
@@ -92,17 +241,17 @@ def mlflow_shots(uri: str, workdir: Path, out: Path) -> None:
         runs = _api(url, "/api/2.0/mlflow/runs/search", {"experiment_ids": [eid], "max_results": 100})["runs"]
         by_stage = {t["value"]: r["info"]["run_id"] for r in runs for t in r["data"].get("tags", []) if t["key"] == "stage"}
         # Runs table, in the "Model training" view with svlib's saved view of the result columns (the link the
-        # README gives). MLflow 3.x folds the stage runs under the pipeline run behind an expander that a
-        # headless --screenshot cannot click; the pipeline row carries the headline metrics and the
-        # "N matching runs" count shows the stage runs are there.
-        screenshot(runs_page(url, eid), out / "mlflow_runs.png", size=(1900, 700))
+        # README gives), the pipeline row expanded to show its stage runs.
+        screenshot(runs_page(url, eid), out / "mlflow_runs.png", size=(2300, 780), ready_text="matching runs",
+                   clicks=(EXPANDER,), scripts=(AUTOSIZE_COLUMNS,))
         # train_loss of the three training stages on one chart (the metric page of s2's train_loss, with s1/s3 added)
         trained = [by_stage[s] for s in ("s1", "s2", "s3")]
         metric_query = urllib.parse.urlencode({"runs": json.dumps(trained), "metric": json.dumps("train_loss"),
                                                "experiments": json.dumps([eid]),
                                                "plot_metric_keys": json.dumps(["train_loss"]), "x_axis": "step"},
                                               quote_via=urllib.parse.quote)
-        screenshot(f"{url}/#/metric/train_loss?{metric_query}", out / "mlflow_metrics.png")
+        screenshot(f"{url}/#/metric/train_loss?{metric_query}", out / "mlflow_metrics.png", size=(1600, 800),
+                   ready_text="Completed Runs")
     finally:
         stop_process(proc)
 
@@ -146,6 +295,7 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     uri = fill_store(workdir)
+    show_intervals(uri)
     mlflow_shots(uri, workdir, args.out)
     optuna_shot(workdir, args.out)
     return 0
