@@ -8,7 +8,7 @@ store already holds the ``smoke`` experiment, serves it with ``mlflow server`` o
 stopped by PID through ``svlib.services``) and takes headless-Chromium screenshots, driven over the DevTools
 protocol so that the page opens in the "Model training" workflow with the MLflow Assistant panel closed:
 
-* ``docs/mlflow_runs.png``     the experiment's runs table (``#/experiments/<id>/runs?viewStateShareKey=svlib-results``)
+* ``docs/mlflow_runs.png``     the experiment's runs table (``#/experiments/<id>/runs?workflowType=machine_learning&viewStateShareKey=svlib-results``)
   with the result columns of svlib's saved view plus the final test/val EER bootstrap intervals: the pipeline
   run with its headline metrics, expanded to show its stage runs;
 * ``docs/mlflow_metrics.png``  the train_loss chart of the s1, s2 and s3 stage runs;
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # experiments/ and svlib/ from this checkout
 
 from svlib.services import free_port, start_mlflow_server, stop_process, wait_http  # noqa: E402
-from svlib.tracking import RESULT_COLUMNS, Tracker, results_view_tag, runs_page  # noqa: E402
+from svlib.tracking import Tracker, runs_page  # noqa: E402
 
 SMOKE = REPO / "experiments" / "configs" / "smoke" / "pipeline.yaml"
 MANIFEST = REPO.parent / "shared" / "data" / "sv-mini" / "manifest.csv"
@@ -69,27 +69,6 @@ def fill_store(workdir: Path) -> str:
     subprocess.run([sys.executable, "-m", "experiments.pipeline", "--config", str(SMOKE), "--experiment", "smoke"],
                    cwd=workdir, env=env, check=True)
     return uri
-
-
-def with_intervals(columns=RESULT_COLUMNS, metrics=("final_test_eer_pct", "final_val_eer_pct")) -> list[str]:
-    """``columns`` with the bootstrap interval ``<metric>_ci_low``/``_ci_high`` right after each of ``metrics``
-    (unless the saved view already lists them)."""
-    out = []
-    for column in columns:
-        out.append(column)
-        if column in metrics:
-            out += [f"{column}_{end}" for end in ("ci_low", "ci_high") if f"{column}_{end}" not in columns]
-    return out
-
-
-def show_intervals(uri: str, experiment: str = "smoke") -> None:
-    """Save the results view of ``experiment`` with the EER intervals beside the EERs (the shot shows them)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    for key, value in results_view_tag(with_intervals()).items():
-        client.set_experiment_tag(experiment_id, key, value)
 
 
 def chromium() -> str:
@@ -295,7 +274,6 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     uri = fill_store(workdir)
-    show_intervals(uri)
     mlflow_shots(uri, workdir, args.out)
     optuna_shot(workdir, args.out)
     return 0

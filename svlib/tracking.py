@@ -25,7 +25,9 @@ TRAINING_KIND = "custom_model_development"
 # ``#/experiments/<id>/runs?viewStateShareKey=<key>``) whose columns are the result metrics: without it MLflow
 # shows no metric column until the user picks them.
 RESULTS_VIEW = "svlib-results"
-RESULT_COLUMNS = ("final_test_eer_pct", "final_val_eer_pct", "final_test_mindcf_0.01", "params_encoder", "wall_minutes",
+RESULT_COLUMNS = ("final_test_eer_pct", "final_test_eer_pct_ci_low", "final_test_eer_pct_ci_high",
+                  "final_val_eer_pct", "final_val_eer_pct_ci_low", "final_val_eer_pct_ci_high",
+                  "final_test_mindcf_0.01", "params_encoder", "wall_minutes",
                   "best_val_eer_pct", "best_test_eer_pct", "best_params_encoder", "pareto_size", "test_eer_pct")
 # Decimals of the headline metrics as the runs table shows them (an EER of 12.0044 % reads 12.0).
 _ROUND = {"eer_pct": 2, "mindcf": 3, "minutes": 1}
@@ -145,8 +147,9 @@ def results_view_tag(columns: Iterable[str] = RESULT_COLUMNS) -> dict[str, str]:
 def runs_page(server_url: str, experiment_id: str, view: str | None = RESULTS_VIEW) -> str:
     """The UI page of an experiment's runs table (``#/experiments/<id>`` alone opens MLflow 3's overview),
     in the saved view ``view`` (the result columns) unless None."""
-    page = f"{server_url.rstrip('/')}/#/experiments/{experiment_id}/runs"
-    return page + (f"?viewStateShareKey={view}" if view else "")
+    # workflowType: the UI's "Model training" side (a fresh browser otherwise opens the GenAI one)
+    page = f"{server_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return page + (f"&viewStateShareKey={view}" if view else "")
 
 
 def rounded(key: str, value: float) -> float:

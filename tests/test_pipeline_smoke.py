@@ -81,8 +81,15 @@ def test_mlflow_holds_parent_and_nested_stage_runs(smoke_run):
     assert len(s1.data.tags["git_commit"]) >= 7 and len(s1.data.tags["data_fingerprint"]) == 16
     history = mlflow.tracking.MlflowClient().get_metric_history(s1.info.run_id, "train_loss")
     assert [m.step for m in history] == [2, 4, 6]
-    artifacts = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(children["eval"].info.run_id)}
-    assert {"det.png", "scores"} <= artifacts
+    client = mlflow.tracking.MlflowClient()
+    # every stage that evaluates on the test lists keeps its score files and DET plot, as the README says
+    for stage in ("s1", "s2", "s3", "ps1", "ps2", "ps3", "eval", "eval_pruned"):
+        artifacts = {a.path for a in client.list_artifacts(children[stage].info.run_id)}
+        assert {"det.png", "scores"} <= artifacts, (stage, artifacts)
+        assert [a.path for a in client.list_artifacts(children[stage].info.run_id, "scores")] == ["scores/test.txt"]
+    merge = children["merge"].data.metrics
+    assert merge["merge_max_abs_diff"] < 1e-4 and merge["merge_rel_diff"] < 1e-4
+    assert merge["params_encoder"] > 0
     prune1 = children["prune1"]
     assert {"expected_sparsity", "target_sparsity", "lambda1", "lambda2", "distill_l1", "distill_cos",
             "expected_params", "achieved_sparsity"} <= set(prune1.data.metrics)

@@ -71,7 +71,7 @@ def test_readme_mlflow_server_serves_the_runs_page(root, tmp_path):
         experiment = _get_json(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=demo")["experiment"]
         assert {t["key"]: t["value"] for t in experiment["tags"]}["mlflow.experimentKind"] == "custom_model_development"
         # the README's link: the runs page of experiment 1 (the first one a fresh store makes) is the demo's
-        assert "#/experiments/1/runs?viewStateShareKey=svlib-results" in README and experiment["experiment_id"] == "1"
+        assert "#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=svlib-results" in README and experiment["experiment_id"] == "1"
         assert "mlflow.sharedViewState.svlib-results" in {t["key"] for t in experiment["tags"]}
         with urllib.request.urlopen(url + "/", timeout=30) as resp:
             assert resp.status == 200

@@ -24,9 +24,9 @@ def test_experiments_open_on_the_model_training_view(tmp_path):
     assert tracking.EXPERIMENT_KIND_TAG not in client.get_experiment(old).tags
     Tracker("old", tracking_uri=uri)
     assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
-    assert tracking.runs_page("http://127.0.0.1:5000/", "7", view=None) == "http://127.0.0.1:5000/#/experiments/7/runs"
+    assert tracking.runs_page("http://127.0.0.1:5000/", "7", view=None) == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
     # the saved runs-table view whose columns are the result metrics, and the link that opens it
-    assert tracking.runs_page("http://h:1", "7") == "http://h:1/#/experiments/7/runs?viewStateShareKey=svlib-results"
+    assert tracking.runs_page("http://h:1", "7") == "http://h:1/#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=svlib-results"
     view = json.loads(experiment.tags["mlflow.sharedViewState.svlib-results"])
     assert {"metrics.`final_test_eer_pct`", "metrics.`params_encoder`", "metrics.`wall_minutes`",
             "metrics.`best_val_eer_pct`"} <= set(view["selectedColumns"])
