@@ -8,8 +8,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_script_dry_run_writes_every_section(tmp_path):
-    out = tmp_path / "gpu_dry.json"
+def test_gpu_script_dry_run_writes_every_section(tmp_path, sv_bench):
+    out = tmp_path / "gpu_dry.json"  # the rehearsal part reads real speech: skipped like every test without ../shared
     proc = subprocess.run([sys.executable, str(REPO / "bench/gpu.py"), "--dry", "--out", str(out)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -13,7 +13,7 @@ PRUNE = ["s2", "prune1", "shrink", "prune2", "graft", "ps1", "ps2", "ps3", "eval
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_tiny_rehearsal_every_stage_ok(tmp_path):
+def test_tiny_rehearsal_every_stage_ok(tmp_path, sv_bench):  # sv_bench: skipped without ../shared
     out = tmp_path / "rehearsal.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench/full_size_rehearsal.py"), "--size", "tiny",
                            "--threads", "1", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True)
