@@ -86,7 +86,7 @@ def test_mlflow_holds_parent_and_nested_stage_runs(smoke_run):
     for stage in ("s1", "s2", "s3", "ps1", "ps2", "ps3", "eval", "eval_pruned"):
         artifacts = {a.path for a in client.list_artifacts(children[stage].info.run_id)}
         assert {"det.png", "scores"} <= artifacts, (stage, artifacts)
-        assert [a.path for a in client.list_artifacts(children[stage].info.run_id, "scores")] == ["scores/test.txt"]
+        assert "scores/test.txt" in [a.path for a in client.list_artifacts(children[stage].info.run_id, "scores")]
     merge = children["merge"].data.metrics
     assert merge["merge_max_abs_diff"] < 1e-4 and merge["merge_rel_diff"] < 1e-4
     assert merge["params_encoder"] > 0
