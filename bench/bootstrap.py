@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,18 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from svlib.files import write_json  # noqa: E402
 from svlib.scoring.bootstrap import (bootstrap_ci, paired_bootstrap, percentile_interval, trial_speakers,  # noqa: E402
                                      weighted_metrics)
+from bench.metrics import _median_time  # noqa: E402  (one timing rule for the scoring benchmarks)
 from svlib.scoring.metrics import summarize  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bootstrap.json"
-
-
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def synthetic_list(speakers: int, per_speaker: int, rng, max_trials: int | None = None):

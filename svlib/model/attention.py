@@ -165,24 +165,25 @@ def _relative_key_attentions(model: nn.Module):
             yield module
 
 
-def install_lean_attention(model: nn.Module) -> int:
-    """Give every relative_key attention module of ``model`` the lean forward; returns how many there are."""
+def _swap_forward(model: nn.Module, old: type, new: type) -> int:
+    """Every relative_key attention module of class exactly ``old`` becomes ``new`` (same parameters, buffers
+    and hooks: only the forward changes); returns how many relative_key modules ``model`` has."""
     count = 0
     for module in _relative_key_attentions(model):
-        if type(module) is Wav2Vec2BertSelfAttention:
-            module.__class__ = LeanRelativeKeyAttention
+        if type(module) is old:
+            module.__class__ = new
         count += 1
     return count
+
+
+def install_lean_attention(model: nn.Module) -> int:
+    """Give every relative_key attention module of ``model`` the lean forward; returns how many there are."""
+    return _swap_forward(model, Wav2Vec2BertSelfAttention, LeanRelativeKeyAttention)
 
 
 def uninstall_lean_attention(model: nn.Module) -> int:
     """Back to HF's own forward on every relative_key attention module; returns how many there are."""
-    count = 0
-    for module in _relative_key_attentions(model):
-        if type(module) is LeanRelativeKeyAttention:
-            module.__class__ = Wav2Vec2BertSelfAttention
-        count += 1
-    return count
+    return _swap_forward(model, LeanRelativeKeyAttention, Wav2Vec2BertSelfAttention)
 
 
 def set_attention(model: nn.Module, implementation: str) -> nn.Module:
