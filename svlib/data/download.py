@@ -196,7 +196,9 @@ def download(url: str, dest: str | os.PathLike, md5: str | None = None, sha256: 
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, mininterval=0.5)
+        # delay: no bar at all for a transfer that fails at once (no network), only the one-line error
+        bar = tqdm(desc=dest.name, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, mininterval=0.5,
+                   delay=1.0)
     try:
         for attempt in range(retries + 1):
             try:
