@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from svlib.config import ConfigError, from_dict
 from svlib.model.backends import MHFA, AdapterMFA, BackendConfig, build_backend
-from svlib.model.frontend import build_encoder, count_parameters
+from svlib.model.frontend import Frontend, build_encoder, count_parameters
 
 torch.set_num_threads(2)
 
@@ -160,3 +160,42 @@ def test_backend_config_and_input_errors():
     mask[1] = 0
     with pytest.raises(ValueError, match="at least one"):
         backend(states, mask)
+
+
+@pytest.mark.parametrize("kind", ["mfa", "mhfa"])
+def test_embed_norm_removes_the_shared_component_and_round_trips(kind, tmp_path):
+    """A from-scratch encoder's embeddings share one big direction (near-equal pooled std's); the embedding
+    BatchNorm takes it out in training and applies its running statistics at inference."""
+    from svlib.model.speaker import SpeakerModel, load_model, save_model
+
+    torch.manual_seed(0)
+    cfg = from_dict(BackendConfig, {"type": kind, "adapter_dim": 16, "heads": 4, "embed_dim": 24, "embed_norm": True})
+    plain = build_backend(from_dict(BackendConfig, {"type": kind, "adapter_dim": 16, "heads": 4, "embed_dim": 24}),
+                          3, 32)
+    normed = build_backend(cfg, 3, 32)
+    assert count_parameters(normed) == count_parameters(plain) + 2 * 24  # gamma and beta
+    assert normed.to_config().embed_norm is True and plain.to_config().embed_norm is False
+    # a shared offset on every frame of every utterance: the plain embeddings all point the same way
+    states, mask = states_and_mask([20, 18, 16, 14, 12, 10, 9, 8])
+    states = [s + 5.0 for s in states]
+    normed.load_state_dict(plain.state_dict(), strict=False)  # same weights, only the norm differs
+    with torch.no_grad():
+        cos = lambda e: F.cosine_similarity(e[:, None], e[None], dim=-1)[~torch.eye(len(e), dtype=torch.bool)]
+        e_plain = plain.train()(states, mask)
+        e_norm = normed.train()(states, mask)
+        assert cos(e_plain).mean() > 0.9
+        assert cos(e_norm).mean().abs() < 0.2
+        assert e_norm.mean(0).abs().max() < 1e-5  # training mode: batch statistics, beta = 0
+        # inference uses the running statistics, so a single utterance works and does not depend on its batch
+        normed.eval()
+        one = normed([s[:1, :20] for s in states])
+        batch = normed(states, mask)
+        assert (one[0] - batch[0]).abs().max() < 1e-5
+    # and the model folder keeps it
+    model = SpeakerModel(Frontend(build_encoder("tiny")), build_backend(cfg, 3, 32)).eval()
+    save_model(model, tmp_path / "m", {})
+    loaded = load_model(tmp_path / "m")
+    assert isinstance(loaded.backend.embed_norm, torch.nn.BatchNorm1d)
+    waves = 0.1 * torch.randn(2, 8000, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model(waves, torch.tensor([8000, 6000])) - loaded(waves, torch.tensor([8000, 6000]))).abs().max() == 0

@@ -63,6 +63,23 @@ def test_preset_sizes():
     assert small.config.conv_depthwise_kernel_size == 31
 
 
+def test_encoder_overrides_size_a_preset_and_survive_a_save(tmp_path):
+    cfg = from_dict(FrontendConfig, {"preset": "small", "encoder": {"num_hidden_layers": 4, "hidden_size": 96,
+                                                                     "intermediate_size": 384,
+                                                                     "output_hidden_size": 96}})
+    frontend = build_frontend(cfg)
+    assert (frontend.encoder.config.num_hidden_layers, frontend.encoder.config.hidden_size) == (4, 96)
+    assert frontend.encoder.config.layerdrop == 0.0  # the forced settings still apply
+    # per layer 4 h^2 + 4 h (attention) + 2 (2 h f + f + h) (two FFNs) + conv + norms; checked by HF's own count
+    assert count_parameters(frontend) == count_parameters(Wav2Vec2BertModel(cfg.encoder_config())) == 892_544
+    save_encoder(frontend.encoder, tmp_path / "enc")
+    assert load_encoder(tmp_path / "enc").config.num_hidden_layers == 4  # downstream stages read the folder
+    with pytest.raises(ConfigError, match=r"unknown Wav2Vec2BertConfig field\(s\) \['hidden_sise'\]"):
+        FrontendConfig(preset="small", encoder={"hidden_sise": 96})
+    with pytest.raises(ConfigError, match="apply to a preset only"):
+        FrontendConfig(folder="pretrained/x", encoder={"num_hidden_layers": 2})
+
+
 def test_hidden_states_of_padded_batch_match_single_utterances():
     frontend = tiny_frontend()
     lengths = [37, 20, 5]

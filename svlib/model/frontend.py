@@ -122,6 +122,9 @@ class FrontendConfig:
 
     preset: str | None = None
     folder: str | None = None  # relative to the repo (or the ``root`` given to ``build_frontend``)
+    # ``Wav2Vec2BertConfig`` fields laid over the preset (e.g. ``{num_hidden_layers: 4}``): a recipe can size its
+    # from-scratch encoder without a new preset. Presets only; a folder's architecture is its config.json.
+    encoder: dict[str, Any] | None = None
     lora: LoraConfig | None = None
     freeze: bool = False  # freeze the encoder's own weights; LoRA weights stay trainable
 
@@ -134,6 +137,23 @@ class FrontendConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(f"frontend.preset: unknown preset {self.preset!r}; known: {sorted(PRESETS)}")
         check_relative(self.folder, "frontend.folder")
+        if self.encoder:
+            if self.folder is not None:
+                raise ConfigError("frontend.encoder: architecture overrides apply to a preset only; a folder's "
+                                  "architecture is its config.json")
+            known = Wav2Vec2BertConfig().to_dict()
+            unknown = sorted(set(self.encoder) - set(known))
+            if unknown:
+                raise ConfigError(f"frontend.encoder: unknown Wav2Vec2BertConfig field(s) {unknown}")
+
+    def encoder_config(self, root: str | os.PathLike | None = None) -> Wav2Vec2BertConfig:
+        """The (prepared) HF config this front-end builds: the folder's, or the preset's with ``encoder`` over it."""
+        if self.folder is not None:
+            return encoder_config(Path(root or ".") / self.folder)
+        config = encoder_config(self.preset)
+        for key, value in (self.encoder or {}).items():
+            setattr(config, key, value)
+        return _prepare_config(config)
 
 
 # --------------------------------------------------------------------------------------------- encoder
@@ -358,7 +378,7 @@ def build_frontend(cfg: FrontendConfig, root: str | os.PathLike | None = None) -
     if cfg.folder is not None:
         encoder = load_encoder(Path(root or ".") / cfg.folder)
     else:
-        encoder = build_encoder(cfg.preset)
+        encoder = encoder_from_config(cfg.encoder_config())
     frontend = Frontend(encoder)
     if cfg.lora is not None:
         add_lora(frontend, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)

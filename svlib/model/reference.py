@@ -133,10 +133,7 @@ def import_reference_checkpoint(
     path = Path(path)
     if isinstance(frontend_config, str):
         frontend_config = FrontendConfig(preset=frontend_config)
-    if frontend_config.folder is not None:
-        config = encoder_config(Path(root or ".") / frontend_config.folder)
-    else:
-        config = encoder_config(frontend_config.preset)
+    config = frontend_config.encoder_config(root)
 
     ckpt = _load(path, trusted)
     modules = ckpt.get("modules") if isinstance(ckpt, dict) else None
