@@ -52,6 +52,9 @@ class TrainStageConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # score the test lists when the stage ends (its row of the stage table); off where an evaluate stage of
+    # the same model follows, or where nobody reads the number (the demo's s1, a random encoder's back-end)
+    evaluate_test: bool = True
     device: str = "auto"
 
 
@@ -91,6 +94,13 @@ def initial_head(cfg: TrainStageConfig, model: SpeakerModel, loader: TrainLoader
     return head
 
 
+def build_augmenter(cfg: AugmentConfig, data: DataConfig) -> Augmenter | None:
+    """The stage's on-device augmentation, or None when every probability is 0 (nothing to load)."""
+    if cfg.noise_prob > 0 or cfg.reverb_prob > 0 or cfg.telephone_prob > 0:
+        return Augmenter.from_lists(cfg, data.noise_list, data.rir_list)
+    return None
+
+
 def run(cfg: TrainStageConfig, data: DataConfig, out_dir: str | Path, *, init: str | Path | None = None,
         tracker=None, resume: bool = True) -> dict:
     """Train one stage; returns (and writes) its result: best validation and test metrics, sizes, minutes.
@@ -113,9 +123,7 @@ def run(cfg: TrainStageConfig, data: DataConfig, out_dir: str | Path, *, init: s
     loader = TrainLoader(train_dir, cfg.sampling, seed=cfg.train.seed, rank=rank, world_size=world,
                          pin_memory=device.type == "cuda")
     head = initial_head(cfg, model, loader, init)
-    augmenter = None
-    if cfg.augment.noise_prob > 0 or cfg.augment.reverb_prob > 0:
-        augmenter = Augmenter.from_lists(cfg.augment, data.noise_list, data.rir_list)
+    augmenter = build_augmenter(cfg.augment, data)
 
     validation = data.validation()
     validate = None
@@ -162,7 +170,7 @@ def run(cfg: TrainStageConfig, data: DataConfig, out_dir: str | Path, *, init: s
         if tracker is not None:
             tracker.log_metrics({k: float(record[k]) for k in ("steps", "steps_per_epoch", "epochs", "world_size")
                                  if record[k] is not None})
-        tests = data.tests()
+        tests = data.tests() if cfg.evaluate_test else None
         if tests is not None:
             test_dir, test_trials = tests
             scores = evaluate(model, test_dir, test_trials, cfg.eval)

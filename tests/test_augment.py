@@ -312,3 +312,19 @@ def test_memory_does_not_grow_with_corpus_size(tmp_path, clean):
     assert held[6] == held[24] == 4 * rir_bytes
     with pytest.raises(ValueError, match="rir_cache_bytes must be >= 0"):
         AugmentConfig(rir_cache_bytes=-1)
+
+
+def test_training_stage_builds_the_augmenter_for_any_enabled_augmentation():
+    """experiments.train: a telephone-only config still augments (it once needed noise or reverb to be on)."""
+    from experiments.common import DataConfig
+    from experiments.train import build_augmenter
+
+    data = DataConfig()
+    assert build_augmenter(AugmentConfig(), data) is None
+    phone = build_augmenter(AugmentConfig(telephone_prob=1.0), data)
+    assert isinstance(phone, Augmenter) and phone.num_rirs == 0
+    waves = 0.1 * torch.randn(2, 16000, generator=torch.Generator().manual_seed(0))
+    out = phone(waves.clone(), torch.tensor([16000, 16000]))
+    spectrum = torch.fft.rfft(out, dim=1).abs() ** 2
+    # the narrow-band line: almost nothing left above 4 kHz (bins at 1 Hz spacing)
+    assert spectrum[:, 4200:].sum() < 1e-4 * spectrum.sum()
