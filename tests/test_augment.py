@@ -285,6 +285,31 @@ def test_noise_files_are_read_a_crop_at_a_time(tmp_path, clean):
     assert limited.bytes_read == 3 * clean.numel() * 4
 
 
+def test_noise_cache_gives_the_same_crops_from_memory_within_its_bound(tmp_path, clean):
+    """noise_cache_bytes: each file decoded once and kept; the augmented batch is the one read-a-crop gives."""
+    rng = np.random.default_rng(7)
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"clip{i}.wav")
+        sf.write(paths[-1], pink(5 * SR, rng), SR, subtype="FLOAT")
+    noises = [(p, "noise") for p in paths]
+    cfg = dict(noise_prob=1.0, noise_types=("noise",), snr_noise=(5.0, 20.0))
+    from_disk = Augmenter(AugmentConfig(**cfg), noises)
+    cached = Augmenter(AugmentConfig(**cfg, noise_cache_bytes=3 * 5 * SR * 4), noises)
+    for seed in range(4):
+        want = from_disk(clean, None, torch.Generator().manual_seed(seed))
+        got = cached(clean, None, torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert cached.bytes_read <= 3 * 5 * SR * 4 == cached.cached_bytes  # every clip decoded once, then kept
+    assert from_disk.bytes_read == 4 * clean.numel() * 4 and from_disk.cached_bytes == 0
+    # a bound below one file: crops from disk as before, nothing held
+    small = Augmenter(AugmentConfig(**cfg, noise_cache_bytes=5 * SR * 4 - 1), noises)
+    small(clean, None, torch.Generator().manual_seed(0))
+    assert small.cached_bytes == 0 and small.bytes_read == clean.numel() * 4
+    with pytest.raises(ValueError, match="noise_cache_bytes must be >= 0"):
+        AugmentConfig(noise_cache_bytes=-1)
+
+
 def test_memory_does_not_grow_with_corpus_size(tmp_path, clean):
     """Twice the RIRs and noises, the same bytes held: the RIR LRU stays under its bound."""
     rng = np.random.default_rng(6)

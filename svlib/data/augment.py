@@ -29,7 +29,10 @@ seeks; a minutes-long MUSAN music file costs one crop, not minutes of float32 on
 shorter than the crop are read whole, and they are short by definition. RIRs (short, but RIRS_NOISES has
 ~60k of them) are read on use and kept, energy-normalised, in an LRU of at most ``rir_cache_bytes``.
 ``max_noise_seconds`` limits crops to each noise file's first seconds (smaller reads near the start of very
-long files; it does not change memory). ``bytes_read`` counts decoded float32 bytes, for tests and benchmarks.
+long files; it does not change memory). ``noise_cache_bytes`` (default 0) instead keeps whole decoded noise files
+in a byte-bounded LRU, for small noise sets of compressed clips (ESC-10's 400 x 5 s Ogg/Opus: seeking into Opus
+decodes from the previous page, so a crop costs nearly a file): the crops are drawn exactly as from disk, and
+a file larger than the bound is read a crop at a time as before. ``bytes_read`` counts decoded float32 bytes, for tests and benchmarks.
 Only the crops of one batch go to the device.
 """
 from __future__ import annotations
@@ -68,6 +71,7 @@ class AugmentConfig:
     exclusive: bool = False   # at most one of reverb / noise per utterance (see the module docstring)
     max_noise_seconds: float | None = None   # crops come from each noise file's first seconds; None: anywhere
     rir_cache_bytes: int = 64 * 2 ** 20   # LRU of decoded RIRs per process (64 MiB ~ 1,000 one-second RIRs)
+    noise_cache_bytes: int = 0   # LRU of whole decoded noise files per process; 0: read a crop at a time
     telephone_prob: float = 0.0   # narrow-band 8 kHz line (svlib.data.channel), after reverb and noise
     telephone_mu_law: bool = True   # G.711 mu-law 8-bit companding on the 8 kHz line
 
@@ -93,6 +97,8 @@ class AugmentConfig:
             raise ValueError(f"max_noise_seconds must be positive or None, got {self.max_noise_seconds}")
         if self.rir_cache_bytes < 0:
             raise ValueError(f"rir_cache_bytes must be >= 0 (0 = read every use), got {self.rir_cache_bytes}")
+        if self.noise_cache_bytes < 0:
+            raise ValueError(f"noise_cache_bytes must be >= 0 (0 = a crop at a time), got {self.noise_cache_bytes}")
 
 
 def read_noise_list(path: str | os.PathLike) -> list[tuple[str, str]]:
@@ -203,6 +209,7 @@ class Augmenter:
             raise ValueError(f"reverb_prob={cfg.reverb_prob} but no RIR files were given")
         self._noise_lengths: dict[tuple[str, int], tuple[int, int]] = {}  # header (frames, rate) per file used
         self._rir_cache = WaveCache(cfg.rir_cache_bytes)
+        self._noise_cache = WaveCache(cfg.noise_cache_bytes)
         self.bytes_read = 0
 
     @staticmethod
@@ -244,10 +251,23 @@ class Augmenter:
         length = int(frames * self.sample_rate // rate)  # in output samples
         if self.max_noise_seconds is not None:
             length = min(length, int(self.max_noise_seconds * self.sample_rate))
+        whole = self._cached_noise(source, length)
         if length < num:  # shorter than the crop: read it whole (it is short) and wrap around as _crop does
-            return self._crop(self._read(source, 0, length), num, generator)
+            return self._crop(whole if whole is not None else self._read(source, 0, length), num, generator)
         start = self._randint(length - num + 1, generator)
-        return self._read(source, start, num)
+        return whole[start:start + num] if whole is not None else self._read(source, start, num)
+
+    def _cached_noise(self, source: str, length: int) -> torch.Tensor | None:
+        """The first ``length`` samples of a noise file from the LRU (decoded on first use), or None when the
+        file does not fit the bound (``noise_cache_bytes``; 0 keeps nothing)."""
+        if length * 4 > self._noise_cache.max_bytes:
+            return None
+        wave = self._noise_cache.get(source)
+        if wave is None:
+            wave = fit_length(load_audio(source, self.sample_rate, max_seconds=length / self.sample_rate), length)
+            self.bytes_read += wave.nbytes
+            self._noise_cache.put(source, wave)
+        return torch.from_numpy(wave)
 
     def _limit(self, signal: torch.Tensor) -> torch.Tensor:
         if self.max_noise_seconds is None:
@@ -277,8 +297,8 @@ class Augmenter:
 
     @property
     def cached_bytes(self) -> int:
-        """Bytes of decoded audio this augmenter holds (the RIR LRU; noise crops are not kept)."""
-        return self._rir_cache.nbytes
+        """Bytes of decoded audio this augmenter holds (the RIR and noise LRUs)."""
+        return self._rir_cache.nbytes + self._noise_cache.nbytes
 
     # ---- randomness -------------------------------------------------------------------------------
     @staticmethod
