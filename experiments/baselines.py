@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
@@ -37,7 +39,9 @@ def _summaries(results: dict) -> dict:
     return {name: {k: v for k, v in r.items() if k not in ("scores", "labels")} for name, r in results.items()}
 
 
-def fbank_baseline(data: DataConfig, cfg: EvalConfig | None = None) -> dict:
+def fbank_baseline(data: DataConfig, cfg: EvalConfig | None = None, scores_dir=None) -> dict:
+    """The baseline on every test list; with ``scores_dir`` its ``scores/<list>.txt`` (and DET plot) are kept
+    there, for the paired comparison with the trained model on the same trials."""
     test_dir, trials = data.tests()
     needed = set().union(*(t.utterances for t in trials.values()))
     cfg = cfg or EvalConfig(progress=False)
@@ -45,8 +49,13 @@ def fbank_baseline(data: DataConfig, cfg: EvalConfig | None = None) -> dict:
     # Centre on the test population: the raw means share a large common offset that swamps the cosine.
     centre = np.mean(np.stack(list(embeddings.values())), axis=0)
     embeddings = {utt: vector - centre for utt, vector in embeddings.items()}
-    return _summaries(score_trials(embeddings, trials, utt2spk=test_dir.utt2spk, ci_replicates=cfg.ci_replicates,
-                                   ci_seed=cfg.ci_seed))
+    results = score_trials(embeddings, trials, utt2spk=test_dir.utt2spk, ci_replicates=cfg.ci_replicates,
+                           ci_seed=cfg.ci_seed)
+    if scores_dir is not None:
+        from experiments.evaluate import save_scores
+
+        save_scores(Path(scores_dir), trials, results, "DET: mean/std log-mel cosine")
+    return _summaries(results)
 
 
 def random_init_baseline(stage_cfg, data: DataConfig, seed: int = 0, cfg: EvalConfig | None = None) -> dict:

@@ -18,10 +18,14 @@ a rank failing inside a collective stage exits and torchrun stops the others.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+import torch
+from torch.distributed.elastic.multiprocessing.errors import record as record_errors
 
 from experiments import evaluate as evaluate_stage
 from experiments import graft as graft_stage
@@ -29,7 +33,6 @@ from experiments import merge as merge_stage
 from experiments import prune as prune_stage
 from experiments import train as train_stage
 from experiments.baselines import fbank_baseline, random_init_baseline
-from torch.distributed.elastic.multiprocessing.errors import record as record_errors
 
 from experiments.common import (DataConfig, Timer, leave_process_group, metrics_of, print_table, rank_zero_result,
                                 read_result, setup_process_group, share_from_rank_zero)
@@ -263,7 +266,9 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
     tags = {}
     if tracker is not None:
         tags = {"kind": "pipeline", "git_commit": git_commit(), "data_fingerprint": data_fingerprint(cfg.data.list_files())}
-    summary: dict = {"name": cfg.name, "stages": {}}
+    # the machine's state, for reading the minutes (shared machines swing 2-5x): threads, cores, load averages
+    summary: dict = {"name": cfg.name, "stages": {}, "machine": {
+        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg())}}
     dirs = stage_dirs(cfg)
 
     def run_tracked(spec: StageSpec) -> dict:
@@ -285,7 +290,7 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
         """Rank 0: baselines, the table, summary.json and the parent run's metrics."""
         if cfg.baselines and whole:
             first_train = next((s for s in cfg.stages if s.kind == "train" and stage_cfgs[s.name].model is not None), None)
-            runs = {"fbank": lambda: fbank_baseline(cfg.data)}
+            runs = {"fbank": lambda: fbank_baseline(cfg.data, scores_dir=out / "baselines" / "fbank")}
             if first_train is not None:
                 runs["random_init"] = lambda: random_init_baseline(stage_cfgs[first_train.name], cfg.data)
             summary["baselines"], summary["baseline_minutes"] = {}, {}
@@ -296,11 +301,13 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
             if tracker is not None:
                 for name, res in summary["baselines"].items():
                     tracker.log_metrics(metrics_of(res, prefix=f"baseline_{name}_"))
+            summary["final_vs_fbank"] = compare_with_fbank(cfg, out)
         # Every stage's own minutes, also for stages finished by an earlier (interrupted) invocation, so
         # the total is what the recipe costs, not what this call happened to redo.
         summary["wall_minutes"] = sum(float(r.get("minutes") or 0.0) for r in summary["stages"].values()) \
             + sum(summary.get("baseline_minutes", {}).values())
         summary["this_call_minutes"] = timer.minutes
+        summary["machine"]["load_average_end"] = list(os.getloadavg())
         rows = [test_row(name, record) for name, record in summary["stages"].items()]
         rows += [test_row(f"baseline:{name}", {"test": res, "minutes": summary["baseline_minutes"][name]})
                  for name, res in summary.get("baselines", {}).items()]
@@ -331,6 +338,29 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
         return body()
 
 
+def compare_with_fbank(cfg: PipelineConfig, out: Path) -> dict:
+    """Paired speaker-level bootstrap of EER(final stage) - EER(fbank baseline) per test list, from both score
+    files: whether the trained model beats the no-learning baseline on the same trials, with its 95 % interval."""
+    from svlib.scoring.bootstrap import load_trial_scores, paired_bootstrap, trial_speakers
+
+    final = next((s.name for s in reversed(cfg.stages) if (out / s.name / "scores").is_dir()), None)
+    tests = cfg.data.tests()
+    if final is None or tests is None:
+        return {}
+    test_dir, trials = tests
+    out_lists = {}
+    for name, list_trials in trials.items():
+        a, b = out / final / "scores" / f"{name}.txt", out / "baselines" / "fbank" / "scores" / f"{name}.txt"
+        if not (a.is_file() and b.is_file()):
+            continue
+        speakers = trial_speakers(list_trials.enroll, list_trials.test, list_trials.labels, test_dir.utt2spk)
+        eer = paired_bootstrap(load_trial_scores(a, list_trials), load_trial_scores(b, list_trials),
+                               list_trials.labels, speakers)["eer_pct"]
+        out_lists[name] = {"stage": final, "eer_diff": eer["diff"], "eer_diff_ci": eer["ci"], "p_value": eer["p_value"],
+                           "final_better": eer["ci"][1] < 0.0}
+    return out_lists
+
+
 def report(summary: dict, path: Path, list_name: str = "test") -> dict:
     """The benchmark JSON the issue asks for: per-stage test EER/minDCF and minutes, baselines, wall time."""
     stages = {}
@@ -351,7 +381,11 @@ def report(summary: dict, path: Path, list_name: str = "test") -> dict:
         "baseline_random_init_eer_pct": base.get("random_init", {}).get(list_name, {}).get("eer_pct"),
         "baseline_fbank_eer_pct": base.get("fbank", {}).get(list_name, {}).get("eer_pct"),
         "baseline_fbank_eer_ci": base.get("fbank", {}).get(list_name, {}).get("eer_ci_pct"),
+        # paired 95 % interval of EER(final) - EER(fbank baseline) on the same trials; below 0: the model is better
+        "final_vs_fbank_eer_diff_ci": summary.get("final_vs_fbank", {}).get(list_name, {}).get("eer_diff_ci"),
+        "final_vs_fbank": summary.get("final_vs_fbank", {}),
         "wall_minutes": summary["wall_minutes"],
+        "machine": summary.get("machine"),
         "stages": stages,
         "baselines": {k: v.get(list_name) | {"minutes": summary["baseline_minutes"][k]} for k, v in base.items()},
     }

@@ -63,6 +63,16 @@ def test_report_has_the_benchmark_keys(smoke_run, tmp_path):
     assert out["stages"]["s2"]["eer_pct"] == pytest.approx(summary["stages"]["s2"]["test"]["test"]["eer_pct"])
     assert "eer_pct" not in out["stages"]["merge"] and out["stages"]["merge"]["minutes"] >= 0
     assert out["baselines"]["fbank"]["minutes"] == summary["baseline_minutes"]["fbank"]
+    # the final stage against the fbank baseline, paired on the same trials from both score files
+    paired = out["final_vs_fbank"]["test"]
+    assert paired["stage"] == "eval_pruned" and out["final_vs_fbank_eer_diff_ci"] == paired["eer_diff_ci"]
+    fbank_eer = summary["baselines"]["fbank"]["test"]["eer_pct"]
+    assert paired["eer_diff"] == pytest.approx(out["final_test_eer_pct"] - fbank_eer, abs=1e-9)
+    low, high = paired["eer_diff_ci"]
+    assert low <= high and paired["final_better"] == (high < 0.0) and 0.0 < paired["p_value"] <= 1.0
+    assert len((smoke_run["workdir"] / "exp/smoke/baselines/fbank/scores/test.txt").read_text().splitlines()) == 435
+    machine = out["machine"]  # how to read the minutes: threads, cores and the load around the run
+    assert machine["threads"] >= 1 and len(machine["load_average_start"]) == len(machine["load_average_end"]) == 3
     written = json.loads((tmp_path / "demo_pipeline.json").read_text())
     assert written["final_test_eer_pct"] == out["final_test_eer_pct"] and written["stages"].keys() == out["stages"].keys()
 

@@ -28,3 +28,25 @@ def test_pipeline_and_its_stage_configs_validate(path):
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
 def test_sweep_configs_validate(path):
     assert load_config(path, SweepConfig) is not None
+
+
+def test_recipe_search_candidates_validate_and_never_read_the_test_lists(tmp_path):
+    """bench/demo_recipe_search.py: each candidate is a valid overrides file of the demo pipeline, and what the
+    script adds to it takes the test lists (and the baselines, which score them) out of every search run."""
+    import yaml
+
+    from bench.demo_recipe_search import PIPELINE, RECIPES, SEARCH_ONLY, merged
+    from svlib.config import read_yaml
+
+    recipes = read_yaml(RECIPES)["recipes"]
+    assert recipes
+    for name, recipe in recipes.items():
+        assert recipe["why"], name
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(merged(recipe["overrides"], {"out_dir": "exp/x", **SEARCH_ONLY})))
+        cfg, stages = load_pipeline(ROOT / PIPELINE, path)
+        assert cfg.data.tests() is None and cfg.baselines is False, name
+        assert cfg.data.val is not None and cfg.data.val_trials is not None, name  # val still chooses
+        assert set(stages) == {"s1", "s2", "s3"}
+    # the unchanged demo config does read the test lists
+    assert load_pipeline(ROOT / PIPELINE)[0].data.test_trials
