@@ -7,17 +7,22 @@ Needs the demo pipeline's stage-2 folder (``make demo``). For each target sparsi
 changed one rewritten, into ``<out>/t<NN>/configs``):
 
 * KD:     prune1 -> shrink -> prune2 -> graft -> ps1 -> ps2 -> ps3 -> eval_pruned
-* random: random_prune (the teacher's encoder cut with random masks keeping as many heads / FFN units /
-          conv channels per kind as the KD structure) -> graft_random -> ps1..ps3_random -> eval_random
+* random (``match: kind``): random_prune (the teacher's encoder cut with random masks keeping as many heads /
+          FFN units / conv channels per kind as the KD structure) -> graft_random -> ps1..ps3_random -> eval_random
+* random (``match: layer``): random_layer (the KD structure's widths layer by layer, only which units are kept
+          is random) -> graft_random_layer -> ps1..ps3_random_layer -> eval_random_layer
 
-and reports the test-trial EER of both, the achieved sparsity and the encoder sizes in
-``bench/results/demo_pruning.json`` (key ``points``, with the validation EERs beside the test ones, plus
-``teacher_eer_pct``). Every stage folder is reused
-when finished and resumed from its checkpoint when interrupted: rerun the same command after a kill.
+and reports, in ``bench/results/demo_pruning.json`` (key ``points``), the test-trial EER and minDCF of each
+with its speaker-level bootstrap 95 % interval, the paired bootstrap of the EER difference KD - random on the
+same trials (``eer_diff_ci``: per-kind match, ``eer_diff_ci_layer``: per-layer match; an interval below 0
+means KD is better, one containing 0 means no measurable difference), the validation EERs, the achieved
+sparsity and the encoder sizes, plus ``teacher_eer_pct``. Every stage folder is reused when finished and
+resumed from its checkpoint when interrupted: rerun the same command after a kill.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -59,10 +64,35 @@ def target_config(target: float, teacher: Path, out: Path) -> tuple[pipeline.Pip
     return cfg, config_dir
 
 
-def test_eer(record: dict | None, list_name: str = TEST_LIST) -> float | None:
-    """EER on one trial list of a stage record; ``val`` gives the validation list where it was scored."""
+def test_eer(record: dict | None, list_name: str = TEST_LIST, key: str = "eer_pct"):
+    """A metric (EER by default) on one trial list of a stage record; ``val``: the validation list."""
     test = (record or {}).get("test", {}).get(list_name)
-    return None if test is None else float(test["eer_pct"])
+    return None if test is None else test.get(key)
+
+
+def paired_eer_difference(kd_stage: Path, random_stage: Path, trials_path: str, utt2spk: dict,
+                          replicates: int = 1000) -> dict:
+    """Paired speaker-level bootstrap of EER(KD) - EER(random) from the two eval stages' score files."""
+    from svlib.data.lists import read_trials
+    from svlib.scoring.bootstrap import load_trial_scores, paired_bootstrap, trial_speakers
+
+    trials = read_trials(trials_path)
+    speakers = trial_speakers(trials.enroll, trials.test, trials.labels, utt2spk, source=trials_path)
+    kd = load_trial_scores(kd_stage / "scores" / f"{TEST_LIST}.txt", trials, trials_path)
+    rnd = load_trial_scores(random_stage / "scores" / f"{TEST_LIST}.txt", trials, trials_path)
+    eer = paired_bootstrap(kd, rnd, trials.labels, speakers, replicates=replicates)["eer_pct"]
+    return {"diff": eer["diff"], "ci": eer["ci"], "p_value": eer["p_value"], "kd_wins": eer["ci"][1] < 0.0,
+            "random_wins": eer["ci"][0] > 0.0}
+
+
+def verdict(points: list[dict], match: str) -> str:
+    """One sentence: at which targets KD beats the ``match`` (kind / layer) random structure, loses, or ties."""
+    paired = [(p["target"], p["paired"][match]) for p in points]
+    wins = [t for t, d in paired if d["kd_wins"]]
+    losses = [t for t, d in paired if d["random_wins"]]
+    ties = [t for t, d in paired if not (d["kd_wins"] or d["random_wins"])]
+    return (f"KD better at {wins or 'no target'}; random better at {losses or 'no target'}; no significant "
+            f"difference at {ties or 'no target'} (paired 95 % interval of EER(KD) - EER(random))")
 
 
 def main(argv=None) -> int:
@@ -88,35 +118,56 @@ def main(argv=None) -> int:
         tracker = Tracker(args.experiment)
 
     timer = Timer()
+    load_before = os.getloadavg()
     points = []
     for target in args.targets:
         cfg, config_dir = target_config(target, teacher, Path(args.out))
         summary = pipeline.run(cfg, config_dir, tracker)
         stages = summary["stages"]
-        points.append({
-            "target": target,
-            "achieved_sparsity": stages["prune1"]["achieved_sparsity"],
-            "expected_sparsity": stages["prune1"]["expected_sparsity"],
-            "eer_pct_kd": test_eer(stages["eval_pruned"]),
-            "eer_pct_random": test_eer(stages["eval_random"]),
-            "val_eer_pct_kd": test_eer(stages["eval_pruned"], "val"),
-            "val_eer_pct_random": test_eer(stages["eval_random"], "val"),
-            "params": stages["shrink"]["params_encoder"],
-            "params_random": stages["random_prune"]["params_encoder"],
-            "params_teacher": stages["shrink"]["dense_params_encoder"],
-            # this target's own stages (the "use" stage's record is the teacher's, with its training time)
-            "minutes": sum(stages[spec.name].get("minutes", 0.0) for spec in cfg.stages if spec.kind != "use"),
-        })
+        run_dir = Path(cfg.out_dir)
+        trials_path = cfg.data.test_trials[TEST_LIST]
+        point = {"target": target,
+                 "achieved_sparsity": stages["prune1"]["achieved_sparsity"],
+                 "expected_sparsity": stages["prune1"]["expected_sparsity"]}
+        for suffix, stage in (("kd", "eval_pruned"), ("random", "eval_random"), ("random_layer", "eval_random_layer")):
+            point[f"eer_pct_{suffix}"] = test_eer(stages[stage])
+            point[f"eer_ci_{suffix}"] = test_eer(stages[stage], key="eer_ci_pct")
+            point[f"mindcf_0.01_{suffix}"] = test_eer(stages[stage], key="mindcf_0.01")
+            point[f"val_eer_pct_{suffix}"] = test_eer(stages[stage], "val")
+        utt2spk = cfg.data.load_dir("test").utt2spk
+        diff = paired_eer_difference(run_dir / "eval_pruned", run_dir / "eval_random", trials_path, utt2spk)
+        diff_layer = paired_eer_difference(run_dir / "eval_pruned", run_dir / "eval_random_layer", trials_path,
+                                           utt2spk)
+        point |= {"eer_diff": diff["diff"], "eer_diff_ci": diff["ci"], "eer_diff_p": diff["p_value"],
+                  "eer_diff_layer": diff_layer["diff"], "eer_diff_ci_layer": diff_layer["ci"],
+                  "eer_diff_p_layer": diff_layer["p_value"], "paired": {"kind": diff, "layer": diff_layer},
+                  "params": stages["shrink"]["params_encoder"],
+                  "params_random": stages["random_prune"]["params_encoder"],
+                  "params_random_layer": stages["random_layer"]["params_encoder"],
+                  "params_teacher": stages["shrink"]["dense_params_encoder"],
+                  # this target's own stages (the "use" stage's record is the teacher's, with its training time)
+                  "minutes": sum(stages[spec.name].get("minutes", 0.0) for spec in cfg.stages if spec.kind != "use")}
+        points.append(point)
+    load_after = os.getloadavg()
     result = {"teacher": teacher.as_posix(), "teacher_eer_pct": test_eer(teacher_record),
+              "teacher_eer_ci": test_eer(teacher_record, key="eer_ci_pct"),
               "teacher_val_eer_pct": teacher_record.get("best_val_eer_pct"),
-              "test_list": TEST_LIST, "points": points,
+              "test_list": TEST_LIST, "test_speakers": test_eer(teacher_record, key="ci_speakers"),
+              "points": points,
+              "kd_vs_random_kind": verdict(points, "kind"),
+              "kd_vs_random_layer": verdict(points, "layer"),
               # the recipe's cost (stage minutes, also of stages an earlier call finished) vs this call's time
               "minutes_total": sum(p["minutes"] for p in points), "wall_minutes_this_call": timer.minutes,
-              "threads": torch.get_num_threads()}
-    columns = ["target", "achieved_sparsity", "params", "eer_pct_kd", "eer_pct_random", "val_eer_pct_kd",
-               "val_eer_pct_random", "minutes"]
-    result["table"] = print_table(points, columns, title=f"demo pruning (teacher {teacher}: test EER "
+              "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+              "load_average_before": list(load_before), "load_average_after": list(load_after)}
+    rows = [p | {"diff_ci_kind": "[{:+.2f}, {:+.2f}]".format(*p["eer_diff_ci"]),
+                 "diff_ci_layer": "[{:+.2f}, {:+.2f}]".format(*p["eer_diff_ci_layer"])} for p in points]
+    columns = ["target", "achieved_sparsity", "params", "eer_pct_kd", "eer_pct_random", "eer_pct_random_layer",
+               "diff_ci_kind", "diff_ci_layer", "val_eer_pct_kd", "val_eer_pct_random", "minutes"]
+    result["table"] = print_table(rows, columns, title=f"demo pruning (teacher {teacher}: test EER "
                                                          f"{result['teacher_eer_pct']:.2f} %)")
+    print(f"KD vs random (per-kind match): {result['kd_vs_random_kind']}")
+    print(f"KD vs random (per-layer match): {result['kd_vs_random_layer']}")
     print(f"wrote {write_json(args.result, result)}")
     return 0
 
