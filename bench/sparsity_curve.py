@@ -177,6 +177,7 @@ def main(argv=None) -> int:
     if not args.no_wait:
         wait_for_demo(REPO / "exp" / "demo" / "eval" / "result.json")
     timer = Timer()
+    load_before = os.getloadavg()
     out = prune_sweep.run_sweep(cfg, storage=args.storage, grid=True, tracking_uri=args.mlflow_uri)
     report = out["report"]
     teacher = report["teacher_reference"]
@@ -200,7 +201,8 @@ def main(argv=None) -> int:
         "missing_targets": sorted(set(cfg.grid) - {p["target"] for p in points}),
         "trials": report["trials"],
         "wall_minutes_this_run": timer.minutes, "trial_minutes_total": sum(minutes.values()),
-        "threads": int(os.environ["OMP_NUM_THREADS"]),
+        "threads": int(os.environ["OMP_NUM_THREADS"]), "cpu_count": os.cpu_count(),
+        "load_average_before": list(load_before), "load_average_after": list(os.getloadavg()),
         "notes": "eer_pct/mindcf: the test list (minDCF p=0.01), never optimised; pareto: the study's front on "
                  "(val_eer_pct, params). 0.0 = the teacher through the same short fine-tune; teacher_eer_pct = "
                  "the teacher's own test EER (its stage result).",
