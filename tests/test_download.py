@@ -63,8 +63,11 @@ class Server:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 n = owner.cut.pop(self.path, None)
-                self.wfile.write(body[:n] if n is not None else body)
-                owner.sent += len(body[:n] if n is not None else body)
+                chunk = body[:n] if n is not None else body
+                # counted before the write: the client may hold every byte (and the test assert) before this
+                # thread runs again, so counting after the write raced with the assertion under load
+                owner.sent += len(chunk)
+                self.wfile.write(chunk)
                 if n is not None:
                     self.wfile.flush()
                     self.close_connection = True
