@@ -149,8 +149,12 @@ def rank_zero_result(work: Callable[[], T]) -> T:
 
 
 def leave_process_group() -> None:
-    """Tear the process group down at the end of a torchrun job (torch warns about a group left open)."""
+    """Tear the process group down at the end of a torchrun job (torch warns about a group left open).
+
+    The barrier first: a rank that destroys its gloo group while a peer is still finishing its last collective
+    can abort the peer at exit ("terminate called without an active exception", exit code -6)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

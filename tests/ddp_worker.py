@@ -212,6 +212,7 @@ def main(argv: list[str]) -> None:
         if rank == 0:
             (out / "history.json").write_text(json.dumps({"history": history, "final_step": result.final_step,
                                                           "world": world, "best_step": result.best_step}))
+        torch.distributed.barrier()  # every rank done before any tears its gloo group down
         torch.distributed.destroy_process_group()
     elif mode == "val":
         from svlib.evaluate import EvalConfig, evaluate
@@ -245,6 +246,7 @@ def main(argv: list[str]) -> None:
                 "world": world, "eer_pct": sharded["val"]["eer_pct"], "scores": sharded["val"]["scores"].tolist(),
                 "validate_calls": counts, "best_step": result.best_step,
                 "val_steps": [s for s, rec in history if "val_eer_pct" in rec]}))
+        torch.distributed.barrier()  # every rank done before any tears its gloo group down
         torch.distributed.destroy_process_group()
     else:
         raise SystemExit(f"unknown mode {mode!r}")
