@@ -74,13 +74,10 @@ def paired_eer_difference(kd_stage: Path, random_stage: Path, trials_path: str, 
                           replicates: int = 1000) -> dict:
     """Paired speaker-level bootstrap of EER(KD) - EER(random) from the two eval stages' score files."""
     from svlib.data.lists import read_trials
-    from svlib.scoring.bootstrap import load_trial_scores, paired_bootstrap, trial_speakers
+    from svlib.scoring.bootstrap import paired_score_files
 
-    trials = read_trials(trials_path)
-    speakers = trial_speakers(trials.enroll, trials.test, trials.labels, utt2spk, source=trials_path)
-    kd = load_trial_scores(kd_stage / "scores" / f"{TEST_LIST}.txt", trials, trials_path)
-    rnd = load_trial_scores(random_stage / "scores" / f"{TEST_LIST}.txt", trials, trials_path)
-    eer = paired_bootstrap(kd, rnd, trials.labels, speakers, replicates=replicates)["eer_pct"]
+    eer = paired_score_files(kd_stage / "scores" / f"{TEST_LIST}.txt", random_stage / "scores" / f"{TEST_LIST}.txt",
+                             read_trials(trials_path), utt2spk, trials_path, replicates)["eer_pct"]
     return {"diff": eer["diff"], "ci": eer["ci"], "p_value": eer["p_value"], "kd_wins": eer["ci"][1] < 0.0,
             "random_wins": eer["ci"][0] > 0.0}
 
@@ -120,6 +117,7 @@ def main(argv=None) -> int:
     timer = Timer()
     load_before = os.getloadavg()
     points = []
+    utt2spk = None  # the test list's speakers: the same for every target, read once
     for target in args.targets:
         cfg, config_dir = target_config(target, teacher, Path(args.out))
         summary = pipeline.run(cfg, config_dir, tracker)
@@ -134,7 +132,8 @@ def main(argv=None) -> int:
             point[f"eer_ci_{suffix}"] = test_eer(stages[stage], key="eer_ci_pct")
             point[f"mindcf_0.01_{suffix}"] = test_eer(stages[stage], key="mindcf_0.01")
             point[f"val_eer_pct_{suffix}"] = test_eer(stages[stage], "val")
-        utt2spk = cfg.data.load_dir("test").utt2spk
+        if utt2spk is None:
+            utt2spk = cfg.data.load_dir("test").utt2spk
         diff = paired_eer_difference(run_dir / "eval_pruned", run_dir / "eval_random", trials_path, utt2spk)
         diff_layer = paired_eer_difference(run_dir / "eval_pruned", run_dir / "eval_random_layer", trials_path,
                                            utt2spk)

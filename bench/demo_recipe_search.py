@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from experiments.common import print_table, read_result  # noqa: E402
-from svlib.config import read_yaml  # noqa: E402
+from svlib.config import merge_overrides, read_yaml  # noqa: E402
 from svlib.files import write_json, write_text_atomic  # noqa: E402
 
 import json  # noqa: E402
@@ -51,12 +51,6 @@ TRAIN_STAGES = ("s1", "s2", "s3")
 # What every search run gets on top of its recipe: no test list is ever read, no baselines run.
 SEARCH_ONLY = {"data": {"test": None}, "baselines": False}
 
-
-def merged(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def val_with_interval(stage_dir: Path, threads: int) -> dict:
@@ -76,10 +70,15 @@ def val_with_interval(stage_dir: Path, threads: int) -> dict:
             "val_mindcf_0.01": result["mindcf_0.01"], "val_mindcf_0.01_ci": result.get("mindcf_0.01_ci")}
 
 
+def search_overrides(recipe: dict, out_dir: str) -> dict:
+    """The overrides a search run trains with: the recipe's, its own out_dir, and SEARCH_ONLY (no test list)."""
+    return merge_overrides(recipe.get("overrides") or {}, {"out_dir": out_dir, **SEARCH_ONLY})
+
+
 def run_recipe(name: str, recipe: dict, out: Path, threads: int, jobs: int) -> dict:
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    overrides = merged(recipe.get("overrides") or {}, {"out_dir": run_dir.relative_to(REPO).as_posix(), **SEARCH_ONLY})
+    overrides = search_overrides(recipe, run_dir.relative_to(REPO).as_posix())
     overrides_path = run_dir / "overrides.yaml"
     write_text_atomic(overrides_path, yaml.safe_dump(overrides, sort_keys=False))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))

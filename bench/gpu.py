@@ -161,6 +161,7 @@ def training(name: str, lora: bool, args, device: torch.device) -> dict:
 def prune1(args, device: torch.device) -> dict:
     """One prune1 step as the stage runs it: DistillPair (student with gates + frozen teacher) + objective."""
     from experiments.prune import DistillConfig, DistillObjective, DistillPair, PruneConfig
+    from svlib.features import W2VBertFbank
     from svlib.model.frontend import Frontend, build_encoder
     from svlib.pruning import MaskConfig, attach_masks, param_groups
 
@@ -170,7 +171,7 @@ def prune1(args, device: torch.device) -> dict:
     prune_cfg = PruneConfig(target_sparsity=0.8, warmup_steps=10000, masks=MaskConfig(
         heads=True, ffn=True, conv=True, head_init_keep=0.99, ffn_init_keep=0.5, conv_init_keep=0.99))
     mask_set = attach_masks(student.encoder, prune_cfg.masks)
-    pair = DistillPair(student, teacher, mask_set).to(device).train()
+    pair = DistillPair(student, teacher, mask_set, features=W2VBertFbank()).to(device).train()  # as w2v-bert 2.0
     objective = DistillObjective(DistillConfig(), student.num_states, prune_cfg, mask_set).to(device).train()
     weights = [p for p in student.parameters() if p.requires_grad]
     groups = param_groups(weights, mask_set.log_alphas(), objective.lagrangian, 2e-4, 2e-2, -2e-2)

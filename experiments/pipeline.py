@@ -341,7 +341,7 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
 def compare_with_fbank(cfg: PipelineConfig, out: Path) -> dict:
     """Paired speaker-level bootstrap of EER(final stage) - EER(fbank baseline) per test list, from both score
     files: whether the trained model beats the no-learning baseline on the same trials, with its 95 % interval."""
-    from svlib.scoring.bootstrap import load_trial_scores, paired_bootstrap, trial_speakers
+    from svlib.scoring.bootstrap import paired_score_files
 
     final = next((s.name for s in reversed(cfg.stages) if (out / s.name / "scores").is_dir()), None)
     tests = cfg.data.tests()
@@ -353,9 +353,7 @@ def compare_with_fbank(cfg: PipelineConfig, out: Path) -> dict:
         a, b = out / final / "scores" / f"{name}.txt", out / "baselines" / "fbank" / "scores" / f"{name}.txt"
         if not (a.is_file() and b.is_file()):
             continue
-        speakers = trial_speakers(list_trials.enroll, list_trials.test, list_trials.labels, test_dir.utt2spk)
-        eer = paired_bootstrap(load_trial_scores(a, list_trials), load_trial_scores(b, list_trials),
-                               list_trials.labels, speakers)["eer_pct"]
+        eer = paired_score_files(a, b, list_trials, test_dir.utt2spk, name)["eer_pct"]
         out_lists[name] = {"stage": final, "eer_diff": eer["diff"], "eer_diff_ci": eer["ci"], "p_value": eer["p_value"],
                            "final_better": eer["ci"][1] < 0.0}
     return out_lists

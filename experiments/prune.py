@@ -191,9 +191,12 @@ class DistillPair(nn.Module):
     dict, so checkpoints do not carry a second copy of the encoder (2.3 GB for w2v-bert 2.0).
     """
 
-    def __init__(self, student: Frontend, teacher: Frontend, mask_set: MaskSet | None = None):
+    def __init__(self, student: Frontend, teacher: Frontend, mask_set: MaskSet | None = None, *,
+                 features: nn.Module):
         super().__init__()
-        self.features = W2VBertFbank()
+        # The teacher model's own features (its normalisation): the student learns on what the teacher saw.
+        # Required, so no caller can fall back to a default the teacher was not trained on.
+        self.features = features
         self.frontend = student
         self.masks = mask_set   # a submodule: the log-alphas are saved and restored with the student
         teacher.eval()
@@ -340,14 +343,15 @@ def run_distill(cfg: DistillStageConfig, data: DataConfig, out_dir: str | Path, 
     tracker = tracker if rank == 0 else None  # MLflow is rank 0's alone
     write_stage_config(out_dir, cfg, tracker)
 
-    teacher_frontend = load_model(teacher / "model").frontend.to(device)
+    teacher_model = load_model(teacher / "model")
+    teacher_frontend = teacher_model.frontend.to(device)
     student = load_stage_encoder(init).to(device)
     if student.hidden_size != teacher_frontend.hidden_size or student.num_states != teacher_frontend.num_states:
         raise ValueError(f"{init} encoder ({student.num_states} states x {student.hidden_size}) does not match the "
                          f"teacher {teacher} ({teacher_frontend.num_states} x {teacher_frontend.hidden_size})")
     torch.manual_seed(cfg.train.seed)  # the gates' initial log-alphas: a function of the config, not of history
     mask_set = attach_masks(student.encoder, cfg.prune.masks) if cfg.prune is not None else None
-    model = DistillPair(student, teacher_frontend, mask_set).to(device)
+    model = DistillPair(student, teacher_frontend, mask_set, features=teacher_model.features).to(device)
     objective = DistillObjective(cfg.distill, student.num_states, cfg.prune, mask_set)
     weights = [p for p in student.parameters() if p.requires_grad]
     if mask_set is not None:

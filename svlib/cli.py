@@ -729,6 +729,7 @@ def _info(args: argparse.Namespace) -> int:
         ("  back-end", f"{info['macs_per_second_backend'] / 1e6:.2f}M"),
         ("encoder", f"{enc['num_layers']}x{enc['hidden_size']}"),
         ("back-end", f"{info['backend']['type']}/{info['backend']['embed_dim']}"),
+        ("feature normalisation", info["features_normalise"]),
         ("pruned", "yes" if info["pruned"] else "no"),
     ])
     dense = info["dense_layer_sizes"]

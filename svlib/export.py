@@ -3,7 +3,8 @@
 Two input kinds:
 
 * ``input="features"``: ``(features [B, T, 160] float32, attention_mask [B, T] int64) -> embeddings [B, E]``;
-  the caller computes the fbank (``W2VBertFbank``) itself.
+  the caller computes the fbank itself, as ``W2VBertFbank(normalise=...)`` with the model's normalisation,
+  which the file's metadata records (``svlib_features_normalise``: ``utterance`` or ``none``).
 * ``input="waves"``: ``(waves [B, N] float32, lengths [B] int64) -> embeddings [B, E]``, the whole
   ``SpeakerModel.forward``. ``W2VBertFbank`` is written for speed (in-place ``out=`` ops into preallocated
   buffers, per-batch Python chunking, lengths read on the host), none of which traces into a graph that is
@@ -38,6 +39,7 @@ from svlib.features import (
     MEL_FLOOR,
     MIN_SAMPLES,
     N_FFT,
+    NORMALISATIONS,
     NORM_EPS,
     PREEMPHASIS,
     STACK,
@@ -65,9 +67,10 @@ class OnnxFbank(nn.Module):
     length N; frames past a row's own length are zero and masked.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, normalise: str = "utterance") -> None:
         super().__init__()
-        ref = W2VBertFbank()
+        ref = W2VBertFbank(normalise=normalise)
+        self.normalise = ref.normalise
         n = torch.arange(WIN_LENGTH, dtype=torch.float64)[:, None]
         k = torch.arange(N_FFT // 2 + 1, dtype=torch.float64)[None, :]
         angle = 2.0 * math.pi * n * k / N_FFT
@@ -101,11 +104,14 @@ class OnnxFbank(nn.Module):
         frames_per_row = torch.div(lengths - WIN_LENGTH, HOP_LENGTH, rounding_mode="floor") + 1  # [B]
         frame_ids = torch.arange(total, dtype=torch.int64, device=x.device)
         valid = (frame_ids[None, :] < frames_per_row[:, None]).unsqueeze(-1).to(torch.float32)  # [B, F, 1]
-        counts = frames_per_row.to(torch.float32).view(-1, 1, 1)
-        mean = (logmel * valid).sum(dim=1, keepdim=True) / counts
-        centred = logmel - mean
-        var = (centred * centred * valid).sum(dim=1, keepdim=True) / (counts - 1.0)
-        normed = centred * torch.rsqrt(var + NORM_EPS)
+        if self.normalise == "none":
+            normed = logmel
+        else:
+            counts = frames_per_row.to(torch.float32).view(-1, 1, 1)
+            mean = (logmel * valid).sum(dim=1, keepdim=True) / counts
+            centred = logmel - mean
+            var = (centred * centred * valid).sum(dim=1, keepdim=True) / (counts - 1.0)
+            normed = centred * torch.rsqrt(var + NORM_EPS)
 
         out_frames = torch.div(total, STACK, rounding_mode="floor")
         feats = normed[:, : out_frames * STACK].reshape(x.shape[0], -1, FEATURE_DIM)
@@ -145,14 +151,14 @@ class _Embedder(nn.Module):
         mask = attention_mask.bool()
         if hasattr(backend, "adapter_layers"):  # AdapterMFA
             x = torch.cat([adapter(h) for adapter, h in zip(backend.adapter_layers, states)], dim=-1)
-            return backend.bottleneck(_pool_eval(backend.pooling, x, mask))
+            return backend.embed_norm(backend.bottleneck(_pool_eval(backend.pooling, x, mask)))
         return backend(states, attention_mask)  # MHFA: masked_fill/softmax only, already static
 
 
 class _WaveEmbedder(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.fbank = OnnxFbank()
+        self.fbank = OnnxFbank(model.features.normalise)
         self.embedder = _Embedder(model)
 
     def forward(self, waves: Tensor, lengths: Tensor) -> Tensor:
@@ -184,6 +190,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input: Literal["waves
         raise ExportError(f"export_onnx: opset {opset} is too old; need 17 or newer")
     if not all(hasattr(model, a) for a in ("frontend", "backend")):
         raise ExportError(f"export_onnx: expected a SpeakerModel, got {type(model).__name__}")
+    if getattr(model.features, "normalise", None) not in NORMALISATIONS:
+        raise ExportError(f"export_onnx: the model's features are a {type(model.features).__name__}, not "
+                          "svlib's W2VBertFbank; only that one has an ONNX form (OnnxFbank)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
@@ -214,7 +223,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input: Literal["waves
                     else:
                         torch.onnx.export(wrapper, args, str(path), dynamic_axes=axes, **kwargs)
                 _stamp(path, {"svlib_input": input, "svlib_exporter": "dynamo" if use_dynamo else "torchscript",
-                              "svlib_embed_dim": str(model.embed_dim)})
+                              "svlib_embed_dim": str(model.embed_dim),
+                              # a features-input graph needs W2VBertFbank(normalise=<this>) from the caller
+                              "svlib_features_normalise": model.features.normalise})
                 return path
             except Exception as err:  # noqa: BLE001 - each exporter fails in its own way; report all
                 errors.append(f"{'dynamo' if use_dynamo else 'torchscript'}: {type(err).__name__}: {err}".split("\n")[0])

@@ -44,6 +44,8 @@ import itertools
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +63,31 @@ NORM_EPS = 1e-7
 INPUT_SCALE = 2.0**15  # Kaldi expects 16-bit integer amplitudes
 # Fewest samples that give one stacked output frame (two analysis frames).
 MIN_SAMPLES = WIN_LENGTH + HOP_LENGTH * (STACK - 1)
+
+NORMALISATIONS = ("utterance", "none")
+
+
+@dataclass
+class FeatureConfig:
+    """Which input features the speaker model computes from the waveform.
+
+    ``normalise``:
+
+    * ``utterance`` (the default): the W2V-BERT 2.0 extractor's per-utterance, per-bin mean and variance
+      normalisation. The pretrained weights were trained on exactly these inputs, so a pretrained encoder
+      must keep it.
+    * ``none``: the raw stacked log-mel frames. Per-utterance normalisation removes the long-term average
+      spectrum and its spread, which are speaker cues (they are all that the mean/std log-mel baseline uses).
+      An encoder trained from scratch can keep them this way. Gain is still removed: the encoder's input
+      LayerNorm normalises every frame across its 160 values, and a gain adds a constant to a log-mel frame.
+    """
+
+    normalise: Literal["utterance", "none"] = "utterance"
+
+    def __post_init__(self) -> None:
+        if self.normalise not in NORMALISATIONS:
+            raise ValueError(f"features.normalise must be one of {list(NORMALISATIONS)}, got {self.normalise!r}")
+
 
 _BLOCK = 80  # gcd(400, 160): frame means are sums of 5 consecutive 80-sample blocks, hop = 2 blocks
 
@@ -145,15 +172,16 @@ class W2VBertFbank(nn.Module):
     """Batched W2V-BERT 2.0 fbank: ``(waves [B, N], lengths [B]) -> (feats [B, T, 160], mask [B, T])``.
 
     Row b equals the transformers extractor on ``waves[b, :lengths[b]]`` alone; samples past ``lengths[b]``
-    influence nothing. Output frames past a row's own length are 0 in ``feats`` and in ``mask``.
+    influence nothing. With ``normalise="none"`` the per-bin normalisation is skipped (``FeatureConfig``). Output frames past a row's own length are 0 in ``feats`` and in ``mask``.
     Features are data, not a learnt layer: no gradient flows to ``waves``, and autocast is switched off
     inside so that no step runs in reduced precision.
     """
 
-    def __init__(self, chunk_frames: int = 256) -> None:
+    def __init__(self, chunk_frames: int = 256, normalise: str = "utterance") -> None:
         super().__init__()
         if chunk_frames < 1:
             raise ValueError(f"chunk_frames must be positive, got {chunk_frames}")
+        self.normalise = FeatureConfig(normalise).normalise  # validated; see FeatureConfig
         # CPU: chunked over threads (see the module docstring); GPUs take the batch whole.
         self.chunk_frames = int(chunk_frames)
         window = povey_window()  # float64: a float32 window alone adds -144 dB noise to every bin
@@ -301,12 +329,17 @@ class W2VBertFbank(nn.Module):
         # A chunk is whole rows or a frame range of one row, so its slice of the result is contiguous.
         torch.log(mel.clamp_min_(MEL_FLOOR), out=out.view(n, NUM_MEL_BINS))
 
+    def to_config(self) -> FeatureConfig:
+        return FeatureConfig(self.normalise)
+
     def _normalise_and_stack(self, logmel: Tensor, frames_per_row: Tensor) -> tuple[Tensor, Tensor]:
         batch, total, _ = logmel.shape
         device = logmel.device
         counts = frames_per_row.to(device=device, dtype=torch.float32).view(batch, 1, 1)
         ragged = not bool((frames_per_row == total).all())
-        if ragged:
+        if self.normalise == "none":
+            centred, scale = logmel, torch.ones((), device=device)
+        elif ragged:
             valid = (torch.arange(total, device=device) < frames_per_row.to(device)[:, None]).unsqueeze(-1)
             mean = torch.where(valid, logmel, 0.0).sum(1, keepdim=True) / counts
             centred = logmel.sub_(mean)
@@ -315,7 +348,8 @@ class W2VBertFbank(nn.Module):
             mean = logmel.sum(1, keepdim=True) / counts
             centred = logmel.sub_(mean)
             var = centred.square().sum(1, keepdim=True) / (counts - 1)
-        scale = torch.rsqrt(var.add_(NORM_EPS))
+        if self.normalise != "none":
+            scale = torch.rsqrt(var.add_(NORM_EPS))
 
         out_per_row = frames_per_row // STACK
         out_frames = int(out_per_row.max())

@@ -192,6 +192,8 @@ def describe(model: SpeakerModel, seconds: float = MACS_SECONDS) -> dict[str, An
             "position_embeddings_type": config.position_embeddings_type,
         },
         "backend": {"type": type(model.backend).__name__, "embed_dim": model.embed_dim},
+        # per-utterance normalised (the W2V-BERT extractor's) or raw log-mel: what a caller must feed it
+        "features_normalise": getattr(model.features, "normalise", "utterance"),
         "pruned": pruned,
         "dense_layer_sizes": dense,
         "layers": sizes,
@@ -302,6 +304,8 @@ def _render_card(card: dict[str, Any]) -> str:
                      f"{enc.get('num_attention_heads')} heads, FFN {enc.get('intermediate_size')} |")
     if isinstance(card.get("backend"), dict):
         lines.append(f"| back-end | {card['backend'].get('type')}, {card['backend'].get('embed_dim')}-dim embedding |")
+    if card.get("features_normalise"):
+        lines.append(f"| input features | log-mel, normalisation: {card['features_normalise']} |")
     if card.get("pruned") and isinstance(card.get("layers"), list):
         dense = card.get("dense_layer_sizes", {})
         lines += ["", "## Pruned structure (kept per layer)", "",

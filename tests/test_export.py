@@ -59,9 +59,10 @@ def _check(model, path, batches, kind):
     export_onnx(model, path, input=kind)
     # the TorchScript exporter is tried first and handles relative_key attention with dynamic T
     assert onnx_metadata(path) == {"svlib_input": kind, "svlib_exporter": "torchscript",
-                                   "svlib_embed_dim": str(model.embed_dim)}
+                                   "svlib_embed_dim": str(model.embed_dim),
+                                   "svlib_features_normalise": model.features.normalise}
     session = onnx_session(path, threads=2)
-    fbank = W2VBertFbank()
+    fbank = model.features
     for waves, lengths in batches:
         with torch.no_grad():
             ref = model(waves, lengths).numpy()
@@ -76,6 +77,25 @@ def _check(model, path, batches, kind):
 @pytest.mark.parametrize("kind", ["waves", "features"])
 def test_dense_export_matches_torch(batches, tmp_path, kind):
     _check(tiny_model(), tmp_path / f"dense_{kind}.onnx", batches, kind)
+
+
+def test_raw_logmel_embed_norm_export_matches_torch(batches, tmp_path):
+    """The demo's model kind: un-normalised features and a BatchNorm on the embedding (with trained-looking
+    running statistics, so that dropping it from the graph would show)."""
+    model = tiny_model(backend={"type": "mfa", "adapter_dim": 8, "embed_dim": 16, "embed_norm": True},
+                       features={"normalise": "none"})
+    with torch.no_grad():
+        model.backend.embed_norm.running_mean.uniform_(-2.0, 2.0)
+        model.backend.embed_norm.running_var.uniform_(0.5, 3.0)
+    _check(model, tmp_path / "raw.onnx", batches, "waves")
+    _check(model, tmp_path / "raw_features.onnx", batches, "features")
+
+
+def test_onnx_fbank_without_normalisation_equals_w2vbert_fbank(batches):
+    ref, ours = W2VBertFbank(normalise="none"), OnnxFbank("none")
+    for waves, lengths in batches:
+        (f1, m1), (f2, m2) = ref(waves, lengths), ours(waves, lengths)
+        assert torch.equal(m1, m2) and (f1 - f2).abs().max().item() <= 1e-4 * f1.abs().max().item()
 
 
 def test_mhfa_export_matches_torch(batches, tmp_path):
@@ -104,6 +124,9 @@ def test_bad_requests(tmp_path):
         export_onnx(model, tmp_path / "x.onnx", opset=13)
     with pytest.raises(ExportError, match="expected a SpeakerModel"):
         export_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")
+    model.features = torch.nn.Identity()
+    with pytest.raises(ExportError, match="only that one has an ONNX form"):
+        export_onnx(model, tmp_path / "x.onnx")
 
 
 def test_lean_and_stock_attention_export_alike(batches, tmp_path):

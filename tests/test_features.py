@@ -116,6 +116,27 @@ def test_padded_batch_rows_equal_single_utterances(model, extractor, waves):
         assert bool((mask[i, :valid] == 1).all())
 
 
+def test_unnormalised_features_match_extractor_without_normalisation(extractor, waves):
+    """``normalise="none"``: the extractor's ``do_normalize_per_mel_bins=False`` features, batched and padded
+    (the raw log-mel keeps its level, so the tolerance is relative to the values' size)."""
+    raw = W2VBertFbank(normalise="none")
+    batch, lengths = pad(waves, fill=0.25)
+    feats, mask = raw(batch, lengths)
+    assert mask.sum(1).tolist() == [num_frames(len(w)) for w in waves]
+    for i, wave in enumerate(waves):
+        out = extractor(wave, sampling_rate=16000, return_tensors="np", do_normalize_per_mel_bins=False)
+        valid = int(out["attention_mask"][0].sum())
+        ref = out["input_features"][0][:valid]
+        assert float(np.abs(feats[i, :valid].numpy() - ref).max()) <= TOL * max(1.0, float(np.abs(ref).max()))
+        assert bool((feats[i, valid:] == 0).all())
+    # a gain is a constant added to every log-mel value: the frames' shapes do not change
+    louder, _ = raw(batch * 4.0, lengths)
+    valid = mask.bool()
+    assert torch.allclose(louder[valid] - feats[valid], torch.full_like(feats[valid], 2 * np.log(4.0)), atol=1e-3)
+    with pytest.raises(ValueError, match="features.normalise must be one of"):
+        W2VBertFbank(normalise="global")
+
+
 def test_odd_frame_counts_in_statistics(model, extractor, waves):
     # F odd: the last analysis frame is dropped from the output but still counts in the per-bin mean/var.
     wave = waves[-1]

@@ -164,3 +164,20 @@ def test_relative_path_is_what_benchmark_records_hold(tmp_path, monkeypatch):
     assert relative_path(tmp_path / "shared" / "data", repo) == "../shared/data"
     monkeypatch.chdir(repo / "data")
     assert relative_path("sv-bench", repo) == "data/sv-bench"  # a relative argument is taken from the cwd
+
+
+def test_checkpoints_get_the_umask_mode(tmp_path):
+    """Training checkpoints (mkstemp + rename) are group-readable under a group umask, like every other output."""
+    import os
+
+    import torch
+
+    from svlib.train.checkpoint import load_checkpoint, save_checkpoint
+
+    old = os.umask(0o027)
+    try:
+        path = save_checkpoint(tmp_path / "ckpt" / "ckpt_00000010.pt", {"step": 10, "w": torch.ones(3)})
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+    assert load_checkpoint(path)["step"] == 10 and sorted(p.name for p in path.parent.iterdir()) == [path.name]

@@ -179,6 +179,28 @@ def test_prune1_resumes_exactly(work, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_distillation_uses_the_teacher_models_features(work, tmp_path, monkeypatch):
+    """run_distill gives the student the features its teacher model folder was trained on (here raw log-mel):
+    distilling a raw-log-mel teacher on normalised inputs would match its states on inputs it never saw."""
+    torch.manual_seed(0)
+    raw = build_speaker_model(from_dict(SpeakerModelConfig, {
+        "frontend": {"preset": "tiny"}, "backend": {"type": "mfa", "adapter_dim": 16, "embed_dim": 32},
+        "features": {"normalise": "none"}}))
+    save_model(raw, tmp_path / "raw_s2" / "model")
+    seen = []
+
+    class RecordingPair(P.DistillPair):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append(self.features.normalise)
+
+    monkeypatch.setattr(P, "DistillPair", RecordingPair)
+    cfg = {**PRUNE2, "train": {**PRUNE2["train"], "steps": 2, "ckpt_every": 2}}
+    record = P.run_distill(from_dict(P.DistillStageConfig, cfg), work["data"], tmp_path / "distill",
+                           init=tmp_path / "raw_s2")
+    assert seen == ["none"] and record["stage"] == "prune2"
+
+
 def copy_prune1_scaled(root: Path, dest: Path, scale: float) -> Path:
     """prune1's folder with every layer's final LayerNorm scaled: the same structure, states ``scale`` x larger."""
     shutil.copytree(root / "prune1", dest, ignore=shutil.ignore_patterns("ckpt", "result.json"))

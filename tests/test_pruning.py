@@ -341,6 +341,7 @@ def test_engine_reads_pruning_metrics_only_on_log_steps(tmp_path):
     """Through the engine (prune1's loop): the extras stay on the device between log steps."""
     from experiments import prune as P
     from svlib.config import from_dict
+    from svlib.features import W2VBertFbank
     from svlib.model.frontend import Frontend
     from svlib.model.speaker import SpeakerModelConfig, build_speaker_model
     from svlib.train.engine import TrainConfig, train
@@ -352,7 +353,7 @@ def test_engine_reads_pruning_metrics_only_on_log_steps(tmp_path):
     torch.manual_seed(0)
     student, teacher = tiny_frontend(), tiny_frontend()
     mask_set = attach_masks(student.encoder)
-    pair = P.DistillPair(Frontend(student.encoder), teacher, mask_set)
+    pair = P.DistillPair(Frontend(student.encoder), teacher, mask_set, features=W2VBertFbank())
     objective = distill_objective(mask_set)
     per_step = []
     forward = objective.forward
@@ -371,6 +372,33 @@ def test_engine_reads_pruning_metrics_only_on_log_steps(tmp_path):
     reads = [b - a for a, b in zip(per_step, per_step[1:])]   # steps 1..5: forward, backward, update, log
     assert [step for step in (1, 2, 3, 4, 5) if reads[step - 1]] == logged == [2, 4, 5]
     assert reads[0] == reads[2] == 0 and reads[1] > 0
+
+
+def test_distill_pair_feeds_both_encoders_the_teacher_models_features():
+    """A teacher trained on un-normalised log-mel is distilled on the same features, never silently on the
+    per-utterance normalised default (run_distill's wiring: tests/test_prune_stages.py)."""
+    from experiments import prune as P
+    from svlib.config import from_dict
+    from svlib.features import W2VBertFbank
+    from svlib.model.speaker import SpeakerModelConfig, build_speaker_model
+
+    torch.manual_seed(0)
+    teacher = build_speaker_model(from_dict(SpeakerModelConfig, {
+        "frontend": {"preset": "tiny"}, "backend": {"type": "mfa", "adapter_dim": 16, "embed_dim": 32},
+        "features": {"normalise": "none"}})).eval()
+    student = build_speaker_model(from_dict(SpeakerModelConfig, {
+        "frontend": {"preset": "tiny"}, "backend": {"type": "mfa", "adapter_dim": 16, "embed_dim": 32}})).frontend
+    with pytest.raises(TypeError, match="features"):
+        P.DistillPair(student, teacher.frontend)  # no silent default
+    pair = P.DistillPair(student, teacher.frontend, None, features=teacher.features).eval()
+    g = torch.Generator().manual_seed(1)
+    waves, lengths = 0.1 * torch.randn(2, 16000, generator=g), torch.tensor([16000, 12000])
+    with torch.no_grad():
+        student_states, teacher_states, mask = pair(waves, lengths)
+        feats, expected_mask = W2VBertFbank(normalise="none")(waves, lengths)
+        expected = teacher.frontend(feats, expected_mask)
+    assert torch.equal(mask, expected_mask)
+    assert all(torch.equal(a, b) for a, b in zip(teacher_states, expected))
 
 
 def test_target_schedule_start_and_ease_out():

@@ -37,6 +37,8 @@ def test_describe_counts_match_modules(backend):
     assert info["params_encoder"] == sum(p.numel() for p in model.frontend.parameters())
     assert info["params_backend"] == sum(p.numel() for p in model.backend.parameters())
     assert info["pruned"] is False and info["layers"] == [{"heads": 2, "ffn1": 64, "ffn2": 64, "conv": 32}] * 2
+    assert info["features_normalise"] == "utterance"
+    assert package.describe(tiny_model(features={"normalise": "none"}))["features_normalise"] == "none"
 
     feats, mask = torch.randn(1, t, 160), torch.ones(1, t, dtype=torch.long)
     states = model.frontend(feats, mask)

@@ -35,7 +35,7 @@ def test_recipe_search_candidates_validate_and_never_read_the_test_lists(tmp_pat
     script adds to it takes the test lists (and the baselines, which score them) out of every search run."""
     import yaml
 
-    from bench.demo_recipe_search import PIPELINE, RECIPES, SEARCH_ONLY, merged
+    from bench.demo_recipe_search import PIPELINE, RECIPES, search_overrides
     from svlib.config import read_yaml
 
     recipes = read_yaml(RECIPES)["recipes"]
@@ -43,7 +43,7 @@ def test_recipe_search_candidates_validate_and_never_read_the_test_lists(tmp_pat
     for name, recipe in recipes.items():
         assert recipe["why"], name
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(merged(recipe["overrides"], {"out_dir": "exp/x", **SEARCH_ONLY})))
+        path.write_text(yaml.safe_dump(search_overrides(recipe, "exp/x")))
         cfg, stages = load_pipeline(ROOT / PIPELINE, path)
         assert cfg.data.tests() is None and cfg.baselines is False, name
         assert cfg.data.val is not None and cfg.data.val_trials is not None, name  # val still chooses

@@ -25,10 +25,12 @@ torch.set_num_threads(2)
 TINY_MFA = {"frontend": {"preset": "tiny"}, "backend": {"type": "mfa", "adapter_dim": 16, "embed_dim": 24}}
 
 
-def tiny_model(backend=None, lora=False, seed=0):
+def tiny_model(backend=None, lora=False, seed=0, features=None):
     data = json.loads(json.dumps(TINY_MFA))
     if backend:
         data["backend"] = backend
+    if features:
+        data["features"] = features
     if lora:
         data["frontend"]["lora"] = {"r": 4, "alpha": 8.0}
         data["frontend"]["freeze"] = True
@@ -98,6 +100,37 @@ def test_save_load_round_trip(tmp_path):
     save_model(mhfa, tmp_path / "h", {})
     with torch.no_grad():
         assert (mhfa(waves, lens) - load_model(tmp_path / "h")(waves, lens)).abs().max() == 0.0
+
+
+def test_feature_normalisation_is_saved_with_the_model(tmp_path):
+    """A model on un-normalised log-mel reloads with the same features; a folder without the key (written
+    before it existed) loads per-utterance normalised, and an unknown value is a one-line format error."""
+    waves, lens = waves_batch([12000, 7000])
+    raw = tiny_model(features={"normalise": "none"})
+    assert raw.features.normalise == "none" and tiny_model().features.normalise == "utterance"
+    save_model(raw, tmp_path / "raw", {})
+    manifest_path = tmp_path / "raw" / "svlib_model.json"
+    assert json.loads(manifest_path.read_text())["features"] == {"normalise": "none"}
+    loaded = load_model(tmp_path / "raw")
+    assert loaded.features.normalise == "none"
+    with torch.no_grad():
+        assert (raw(waves, lens) - loaded(waves, lens)).abs().max() <= 1e-5
+        # the normalisation matters to the embedding: the same weights on normalised features differ
+        loaded.features = tiny_model().features
+        assert (raw(waves, lens) - loaded(waves, lens)).abs().max() > 1e-2
+    with pytest.warns(UserWarning, match="pretrained encoder"):
+        from_dict(SpeakerModelConfig, {"frontend": {"folder": "models/w2v-bert-2.0"}, "backend": {"type": "mfa"},
+                                       "features": {"normalise": "none"}})
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["features"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert load_model(tmp_path / "raw").features.normalise == "utterance"
+    for bad, message in (({"normalise": "cmvn"}, r"normalise.*'cmvn'"), (None, "features: expected a mapping"),
+                         ("none", "features: expected a mapping")):
+        manifest["features"] = bad
+        manifest_path.write_text(json.dumps(manifest))
+        with pytest.raises(ModelFormatError, match=r"svlib_model.json: .*" + message):
+            load_model(tmp_path / "raw")
 
 
 def test_load_model_errors(tmp_path):

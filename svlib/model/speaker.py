@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from svlib.config import ConfigError, from_dict, to_dict
-from svlib.features import W2VBertFbank
+from svlib.features import FeatureConfig, W2VBertFbank
 from svlib.files import save_tensors_atomic, write_text_atomic
 from svlib.model.backends import BackendConfig, build_backend
 from svlib.model.frontend import (
@@ -61,6 +62,14 @@ class ModelFormatError(ValueError):
 class SpeakerModelConfig:
     frontend: FrontendConfig
     backend: BackendConfig
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+
+    def __post_init__(self) -> None:
+        if self.frontend.folder is not None and self.features.normalise != "utterance":
+            # allowed (an experiment may want it), but almost always a copied demo config
+            warnings.warn(f"features.normalise {self.features.normalise!r} with the pretrained encoder "
+                          f"{self.frontend.folder}: its weights were trained on the extractor's per-utterance "
+                          "normalised features (normalise: utterance)", stacklevel=3)
 
 
 class SpeakerModel(nn.Module):
@@ -88,7 +97,7 @@ class SpeakerModel(nn.Module):
 def build_speaker_model(cfg: SpeakerModelConfig, root: str | os.PathLike | None = None) -> SpeakerModel:
     frontend = build_frontend(cfg.frontend, root=root)
     backend = build_backend(cfg.backend, frontend.num_states, frontend.hidden_size)
-    return SpeakerModel(frontend, backend)
+    return SpeakerModel(frontend, backend, W2VBertFbank(normalise=cfg.features.normalise))
 
 
 def save_model(model: SpeakerModel, folder: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
@@ -100,6 +109,7 @@ def save_model(model: SpeakerModel, folder: str | os.PathLike, meta: dict[str, A
         "format_version": FORMAT_VERSION,
         "encoder": ENCODER_DIR,
         "backend": to_dict(model.backend.to_config()),
+        "features": to_dict(model.features.to_config()),
         "num_states": model.frontend.num_states,
         "hidden_size": model.frontend.hidden_size,
         "embed_dim": model.embed_dim,
@@ -150,6 +160,11 @@ def load_model(folder: str | os.PathLike) -> SpeakerModel:
         raise ModelFormatError(f"{path}: missing key(s) {missing}")
     try:
         backend_cfg = from_dict(BackendConfig, manifest["backend"], "backend")
+        # Folders written before the key existed were all per-utterance normalised: the default. An explicit
+        # null is not "absent": from_dict would read it as {}.
+        if manifest.get("features", {}) is None:
+            raise ConfigError("features: expected a mapping, got null")
+        features = from_dict(FeatureConfig, manifest.get("features", {}), "features")
     except ConfigError as err:
         raise ModelFormatError(f"{path}: {err}") from None
 
@@ -171,6 +186,6 @@ def load_model(folder: str | os.PathLike) -> SpeakerModel:
     check_state_dict(backend, state, str(weights_path))
     backend.load_state_dict(state, strict=True)
 
-    model = SpeakerModel(frontend, backend)
+    model = SpeakerModel(frontend, backend, W2VBertFbank(normalise=features.normalise))
     model.meta = manifest["meta"]
     return model.eval()

@@ -64,6 +64,7 @@ __all__ = [
     "paired_bootstrap",
     "ci_fields",
     "load_trial_scores",
+    "paired_score_files",
     "read_labelled_scores",
     "score_file_ci",
 ]
@@ -397,6 +398,17 @@ def load_trial_scores(path, trials, trials_source: str = "the trial list") -> np
         raise BootstrapError(f"{path}: no score for trial '{trials.enroll[i]} {trials.test[i]}' of {trials_source} "
                              f"({missing.size} of {len(trials)} trials missing)")
     return scores
+
+
+def paired_score_files(path_a, path_b, trials, utt2spk: Mapping[str, str] | None = None,
+                       trials_source: str = "the trial list", replicates: int = DEFAULT_REPLICATES,
+                       seed: int = 0) -> dict:
+    """``paired_bootstrap`` of systems A and B from their score files on one trial list (``Trials``): each file
+    is read in the list's order (every trial must be scored), speakers come from ``utt2spk`` or the ids."""
+    speakers = trial_speakers(trials.enroll, trials.test, trials.labels, utt2spk, source=trials_source)
+    scores_a = load_trial_scores(path_a, trials, trials_source)
+    scores_b = load_trial_scores(path_b, trials, trials_source)
+    return paired_bootstrap(scores_a, scores_b, trials.labels, speakers, replicates, seed)
 
 
 def read_labelled_scores(path) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:

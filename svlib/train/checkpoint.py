@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from svlib.files import umask_mode
+
 CKPT_PATTERN = re.compile(r"^ckpt_(\d+)\.pt$")
 
 
@@ -51,6 +53,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, umask_mode())  # mkstemp creates 0600: a teammate resuming or reading must get in
         os.replace(tmp_name, path)
     except BaseException:
         # Includes KeyboardInterrupt: never leave temporary files to pile up next to the checkpoints.
