@@ -26,6 +26,7 @@ twice its 2-thread time, and keeps a pair's minutes comparable with each other (
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -40,8 +41,6 @@ from experiments.common import print_table, read_result  # noqa: E402
 from svlib.config import merge_overrides, read_yaml  # noqa: E402
 from svlib.files import write_json, write_text_atomic  # noqa: E402
 
-import json  # noqa: E402
-
 import yaml  # noqa: E402
 
 PIPELINE = "experiments/configs/demo/pipeline.yaml"
@@ -51,6 +50,16 @@ TRAIN_STAGES = ("s1", "s2", "s3")
 # What every search run gets on top of its recipe: no test list is ever read, no baselines run.
 SEARCH_ONLY = {"data": {"test": None}, "baselines": False}
 
+
+def read_results() -> dict:
+    """The results file as it is now (another job or a probe may have written it since we last read it)."""
+    return json.loads(RESULT.read_text()) if RESULT.exists() else {"recipes": {}}
+
+
+def val_summary(result: dict) -> dict:
+    """The val-list keys a record keeps from an evaluation result (EER and minDCF with their intervals)."""
+    return {"val_eer_pct": result["eer_pct"], "val_eer_ci": result.get("eer_ci_pct"),
+            "val_mindcf_0.01": result["mindcf_0.01"], "val_mindcf_0.01_ci": result.get("mindcf_0.01_ci")}
 
 
 def val_with_interval(stage_dir: Path, threads: int) -> dict:
@@ -65,9 +74,7 @@ def val_with_interval(stage_dir: Path, threads: int) -> dict:
     data = DataConfig(**read_yaml(REPO / PIPELINE)["data"])
     val_dir, trials = data.validation()
     model = load_model(stage_dir / "model").eval()
-    result = evaluate(model, val_dir, {"val": trials}, EvalConfig(progress=False, ci_replicates=1000))["val"]
-    return {"val_eer_pct": result["eer_pct"], "val_eer_ci": result.get("eer_ci_pct"),
-            "val_mindcf_0.01": result["mindcf_0.01"], "val_mindcf_0.01_ci": result.get("mindcf_0.01_ci")}
+    return val_summary(evaluate(model, val_dir, {"val": trials}, EvalConfig(progress=False, ci_replicates=1000))["val"])
 
 
 def search_overrides(recipe: dict, out_dir: str) -> dict:
@@ -116,9 +123,7 @@ def val_fbank_baseline() -> dict:
 
     data = read_yaml(REPO / PIPELINE)["data"]
     val = DataConfig(test=data["val"], test_trials={"val": data["val_trials"]})
-    result = fbank_baseline(val, EvalConfig(progress=False, ci_replicates=1000))["val"]
-    return {"val_eer_pct": result["eer_pct"], "val_eer_ci": result["eer_ci_pct"],
-            "val_mindcf_0.01": result["mindcf_0.01"], "val_mindcf_0.01_ci": result["mindcf_0.01_ci"]}
+    return val_summary(fbank_baseline(val, EvalConfig(progress=False, ci_replicates=1000))["val"])
 
 
 PROBE_ENCODER = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 256,
@@ -179,15 +184,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     recipes = read_yaml(RECIPES)["recipes"]
-    results = json.loads(RESULT.read_text()) if RESULT.exists() else {"recipes": {}}
     if args.probe:
         name, lr_frontend, lr_backend = args.probe
         record = probe(float(lr_frontend), float(lr_backend), args.embed_norm)
-        latest = json.loads(RESULT.read_text()) if RESULT.exists() else {"recipes": {}}  # as it is now
+        latest = read_results()  # after the probe's minutes: a search may have added records meanwhile
         latest.setdefault("probes", {})[name] = record
         finish(latest)
         print(f"[probe] {name}: mean loss per 25 steps {[round(v, 3) for v in record['mean_loss_per_25_steps']]}")
         return 0
+    results = read_results()
     names = args.only or list(recipes)
     unknown = [n for n in names if n not in recipes]
     if unknown:
@@ -204,7 +209,7 @@ def main(argv=None) -> int:
     def one(name: str) -> None:
         record = run_recipe(name, recipes[name], out, threads, args.jobs)
         with lock:  # read-modify-write of the file: another job (or a probe) may have added records meanwhile
-            latest = json.loads(RESULT.read_text()) if RESULT.exists() else {"recipes": {}}
+            latest = read_results()
             latest["recipes"][name] = record
             finish(latest)
         print(f"[search] {name}: val EER {record['val_eer_pct']:.2f} % {record['val_eer_ci']}, "

@@ -102,11 +102,11 @@ class OnnxFbank(nn.Module):
         logmel = torch.log(torch.clamp(torch.matmul(power, self.mel), min=MEL_FLOOR))  # [B, F, 80]
 
         frames_per_row = torch.div(lengths - WIN_LENGTH, HOP_LENGTH, rounding_mode="floor") + 1  # [B]
-        frame_ids = torch.arange(total, dtype=torch.int64, device=x.device)
-        valid = (frame_ids[None, :] < frames_per_row[:, None]).unsqueeze(-1).to(torch.float32)  # [B, F, 1]
         if self.normalise == "none":
             normed = logmel
         else:
+            frame_ids = torch.arange(total, dtype=torch.int64, device=x.device)
+            valid = (frame_ids[None, :] < frames_per_row[:, None]).unsqueeze(-1).to(torch.float32)  # [B, F, 1]
             counts = frames_per_row.to(torch.float32).view(-1, 1, 1)
             mean = (logmel * valid).sum(dim=1, keepdim=True) / counts
             centred = logmel - mean

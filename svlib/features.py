@@ -168,6 +168,24 @@ def _band_blocks(matrix: Tensor, call_cost: int = 2048) -> list[tuple[int, int, 
     return blocks[::-1]
 
 
+def _centre_per_bin(logmel: Tensor, frames_per_row: Tensor, ragged: bool) -> Tensor:
+    """Subtract each row's per-bin mean over its own frames from ``logmel`` in place; returns the per-bin
+    ``1 / sqrt(s2 + eps)`` [B, 1, 80] (s2 the unbiased variance) to scale it by. Padding frames count in neither."""
+    batch, total, _ = logmel.shape
+    device = logmel.device
+    counts = frames_per_row.to(device=device, dtype=torch.float32).view(batch, 1, 1)
+    if ragged:
+        valid = (torch.arange(total, device=device) < frames_per_row.to(device)[:, None]).unsqueeze(-1)
+        mean = torch.where(valid, logmel, 0.0).sum(1, keepdim=True) / counts
+        centred = logmel.sub_(mean)
+        var = torch.where(valid, centred, 0.0).square_().sum(1, keepdim=True) / (counts - 1)
+    else:
+        mean = logmel.sum(1, keepdim=True) / counts
+        centred = logmel.sub_(mean)
+        var = centred.square().sum(1, keepdim=True) / (counts - 1)
+    return torch.rsqrt(var.add_(NORM_EPS))
+
+
 class W2VBertFbank(nn.Module):
     """Batched W2V-BERT 2.0 fbank: ``(waves [B, N], lengths [B]) -> (feats [B, T, 160], mask [B, T])``.
 
@@ -335,27 +353,18 @@ class W2VBertFbank(nn.Module):
     def _normalise_and_stack(self, logmel: Tensor, frames_per_row: Tensor) -> tuple[Tensor, Tensor]:
         batch, total, _ = logmel.shape
         device = logmel.device
-        counts = frames_per_row.to(device=device, dtype=torch.float32).view(batch, 1, 1)
         ragged = not bool((frames_per_row == total).all())
-        if self.normalise == "none":
-            centred, scale = logmel, torch.ones((), device=device)
-        elif ragged:
-            valid = (torch.arange(total, device=device) < frames_per_row.to(device)[:, None]).unsqueeze(-1)
-            mean = torch.where(valid, logmel, 0.0).sum(1, keepdim=True) / counts
-            centred = logmel.sub_(mean)
-            var = torch.where(valid, centred, 0.0).square_().sum(1, keepdim=True) / (counts - 1)
-        else:
-            mean = logmel.sum(1, keepdim=True) / counts
-            centred = logmel.sub_(mean)
-            var = centred.square().sum(1, keepdim=True) / (counts - 1)
-        if self.normalise != "none":
-            scale = torch.rsqrt(var.add_(NORM_EPS))
+        scale = None if self.normalise == "none" else _centre_per_bin(logmel, frames_per_row, ragged)
 
         out_per_row = frames_per_row // STACK
         out_frames = int(out_per_row.max())
         feats = torch.empty(batch, out_frames, FEATURE_DIM, dtype=torch.float32, device=device)
-        # Stacking is a reshape: write the scaled frames straight into the [B, T, 160] result.
-        torch.mul(centred[:, : STACK * out_frames], scale, out=feats.view(batch, STACK * out_frames, NUM_MEL_BINS))
+        # Stacking is a reshape: write the (scaled) frames straight into the [B, T, 160] result.
+        frames, stacked = logmel[:, : STACK * out_frames], feats.view(batch, STACK * out_frames, NUM_MEL_BINS)
+        if scale is None:
+            stacked.copy_(frames)
+        else:
+            torch.mul(frames, scale, out=stacked)
         mask = (torch.arange(out_frames, device=device) < out_per_row.to(device)[:, None]).long()
         if ragged:
             feats.masked_fill_(mask.unsqueeze(-1) == 0, 0.0)  # not a multiply: padding may hold inf/nan

@@ -264,8 +264,7 @@ class Augmenter:
             return None
         wave = self._noise_cache.get(source)
         if wave is None:
-            wave = fit_length(load_audio(source, self.sample_rate, max_seconds=length / self.sample_rate), length)
-            self.bytes_read += wave.nbytes
+            wave = self._read(source, 0, length).numpy()
             self._noise_cache.put(source, wave)
         return torch.from_numpy(wave)
 
