@@ -1,7 +1,19 @@
 """Optuna sweeps tracing the pruning-versus-EER curve over one FIXED teacher.
 
-    python -m sweeps.prune_sweep --config sweeps/configs/demo.yaml [--storage URL] [--grid] [--n-trials N] \
-        [--worker K] [--mlflow-uri URI | --no-tracking]
+    torchrun --nproc_per_node 8 -m sweeps.prune_sweep --config sweeps/configs/w2vbert.yaml --grid \
+        [--storage URL] [--budget B] [--n-trials N] [--worker K] [--mlflow-uri URI | --no-tracking]
+    python -m sweeps.prune_sweep --config sweeps/configs/demo.yaml            # one process, CPU or one GPU
+    python -m sweeps.prune_sweep --config C --grid --plan [--gpus 8] [--card H100] [--budget B]
+    python -m sweeps.prune_sweep --config C --grid --promote 2 --budget 0.5   # or --trials 3,5
+
+A trial spans every rank of its torchrun job (:mod:`sweeps.distributed`): rank 0 alone talks to Optuna and
+MLflow and orders the other ranks through the trial; the DDP stages train on all ranks, shrink, graft and the
+evaluation run on rank 0. Several jobs (one per node) share one study through ``--storage`` (PostgreSQL, or
+env ``SVLIB_SWEEP_STORAGE``); each is one worker with its own ``--worker`` index. ``--plan`` prints what the
+sweep costs (steps, samples, audio hours, GPU-hours per stage, trial and study: :mod:`sweeps.plan`) without
+training. ``budget`` (the config's, or ``--budget``) is the fraction of the stage YAMLs' epochs a trial trains;
+``--promote K --budget B`` enqueues the K best trials of the Pareto front into the linked study
+``<name>-b<B>``, which re-runs them at that budget (MLflow shows both, a ``budget`` column).
 
 The teacher is a finished dense stage folder (``model/`` + ``head.safetensors``, e.g. ``exp/demo/s2``); it is
 read by every trial and never retrained. Each trial runs, in its own folder ``<out_dir>/<study>/trial_<n>/``,
@@ -11,7 +23,8 @@ the experiments' own stage functions::
             ──the short fine-tune stages (ps1, ps2, ...)──▶ eval_pruned (val + test trial lists)
 
 A trial of target sparsity 0 skips the pruning: the teacher gets the same short fine-tune and evaluation,
-so the dense end of the curve is measured the same way as the pruned points.
+so the dense end of the curve is measured the same way as the pruned points. A stage section may start from
+a pipeline's stage YAML (``prune1: {from: experiments/configs/prune/prune1.yaml}``, :func:`load_sweep_config`).
 
 Search space (``space:`` in the sweep YAML, :class:`SearchSpace`): the target sparsity and, when given a
 range, the distillation L1 and cosine weights, the distilled layer set (named choices) and the learning
@@ -22,9 +35,10 @@ Objectives (both minimised): the validation EER (``val_eer_pct``) and the encode
 (``params_encoder``); the Pareto front is :func:`sweeps.study.pareto_front`. The test EER is logged, never
 optimised. Storage: ``--storage`` (any SQLAlchemy URL; default ``sqlite:///sweeps/<study>.db``); ``n_trials``
 counts COMPLETE trials, so running the same command again resumes an interrupted sweep and redoes nothing.
-A trial that raises is recorded FAILED and the sweep goes on.
+A trial that raises on any rank is recorded FAILED (its one-line ``fail_reason``) and the sweep goes on; a worker
+whose every trial failed exits 1, one that leaves while other workers' trials still run exits 3.
 
-MLflow (experiment = the study name): a ``study:<name>`` parent run (with the study's headline metrics,
+MLflow (experiment = the study name without its budget suffix): a ``study:<name>`` parent run (with the study's headline metrics,
 :func:`study_headline`), one nested ``trial-<n> t=<target>`` run per trial (``(retry of <k>)`` for a retry;
 :func:`sweeps.study.tracked_objective`) with the trial's params, the metrics ``val_eer_pct``,
 ``params_encoder``, ``test_eer_pct``, ``achieved_sparsity``, ``target_sparsity`` (...) and the artifacts
@@ -44,6 +58,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -60,10 +75,13 @@ from experiments import evaluate as evaluate_stage
 from experiments import graft as graft_stage
 from experiments import prune as prune_stage
 from experiments import train as train_stage
-from experiments.common import DataConfig, Timer, read_result, write_result
-from svlib.config import ConfigError, check_relative, load_config
-from sweeps.study import (SweepError, close_orphaned_runs, grid_sampler, open_study, pareto_front, run_worker,
-                          tracked_objective)
+from experiments.common import (DataConfig, RankError, Timer, leave_process_group, rank_and_world, rank_zero_result,
+                                read_result, setup_process_group, write_result)
+from svlib.config import ConfigError, check_relative, from_dict, merge_overrides, read_yaml
+from sweeps.distributed import LostRank, Order, TrialFailed, agree_outcome, broadcast_order, follow, one_line
+from sweeps.plan import check_budget, format_plan, plan_sweep, scale_budget
+from sweeps.study import (SweepError, close_orphaned_runs, grid_sampler, load_study, open_study, pareto_front,
+                          run_worker, tracked_objective)
 
 __all__ = ["FloatRange", "SearchSpace", "SweepConfig", "METRICS", "DIRECTIONS", "EVAL", "study_name", "trial_dir",
            "suggest", "stage_configs", "run_trial", "make_objective", "run_sweep", "log_teacher_run", "sweep_points",
@@ -139,6 +157,13 @@ class SweepConfig:
     test_list: str = "test"                   # data.test_trials entry reported as test_eer_pct
     heartbeat_interval: int = 60              # s; a dead worker's trial is retried after 2x this
     device: str = "auto"
+    # The fraction of the stage YAMLs' epochs a trial trains (every epoch count and epoch-counted length,
+    # ``sweeps.plan.scale_budget``; lengths in steps are kept). 0.1: a full-size trial is a tenth of the
+    # reference's 20 + 20 pruning epochs and its fine-tune; ``--promote`` re-runs the best trials at a higher one.
+    budget: float = 0.1
+    # torchrun: how long a rank waits in a collective (the followers wait while rank 0 evaluates a trial or
+    # talks to Optuna/MLflow); null: env SVLIB_DIST_TIMEOUT_MINUTES, else torch's default (10 minutes).
+    dist_timeout_minutes: float | None = None
 
     def __post_init__(self) -> None:
         check_relative(self.teacher, "teacher")
@@ -158,6 +183,9 @@ class SweepConfig:
             raise ConfigError(f"grid: distinct target sparsities in [0, 1), got {self.grid}")
         if self.n_trials < 1:
             raise ConfigError(f"n_trials: must be >= 1, got {self.n_trials}")
+        check_budget(self.budget, "budget")
+        if self.dist_timeout_minutes is not None and self.dist_timeout_minutes <= 0:
+            raise ConfigError(f"dist_timeout_minutes: must be > 0, got {self.dist_timeout_minutes}")
         self.prune1.stage = "prune1"
         if self.prune2 is not None:
             self.prune2.stage = "prune2"
@@ -174,9 +202,44 @@ class SweepConfig:
                 stage.device = self.device
 
 
-def study_name(cfg: SweepConfig, grid: bool = False) -> str:
-    """The study (and MLflow experiment) name: ``name``, or ``name-grid`` for the target-sparsity grid."""
-    return f"{cfg.name}-grid" if grid else cfg.name
+def study_name(cfg: SweepConfig, grid: bool = False, budget: float | None = None) -> str:
+    """The study name: ``name``, or ``name-grid`` for the target-sparsity grid (also the MLflow experiment),
+    with ``-b<budget>`` when the budget is not the config's (the linked study ``--promote`` fills)."""
+    base = f"{cfg.name}-grid" if grid else cfg.name
+    return base if budget is None or budget == cfg.budget else f"{base}-b{budget:g}"
+
+
+def load_sweep_config(path: str | os.PathLike, overrides: dict | None = None) -> SweepConfig:
+    """Read a sweep YAML into :class:`SweepConfig`, ``overrides`` deep-merged in first.
+
+    A stage section (``prune1``, ``prune2`` or an item of ``finetune``) may start from a stage YAML of the
+    pipelines: ``{from: experiments/configs/prune/prune1.yaml, train: {...}}`` is that file with the rest of
+    the section deep-merged over it (paths relative to the repo root), so the full-size sweep runs the
+    reference's own stage configs.
+    """
+    data = read_yaml(path)
+    if overrides:
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{path}: overrides must be a mapping, got {overrides!r}")
+        data = merge_overrides(data, overrides)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        for key in ("prune1", "prune2"):
+            data[key] = _stage_section(data.get(key), key)
+        if isinstance(data.get("finetune"), list):
+            data["finetune"] = [_stage_section(s, f"finetune[{i}]") for i, s in enumerate(data["finetune"])]
+        return from_dict(SweepConfig, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}{' (with overrides)' if overrides else ''}: {err}") from None
+
+
+def _stage_section(section: Any, where: str) -> Any:
+    if not isinstance(section, dict) or "from" not in section:
+        return section
+    rest = {k: v for k, v in section.items() if k != "from"}
+    source = check_relative(section["from"], f"{where}.from")
+    return merge_overrides(read_yaml(source), rest)
 
 
 def trial_dir(cfg: SweepConfig, study: str, number: int) -> Path:
@@ -202,9 +265,12 @@ def suggest(trial: optuna.Trial, cfg: SweepConfig, grid: bool) -> dict[str, Any]
 
 
 def stage_configs(cfg: SweepConfig, knobs: dict[str, Any]):
-    """prune1 / prune2 configs with the trial's knobs applied (copies: the sweep config is never changed)."""
-    prune1 = copy.deepcopy(cfg.prune1)
-    prune2 = copy.deepcopy(cfg.prune2)
+    """prune1, prune2 and the fine-tune stages with the trial's knobs and budget applied (copies: the sweep
+    config is never changed). ``knobs["budget"]`` (default the config's) scales every stage's epochs."""
+    budget = float(knobs.get("budget", cfg.budget))
+    prune1 = scale_budget(cfg.prune1, budget)
+    prune2 = None if cfg.prune2 is None else scale_budget(cfg.prune2, budget)
+    finetune = [scale_budget(stage, budget) for stage in cfg.finetune]
     prune1.prune.target_sparsity = float(knobs["target_sparsity"])
     if "lr_log_alpha" in knobs:
         prune1.prune.lr_log_alpha = float(knobs["lr_log_alpha"])
@@ -219,7 +285,7 @@ def stage_configs(cfg: SweepConfig, knobs: dict[str, Any]):
             stage.distill.cos_weight = float(knobs["cos_weight"])
         if "layers" in knobs:
             stage.distill.layers = cfg.space.layers[knobs["layers"]]
-    return prune1, prune2
+    return prune1, prune2, finetune
 
 
 def _retried_number(trial: optuna.Trial) -> int | None:
@@ -299,11 +365,19 @@ def run_trial(cfg: SweepConfig, knobs: dict[str, Any], folder: Path, tracker=Non
               previous_run: str | None = None) -> dict[str, Any]:
     """Every stage of one trial in ``folder``; returns the trial's numbers (also written to ``result.json``).
 
+    Under torchrun every rank calls this with the same arguments (``tracker`` on rank 0 only): the DDP stages
+    (prune1, prune2, the fine-tune) train on every rank, shrink / graft / evaluation and every write of the
+    trial folder run on rank 0 behind ``rank_zero_result``, and every rank returns rank 0's record.
+
     Finished stages (``result.json``) are reused, interrupted ones resume from their checkpoints: a retried
     trial costs only what its predecessor did not finish; ``previous_run`` (the predecessor's MLflow trial
     run) lends the reused stages its metrics (:func:`_stage`).
     """
-    tracked_stage = functools.partial(_stage, previous_run=previous_run)
+    tracked = functools.partial(_stage, tracker, previous_run=previous_run)
+
+    def on_rank_zero(*args):  # a stage only rank 0 runs; the others wait for (and return) its record
+        return rank_zero_result(lambda: tracked(*args))
+
     done = read_result(folder)
     if done is not None and done.get("params") == knobs:
         return done
@@ -315,49 +389,63 @@ def run_trial(cfg: SweepConfig, knobs: dict[str, Any], folder: Path, tracker=Non
     # fine-tuning stages validate (model selection) but leave the test lists to the final evaluation
     ft_data = dataclasses.replace(cfg.data, test=None, test_trials={})
     target = float(knobs["target_sparsity"])
+    prune1, prune2, finetune = stage_configs(cfg, knobs)
     d = {name: folder / name for name in ("prune1", "shrink", "prune2", "graft", EVAL)}
     if target > 0.0:
-        prune1, prune2 = stage_configs(cfg, knobs)
-        tracked_stage(tracker, "prune1", "prune", d["prune1"], prune1, lambda t: prune_stage.run_distill(
+        tracked("prune1", "prune", d["prune1"], prune1, lambda t: prune_stage.run_distill(
             prune1, cfg.data, d["prune1"], init=teacher, teacher=teacher, tracker=t))
-        tracked_stage(tracker, "shrink", "shrink", d["shrink"], {"init": "prune1"}, lambda t: prune_stage.run_shrink(
+        on_rank_zero("shrink", "shrink", d["shrink"], {"init": "prune1"}, lambda t: prune_stage.run_shrink(
             d["prune1"], d["shrink"], check_dir=train_dir, tracker=t))
         encoder_stage = d["shrink"]
         if prune2 is not None:
-            tracked_stage(tracker, "prune2", "prune", d["prune2"], prune2, lambda t: prune_stage.run_distill(
+            tracked("prune2", "prune", d["prune2"], prune2, lambda t: prune_stage.run_distill(
                 prune2, cfg.data, d["prune2"], init=d["shrink"], teacher=teacher, tracker=t))
             encoder_stage = d["prune2"]
-        tracked_stage(tracker, "graft", "graft", d["graft"], {"init": encoder_stage.name, "teacher": str(teacher)},
-               lambda t: graft_stage.run(encoder_stage, teacher, d["graft"], check_dir=train_dir, tracker=t))
+        on_rank_zero("graft", "graft", d["graft"], {"init": encoder_stage.name, "teacher": str(teacher)},
+                     lambda t: graft_stage.run(encoder_stage, teacher, d["graft"], check_dir=train_dir, tracker=t))
         init = d["graft"]
-        structure = json.loads((d["shrink"] / prune_stage.STRUCTURE).read_text())
-        title = f"target {target:g}"
     else:  # the dense end of the curve: the teacher itself, through the same fine-tune
         init = teacher
+    structure = rank_zero_result(lambda: _write_structure(folder, d["shrink"] if target > 0.0 else None, teacher,
+                                                          f"target {target:g}" if target > 0.0 else "dense teacher"))
+    for stage in finetune:
+        out, start = folder / stage.stage, init
+        tracked(stage.stage, "train", out, stage, lambda t, stage=stage, out=out, start=start: train_stage.run(
+            stage, ft_data, out, init=start, tracker=t))
+        init = out
+    evaluated = on_rank_zero(EVAL, "evaluate", d[EVAL], {"init": init.name},
+                             lambda t: evaluate_stage.run(init, cfg.data, d[EVAL], tracker=t, device=cfg.device))
+    return rank_zero_result(lambda: _trial_record(cfg, knobs, folder, structure, evaluated, timer.minutes))
+
+
+def _write_structure(folder: Path, shrink_dir: Path | None, teacher: Path, title: str) -> dict:
+    """Rank 0: the per-layer structure of the trial's encoder (the shrunk one, else the teacher's), written
+    to the trial folder with its plot (the trial run's artifacts)."""
+    if shrink_dir is not None:
+        structure = json.loads((shrink_dir / prune_stage.STRUCTURE).read_text())
+    else:
         encoder = prune_stage.load_stage_encoder(teacher).encoder
         structure = prune_stage.structure_record(prune_stage.layer_sizes(encoder), encoder.config)
-        title = "dense teacher"
-    # every trial folder carries the per-layer structure of its encoder (the trial run's artifact)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / prune_stage.STRUCTURE).write_text(json.dumps(structure, indent=2) + "\n")
     prune_stage.plot_structure(structure, folder / prune_stage.STRUCTURE_PNG, title)
-    for stage in cfg.finetune:
-        out, start = folder / stage.stage, init
-        tracked_stage(tracker, stage.stage, "train", out, stage, lambda t, stage=stage, out=out, start=start: train_stage.run(
-            stage, ft_data, out, init=start, tracker=t))
-        init = out
-    evaluated = tracked_stage(tracker, EVAL, "evaluate", d[EVAL], {"init": init.name},
-                       lambda t: evaluate_stage.run(init, cfg.data, d[EVAL], tracker=t, device=cfg.device))
+    return structure
+
+
+def _trial_record(cfg: SweepConfig, knobs: dict, folder: Path, structure: dict, evaluated: dict,
+                  minutes: float) -> dict[str, Any]:
+    """Rank 0: the trial's numbers from its evaluation, checked against its structure, written as ``result.json``."""
     tests = evaluated["test"]
     val, test = tests["val"], tests[cfg.test_list]
-    record = {"params": knobs, "target_sparsity": target,
+    record = {"params": knobs, "target_sparsity": float(knobs["target_sparsity"]),
+              "budget": float(knobs.get("budget", cfg.budget)),
               "achieved_sparsity": float(structure["achieved_sparsity"]),
               "params_encoder": int(evaluated["params_encoder"]),
               "dense_params_encoder": int(structure["dense_params_encoder"]),
               "val_eer_pct": float(val["eer_pct"]), "val_mindcf_0.01": float(val["mindcf_0.01"]),
               "test_eer_pct": float(test["eer_pct"]), "test_mindcf_0.01": float(test["mindcf_0.01"]),
               "test_mindcf_0.05": float(test["mindcf_0.05"]), "layers": structure["layers"],
-              "minutes": timer.minutes}
+              "minutes": minutes}
     for key, ci in (("test_eer_pct", test.get("eer_ci_pct")), ("test_mindcf_0.01", test.get("mindcf_0.01_ci"))):
         if ci is not None:  # speaker-level bootstrap 95 % interval of the evaluation stage
             record[f"{key}_ci_low"], record[f"{key}_ci_high"] = float(ci[0]), float(ci[1])
@@ -368,18 +456,41 @@ def run_trial(cfg: SweepConfig, knobs: dict[str, Any], folder: Path, tracker=Non
     return record
 
 
-def make_objective(cfg: SweepConfig, study: str, *, grid: bool = False, tracker=None):
-    """``objective(trial) -> (val_eer_pct, params_encoder)``; wrap it with :func:`tracked_objective` for MLflow
-    (``tracker`` here only nests the stage runs and logs the trial's extra metrics and artifacts)."""
+def make_objective(cfg: SweepConfig, study: str, *, grid: bool = False, tracker=None, budget: float | None = None):
+    """``objective(trial) -> (val_eer_pct, params_encoder)``, run on rank 0; wrap it with :func:`tracked_objective`
+    for MLflow (``tracker`` here only nests the stage runs and logs the trial's extra metrics and artifacts).
+
+    Under torchrun it first orders the other ranks (waiting in :func:`sweeps.distributed.follow`) to run the
+    same trial, and every trial ends with :func:`sweeps.distributed.agree_outcome`: a failure on any rank fails
+    the trial (:class:`TrialFailed`, whose one-line reason ``run_worker`` keeps as ``fail_reason``) on every rank.
+    ``objective.in_trial`` says whether the other ranks are inside a trial (so nothing else may be broadcast).
+    """
+    budget = cfg.budget if budget is None else float(budget)
 
     def objective(trial: optuna.Trial):
-        knobs = suggest(trial, cfg, grid)
+        knobs = suggest(trial, cfg, grid) | {"budget": budget}
         number = _retried_number(trial)
         folder = trial_dir(cfg, study, trial.number if number is None else number)
         _claim_folder(folder, _study_uid(trial.study), trial.number if number is None else number, knobs)
         trial.set_user_attr("trial_dir", folder.as_posix())
+        trial.set_user_attr("budget", budget)
         trial.set_user_attr("run_label", f"t={knobs['target_sparsity']:.2g}")  # the MLflow run's name
-        record = run_trial(cfg, knobs, folder, tracker, previous_run=trial.user_attrs.get("retry_of_mlflow_run_id"))
+        if tracker is not None and tracker.active_run_id is not None:
+            tracker.log_params({"budget": budget})   # the runs table's fidelity column
+            tracker.set_tags({"budget": f"{budget:g}"})
+        broadcast_order(Order("trial", {"knobs": knobs, "folder": folder.as_posix()}))
+        objective.in_trial = True
+        error = record = None
+        try:
+            record = run_trial(cfg, knobs, folder, tracker, previous_run=trial.user_attrs.get("retry_of_mlflow_run_id"))
+        except Exception as err:  # noqa: BLE001 - every rank learns of it in agree_outcome
+            error = err
+        try:
+            agree_outcome(error)
+        except TrialFailed:  # run_worker records its one-line reason (user attr fail_reason)
+            objective.in_trial = False
+            raise
+        objective.in_trial = False
         extras = {k: record[k] for k in ("target_sparsity", "achieved_sparsity", "test_eer_pct", "test_mindcf_0.01",
                                          "test_mindcf_0.05", "val_mindcf_0.01", "dense_params_encoder", "minutes")}
         extras |= {k: v for k, v in record.items() if k.endswith(("_ci_low", "_ci_high"))}
@@ -392,6 +503,7 @@ def make_objective(cfg: SweepConfig, study: str, *, grid: bool = False, tracker=
             tracker.log_artifact(folder / TRIAL_FILE)
         return record["val_eer_pct"], float(record["params_encoder"])
 
+    objective.in_trial = False
     return objective
 
 
@@ -547,77 +659,230 @@ def write_report(cfg: SweepConfig, study: optuna.Study, folder: str | os.PathLik
 
 # ------------------------------------------------------------------------------------------ sweep
 
+def exit_code(done: dict) -> int:
+    """The worker's exit status from its :class:`sweeps.study.WorkerReport` (as a dict): 0; 1 when it ran
+    trials and every one failed; 3 when it left while other workers' trials were still running."""
+    if done.get("ran", 0) > 0 and done.get("complete", 0) == 0 and done.get("failed", 0) == done["ran"]:
+        return 1
+    return 3 if done.get("unfinished", 0) > 0 else 0
+
+
+def promote(cfg: SweepConfig, *, budget: float, grid: bool = False, storage: str | None = None,
+            best: int | None = None, trials: list[int] | None = None) -> list[dict[str, Any]]:
+    """Enqueue trials of the study at the config's budget into the linked study at ``budget``
+    (:func:`study_name`: ``<name>-b<budget>``), which re-runs them there (:func:`run_sweep` with ``promoted``).
+
+    ``trials``: these COMPLETE trials; else the ``best`` first of the Pareto front by validation EER. Each is
+    enqueued once (``skip_if_exists``) with the user attrs ``promoted_from_study`` / ``promoted_from_trial``;
+    the linked study's user attr ``promoted_from`` names the source. Returns what was chosen.
+    """
+    if budget == cfg.budget:
+        raise SweepError(f"--promote: give --budget other than the config's {cfg.budget:g} (the fidelity to re-run at)")
+    source_name = study_name(cfg, grid)
+    source = load_study(source_name, storage)
+    complete = {t.number: t for t in source.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    if trials:
+        missing = [n for n in trials if n not in complete]
+        if missing:
+            raise SweepError(f"--trials: {missing} are not COMPLETE trials of {source_name} "
+                             f"(complete: {sorted(complete)})")
+        chosen = [complete[n] for n in trials]
+    else:
+        if best is None or best < 1:
+            raise SweepError(f"--promote: give a number of trials >= 1, got {best}")
+        front = sorted(pareto_front(source), key=lambda p: (p["values"][METRICS[0]], p["number"]))
+        if not front:
+            raise SweepError(f"--promote: {source_name} has no COMPLETE trial yet")
+        chosen = [complete[p["number"]] for p in front[:best]]
+    target = open_study(study_name(cfg, grid, budget), storage, DIRECTIONS, seed=cfg.seed, metric_names=list(METRICS),
+                        heartbeat_interval=cfg.heartbeat_interval)
+    target.set_user_attr("promoted_from", source_name)
+    for t in chosen:
+        target.enqueue_trial(dict(t.params), user_attrs={"promoted_from_study": source_name,
+                                                         "promoted_from_trial": t.number}, skip_if_exists=True)
+    return [{"number": t.number, "params": dict(t.params), "values": list(t.values)} for t in chosen]
+
+
+def _promoted_count(study: optuna.Study) -> int:
+    return sum("promoted_from_trial" in t.user_attrs for t in study.get_trials(deepcopy=False))
+
+
 def run_sweep(cfg: SweepConfig, *, storage: str | None = None, grid: bool = False, n_trials: int | None = None,
               worker: int = 0, tracking_uri: str | None = None, track: bool = True,
-              max_failures: int | None = None, report: bool = True) -> dict:
+              max_failures: int | None = None, report: bool = True, budget: float | None = None,
+              wait_for_others: float = math.inf) -> dict:
     """One worker of the sweep (start several with different ``worker`` on the same storage).
 
-    ``n_trials`` (default: the config's; with ``grid`` every grid point) counts COMPLETE trials; with ``grid``
-    it may not exceed the grid's points. ``report.json`` / ``curve.png`` are written however the worker
-    stops, interrupted (KeyboardInterrupt, SIGTERM through :func:`main`) included.
+    Under torchrun every rank calls this: rank 0 runs the worker (Optuna, MLflow, the report) and orders the
+    other ranks through each trial (:mod:`sweeps.distributed`); every rank returns the outcome, ``code`` included
+    (:func:`exit_code`). ``n_trials`` (default: the config's; with ``grid`` every grid point) counts COMPLETE
+    trials; with ``grid`` it may not exceed the grid's points. ``budget`` (default the config's) selects the
+    study at that fidelity (:func:`study_name`); a study filled by :func:`promote` runs its enqueued trials
+    only. ``report.json`` / ``curve.png`` are written however the worker stops, interrupted (KeyboardInterrupt,
+    SIGTERM through :func:`main`) included.
 
-    Returns ``{"study", "storage", "worker": WorkerReport as dict, "report": report or None}``.
+    Returns ``{"study", "storage", "worker": WorkerReport as dict, "report": report or None, "code"}``.
     """
-    name = study_name(cfg, grid)
+    budget = cfg.budget if budget is None else check_budget(budget, "--budget")
+    name = study_name(cfg, grid, budget)
     if grid and n_trials is not None and n_trials > len(cfg.grid):
         raise SweepError(f"--n-trials {n_trials} with --grid: the grid has {len(cfg.grid)} points, each run once "
                          f"(give at most {len(cfg.grid)}, or leave --n-trials out)")
-    sampler = grid_sampler(cfg.grid, "target_sparsity", seed=cfg.seed) if grid else None
-    study = open_study(name, storage, DIRECTIONS, seed=cfg.seed, worker=worker, sampler=sampler,
-                       metric_names=list(METRICS), heartbeat_interval=cfg.heartbeat_interval)
-    tracker = None
-    if track:
-        from sweeps.study import _make_tracker
-        tracker = _make_tracker(name, tracking_uri)
-    objective = make_objective(cfg, name, grid=grid, tracker=tracker)
-    on_stale = None
-    if tracker is not None:
-        log_teacher_run(tracker, name, cfg, study)
-        objective = tracked_objective(tracker, name, objective)
-        on_stale = lambda s: close_orphaned_runs(s, tracker.tracking_uri)  # noqa: E731
-    total = (n_trials or len(cfg.grid)) if grid else (n_trials or cfg.n_trials)
-    written = None
+    rank, _ = setup_process_group(cfg.dist_timeout_minutes)
+    if rank != 0:
+        stop = follow(lambda order: run_trial(cfg, order["knobs"], Path(order["folder"])))
+        return {"study": name, "storage": storage, "worker": stop.payload.get("worker", {}), "report": None,
+                "code": int(stop.payload.get("code", 2)), "stopped_because": stop.reason}
+    leader = _Leader(cfg, name, budget, grid=grid, storage=storage, worker=worker, tracking_uri=tracking_uri,
+                     track=track)
     try:
-        done = run_worker(study, objective, total, max_failures=max_failures, on_stale=on_stale)
-    finally:  # an interrupted worker still leaves the study's report and curve
-        if report:
-            written = write_report(cfg, study)
-            if tracker is not None:
-                log_study_headline(tracker, name, written, study)
-    log.info("worker %d: %s", worker, done)
-    return {"study": name, "storage": storage, "worker": dataclasses.asdict(done), "report": written}
+        out = leader.run(n_trials=n_trials, max_failures=max_failures, report=report, wait_for_others=wait_for_others)
+    except BaseException as err:
+        # the other ranks wait for an order between trials; inside a trial (or with a broken process group)
+        # they are in the trial's collectives, and torchrun stops them with this rank
+        if not leader.in_trial and not isinstance(err, LostRank):
+            broadcast_order(Order("stop", {"code": 2}, reason=one_line(err)))
+        raise
+    broadcast_order(Order("stop", {"code": out["code"], "worker": out["worker"]}, reason=out["worker"]["stopped_because"]))
+    return out
+
+
+class _Leader:
+    """Rank 0's part of :func:`run_sweep`: the study, the tracker, the worker loop and the report."""
+
+    def __init__(self, cfg: SweepConfig, name: str, budget: float, *, grid: bool, storage: str | None, worker: int,
+                 tracking_uri: str | None, track: bool) -> None:
+        self.cfg, self.name, self.budget, self.grid, self.storage = cfg, name, budget, grid, storage
+        self.worker, self.tracking_uri, self.track = worker, tracking_uri, track
+        self.objective = None
+
+    @property
+    def in_trial(self) -> bool:
+        return bool(getattr(self.objective, "in_trial", False))
+
+    def run(self, *, n_trials: int | None, max_failures: int | None, report: bool, wait_for_others: float) -> dict:
+        cfg, name, grid = self.cfg, self.name, self.grid
+        existing = _existing_study(name, self.storage)
+        promoted = existing is not None and "promoted_from" in existing.user_attrs
+        # a promoted study holds enqueued points of any value: no grid sampler there
+        sampler = grid_sampler(cfg.grid, "target_sparsity", seed=cfg.seed) if grid and not promoted else None
+        study = open_study(name, self.storage, DIRECTIONS, seed=cfg.seed, worker=self.worker, sampler=sampler,
+                           metric_names=list(METRICS), heartbeat_interval=cfg.heartbeat_interval)
+        tracker = None
+        if self.track:
+            from sweeps.study import _make_tracker
+            # both fidelities of a study in one MLflow experiment, side by side (the budget column)
+            tracker = _make_tracker(study_name(cfg, grid), self.tracking_uri)
+        self.objective = make_objective(cfg, name, grid=grid, tracker=tracker, budget=self.budget)
+        objective, on_stale = self.objective, None
+        if tracker is not None:
+            log_teacher_run(tracker, name, cfg, study)
+            objective = tracked_objective(tracker, name, objective)
+            on_stale = lambda s: close_orphaned_runs(s, tracker.tracking_uri)  # noqa: E731
+        if promoted:
+            total = _promoted_count(study)
+        else:
+            total = (n_trials or len(cfg.grid)) if grid else (n_trials or cfg.n_trials)
+        written = None
+        try:
+            done = run_worker(study, objective, total, max_failures=max_failures, on_stale=on_stale,
+                              on_idle=lambda: broadcast_order(Order("idle")), wait_for_others=wait_for_others,
+                              only_enqueued=promoted)
+        finally:  # an interrupted worker still leaves the study's report and curve
+            if report:
+                written = write_report(cfg, study)
+                if tracker is not None:
+                    log_study_headline(tracker, name, written, study)
+        log.info("worker %d: %s", self.worker, done)
+        worker = dataclasses.asdict(done)
+        return {"study": name, "storage": self.storage, "worker": worker, "report": written, "code": exit_code(worker)}
+
+
+def _existing_study(name: str, storage: str | None) -> optuna.Study | None:
+    try:
+        return load_study(name, storage)
+    except SweepError:
+        return None
 
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def main(argv=None) -> int:
+def _trial_numbers(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SweepError(f"--trials {text!r}: expected trial numbers, e.g. 3,5") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sweeps.prune_sweep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="sweep YAML (SweepConfig)")
-    parser.add_argument("--storage", default=None, help="SQLAlchemy URL (default sqlite:///sweeps/<study>.db)")
+    parser.add_argument("--overrides", default=None, help="YAML deep-merged over the sweep YAML (e.g. a rehearsal's)")
+    parser.add_argument("--storage", default=os.environ.get("SVLIB_SWEEP_STORAGE"),
+                        help="SQLAlchemy URL (default: env SVLIB_SWEEP_STORAGE, else sqlite:///sweeps/<study>.db)")
     parser.add_argument("--grid", action="store_true",
                         help="grid over the config's target sparsities (study <name>-grid)")
     parser.add_argument("--n-trials", type=int, default=None,
                         help="COMPLETE trials wanted (default: the config's n_trials; with --grid: every grid point, "
                              "and at most the grid's size: a grid point is never run twice)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="fraction of the stage YAMLs' epochs each trial trains (default: the config's); another "
+                             "budget than the config's works on the linked study <name>-b<budget>")
+    parser.add_argument("--promote", type=int, default=None, metavar="K",
+                        help="enqueue the K best Pareto trials (by validation EER) of the study at the config's "
+                             "budget into <name>-b<budget> (give --budget) and run them there")
+    parser.add_argument("--trials", default=None, help="with --promote: these trial numbers instead (e.g. 3,5)")
+    parser.add_argument("--plan", action="store_true",
+                        help="print the sweep's cost (steps, samples, audio hours, GPU-hours) without training")
+    parser.add_argument("--gpus", type=int, default=8, help="--plan: GPUs per trial (the torchrun world size)")
+    parser.add_argument("--card", default="H100", help="--plan: the GPU (bench/results/gpu_<card>.json if measured)")
+    parser.add_argument("--train-utterances", type=int, default=None,
+                        help="--plan: utterances of data.train (default: counted from its wav.scp)")
     parser.add_argument("--worker", type=int, default=0, help="this worker's index (offsets the sampler seed)")
     parser.add_argument("--max-failures", type=int, default=None)
+    parser.add_argument("--wait-for-others", type=float, default=math.inf, metavar="SECONDS",
+                        help="how long to wait for other workers' running trials before leaving (exit 3 if any "
+                             "is still running; default: until they finish or their heartbeat stops)")
     parser.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: svlib's default store)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C: the running trial is marked FAIL, its MLflow run
-    # closed, and report.json / curve.png are written before the worker exits.
+    # SIGTERM (a scheduler's stop, `kill`, torchrun stopping the job) unwinds like Ctrl-C: the running trial is
+    # marked FAIL, its MLflow runs closed, and report.json / curve.png are written before the worker exits.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        cfg = load_config(args.config, SweepConfig)
+        cfg = load_sweep_config(args.config, read_yaml(args.overrides) if args.overrides else None)
+        if args.plan:
+            budget = cfg.budget if args.budget is None else check_budget(args.budget, "--budget")
+            n_trials = len(cfg.grid) if args.grid else (args.n_trials or cfg.n_trials)
+            print(format_plan(plan_sweep(cfg, world_size=args.gpus, budget=budget, n_trials=n_trials, card=args.card,
+                                         train_utterances=args.train_utterances,
+                                         grid=cfg.grid if args.grid else None)))
+            return 0
+        if args.promote is not None or args.trials:
+            if args.budget is None:
+                raise SweepError("--promote: give --budget, the fidelity to re-run the chosen trials at")
+            setup_process_group(cfg.dist_timeout_minutes)
+            chosen = rank_zero_result(lambda: promote(cfg, budget=args.budget, grid=args.grid, storage=args.storage,
+                                                      best=args.promote, trials=_trial_numbers(args.trials)))
+            if rank_and_world()[0] == 0:
+                print(json.dumps({"promoted": chosen, "to": study_name(cfg, args.grid, args.budget)}, default=float))
         out = run_sweep(cfg, storage=args.storage, grid=args.grid, n_trials=args.n_trials, worker=args.worker,
-                        tracking_uri=args.mlflow_uri, track=not args.no_tracking, max_failures=args.max_failures)
-    except (ConfigError, SweepError) as err:
+                        tracking_uri=args.mlflow_uri, track=not args.no_tracking, max_failures=args.max_failures,
+                        budget=args.budget, wait_for_others=args.wait_for_others)
+    except (ConfigError, SweepError, RankError) as err:
         print(f"error: {err}", file=sys.stderr)
+        leave_process_group()  # the other ranks got the same error (or rank 0's stop order) and leave too
         return 2
     except KeyboardInterrupt:
         print("interrupted: the running trial is FAILED (a worker retries it); report.json and curve.png written",
@@ -625,12 +890,22 @@ def main(argv=None) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    report = out["report"]
-    print(json.dumps({"study": out["study"], "worker": out["worker"], "trials": report["trials"],
-                      "pareto_front": [{"number": p["number"], "params": p["params"], "values": p["values"]}
-                                       for p in report["pareto_front"]]}, indent=1, default=float))
-    return 0
+    leave_process_group()
+    worker = out["worker"]
+    if out["report"] is not None:  # rank 0
+        report = out["report"]
+        print(json.dumps({"study": out["study"], "worker": worker, "trials": report["trials"],
+                          "pareto_front": [{"number": p["number"], "params": p["params"], "values": p["values"]}
+                                           for p in report["pareto_front"]]}, indent=1, default=float))
+        if out["code"] == 1:
+            print(f"error: every trial of this worker failed; first: {worker.get('first_failure', '')}", file=sys.stderr)
+        elif out["code"] == 3:
+            print(f"error: left unfinished: {worker['stopped_because']}", file=sys.stderr)
+    return out["code"]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from torch.distributed.elastic.multiprocessing.errors import record as record_errors
+
+    # under torchrun, a failing rank's traceback goes into torchrun's failure summary (its error file)
+    sys.exit(record_errors(main)())

@@ -1,6 +1,6 @@
 """Tiny speaker model + deterministic loader over real sv-mini audio, for the training-engine tests.
 
-Imported by tests/test_engine.py, and run as a script in two modes:
+Imported by tests/test_engine.py, and run as a script in these modes:
 
 * ``python tests/ddp_worker.py kill OUT`` trains slowly (a sleeping log callback) so that the test can
   SIGKILL it after its first checkpoint appears;
@@ -9,11 +9,22 @@ Imported by tests/test_engine.py, and run as a script in two modes:
 * ``python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py val OUT`` evaluates the
   held-out list sharded over the ranks (``svlib.evaluate``, ``distributed=True``), then trains a few steps
   validating that way on every rank; rank 0 writes the scores and the log to OUT.
+* ``python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py fail OUT [side]`` makes rank 1 fail in
+  one process group: its loader at a batch, then its forward at a step (``RankFailure`` expected on both ranks,
+  the exceptions kept alive as a sweep keeps them); then resumes the first run healthily and trains an
+  uninterrupted reference; each rank writes what it saw to OUT/fail{rank}.json and its weights to OUT/fail{rank}.pt.
+  With ``side`` the default group passes for an NCCL one, so the step agreements run on the engine's gloo side
+  group (what a GPU job does).
+* ``python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py zero OUT`` trains the same 6 steps
+  (checkpoints every 3) with plain DDP, with ZeRO (``optim.zero``), with ZeRO stopped at 3 and resumed, and
+  resumed at 3 across (a plain run's checkpoint with ZeRO, a ZeRO run's without); each rank writes what its
+  optimizers held and the runs' logs to OUT/zero{rank}.json and its final weights to OUT/zero{rank}.pt.
 """
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
 import time
 from collections import namedtuple
@@ -29,7 +40,8 @@ sys.path.insert(0, str(REPO))  # script mode: make svlib importable without inst
 
 from svlib.audio import fit_length, load_audio  # noqa: E402
 from svlib.losses import AAMSoftmax, MarginSchedule  # noqa: E402
-from svlib.train.engine import OptimConfig, TrainConfig, setup_distributed, train  # noqa: E402
+from svlib.train import engine  # noqa: E402
+from svlib.train.engine import OptimConfig, RankFailure, TrainConfig, setup_distributed, train  # noqa: E402
 from svlib.train.schedules import ScheduleConfig  # noqa: E402
 
 SV_MINI = REPO.parent / "shared" / "data" / "sv-mini"
@@ -83,6 +95,24 @@ class MiniLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+
+
+class CorruptShardLoader(MiniLoader):
+    """A MiniLoader whose rank ``fail_rank`` cannot decode a file of its shard at batch ``fail_at`` (its iterator
+    raises OSError there, as a data loader does); the other ranks' batches are a MiniLoader's."""
+
+    def __init__(self, *args, fail_at: int, fail_rank: int = 1, bad_file: str = "utt_x.wav", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fail_at, self.fail_rank, self.bad_file = fail_at, fail_rank, bad_file
+
+    def batch(self, i: int) -> Batch:
+        if self.rank == self.fail_rank and i == self.fail_at:
+            raise OSError(f"{self.bad_file}: cannot decode")
+        return super().batch(i)
+
+
+FAIL_STEPS = 6  # the fail mode's runs: 6 steps, checkpoints every 2
+ZERO_STEPS = 6  # the zero mode's runs: 6 steps, checkpoints every 3
 
 
 class TinyFrontend(nn.Module):
@@ -246,6 +276,169 @@ def main(argv: list[str]) -> None:
                 "world": world, "eer_pct": sharded["val"]["eer_pct"], "scores": sharded["val"]["scores"].tolist(),
                 "validate_calls": counts, "best_step": result.best_step,
                 "val_steps": [s for s, rec in history if "val_eer_pct" in rec]}))
+        torch.distributed.barrier()  # every rank done before any tears its gloo group down
+        torch.distributed.destroy_process_group()
+    elif mode == "fail":
+        torch.set_num_threads(1)
+        # a hang would end in the process group's timeout (60 s) instead of RankFailure within seconds
+        rank, world, _ = setup_distributed(timeout_minutes=1)
+        if argv[2:] == ["side"]:
+            real_get_backend = torch.distributed.get_backend
+
+            def get_backend(group=None):  # the default group passes for NCCL's; the others are what they are
+                return "nccl" if group is None else real_get_backend(group)
+
+            torch.distributed.get_backend = get_backend
+        waves, labels, utts = load_speakers("asc", 8)
+        cfg = make_config(FAIL_STEPS, ckpt_every=2)
+        report: dict = {"rank": rank, "world": world, "failures": [], "agreement_groups": []}
+        kept = []  # the exceptions stay alive (with their tracebacks, and the DDP wrappers in them)
+
+        def agreement_group() -> None:  # the group the last train()'s step agreements ran on
+            group = engine._agreement[1]
+            report["agreement_groups"].append(None if group is None else
+                                              [id(group), torch.distributed.get_backend(group)])
+
+        def expect_failure(run_dir: str, loader, fail_forward_at: int | None = None):
+            model, head = build(max(labels) + 1, seed=100 + rank)
+            calls = []
+
+            def forward_fails(module, args):  # rank 1's forward raises at its fail_forward_at-th call
+                calls.append(1)
+                if rank == 1 and len(calls) == fail_forward_at:
+                    raise RuntimeError("forward exploded: NaN in the attention logits")
+
+            hook = model.register_forward_pre_hook(forward_fails) if fail_forward_at else None
+            t0 = time.perf_counter()
+            try:
+                train(model, head, loader, cfg, out / run_dir)
+            except RankFailure as err:
+                kept.append(err)
+                report["failures"].append({
+                    "message": str(err), "step": err.step, "failures": {str(k): v for k, v in err.failures.items()},
+                    "cause": type(err.__cause__).__name__ if err.__cause__ is not None else None,
+                    "cause_message": str(err.__cause__) if err.__cause__ is not None else None,
+                    "seconds": time.perf_counter() - t0})
+            else:
+                report["failures"].append(None)
+            agreement_group()
+            if hook is not None:
+                hook.remove()
+            return model, head
+
+        # 1. rank 1's loader fails at batch 3 (update 4; the checkpoint at step 2 is written)
+        expect_failure("run", CorruptShardLoader(waves, labels, utts, seed=3, rank=rank, fail_at=3))
+        # 2. rank 1's forward fails at update 3: rank 0 finished its forward, its DDP reducer awaits a backward
+        abandoned = expect_failure("run2", MiniLoader(waves, labels, utts, seed=3, rank=rank), fail_forward_at=3)
+        # 3. the same process group goes on: resume run 1 from its checkpoint, healthy, to the end, on the model
+        # of run 2 (its parameters were under the abandoned DDP); then an uninterrupted run on a fresh model
+        weights = {}
+        for name, resume in (("resumed", True), ("reference", False)):
+            model, head = abandoned if resume else build(max(labels) + 1, seed=100 + rank)
+            history = []
+            t0 = time.perf_counter()
+            result = train(model, head, MiniLoader(waves, labels, utts, seed=3, rank=rank), cfg,
+                           out / ("run" if resume else "reference"), resume=resume,
+                           log=lambda rec, step: history.append((step, rec["loss"])))
+            report[name] = {"final_step": result.final_step, "history": history,
+                            "seconds": time.perf_counter() - t0}
+            agreement_group()
+            weights[name] = {"model": model.state_dict(), "head": head.state_dict()}
+        torch.save(weights, out / f"fail{rank}.pt")
+        (out / f"fail{rank}.json").write_text(json.dumps(report))
+        torch.distributed.barrier()  # every rank done before any tears its gloo group down
+        torch.distributed.destroy_process_group()
+    elif mode == "zero":
+        torch.set_num_threads(1)
+        rank, world, _ = setup_distributed(timeout_minutes=2)
+        waves, labels, utts = load_speakers("asc", 8)
+        built = []  # the optimizer of each train() call
+        real_build = engine.build_optimizer
+
+        def build_optimizer(*args, **kwargs):
+            built.append(real_build(*args, **kwargs))
+            return built[-1]
+
+        engine.build_optimizer = build_optimizer
+        report: dict = {"rank": rank, "world": world, "runs": {}}
+        weights = {}
+
+        def run(name: str, steps: int, zero: bool, resume: bool = False, run_dir: str | None = None) -> None:
+            model, head = build(max(labels) + 1, seed=100 + rank)  # different init: DDP broadcasts rank 0's
+            history = []
+            # two groups at their own rates (2e-3, 5e-3) under a warm-up: each rank's AdamW must get every change
+            cfg = make_config(steps, ckpt_every=3, optim=OptimConfig(lr_frontend=2e-3, lr_backend=5e-3,
+                                                                    weight_decay=1e-4, zero=zero))
+            t0 = time.perf_counter()
+            result = train(model, head, MiniLoader(waves, labels, utts, seed=3, rank=rank), cfg,
+                           out / (run_dir or name), resume=resume,
+                           log=lambda rec, step: history.append((step, rec["loss"], rec["grad_norm"])))
+            opt = built[-1]
+            params = [p for g in opt.param_groups for p in g["params"]]
+            entry = {"final_step": result.final_step, "history": history, "seconds": time.perf_counter() - t0,
+                     "sharded": isinstance(opt, engine.ZeroAdamW), "numel": [p.numel() for p in params],
+                     "fused": [g["fused"] for g in opt.param_groups]}
+            if entry["sharded"]:
+                local = opt.optim  # this rank's AdamW
+                position = {id(p): i for i, p in enumerate(params)}
+                entry.update(local_params=sorted(position[id(p)] for p in local.state),
+                             local_numel=opt.local_state_numel(),
+                             local_groups=[{k: v for k, v in g.items() if k != "params"} for g in local.param_groups],
+                             groups=[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+                             consolidated_left=len(opt._all_state_dicts))
+            report["runs"][name] = entry
+            weights[name] = {"model": model.state_dict(), "head": head.state_dict()}
+
+        def copy_checkpoint(src: str, dst: str) -> None:  # rank 0 writes checkpoints, so rank 0 copies one
+            if rank == 0:
+                (out / dst).mkdir()
+                shutil.copy(out / src / "ckpt_00000003.pt", out / dst)
+            torch.distributed.barrier()
+
+        # pruning-like groups (a negative rate, 0-dim multipliers, no decay) straight on the optimizers: ZeRO's
+        # state dict after two steps (the 0-dim moments travel with the small part) against a plain AdamW's
+        optimizers = {}
+        for zero in (False, True):
+            torch.manual_seed(5)  # the same parameters and gradients on both ranks, as after DDP's all-reduce
+            weights_, gates, multipliers = [torch.nn.Parameter(torch.randn(n, 3)) for n in (7, 5, 2)], \
+                [torch.nn.Parameter(torch.randn(6))], [torch.nn.Parameter(torch.tensor(v)) for v in (0.0, 0.5)]
+            groups = [{"name": "weights", "params": weights_, "lr": 1e-2, "weight_decay": 0.0},
+                      {"name": "log_alpha", "params": gates, "lr": 5e-2, "weight_decay": 0.0},
+                      {"name": "lagrangian", "params": multipliers, "lr": -2e-2, "weight_decay": 0.0}]
+            opt = engine.build_optimizer(None, None, OptimConfig(zero=zero), param_groups=groups)
+            params = [p for g in opt.param_groups for p in g["params"]]
+            for _ in range(2):
+                for p in params:
+                    p.grad = torch.randn_like(p)
+                engine.apply_lr(opt, 0.5)
+                opt.step()
+            if zero:
+                opt.consolidate_state_dict(to=0)
+            optimizers[zero] = (opt.state_dict() if rank == 0 else None, [p.detach().clone() for p in params])
+            if zero:
+                report["pruning_groups_local_params"] = sum(1 for _ in opt.optim.state)
+                opt.release_consolidated()
+        (plain_state, plain_params), (zero_state, zero_params) = optimizers[False], optimizers[True]
+        report["pruning_groups_params_equal"] = all(torch.equal(a, b) for a, b in zip(plain_params, zero_params))
+        if rank == 0:
+            report["pruning_groups_state_equal"] = (
+                zero_state["param_groups"] == plain_state["param_groups"]
+                and zero_state["state"].keys() == plain_state["state"].keys()
+                and all(zero_state["state"][i].keys() == entry.keys()
+                        and all(torch.equal(zero_state["state"][i][k], v) for k, v in entry.items())
+                        for i, entry in plain_state["state"].items()))
+            report["pruning_groups_state_entries"] = len(zero_state["state"])
+
+        run("plain", ZERO_STEPS, zero=False)
+        run("zero", ZERO_STEPS, zero=True)
+        run("zero_stopped", 3, zero=True, run_dir="zero_resumed")
+        run("zero_resumed", ZERO_STEPS, zero=True, resume=True)
+        copy_checkpoint("plain", "plain_to_zero")
+        run("plain_to_zero", ZERO_STEPS, zero=True, resume=True)
+        copy_checkpoint("zero", "zero_to_plain")
+        run("zero_to_plain", ZERO_STEPS, zero=False, resume=True)
+        torch.save(weights, out / f"zero{rank}.pt")
+        (out / f"zero{rank}.json").write_text(json.dumps(report))
         torch.distributed.barrier()  # every rank done before any tears its gloo group down
         torch.distributed.destroy_process_group()
     else:

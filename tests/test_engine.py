@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -342,6 +343,171 @@ def test_ddp_two_processes_gloo(sv_mini, tmp_path):
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
 
 
+@pytest.mark.parametrize("agreement", ["default", "side"])
+def test_a_failure_on_one_rank_fails_the_step_on_every_rank_and_the_group_goes_on(sv_mini, tmp_path, agreement):
+    """Rank 1's loader raises at batch 3, then (next run) rank 1's forward raises at update 3: both ranks raise
+    RankFailure with rank 1's reason within seconds (a hang would last the worker's 60 s process-group timeout);
+    then the same process group resumes the first run to its end, on the model whose DDP step was abandoned
+    after rank 0's forward: the same weights on both ranks, and bitwise those of an uninterrupted run.
+    ``side``: the default group passes for NCCL's, so the agreements run on a gloo side group, created once."""
+    import json
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "ddp_worker.py"), "fail", str(tmp_path)] + (["side"] if agreement == "side" else [])
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=150)
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert seconds < 50, f"{seconds:.0f} s: something waited for the 60 s process-group timeout"
+    reports = [json.loads((tmp_path / f"fail{rank}.json").read_text()) for rank in (0, 1)]
+    expected = [("rank 1 failed at step 4 (batch): OSError: utt_x.wav: cannot decode", 4, "OSError"),
+                ("rank 1 failed at step 3 (forward): RuntimeError: forward exploded: NaN in the attention logits", 3,
+                 "RuntimeError")]
+    for report in reports:
+        assert report["world"] == 2 and len(report["failures"]) == 2
+        for got, (message, step, cause) in zip(report["failures"], expected):
+            assert got is not None, f"rank {report['rank']}: train() returned instead of raising RankFailure"
+            assert got["message"] == message and got["step"] == step
+            assert got["failures"] == {"1": message.split(": ", 1)[1]}
+            # the original exception is chained on the failing rank only
+            assert got["cause"] == (cause if report["rank"] == 1 else None)
+            assert got["seconds"] < 10, got  # not the process group's timeout (60 s)
+        assert report["resumed"]["final_step"] == report["reference"]["final_step"] == w.FAIL_STEPS
+        groups = report["agreement_groups"]
+        if agreement == "default":
+            assert groups == [None] * 4  # the default group is gloo: no other group
+        else:
+            assert groups == [groups[0]] * 4 and groups[0][1] == "gloo"  # one side group for all four runs
+    resumed, reference = reports[0]["resumed"]["history"], reports[0]["reference"]["history"]
+    assert [s for s, _ in resumed] == [3, 4, 5, 6] and all(math.isfinite(loss) for _, loss in resumed)
+    assert resumed == reference[2:]
+    weights = [torch.load(tmp_path / f"fail{rank}.pt") for rank in (0, 1)]
+    for rank in (0, 1):
+        for part in ("model", "head"):
+            for k, v in weights[rank]["resumed"][part].items():
+                assert torch.equal(v, weights[0]["resumed"][part][k]), f"ranks differ in {part}.{k}"
+                assert torch.equal(v, weights[rank]["reference"][part][k]), f"rank {rank}: resume not exact at {k}"
+
+
+def test_zero_shards_the_adamw_moments_and_trains_exactly_like_plain_ddp(train_data, tmp_path, capsys, monkeypatch):
+    """optim.zero on 2 gloo ranks: each rank's AdamW holds the moments of its half of the parameters (disjoint
+    halves, balanced); the run is bitwise the plain DDP run (same AdamW arithmetic per parameter, the same losses
+    and global grad norms: clipping sees all gradients), with both groups' own rates under the warm-up reaching
+    each rank's AdamW; the checkpoint holds the full optimizer state dict, equal to the plain run's; stopping at 3
+    and resuming with zero is bitwise the uninterrupted zero run, and so are the resumes across (a plain run's
+    checkpoint with zero, a zero run's without). Then the zero checkpoint of 2 ranks resumes in one process,
+    where zero is ignored (logged once)."""
+    import json
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "ddp_worker.py"), "zero", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"zero{rank}.json").read_text())["runs"] for rank in (0, 1)]
+    weights = [torch.load(tmp_path / f"zero{rank}.pt") for rank in (0, 1)]
+    numel = reports[0]["plain"]["numel"]
+    total = sum(numel)
+
+    # the partition: every parameter's moments on exactly one rank, about half of them on each
+    owned = [set(reports[rank]["zero"]["local_params"]) for rank in (0, 1)]
+    assert owned[0].isdisjoint(owned[1]) and owned[0] | owned[1] == set(range(len(numel)))
+    for rank in (0, 1):
+        run = reports[rank]["zero"]
+        assert run["sharded"] and not reports[rank]["plain"]["sharded"] and run["fused"] == [None, None]
+        assert run["local_numel"] == 2 * sum(numel[i] for i in owned[rank])  # exp_avg + exp_avg_sq
+        assert abs(run["local_numel"] - total) <= 2 * max(numel)  # half of the 2 x total a plain AdamW holds
+        assert run["consolidated_left"] == 0  # the gathered copies are dropped after each save
+        # every group's lr (two rates, set by the schedule on the wrapper) reached this rank's own AdamW
+        assert [(g["name"], g["lr"]) for g in run["local_groups"]] == [("frontend", 2e-3), ("backend", 5e-3)]
+        assert run["local_groups"] == run["groups"]
+
+    for rank in (0, 1):
+        ours = weights[rank]
+        for name in ("plain", "zero", "zero_resumed", "plain_to_zero", "zero_to_plain"):
+            for part in ("model", "head"):
+                for k, v in ours[name][part].items():
+                    assert torch.equal(v, weights[0][name][part][k]), f"ranks differ in {name} {part}.{k}"
+                    # bitwise: max |diff| 0 (asserted as such; a tolerance would hide a lost lr or moment)
+                    assert torch.equal(v, ours["plain"][part][k]), f"rank {rank}: {name} is not plain at {part}.{k}"
+    runs = reports[0]
+    assert runs["zero"]["history"] == runs["plain"]["history"]  # (step, loss, grad_norm) every step
+    assert [s for s, *_ in runs["zero_resumed"]["history"]] == [4, 5, 6]
+    assert runs["zero_resumed"]["history"] == runs["zero"]["history"][3:]
+    for name in ("zero_resumed", "plain_to_zero", "zero_to_plain"):
+        assert runs[name]["final_step"] == w.ZERO_STEPS
+
+    # the checkpoints of the zero runs (resumed ones too) hold the full optimizer state dict: the plain run's
+    plain_opt = ck.load_checkpoint(tmp_path / "plain" / "ckpt_00000006.pt")["optimizer"]
+    for name in ("zero", "zero_resumed", "plain_to_zero"):
+        zero_opt = ck.load_checkpoint(tmp_path / name / "ckpt_00000006.pt")["optimizer"]
+        assert zero_opt["param_groups"] == plain_opt["param_groups"], name
+        assert sorted(zero_opt["state"]) == sorted(plain_opt["state"]) == list(range(len(numel))), name
+        for i, state in zero_opt["state"].items():
+            assert state.keys() == plain_opt["state"][i].keys() == {"step", "exp_avg", "exp_avg_sq"}
+            assert float(state["step"]) == w.ZERO_STEPS
+            for key, value in state.items():
+                assert torch.equal(value, plain_opt["state"][i][key]), (name, i, key)
+        moments = sum(v.numel() for state in zero_opt["state"].values() for k, v in state.items() if k != "step")
+        assert moments == 2 * total
+    # pruning-like groups (negative rate, 0-dim multipliers): ZeRO's state dict and weights are a plain AdamW's
+    report0 = json.loads((tmp_path / "zero0.json").read_text())
+    report1 = json.loads((tmp_path / "zero1.json").read_text())
+    assert report0["pruning_groups_state_equal"] and report0["pruning_groups_state_entries"] == 6
+    assert report0["pruning_groups_params_equal"] and report1["pruning_groups_params_equal"]
+    assert report0["pruning_groups_local_params"] + report1["pruning_groups_local_params"] == 6
+
+    # 2 zero ranks -> one process: zero ignored (logged once), the full state loads into a plain AdamW
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(tmp_path / "zero" / "ckpt_00000003.pt", one)
+    waves, labels, utts = train_data
+    monkeypatch.setattr(engine, "_zero_ignored_logged", False)  # whatever ran before in this process
+    capsys.readouterr()
+    for steps in (5, 6):
+        model, head = w.build(max(labels) + 1)
+        cfg = w.make_config(steps, ckpt_every=3, optim=OptimConfig(lr_frontend=2e-3, lr_backend=5e-3, zero=True))
+        result = train(model, head, w.MiniLoader(waves, labels, utts, seed=3), cfg, one, resume=True)
+        assert result.final_step == steps
+    out = capsys.readouterr().out
+    assert out.count("resumed from") == 2 and out.count("optim.zero ignored") == 1
+    state = ck.load_checkpoint(one / "ckpt_00000006.pt")["optimizer"]["state"]
+    assert sorted(state) == list(range(len(numel))) and all(float(s["step"]) == 6 for s in state.values())
+
+
+def test_without_a_process_group_step_failures_propagate_and_close_the_loader(train_data, tmp_path, monkeypatch):
+    """One process: no agreement, the loader's or the forward's own exception propagates, and the loader's
+    iterator is closed on the way out (a DataLoader's workers do not linger)."""
+    waves, labels, utts = train_data
+    monkeypatch.setattr(engine, "_agree", lambda *a: pytest.fail("an agreement without a process group"))
+    loader = w.CorruptShardLoader(waves, labels, utts, fail_at=1, fail_rank=0)
+    with pytest.raises(OSError, match="utt_x.wav: cannot decode"):
+        train(*w.build(max(labels) + 1), loader, w.make_config(3), tmp_path / "a")
+    closed = []
+
+    class ClosingLoader(w.MiniLoader):
+        def __iter__(self):
+            try:
+                yield from super().__iter__()
+            finally:
+                closed.append(self.step)
+
+    calls = []
+
+    def forward_fails(module, args):  # the second forward raises
+        calls.append(1)
+        if len(calls) == 2:
+            raise ZeroDivisionError("forward")
+
+    model, head = w.build(max(labels) + 1)
+    head.register_forward_pre_hook(forward_fails)
+    with pytest.raises(ZeroDivisionError, match="forward") as raised:
+        train(model, head, ClosingLoader(waves, labels, utts), w.make_config(3), tmp_path / "b")
+    # closed by train() after its second batch: not at garbage collection (the traceback keeps it alive)
+    assert closed == [2] and raised.tb is not None
+
+
 def test_fresh_builds_of_one_config_are_identical():
     """Model, LoRA and head initialisation are seeded from train.seed: two fresh runs start from one point."""
     from experiments.train import TrainStageConfig, initial_head, initial_model
@@ -482,6 +648,34 @@ def test_param_groups_and_apply_lr():
     n_trainable = sum(1 for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad)
     assert sum(len(g["params"]) for g in opt.param_groups) == n_trainable
     assert apply_lr(opt, 0.5) == {"frontend": 5e-5, "backend": 5e-3}
+
+
+def test_adamw_is_the_default_implementation_and_resume_takes_it_from_the_code(train_data, tmp_path):
+    """AdamW is torch's default implementation (``engine.ADAMW_IMPL``: the committed numbers were trained with it),
+    negative group rates included; a checkpoint written by another implementation (fused) resumes with the code's,
+    bitwise like an uninterrupted run: moments and step counts are state, the implementation is not."""
+    model, head = w.build(4)
+    opt = build_optimizer(model, head, OptimConfig())
+    assert type(opt) is torch.optim.AdamW and [(g["fused"], g["foreach"]) for g in opt.param_groups] == [(None, None)] * 2
+    up, down = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    opt = build_optimizer(model, head, OptimConfig(), param_groups=[
+        {"name": "weights", "params": [down], "lr": 0.1}, {"name": "lagrangian", "params": [up], "lr": -0.1}])
+    up.grad, down.grad = torch.ones(3), torch.ones(3)
+    opt.step()
+    assert (up > 0.09).all() and (down < -0.09).all()  # ascent at a negative rate, descent at a positive one
+
+    ref_model, ref_head, _, _ = run_fresh(train_data, tmp_path / "ref", 6)
+    run_fresh(train_data, tmp_path / "old", 3)
+    path = tmp_path / "old" / "ckpt_00000003.pt"
+    state = ck.load_checkpoint(path)
+    for group in state["optimizer"]["param_groups"]:
+        group.update(fused=True, foreach=None)
+    ck.save_checkpoint(path, state)
+    model, head, _, _ = run_fresh(train_data, tmp_path / "old", 6, resume=True)
+    groups = ck.load_checkpoint(tmp_path / "old" / "ckpt_00000006.pt")["optimizer"]["param_groups"]
+    assert [(g["fused"], g["foreach"]) for g in groups] == [(None, None), (None, None)]
+    assert_same_weights(model, ref_model)
+    assert_same_weights(head, ref_head)
 
 
 def test_train_config_from_yaml_mapping():

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 
 from experiments.pipeline import load_pipeline
-from svlib.config import load_config
-from sweeps.prune_sweep import SweepConfig
+from svlib.config import read_yaml
+from sweeps.prune_sweep import load_sweep_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = sorted((ROOT / "experiments" / "configs").glob("*/pipeline.yaml"))
@@ -26,8 +26,31 @@ def test_pipeline_and_its_stage_configs_validate(path):
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
-def test_sweep_configs_validate(path):
-    assert load_config(path, SweepConfig) is not None
+def test_sweep_configs_validate(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # a stage's `from:` is relative to the repo root
+    assert load_sweep_config(path) is not None
+
+
+def test_the_full_size_sweep_runs_the_reference_stage_yamls_and_its_rehearsal_overrides_validate(monkeypatch):
+    from experiments.prune import DistillStageConfig
+    from experiments.train import TrainStageConfig
+    from svlib.config import load_config
+
+    monkeypatch.chdir(ROOT)
+    cfg = load_sweep_config(ROOT / "sweeps" / "configs" / "w2vbert.yaml")
+    reference = ROOT / "experiments" / "configs" / "prune"
+    assert cfg.teacher == "exp/w2vbert/s2" and cfg.budget == 0.1
+    prune1 = load_config(reference / "prune1.yaml", DistillStageConfig)
+    assert cfg.prune1.train == prune1.train and cfg.prune1.sampling == prune1.sampling
+    assert cfg.prune1.prune.warmup_steps == prune1.prune.warmup_steps == 10_000
+    assert [s.stage for s in cfg.finetune] == ["ps1", "ps2", "ps3"]
+    for stage, name in zip(cfg.finetune, ("ps1", "ps2", "ps3")):
+        assert stage.train == load_config(reference / f"{name}.yaml", TrainStageConfig).train
+    rehearsal = load_sweep_config(ROOT / "sweeps" / "configs" / "w2vbert.yaml",
+                                  read_yaml(ROOT / "experiments" / "configs" / "rehearsal" / "sweep.yaml"))
+    assert rehearsal.prune1.train.steps == 2 and rehearsal.prune1.train.epochs is None
+    assert rehearsal.prune1.prune.warmup_steps == 10_000 and rehearsal.prune1.train.optim.lr_frontend == 2e-4
+    assert [s.stage for s in rehearsal.finetune] == ["ps1", "ps2", "ps3"]
 
 
 def test_recipe_search_candidates_validate_and_never_read_the_test_lists(tmp_path):

@@ -1,4 +1,5 @@
-"""Sweep storage and workers: shared trials, dead workers, failing trials, resume, grid, Pareto, MLflow join.
+"""Sweep storage and workers: shared trials, dead workers and restarts, waiting for other workers, failing trials,
+exit codes, resume, grid, Pareto, MLflow join (nested runs of dead trials included).
 
 Every storage test runs on SQLite and, when ``SVLIB_TEST_POSTGRES_URL`` is set (CI starts a server with
 .ci/postgres.sh), on PostgreSQL. Multi-worker tests start real ``python -m sweeps.study worker`` processes
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +22,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sweeps.study import (GridSweepSampler, SweepError, grid_sampler, load_study, open_study, pareto_front,
-                          run_worker, tracked_objective)
+from sweeps.study import (GridExhausted, GridSweepSampler, SweepError, close_orphaned_runs, fail_stale_trials,
+                          grid_sampler, load_study, open_study, pareto_front, run_worker, study_parent_run,
+                          tracked_objective)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sweep_objective  # noqa: E402  (tests/ is not a package)
 
@@ -30,6 +33,9 @@ NO_PG = "no PostgreSQL server: set SVLIB_TEST_POSTGRES_URL (CI starts one via .c
 NO_PG_MLFLOW = "no PostgreSQL MLflow store: set SVLIB_TEST_MLFLOW_PG_URL (CI starts one via .ci/postgres.sh)"
 PROC_TIMEOUT_S = 240  # the CPU is shared: generous, but every wait is bounded
 HEARTBEAT_S, GRACE_S = 1, 2
+# A worker restarted right after a kill must start its first trial while the dead one is inside its grace
+# period (a worker starts in about 1 s).
+RESTART_GRACE_S = 4
 METRICS = ["eer_pct", "params_frac"]
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -61,27 +67,46 @@ def _name(prefix: str) -> str:
 
 
 def _start_worker(study: str, storage: str, n_trials: int, worker: int, markers: Path, *, extra_env=None,
-                  args=()) -> subprocess.Popen:
+                  args=(), grace: int = GRACE_S) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update({"SVLIB_SWEEP_MARKERS": str(markers), "PYTHONPATH": str(REPO)}, **(extra_env or {}))
     cmd = [sys.executable, "-m", "sweeps.study", "worker", "--study", study, "--storage", storage,
            "--objective", "tests.sweep_objective:objective", "--n-trials", str(n_trials),
            "--directions", "minimize", "minimize", "--metric-names", *METRICS, "--worker", str(worker),
-           "--heartbeat", str(HEARTBEAT_S), "--grace", str(GRACE_S), *args]
+           "--heartbeat", str(HEARTBEAT_S), "--grace", str(grace), *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
 
-def _finish(proc: subprocess.Popen) -> dict:
-    """Wait for a worker (bounded) and return its JSON report; the worker's stderr is shown on failure."""
+def _grid_args(values) -> tuple[str, str]:
+    return "--grid", "target_sparsity=" + ",".join(map(str, values))
+
+
+def _finish(proc: subprocess.Popen, returncode: int = 0) -> tuple[dict, str]:
+    """Wait for a worker (bounded), check its exit code; its JSON report and stderr (shown on failure)."""
     try:
         out, err = proc.communicate(timeout=PROC_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
         pytest.fail(f"worker {proc.pid} did not finish in {PROC_TIMEOUT_S} s:\n{err[-3000:]}")
-    assert proc.returncode == 0, f"worker exited {proc.returncode}:\n{err[-3000:]}"
-    return json.loads(out.strip().splitlines()[-1])
+    assert proc.returncode == returncode, f"worker exited {proc.returncode}, not {returncode}:\n{err[-3000:]}"
+    return json.loads(out.strip().splitlines()[-1]), err
+
+
+def _first_start_marker(markers: Path) -> Path:
+    return _wait_for(lambda: next(markers.glob("start-*"), None), "the first trial to start")
+
+
+def _kill_worker_mid_trial(study: str, storage: str, n_trials: int, markers: Path, *, args=()) -> int:
+    """Start worker 0 on a long trial and SIGKILL it once the trial has started; returns that trial's number."""
+    victim = _start_worker(study, storage, n_trials, 0, markers, extra_env={"SVLIB_SWEEP_SLEEP": "120"}, args=args)
+    try:
+        marker = _first_start_marker(markers)
+    finally:
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.communicate(timeout=30)
+    return int(marker.name.split("-")[1])
 
 
 def _kill_all(procs) -> None:
@@ -114,14 +139,14 @@ def test_two_worker_processes_share_one_study(backend, tmp_path, mode):
     name = _name("share")
     grid = [0.1, 0.25, 0.4, 0.55, 0.7, 0.85]
     n_trials = 6
-    args = ("--grid", "target_sparsity=" + ",".join(map(str, grid))) if mode == "grid" else ()
+    args = _grid_args(grid) if mode == "grid" else ()
     # The grid is a ceiling: asking for more complete trials than points must still stop at the grid.
     n_arg = 50 if mode == "grid" else n_trials
     # Both workers must have a trial in flight before either proceeds, so they really overlap.
     env = {"SVLIB_SWEEP_BARRIER": "2", "SVLIB_SWEEP_SLEEP": "0.3"}
     procs = [_start_worker(name, storage, n_arg, k, tmp_path, extra_env=env, args=args) for k in (0, 1)]
     try:
-        reports = [_finish(p) for p in procs]
+        reports = [_finish(p)[0] for p in procs]
     finally:
         _kill_all(procs)
 
@@ -154,20 +179,13 @@ def test_killed_worker_trial_fails_by_heartbeat_and_is_retried(backend, tmp_path
     storage, mlflow_uri = backend
     name = _name("kill")
     track = ("--mlflow-uri", mlflow_uri) if mlflow_uri else ()
-    victim = _start_worker(name, storage, 3, 0, tmp_path, extra_env={"SVLIB_SWEEP_SLEEP": "120"}, args=track)
-    try:
-        marker = _wait_for(lambda: next(tmp_path.glob("start-*"), None), "the first trial to start")
-        killed_number = int(marker.name.split("-")[1])
-        os.killpg(victim.pid, signal.SIGKILL)
-        victim.communicate(timeout=30)
-        # Before the grace period the trial still looks RUNNING to everyone.
-        study = _open(name, storage)
-        assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
-        time.sleep(GRACE_S + 1.5)
-        survivor = _start_worker(name, storage, 3, 1, tmp_path, extra_env={"SVLIB_SWEEP_SLEEP": "0.1"}, args=track)
-        report = _finish(survivor)
-    finally:
-        _kill_all([victim])
+    killed_number = _kill_worker_mid_trial(name, storage, 3, tmp_path, args=track)
+    # Before the grace period the trial still looks RUNNING to everyone.
+    study = _open(name, storage)
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]
+    time.sleep(GRACE_S + 1.5)
+    survivor = _start_worker(name, storage, 3, 1, tmp_path, extra_env={"SVLIB_SWEEP_SLEEP": "0.1"}, args=track)
+    report, _ = _finish(survivor)
 
     trials = load_study(name, storage).get_trials()
     by_number = {t.number: t for t in trials}
@@ -204,6 +222,84 @@ def test_killed_worker_trial_fails_by_heartbeat_and_is_retried(backend, tmp_path
             assert t.user_attrs["mlflow_run_id"] == run.info.run_id
 
 
+@pytest.mark.parametrize("mode", ["tpe", "grid"])
+def test_each_run_of_one_command_draws_a_new_point(backend, tmp_path, mode):
+    """``--n-trials 1``, then the same command with ``--n-trials 2``: the second process must not replay the
+    first one's point (same seed, same worker index)."""
+    storage, _ = backend
+    name = _name("again")
+    args = _grid_args([0.2, 0.5, 0.8]) if mode == "grid" else ()
+    first, _ = _finish(_start_worker(name, storage, 1, 0, tmp_path, args=args))
+    second, _ = _finish(_start_worker(name, storage, 2, 0, tmp_path, args=args))
+
+    trials = load_study(name, storage).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert trials[0].params["target_sparsity"] != trials[1].params["target_sparsity"]
+    assert (first["ran"], second["ran"]) == (1, 1)
+
+
+@pytest.mark.parametrize("mode", ["tpe", "grid"])
+def test_a_worker_restarted_right_after_a_kill_waits_for_the_dead_trial_and_runs_its_retry(backend, tmp_path, mode):
+    storage, _ = backend
+    name = _name("restart")
+    args = _grid_args([0.3, 0.7]) if mode == "grid" else ()
+    killed_number = _kill_worker_mid_trial(name, storage, 2, tmp_path, args=args)
+    # The same command again at once: the dead trial stays RUNNING for the whole grace period.
+    survivor = _start_worker(name, storage, 2, 0, tmp_path, extra_env={"SVLIB_SWEEP_SLEEP": "0.1"}, args=args,
+                             grace=RESTART_GRACE_S)
+    report, _ = _finish(survivor)
+
+    trials = load_study(name, storage).get_trials()
+    dead = trials[killed_number]
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed_number]
+    new = [t for t in trials if t.number != killed_number and t not in retries]
+    assert dead.state == TrialState.FAIL
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE and retries[0].params == dead.params
+    assert len(new) == 1 and new[0].params != dead.params, "a new trial replayed the dead trial's point"
+    # The new trial started while the dead one was inside its grace period (the retry was queued later):
+    # the worker did not leave then, it waited for the dead trial to go stale and ran its retry.
+    assert new[0].number < retries[0].number
+    assert Counter(t.state for t in trials) == {TrialState.FAIL: 1, TrialState.COMPLETE: 2}
+    assert report == {**report, "ran": 2, "complete": 2, "failed": 0, "unfinished": 0}
+
+
+def test_a_worker_that_stops_waiting_leaves_the_running_trials_unfinished(tmp_path):
+    storage, name = f"sqlite:///{tmp_path}/s.db", _name("giveup")
+    # Worker 1 holds the only trial asked for, alive (heart-beating) for longer than anyone waits.
+    busy = _start_worker(name, storage, 1, 1, tmp_path, extra_env={"SVLIB_SWEEP_SLEEP": "60"})
+    try:
+        _first_start_marker(tmp_path)
+        idle_calls = []
+        started = time.monotonic()
+        report = run_worker(_open(name, storage), sweep_objective.objective, 1, poll_seconds=0.2, wait_for_others=1.0,
+                            on_idle=lambda: idle_calls.append(time.monotonic()))
+        waited = time.monotonic() - started
+        assert (report.ran, report.unfinished) == (0, 1)
+        assert report.stopped_because.startswith("1 trial(s) still running in other workers; the study is not finished")
+        assert 1.0 <= waited < 10 and len(idle_calls) >= 3  # polled every 0.2 s for 1 s, on_idle each time
+
+        waiter = _start_worker(name, storage, 1, 0, tmp_path, args=("--wait-for-others", "1", "--poll", "0.2"))
+        cli_report, err = _finish(waiter, returncode=3)
+        assert (cli_report["ran"], cli_report["unfinished"]) == (0, 1)
+        assert err.strip().splitlines()[-1] == f"error: {cli_report['stopped_because']}"
+        assert [t.state for t in load_study(name, storage).get_trials()] == [TrialState.RUNNING]
+    finally:
+        _kill_all([busy])
+
+
+def test_a_worker_whose_every_trial_failed_exits_1_naming_the_first_failure(tmp_path):
+    storage, name = f"sqlite:///{tmp_path}/s.db", _name("allfail")
+    worker = _start_worker(name, storage, 2, 0, tmp_path, extra_env={"SVLIB_SWEEP_FAIL_TRIALS": "0,1"})
+    report, err = _finish(worker, returncode=1)
+    first = "trial 0: InjectedFailure: trial 0 fails on purpose"
+    assert (report["ran"], report["failed"], report["first_failure"]) == (2, 2, first)
+    assert err.strip().splitlines()[-1] == f"error: every trial failed; first: {first}"
+    # The reason is kept in the study too (optuna stores none).
+    trials = load_study(name, storage).get_trials()
+    assert [t.user_attrs["fail_reason"] for t in trials] == [
+        f"InjectedFailure: trial {n} fails on purpose" for n in (0, 1)]
+
+
 def _mlflow_runs(uri: str, experiment: str):
     from mlflow import MlflowClient
 
@@ -224,6 +320,7 @@ def test_raising_trial_is_failed_and_the_study_goes_on(backend, monkeypatch):
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert (report.ran, report.complete, report.failed) == (4, 3, 1)
     assert "3 complete" in report.stopped_because
+    assert report.first_failure == "trial 1: InjectedFailure: trial 1 fails on purpose"
 
 
 def test_always_failing_objective_stops_after_max_failures(tmp_path):
@@ -272,6 +369,34 @@ def test_grid_sweep_runs_each_point_once(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_the_grid_gives_no_new_trial_a_point_another_trial_holds(tmp_path):
+    """Optuna's GridSampler hands a new trial a point still RUNNING once every point is started (here: a dead
+    worker's trial inside its grace period); only that trial's heartbeat retry may have it."""
+    study = _open(_name("held"), f"sqlite:///{tmp_path}/s.db", sampler=grid_sampler([0.2, 0.5]))
+    space = {"target_sparsity": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    dead = study.ask(space)
+    study._storage.record_heartbeat(dead._trial_id)  # alive a moment ago, silent from now on
+    done = study.ask(space)
+    study.tell(done, [1.0, 0.5])
+    assert {dead.params["target_sparsity"], done.params["target_sparsity"]} == {0.2, 0.5}
+    assert (study.sampler.pending(study), study.sampler.complete_points(study)) == (0, 1)
+
+    late = study.ask()
+    with pytest.raises(GridExhausted, match="held by another trial"):
+        late.suggest_float("target_sparsity", 0.0, 1.0)
+    study.tell(late, state=TrialState.FAIL)
+
+    def queued_retry():
+        fail_stale_trials(study)
+        return next(iter(study.get_trials(states=(TrialState.WAITING,))), None)
+
+    retry = _wait_for(queued_retry, "the dead trial to go stale", timeout=30)
+    resumed = study.ask()
+    assert resumed.number == retry.number
+    assert resumed.suggest_float("target_sparsity", 0.0, 1.0) == dead.params["target_sparsity"]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_workers_with_one_seed_but_different_indices_propose_different_points(tmp_path):
     storage = f"sqlite:///{tmp_path}/s.db"
     a = _open("seeds", storage, seed=7, worker=0)
@@ -313,6 +438,8 @@ def test_default_storage_is_sqlite_under_sweeps(tmp_path, monkeypatch):
 
 
 def test_tracked_objective_nests_trials_under_one_study_run(tmp_path, monkeypatch, mlflow_sqlite):
+    import mlflow
+
     from svlib.tracking import Tracker
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -321,8 +448,9 @@ def test_tracked_objective_nests_trials_under_one_study_run(tmp_path, monkeypatc
 
     def objective(trial):
         sparsity = trial.suggest_float("target_sparsity", 0.1, 0.9)
-        if trial.number == 1:
-            raise RuntimeError("boom")
+        if trial.number == 1:  # fails inside a stage it started without `with`: the stage stays active
+            mlflow.start_run(run_name="leaked", nested=True, tags={"stage": "leaked"})
+            raise RuntimeError("boom\nsecond line of the message")
         if trial.number == 2:
             raise optuna.TrialPruned()
         with tracker.run("prune1", nested=True, tags={"stage": "prune1"}):
@@ -332,6 +460,7 @@ def test_tracked_objective_nests_trials_under_one_study_run(tmp_path, monkeypatc
     study = _open("tracked", f"sqlite:///{tmp_path}/s.db")
     report = run_worker(study, tracked_objective(tracker, "tracked", objective), 2)
     assert (report.complete, report.failed, report.pruned) == (2, 1, 1)
+    assert report.first_failure == "trial 1: RuntimeError: boom"
     # A second worker (new wrapper, no cache) finds the same parent run.
     run_worker(study, tracked_objective(tracker, "tracked", objective), 3)
 
@@ -345,6 +474,10 @@ def test_tracked_objective_nests_trials_under_one_study_run(tmp_path, monkeypatc
     assert {n: r.info.status for n, r in trial_runs.items()} == {
         0: "FINISHED", 1: "FAILED", 2: "KILLED", 3: "FINISHED", 4: "FINISHED"}
     assert trial_runs[1].data.tags["optuna_state"] == "FAIL"
+    assert trial_runs[1].data.tags["fail_reason"] == "RuntimeError: boom"
+    leaked = [r for r in runs if r.data.tags.get("stage") == "leaked"]
+    assert [(r.info.status, r.data.tags["mlflow.parentRunId"]) for r in leaked] == [
+        ("FAILED", trial_runs[1].info.run_id)]
     assert trial_runs[2].data.tags["optuna_state"] == "PRUNED"
     assert "target_sparsity" in trial_runs[1].data.params  # params of a failed trial are kept
     for n, run in trial_runs.items():
@@ -360,6 +493,19 @@ def test_unreachable_storage_is_a_clear_error():
         open_study("unreachable", "postgresql+psycopg2://u:secret@127.0.0.1:1/x")
 
 
+def _dead_tracked_trial(study: optuna.Study, tracker, client):
+    """A trial RUNNING in the study and its MLflow trial run, as a tracked worker that died leaves them
+    (the run's id in the trial's user attrs); returns (trial, run)."""
+    dead = study.ask({"target_sparsity": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    parent = study_parent_run(tracker, study.study_name, study)
+    run = client.create_run(tracker.experiment_id, run_name=f"trial-{dead.number}",
+                            tags={"mlflow.parentRunId": parent, "kind": "trial"})
+    dead.set_user_attr("mlflow_run_id", run.info.run_id)
+    dead.set_user_attr("trial_number", dead.number)
+    return dead, run
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
 def test_a_dead_workers_trial_is_failed_and_its_run_closed_while_this_worker_runs(tmp_path, mlflow_sqlite):
     """The dead trial goes stale only after this worker has started its own (long) trial: the watcher fails
     it and closes its MLflow run during that trial, not when the trial ends; the retry then runs here."""
@@ -367,17 +513,11 @@ def test_a_dead_workers_trial_is_failed_and_its_run_closed_while_this_worker_run
 
     from svlib.tracking import Tracker
 
-    from sweeps.study import close_orphaned_runs, study_parent_run
-
     name = _name("stale")
     tracker = Tracker(name, tracking_uri=mlflow_sqlite)
     client = MlflowClient(mlflow_sqlite)
     study = _open(name, f"sqlite:///{tmp_path}/s.db")
-    dead = study.ask({"target_sparsity": optuna.distributions.FloatDistribution(0.0, 1.0)})
-    orphan = client.create_run(tracker.experiment_id, run_name="trial-0",
-                               tags={"mlflow.parentRunId": study_parent_run(tracker, name, study), "kind": "trial"})
-    dead.set_user_attr("mlflow_run_id", orphan.info.run_id)
-    dead.set_user_attr("trial_number", dead.number)
+    dead, orphan = _dead_tracked_trial(study, tracker, client)
     study._storage.record_heartbeat(dead._trial_id)  # alive a moment ago, silent from now on
     seen = []
 
@@ -397,6 +537,37 @@ def test_a_dead_workers_trial_is_failed_and_its_run_closed_while_this_worker_run
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and report.complete == 2
     assert client.get_run(orphan.info.run_id).data.tags["optuna_state"] == "FAIL"
     assert close_orphaned_runs(study, mlflow_sqlite) == []  # closed once
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_closing_a_dead_trials_run_closes_every_run_nested_under_it(tmp_path, mlflow_sqlite):
+    from mlflow import MlflowClient
+
+    from svlib.tracking import Tracker
+
+    name = _name("nested")
+    tracker = Tracker(name, tracking_uri=mlflow_sqlite)
+    client = MlflowClient(mlflow_sqlite)
+    study = _open(name, f"sqlite:///{tmp_path}/s.db")
+    dead, trial_run = _dead_tracked_trial(study, tracker, client)
+
+    def stage_run(parent, status="RUNNING") -> str:
+        run = client.create_run(tracker.experiment_id, tags={"mlflow.parentRunId": parent})
+        if status != "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+        return run.info.run_id
+
+    # The dead worker was inside stage "finetune" (itself inside "prune2"), after finishing stage "prune1".
+    prune1 = stage_run(trial_run.info.run_id, "FINISHED")
+    prune2 = stage_run(trial_run.info.run_id)
+    finetune = stage_run(prune2)
+    study.tell(dead, state=TrialState.FAIL)  # what the stale check does once the grace period is over
+
+    assert close_orphaned_runs(study, mlflow_sqlite) == [trial_run.info.run_id]
+    statuses = {run_id: client.get_run(run_id).info.status
+                for run_id in (trial_run.info.run_id, prune1, prune2, finetune)}
+    assert statuses == {trial_run.info.run_id: "FAILED", prune1: "FINISHED", prune2: "FAILED", finetune: "FAILED"}
+    assert close_orphaned_runs(study, mlflow_sqlite) == []
 
 
 def test_a_complete_grid_starts_no_further_trial(tmp_path):
