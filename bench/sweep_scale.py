@@ -10,8 +10,8 @@
    ``plan_trial_gpu_hours_budget1`` with its source (measured from ``bench/results/gpu_<card>.json``, else the
    labelled estimate), and what the 7-point grid costs at budgets 0.1 and 1.0.
 3. ``rehearsal``: the full-size sweep on CPU. A random-weight 580M W2V-BERT 2.0 folder and the sv-bench lists
-   (``bench/full_size_rehearsal.py``'s own writers), the w2vbert pipeline's s1 -> merge -> s2 on one process
-   (the teacher ``exp/w2vbert/s2``), then ``torchrun --nproc_per_node 2 -m sweeps.prune_sweep --config
+   (``bench/full_size_rehearsal.py``'s own writers), the w2vbert pipeline's s1 -> merge -> s2 in a process of
+   its own (the teacher ``exp/w2vbert/s2``), then ``torchrun --nproc_per_node 2 -m sweeps.prune_sweep --config
    sweeps/configs/w2vbert.yaml --overrides experiments/configs/rehearsal/sweep.yaml --grid``: 2 trials (the dense
    point and target 0.8), each prune1 -> shrink -> prune2 -> graft -> ps1 -> ps2 -> ps3 -> eval_pruned on both
    ranks, 2 steps per stage. The process tree's memory (this process's RSS + its children's private memory) is
@@ -66,17 +66,21 @@ def sweep_command(nproc: int, *args: str) -> list[str]:
             "-m", "sweeps.prune_sweep", *args]
 
 
-def run_teacher_stages(config: Path, overrides: Path | None, threads: int) -> None:
-    """The stages up to s2 of a pipeline, in this process (cwd = the scratch folder)."""
-    from experiments import pipeline
-
-    torch.set_num_threads(threads)
-    cfg, stage_cfgs = pipeline.load_pipeline(config, overrides)
-    pipeline.run(cfg, config.parent, None, stage_cfgs=stage_cfgs, stages=TEACHER_STAGES)
+def run_teacher_stages(config: Path, overrides: Path | None, threads: int, cwd: Path) -> None:
+    """A pipeline's stages up to s2 (the sweep's teacher), as ``python -m experiments.pipeline --until s2`` in a
+    process of its own: what it held (a 580M model at full size) is freed before the sweep's ranks start."""
+    args = ["--config", str(config), "--until", TEACHER_STAGES[-1], "--no-tracking"]
+    if overrides is not None:
+        args += ["--overrides", str(overrides)]
+    subprocess.run([sys.executable, "-m", "experiments.pipeline", *args], cwd=cwd, env=_env(threads), check=True,
+                   stdout=subprocess.DEVNULL)
 
 
 def study_outcome(storage: str, study: str) -> dict:
-    trials = optuna.load_study(study_name=study, storage=storage).get_trials()
+    try:
+        trials = optuna.load_study(study_name=study, storage=storage).get_trials()
+    except KeyError:   # the sweep never created it (its stderr is in the record)
+        return {"states": [], "points": []}
     return {"states": [t.state.name for t in trials],
             "points": [{"number": t.number, "target": t.params.get("target_sparsity"), "state": t.state.name,
                         "val_eer_pct": t.values[0] if t.values else None,
@@ -96,9 +100,9 @@ def smoke(scratch: Path, shared: Path) -> dict:
     os.chdir(scratch)
     try:
         prepare_manifest(shared / "sv-mini" / "manifest.csv", Path("data/sv-mini"), seed=0)
-        run_teacher_stages(SMOKE_PIPELINE, None, threads=2)
     finally:
         os.chdir(cwd)
+    run_teacher_stages(SMOKE_PIPELINE, None, threads=2, cwd=scratch)
     out = {}
     for nproc, threads in ((1, 2), (2, 1)):   # both use the 2 cores
         job = scratch / f"{nproc}rank"
@@ -171,7 +175,7 @@ def rehearsal(scratch: Path, shared: Path, size: str, threads: int, sampler: Sam
         sampler.relabel("teacher")
         t = time.perf_counter()
         overrides = effective_overrides(W2VBERT[1], "cpu", amp_off, scratch / "overrides_w2vbert.yaml")
-        run_teacher_stages(W2VBERT[0], overrides, threads)
+        run_teacher_stages(W2VBERT[0], overrides, threads, cwd=scratch)
         out["teacher_minutes"] = (time.perf_counter() - t) / 60
         for stage_dir in (scratch / "exp" / "w2vbert").glob("*/ckpt"):
             shutil.rmtree(stage_dir)   # gigabytes of checkpoints the sweep does not read
@@ -213,10 +217,11 @@ def rehearsal_checks(rehearsal_out: dict, peak_gib: float) -> dict:
     return {
         "sweep_exit_0": rehearsal_out.get("sweep_returncode") == 0,
         "two_trials_complete": [p["state"] for p in points] == ["COMPLETE", "COMPLETE"],
-        "pruned_trial_smaller": bool(pruned) and bool(dense) and all(
+        "pruned_trial_smaller": bool(pruned) and bool(dense) and dense[0]["params_encoder"] is not None and all(
             t["params_encoder"] is not None and t["params_encoder"] < dense[0]["params_encoder"] for t in pruned),
         "pruning_on_two_ranks": bool(pruned) and all(t["prune1_world_size"] == 2 for t in pruned),
-        "dense_is_580m": bool(dense) and dense[0]["params_encoder"] == dense[0]["dense_params_encoder"],
+        "dense_is_580m": bool(dense) and dense[0]["params_encoder"] is not None
+        and dense[0]["params_encoder"] == dense[0]["dense_params_encoder"],
         "within_minutes": rehearsal_out.get("wall_minutes", 1e9) <= LIMIT_MINUTES,
         "within_rss": peak_gib <= LIMIT_RSS_GIB,
     }

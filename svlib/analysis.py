@@ -354,7 +354,8 @@ def teacher_reference(runs: pd.DataFrame, split: str = "test", run_id: str | Non
 def pruning_points(runs: pd.DataFrame, split: str = "test", teacher: Mapping | None = None) -> pd.DataFrame:
     """One row per evaluated model: ``source`` (dense | pruned | trial), ``run_id``, ``label``,
     ``target_sparsity``, ``achieved_sparsity``, ``params_encoder``, ``eer_pct``, ``mindcf_0.01``,
-    ``mindcf_0.05``, ``val_eer_pct``, ``pareto``, and the speaker-bootstrap intervals ``<metric>_ci_low`` /
+    ``mindcf_0.05``, ``val_eer_pct``, ``budget`` (a sweep trial's fidelity, the param ``budget``: the fraction of
+    the reference's epochs it trained; NaN for pipeline runs), ``pareto``, and the speaker-bootstrap intervals ``<metric>_ci_low`` /
     ``<metric>_ci_high`` (NaN where the run logged none).
 
     Points are the sweep trial runs and the pipeline stage runs that report ``{split}_eer_pct``; stage runs
@@ -363,7 +364,7 @@ def pruning_points(runs: pd.DataFrame, split: str = "test", teacher: Mapping | N
     non-dominated points in (params_encoder, eer_pct) among the pruned and trial ones.
     """
     columns = ["source", "run_id", "label", "stage", "target_sparsity", "achieved_sparsity", "params_encoder",
-               "eer_pct", "mindcf_0.01", "mindcf_0.05", "val_eer_pct", "pareto"]
+               "eer_pct", "mindcf_0.01", "mindcf_0.05", "val_eer_pct", "budget", "pareto"]
     ci_columns = [f"{m}_ci_{side}" for m in ("eer_pct", "mindcf_0.01", "mindcf_0.05") for side in ("low", "high")]
     columns += ci_columns
     if runs.empty:
@@ -380,6 +381,7 @@ def pruning_points(runs: pd.DataFrame, split: str = "test", teacher: Mapping | N
         "params_encoder": params.loc[df.index], "eer_pct": _col(df, f"metrics.{split}_eer_pct"),
         "mindcf_0.01": _col(df, f"metrics.{split}_mindcf_0.01"), "mindcf_0.05": _col(df, f"metrics.{split}_mindcf_0.05"),
         "val_eer_pct": _col(df, "metrics.val_eer_pct"),
+        "budget": pd.to_numeric(_col(df, "params.budget"), errors="coerce"),
     } | {c: _col(df, f"metrics.{split}_{c}") for c in ci_columns}, index=df.index)
     out = out[out["eer_pct"].notna()]
     if teacher is not None and teacher.get("params_encoder"):
@@ -458,12 +460,34 @@ def _draw_intervals(ax, points: pd.DataFrame, x: str, metric: str, color) -> Non
                   linewidth=1.0, alpha=0.6, zorder=2)
 
 
+BUDGET_COLORS = ("tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:cyan")
+
+
+def _point_series(points: pd.DataFrame, styles: Mapping[str, Mapping]) -> list[tuple[str, pd.DataFrame, dict, bool]]:
+    """(legend label, rows, marker style, joined by a line) per plotted series: one per source, and the sweep
+    trials split by budget when they hold several (a study and its promoted re-runs at a higher budget)."""
+    out = []
+    for source, style in styles.items():
+        sel = points[points["source"] == source] if len(points) else points
+        if not len(sel):
+            continue
+        budgets = sorted(sel["budget"].dropna().unique()) if source == "trial" and "budget" in sel else []
+        if len(budgets) < 2:
+            out.append((source, sel, dict(style), False))
+            continue
+        for i, budget in enumerate(budgets):
+            out.append((f"trials, budget {budget:g}", sel[sel["budget"] == budget],
+                        dict(style, color=BUDGET_COLORS[i % len(BUDGET_COLORS)]), True))
+    return out
+
+
 def plot_pruning_curve(points: pd.DataFrame, teacher: Mapping | None = None, *, pareto_run_ids: Iterable[str] | None = None,
                        metrics: Sequence[str] = ("eer_pct", "mindcf_0.01"), split: str = "test"):
     """EER/minDCF against encoder parameters (left column) and achieved sparsity (right column).
 
     Dense stages are grey squares, pruning-pipeline models circles, sweep trials triangles (annotated
-    with their target sparsity); the Pareto front (``pareto_run_ids`` from an Optuna study, else the
+    with their target sparsity; trials of several budgets, e.g. a study and its promoted re-runs, one colour
+    per budget, each budget's points joined by a thin line: two fidelities side by side); the Pareto front (``pareto_run_ids`` from an Optuna study, else the
     ``pareto`` column) is joined by a line; the teacher is a dashed horizontal line (and a star). Points with
     ``<metric>_ci_low/high`` columns get their 95 % interval as a vertical bar.
     """
@@ -474,19 +498,22 @@ def plot_pruning_curve(points: pd.DataFrame, teacher: Mapping | None = None, *, 
     front = pd.Series(front, index=points.index).fillna(False).astype(bool) if len(points) else pd.Series(dtype=bool)
     styles = {"dense": dict(marker="s", color="0.45"), "pruned": dict(marker="o", color="tab:blue"),
               "trial": dict(marker="^", color="tab:orange")}
+    series = _point_series(points, styles)
     for r, metric in enumerate(metrics):
         for c, x in enumerate(("params_encoder", "achieved_sparsity")):
             ax = axes[r, c]
-            for source, style in styles.items():
-                sel = points[points["source"] == source] if len(points) else points
-                if len(sel):
-                    ax.scatter(sel[x], sel[metric], s=36, label=source, alpha=0.85, **style)
-                    _draw_intervals(ax, sel, x, metric, style["color"])
+            for label, sel, style, joined in series:
+                ax.scatter(sel[x], sel[metric], s=36, label=label, alpha=0.85, **style)
+                _draw_intervals(ax, sel, x, metric, style["color"])
+                if joined:
+                    line = sel[sel[x].notna() & sel[metric].notna()].sort_values(x)
+                    ax.plot(line[x], line[metric], color=style["color"], linewidth=0.8, alpha=0.6, zorder=1)
             if len(points) and front.any():
                 f = points[front].sort_values(x)
                 ax.plot(f[x], f[metric], color="tab:red", linewidth=1.3, zorder=3)
                 ax.scatter(f[x], f[metric], s=90, facecolors="none", edgecolors="tab:red", linewidths=1.4,
                            label="Pareto front", zorder=4)
+            colors = {run: style["color"] for _, sel, style, _ in series for run in sel["run_id"]}
             for _, row in points.iterrows() if len(points) else ():
                 if pd.isna(row[x]) or pd.isna(row[metric]):
                     continue
@@ -496,7 +523,7 @@ def plot_pruning_curve(points: pd.DataFrame, teacher: Mapping | None = None, *, 
                 else:
                     text = str(row["label"])
                 ax.annotate(text, (row[x], row[metric]), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                            color=styles[row["source"]]["color"])
+                            color=colors.get(row["run_id"], styles[row["source"]]["color"]))
             if teacher is not None and teacher.get(metric) is not None and not math.isnan(teacher[metric]):
                 ax.axhline(teacher[metric], color="k", linestyle="--", linewidth=1,
                            label=f"teacher ({teacher.get('label', '')}) {teacher[metric]:.3g}")

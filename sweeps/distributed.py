@@ -31,9 +31,9 @@ from typing import Any, Callable, Literal
 import torch.distributed as dist
 
 from experiments.common import RankError, rank_and_world, share_from_rank_zero
-from svlib.train.engine import RankFailure
+from svlib.train.engine import RankFailure, one_line
 
-__all__ = ["Order", "TrialFailed", "LostRank", "one_line", "agree_outcome", "follow", "broadcast_order"]
+__all__ = ["Order", "TrialFailed", "LostRank", "agree_outcome", "follow", "broadcast_order"]
 
 
 @dataclass
@@ -54,13 +54,6 @@ class LostRank(BaseException):
 
     A BaseException, like KeyboardInterrupt, so that Optuna records the running trial FAILED and re-raises it
     instead of going on to another trial on a broken process group."""
-
-
-def one_line(err: BaseException, limit: int = 500) -> str:
-    """``Type: first line of the message``, at most ``limit`` characters: a trial's ``fail_reason``."""
-    text = str(err).strip().splitlines()
-    line = f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
-    return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
 def _is_process_group_error(err: BaseException) -> bool:

@@ -425,7 +425,7 @@ def plan_sweep(cfg: SweepConfig, *, world_size: int, budget: float, n_trials: in
 
 # ------------------------------------------------------------------------------------------ table
 
-_COLUMNS = (("epochs", 7), ("steps", 10), ("samples", 14), ("audio h", 11), ("s/step", 9), ("GPU-h", 10),
+_COLUMNS = (("epochs", 7), ("steps", 11), ("samples", 15), ("audio h", 12), ("s/step", 9), ("GPU-h", 10),
             ("wall h", 9))
 
 

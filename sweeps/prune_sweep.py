@@ -55,11 +55,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import functools
 import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -78,7 +78,8 @@ from experiments import train as train_stage
 from experiments.common import (DataConfig, RankError, Timer, leave_process_group, rank_and_world, rank_zero_result,
                                 read_result, setup_process_group, write_result)
 from svlib.config import ConfigError, check_relative, from_dict, merge_overrides, read_yaml
-from sweeps.distributed import LostRank, Order, TrialFailed, agree_outcome, broadcast_order, follow, one_line
+from svlib.train.engine import one_line
+from sweeps.distributed import LostRank, Order, TrialFailed, agree_outcome, broadcast_order, follow
 from sweeps.plan import check_budget, format_plan, plan_sweep, scale_budget
 from sweeps.study import (SweepError, close_orphaned_runs, grid_sampler, load_study, open_study, pareto_front,
                           run_worker, tracked_objective)
@@ -161,6 +162,10 @@ class SweepConfig:
     # ``sweeps.plan.scale_budget``; lengths in steps are kept). 0.1: a full-size trial is a tenth of the
     # reference's 20 + 20 pruning epochs and its fine-tune; ``--promote`` re-runs the best trials at a higher one.
     budget: float = 0.1
+    # A finished stage's ckpt/ folder only serves to resume that stage, which a finished stage never is: the
+    # trial removes it once the stage is done (a 580M student's checkpoints are ~7 GB a stage, ~40 GB a trial).
+    # true: keep them (e.g. to inspect the optimizer state).
+    keep_checkpoints: bool = False
     # torchrun: how long a rank waits in a collective (the followers wait while rank 0 evaluates a trial or
     # talks to Optuna/MLflow); null: env SVLIB_DIST_TIMEOUT_MINUTES, else torch's default (10 minutes).
     dist_timeout_minutes: float | None = None
@@ -213,9 +218,9 @@ def load_sweep_config(path: str | os.PathLike, overrides: dict | None = None) ->
     """Read a sweep YAML into :class:`SweepConfig`, ``overrides`` deep-merged in first.
 
     A stage section (``prune1``, ``prune2`` or an item of ``finetune``) may start from a stage YAML of the
-    pipelines: ``{from: experiments/configs/prune/prune1.yaml, train: {...}}`` is that file with the rest of
-    the section deep-merged over it (paths relative to the repo root), so the full-size sweep runs the
-    reference's own stage configs.
+    pipelines: ``{from: ../../experiments/configs/prune/prune1.yaml, train: {...}}`` is that file with the rest
+    of the section deep-merged over it (the path relative to the sweep YAML's folder, as a pipeline names its
+    stage YAMLs), so the full-size sweep runs the reference's own stage configs.
     """
     data = read_yaml(path)
     if overrides:
@@ -224,21 +229,22 @@ def load_sweep_config(path: str | os.PathLike, overrides: dict | None = None) ->
         data = merge_overrides(data, overrides)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    folder = Path(path).parent
     try:
         for key in ("prune1", "prune2"):
-            data[key] = _stage_section(data.get(key), key)
+            data[key] = _stage_section(data.get(key), key, folder)
         if isinstance(data.get("finetune"), list):
-            data["finetune"] = [_stage_section(s, f"finetune[{i}]") for i, s in enumerate(data["finetune"])]
+            data["finetune"] = [_stage_section(s, f"finetune[{i}]", folder) for i, s in enumerate(data["finetune"])]
         return from_dict(SweepConfig, data)
     except ConfigError as err:
         raise ConfigError(f"{path}{' (with overrides)' if overrides else ''}: {err}") from None
 
 
-def _stage_section(section: Any, where: str) -> Any:
+def _stage_section(section: Any, where: str, folder: Path) -> Any:
     if not isinstance(section, dict) or "from" not in section:
         return section
     rest = {k: v for k, v in section.items() if k != "from"}
-    source = check_relative(section["from"], f"{where}.from")
+    source = folder / check_relative(section["from"], f"{where}.from")
     return merge_overrides(read_yaml(source), rest)
 
 
@@ -373,10 +379,15 @@ def run_trial(cfg: SweepConfig, knobs: dict[str, Any], folder: Path, tracker=Non
     trial costs only what its predecessor did not finish; ``previous_run`` (the predecessor's MLflow trial
     run) lends the reused stages its metrics (:func:`_stage`).
     """
-    tracked = functools.partial(_stage, tracker, previous_run=previous_run)
+    def tracked(name: str, *args):  # every rank runs the stage; its checkpoints go once it is done
+        record = _stage(tracker, name, *args, previous_run=previous_run)
+        if not cfg.keep_checkpoints and rank_and_world()[0] == 0:
+            # the stage ended with rank 0's broadcast record: every rank is past it, none reads ckpt/ again
+            shutil.rmtree(folder / name / "ckpt", ignore_errors=True)
+        return record
 
     def on_rank_zero(*args):  # a stage only rank 0 runs; the others wait for (and return) its record
-        return rank_zero_result(lambda: tracked(*args))
+        return rank_zero_result(lambda: _stage(tracker, *args, previous_run=previous_run))
 
     done = read_result(folder)
     if done is not None and done.get("params") == knobs:
@@ -739,8 +750,9 @@ def run_sweep(cfg: SweepConfig, *, storage: str | None = None, grid: bool = Fals
         out = leader.run(n_trials=n_trials, max_failures=max_failures, report=report, wait_for_others=wait_for_others)
     except BaseException as err:
         # the other ranks wait for an order between trials; inside a trial (or with a broken process group)
-        # they are in the trial's collectives, and torchrun stops them with this rank
-        if not leader.in_trial and not isinstance(err, LostRank):
+        # they are in the trial's collectives, and torchrun stops them with this rank; a signal (torchrun's
+        # SIGTERM, Ctrl-C) reaches every rank itself
+        if not leader.in_trial and not isinstance(err, (LostRank, KeyboardInterrupt)):
             broadcast_order(Order("stop", {"code": 2}, reason=one_line(err)))
         raise
     broadcast_order(Order("stop", {"code": out["code"], "worker": out["worker"]}, reason=out["worker"]["stopped_because"]))

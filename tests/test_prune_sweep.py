@@ -356,7 +356,8 @@ def test_readme_pareto_command_reads_the_readme_grid_sweep(fake_trials):
 
     root, _calls = fake_trials
     readme = (REPO / "README.md").read_text()
-    grid_line = next(line for line in readme.splitlines() if "sweeps.prune_sweep" in line and "--grid" in line)
+    grid_line = next(line for line in readme.splitlines() if "sweeps.prune_sweep" in line and "--grid" in line
+                     and "demo.yaml" in line)
     pareto = next(line for line in readme.splitlines() if "sweeps.study pareto" in line)
     args = shlex.split(pareto.split("#")[0])
     assert "--config sweeps/configs/demo.yaml" in grid_line

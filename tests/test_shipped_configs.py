@@ -26,17 +26,16 @@ def test_pipeline_and_its_stage_configs_validate(path):
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
-def test_sweep_configs_validate(path, monkeypatch):
-    monkeypatch.chdir(ROOT)  # a stage's `from:` is relative to the repo root
+def test_sweep_configs_validate(path, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # a stage's `from:` is relative to the sweep YAML, wherever the sweep runs
     assert load_sweep_config(path) is not None
 
 
-def test_the_full_size_sweep_runs_the_reference_stage_yamls_and_its_rehearsal_overrides_validate(monkeypatch):
+def test_the_full_size_sweep_runs_the_reference_stage_yamls_and_its_rehearsal_overrides_validate():
     from experiments.prune import DistillStageConfig
     from experiments.train import TrainStageConfig
     from svlib.config import load_config
 
-    monkeypatch.chdir(ROOT)
     cfg = load_sweep_config(ROOT / "sweeps" / "configs" / "w2vbert.yaml")
     reference = ROOT / "experiments" / "configs" / "prune"
     assert cfg.teacher == "exp/w2vbert/s2" and cfg.budget == 0.1

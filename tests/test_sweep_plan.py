@@ -263,3 +263,23 @@ def test_format_plan(cfg):
     assert f"{plan['total']['steps']:,}" in text and "17,062" in text
     tpe = format_plan(plan_of(cfg, 4, 0.1, n_trials=20))
     assert "trials 0-19 (20 trials, each): target 0.6" in tpe
+
+
+def test_the_readmes_plan_output_is_what_its_command_prints():
+    """README "Sweeps": the --plan command, run as written, prints every line of the output the README shows."""
+    import re
+    import shlex
+    import subprocess
+    import sys
+
+    readme = (REPO / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if "sweeps.prune_sweep" in line and "--plan" in line)
+    words = shlex.split(line.split("  #")[0])
+    shown = readme.split("Its output for the full-size grid", 1)[1]
+    block = re.search(r"```text\n(.*?)\n```", shown, re.S).group(1).splitlines()
+    out = subprocess.run([sys.executable, *words[1:]], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    printed = out.stdout.splitlines()
+    missing = [row for row in block if row != "..." and row not in printed]
+    assert not missing, missing
+    assert "  prune1            2     17,062      2,183,936     2,426.6   0.0437      1.66     0.21" in block

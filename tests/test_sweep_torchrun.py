@@ -108,6 +108,8 @@ def test_a_trial_spans_both_ranks_and_matches_the_single_process_sweep(both_swee
             record = json.loads((folders[t.number] / "result.json").read_text())
             stages = {p.name for p in folders[t.number].iterdir() if p.is_dir()}
             assert stages == (PRUNED_STAGES if t.params["target_sparsity"] > 0 else DENSE_STAGES)
+            # a finished stage's checkpoints are removed (keep_checkpoints: false), its model stays
+            assert not list(folders[t.number].glob("*/ckpt")) and (folders[t.number] / "ps1" / "model").is_dir()
             assert record["budget"] == t.user_attrs["budget"] == 0.1
             assert json.loads((folders[t.number] / "trial.json").read_text())["params"]["budget"] == 0.1
     by_target = {n: {t.params["target_sparsity"]: t for t in s.get_trials()} for n, s in studies.items()}
@@ -219,6 +221,14 @@ def test_promote_reruns_the_best_trial_at_a_higher_budget_in_a_linked_study(both
     # both fidelities in one MLflow experiment, told apart by the budget column
     runs = [r for r in mlflow_runs(uri, STUDY) if r.data.tags.get("kind") == "trial"]
     assert sorted(r.data.params["budget"] for r in runs) == ["0.1", "0.1", "0.5"]
+    # the notebooks' curve: one series per budget
+    from svlib import analysis
+
+    points = analysis.pruning_points(analysis.load_runs(uri, STUDY))
+    trials = points[points["source"] == "trial"]
+    assert sorted(trials["budget"]) == [0.1, 0.1, 0.5]
+    fig = analysis.plot_pruning_curve(points)
+    assert {"trials, budget 0.1", "trials, budget 0.5"} <= set(analysis.figure_series(fig))
     # the same command again enqueues nothing new and reruns nothing
     again, _ = run(promote, root)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -78,7 +78,7 @@ import os
 import random
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
@@ -276,13 +276,29 @@ def _agreement_group():
     return _agreement[1]
 
 
-def _one_line(err: BaseException, limit: int = 500) -> str:
+def one_line(err: BaseException, limit: int = 500) -> str:
     """``Type: message`` on one line; a multi-line message (a DataLoader worker's, which carries the worker's
     traceback) keeps its first and its last line."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     text = lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1]}"
     line = f"{type(err).__name__}: {text}" if text else type(err).__name__
     return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+@contextmanager
+def _agreed(group, world: int, step: int, phase: str):
+    """Run the ``with`` body as one phase of a step every rank must agree on: alone, an exception propagates as
+    it is; under a process group it is held until every rank has run the body, then :func:`_agree` raises
+    ``RankFailure`` on every rank if any one failed."""
+    error = None
+    try:
+        yield
+    except Exception as exc:
+        if world == 1:
+            raise
+        error = exc
+    if world > 1:
+        _agree(group, error, step, phase)
 
 
 def _agree(group, error: Exception | None, step: int, phase: str) -> None:
@@ -294,7 +310,7 @@ def _agree(group, error: Exception | None, step: int, phase: str) -> None:
     if not flag.item():
         return
     reasons: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(reasons, None if error is None else _one_line(error), group=group)
+    dist.all_gather_object(reasons, None if error is None else one_line(error), group=group)
     failures = {r: reason for r, reason in enumerate(reasons) if reason is not None}
     listed = [f"rank {r} failed at step {step} ({phase}): {reason}"
               for r, reason in list(failures.items())[:MAX_LISTED_FAILURES]]
@@ -724,26 +740,18 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
     head.train()
     batches = None
     try:
-        error = None
-        try:
+        with _agreed(agreement, world, step + 1, "loader"):
             batches = iter(loader)
             if ckpt_path is not None and not hasattr(loader, "load_state_dict"):
                 # A deterministic loader without saved state still resumes exactly, just slowly: replay it.
                 for _ in range(step):
                     next(batches)
-        except Exception as exc:
-            if world == 1:  # alone: the exception propagates as it is
-                raise
-            error = exc
-        if world > 1:
-            _agree(agreement, error, step + 1, "loader")
         t0 = time.perf_counter()
         while step < cfg.steps:
             # Every rank agrees that each one has its batch before any enters the forward (DDP's forward runs
             # collectives), and that each finished its forward before any enters the backward (the gradient
             # all-reduce): a failure on one rank raises RankFailure on all of them instead of a hang.
-            error = None
-            try:
+            with _agreed(agreement, world, step + 1, "batch"):
                 # The loader must not draw from the training RNG streams: torch's DataLoader takes its workers'
                 # base seed from the global generator when its iterator starts, i.e. on the first batch of every
                 # run. A resumed run would draw it after the checkpoint's RNG state is restored, so every random
@@ -761,26 +769,13 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
                 if augment is not None:
                     with torch.no_grad():
                         waves = augment(waves, lengths)
-            except Exception as exc:
-                if world == 1:  # alone: the exception propagates as it is
-                    raise
-                error = exc
-            if world > 1:
-                _agree(agreement, error, step + 1, "batch")
-
-            try:
+            with _agreed(agreement, world, step + 1, "forward"):
                 factor = lr_factor(cfg.schedule, step, cfg.steps)
                 apply_lr(optimizer, factor)
                 if cfg.margin is not None:
                     head.margin = cfg.margin(step)
                 with autocast(cfg.amp, device):
                     loss, accuracy, extras = _split_output(net(waves, lengths, labels))
-            except Exception as exc:
-                if world == 1:  # alone: the exception propagates as it is
-                    raise
-                error = exc
-            if world > 1:
-                _agree(agreement, error, step + 1, "forward")
 
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
