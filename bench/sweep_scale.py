@@ -38,8 +38,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.full_size_rehearsal import (GIB, PRETRAINED, Sampler, native_bf16, prepare_data,  # noqa: E402
-                                       write_pretrained_folder)
+from bench.full_size_rehearsal import (GIB, PRETRAINED, Sampler, _children, _kib_field, native_bf16,  # noqa: E402
+                                       prepare_data, write_pretrained_folder)
 from svlib.files import write_json  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -149,6 +149,33 @@ def plan(card: str) -> dict:
 
 # ------------------------------------------------------------------------------------------ 3. full-size rehearsal
 
+class PeakBreakdown(Sampler):
+    """The rehearsal's memory sampler (this process's RSS + its children's private memory), which also keeps,
+    at the highest sample, each process's share and the trial stage folder written last: where the peak is."""
+
+    def __init__(self, runs: Path | None = None, interval: float = 0.5):
+        super().__init__(interval)
+        self.runs, self.at_peak = runs, {}
+
+    def sample(self) -> None:
+        before = self.peak
+        super().sample()
+        if self.peak > before and self.label == "sweep":
+            processes = {}
+            for pid in _children(os.getpid()):
+                try:
+                    name = " ".join(Path(f"/proc/{pid}/cmdline").read_text().split("\0")[1:4])
+                except OSError:
+                    continue
+                private = _kib_field(f"/proc/{pid}/smaps_rollup", ("Private_Clean:", "Private_Dirty:"))
+                processes[str(pid)] = {"cmd": name, "private_gib": round(private / GIB, 2)}
+            try:
+                stages = sorted(self.runs.glob("*/trial_*/*"), key=lambda p: p.stat().st_mtime) if self.runs else []
+            except OSError:  # a checkpoint folder removed while listed
+                stages = []
+            self.at_peak = {"gib": self.peak / GIB, "processes": processes,
+                            "newest_stage": stages[-1].relative_to(self.runs).as_posix() if stages else None}
+
 def effective_sweep_overrides(amp_off: bool, device: str, dest: Path) -> Path:
     """The committed sweep overrides + the device (and ``train.amp: off`` in every stage when asked)."""
     overrides = yaml.safe_load(SWEEP_OVERRIDES.read_text())
@@ -181,6 +208,7 @@ def rehearsal(scratch: Path, shared: Path, size: str, threads: int, sampler: Sam
             shutil.rmtree(stage_dir)   # gigabytes of checkpoints the sweep does not read
     finally:
         os.chdir(cwd)
+    sampler.runs = scratch / "sweeps" / "runs"
     sampler.relabel("sweep")
     storage = f"sqlite:///{scratch / 'optuna.db'}"
     sweep_overrides = effective_sweep_overrides(amp_off, "cpu", scratch / "overrides_sweep.yaml")
@@ -245,7 +273,7 @@ def main(argv=None) -> dict:
     scratch.mkdir(parents=True, exist_ok=True)
     result: dict = {"machine": {"cpu_count": os.cpu_count(), "native_bf16": native_bf16(), "torch": torch.__version__,
                                 "load_average_start": list(os.getloadavg())}}
-    sampler = Sampler()
+    sampler = PeakBreakdown()
     sampler.start()
     try:
         if not args.skip_smoke:
@@ -273,6 +301,7 @@ def main(argv=None) -> dict:
             result["rehearsal_wall_minutes"] = reh["wall_minutes"]
             result["rehearsal_peak_rss_gib"] = peak
             result["rehearsal_peak_gib_by_phase"] = {k: v / GIB for k, v in sampler.peaks.items()}
+            result["rehearsal_peak_breakdown"] = sampler.at_peak
             result["rehearsal_limits"] = {"minutes": LIMIT_MINUTES, "rss_gib": LIMIT_RSS_GIB}
     finally:
         sampler.stop()

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from .config import flatten
+
+log = logging.getLogger("svlib.tracking")
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 # MLflow 3 opens an experiment without this tag on its GenAI overview; "custom_model_development" makes the
@@ -131,6 +135,62 @@ class Tracker:
     def active_run_id(self) -> str | None:
         run = self._mlflow.active_run()
         return run.info.run_id if run else None
+
+
+class TolerantTracker:
+    """A :class:`Tracker` whose logging never raises: an MLflow error (a tracking server restarting, a full
+    disk) becomes a warning and the work goes on, without that record.
+
+    Under torchrun only rank 0 tracks. An MLflow error raised on rank 0 inside a DDP stage would leave the other
+    ranks in the stage's collectives until the process group's timeout; a multi-day sweep trial must not die of
+    a tracking hiccup, so its stages log through this. Everything else is the wrapped tracker's.
+    """
+
+    def __init__(self, tracker: Tracker) -> None:
+        self._tracker = tracker
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tracker, name)
+
+    def _quietly(self, what: str, call, *args, **kwargs) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - a lost record, never a lost trial
+            first = (str(err).strip().splitlines() or [""])[0]
+            log.warning("MLflow %s failed (%s: %s); going on without it", what, type(err).__name__, first[:300])
+            return None
+
+    def log_params(self, params: Any) -> None:
+        self._quietly("log_params", self._tracker.log_params, params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._quietly("log_metrics", self._tracker.log_metrics, metrics, step=step)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self._quietly("set_tags", self._tracker.set_tags, tags)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self._quietly("log_artifact", self._tracker.log_artifact, path, artifact_path)
+
+    def log_figure(self, figure, name: str) -> None:
+        self._quietly("log_figure", self._tracker.log_figure, figure, name)
+
+    @contextlib.contextmanager
+    def run(self, name: str, **kwargs) -> Iterator[str | None]:
+        """The wrapped tracker's run; when MLflow cannot start it, None (the body runs all the same). An
+        exception of the body ends the run FAILED and goes on up; a failure to end the run is a warning."""
+        context = self._tracker.run(name, **kwargs)
+        run_id = self._quietly(f"start of run {name}", context.__enter__)
+        if run_id is None:
+            yield None
+            return
+        try:
+            yield run_id
+        except BaseException:
+            if not self._quietly(f"end of run {name}", context.__exit__, *sys.exc_info()):
+                raise
+        else:
+            self._quietly(f"end of run {name}", context.__exit__, None, None, None)
 
 
 def results_view_tag(columns: Iterable[str] = RESULT_COLUMNS) -> dict[str, str]:

@@ -25,6 +25,7 @@ worker (torchrun stops the job; the trial's heartbeat stops and another worker r
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -52,8 +53,9 @@ class TrialFailed(RuntimeError):
 class LostRank(BaseException):
     """The process group itself failed (a rank died or its node is gone): not the trial's fault.
 
-    A BaseException, like KeyboardInterrupt, so that Optuna records the running trial FAILED and re-raises it
-    instead of going on to another trial on a broken process group."""
+    A BaseException that Optuna does not catch, so that the worker stops instead of going on to another trial on
+    a broken process group: the trial stays RUNNING, its heartbeat stops with the job, and after the grace
+    period another worker retries it in its folder (from the stages it finished)."""
 
 
 def _is_process_group_error(err: BaseException) -> bool:
@@ -125,3 +127,6 @@ def follow(run_trial: Callable[[dict[str, Any]], Any], on_failure: Callable[[Tri
         except TrialFailed as failed:
             if on_failure is not None:
                 on_failure(failed)
+        # the failed trial's traceback holds its model and optimizer: let them go before the next trial
+        error = None
+        gc.collect()

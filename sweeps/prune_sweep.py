@@ -78,11 +78,13 @@ from experiments import train as train_stage
 from experiments.common import (DataConfig, RankError, Timer, leave_process_group, rank_and_world, rank_zero_result,
                                 read_result, setup_process_group, write_result)
 from svlib.config import ConfigError, check_relative, from_dict, merge_overrides, read_yaml
+from svlib.files import write_json
+from svlib.tracking import TolerantTracker
 from svlib.train.engine import one_line
 from sweeps.distributed import LostRank, Order, TrialFailed, agree_outcome, broadcast_order, follow
 from sweeps.plan import check_budget, format_plan, plan_sweep, scale_budget
-from sweeps.study import (SweepError, close_orphaned_runs, grid_sampler, load_study, open_study, pareto_front,
-                          run_worker, tracked_objective)
+from sweeps.study import (GridExhausted, SweepError, WorkerReport, close_orphaned_runs, grid_sampler, load_study,
+                          open_study, pareto_front, run_worker, tracked_objective, worker_exit)
 
 __all__ = ["FloatRange", "SearchSpace", "SweepConfig", "METRICS", "DIRECTIONS", "EVAL", "study_name", "trial_dir",
            "suggest", "stage_configs", "run_trial", "make_objective", "run_sweep", "log_teacher_run", "sweep_points",
@@ -341,8 +343,11 @@ def _stage(tracker, name: str, kind: str, folder: Path, params, fn, previous_run
     tags = {"stage": name, "kind": kind, "reused": str(reused)}
     with tracker.run(name, nested=True, tags=tags, params=params) as run_id:
         record = fn(tracker)
-        if reused:
-            _log_reused_stage(tracker, run_id, name, record, previous_run)
+        if reused and run_id is not None:
+            try:  # rank 0 alone here while the others go on: a tracking error must not raise
+                _log_reused_stage(tracker, run_id, name, record, previous_run)
+            except Exception as err:  # noqa: BLE001
+                log.warning("could not copy the metrics of the reused stage %s: %s", name, one_line(err))
         return record
 
 
@@ -379,6 +384,9 @@ def run_trial(cfg: SweepConfig, knobs: dict[str, Any], folder: Path, tracker=Non
     trial costs only what its predecessor did not finish; ``previous_run`` (the predecessor's MLflow trial
     run) lends the reused stages its metrics (:func:`_stage`).
     """
+    # rank 0's MLflow calls inside a stage must not raise while the other ranks are in its collectives
+    tracker = TolerantTracker(tracker) if tracker is not None else None
+
     def tracked(name: str, *args):  # every rank runs the stage; its checkpoints go once it is done
         record = _stage(tracker, name, *args, previous_run=previous_run)
         if not cfg.keep_checkpoints and rank_and_world()[0] == 0:
@@ -467,7 +475,8 @@ def _trial_record(cfg: SweepConfig, knobs: dict, folder: Path, structure: dict, 
     return record
 
 
-def make_objective(cfg: SweepConfig, study: str, *, grid: bool = False, tracker=None, budget: float | None = None):
+def make_objective(cfg: SweepConfig, study: str, *, grid: bool = False, tracker=None, budget: float | None = None,
+                   enqueued_only: bool = False):
     """``objective(trial) -> (val_eer_pct, params_encoder)``, run on rank 0; wrap it with :func:`tracked_objective`
     for MLflow (``tracker`` here only nests the stage runs and logs the trial's extra metrics and artifacts).
 
@@ -475,10 +484,15 @@ def make_objective(cfg: SweepConfig, study: str, *, grid: bool = False, tracker=
     same trial, and every trial ends with :func:`sweeps.distributed.agree_outcome`: a failure on any rank fails
     the trial (:class:`TrialFailed`, whose one-line reason ``run_worker`` keeps as ``fail_reason``) on every rank.
     ``objective.in_trial`` says whether the other ranks are inside a trial (so nothing else may be broadcast).
+    ``enqueued_only`` (a promoted study): a trial that is not an enqueued one (two workers raced for the last
+    waiting trial, and Optuna made the loser a fresh one) ends at once as ``GridExhausted``, before any rank
+    trains, and ``run_worker`` does not count it as a failure.
     """
     budget = cfg.budget if budget is None else float(budget)
 
     def objective(trial: optuna.Trial):
+        if enqueued_only and "fixed_params" not in trial.storage.get_trial_system_attrs(trial._trial_id):
+            raise GridExhausted(f"{study}: no enqueued trial left for this worker (another took the last)")
         knobs = suggest(trial, cfg, grid) | {"budget": budget}
         number = _retried_number(trial)
         folder = trial_dir(cfg, study, trial.number if number is None else number)
@@ -662,7 +676,7 @@ def write_report(cfg: SweepConfig, study: optuna.Study, folder: str | os.PathLik
     report = {"study": study.study_name, "teacher": cfg.teacher, "teacher_reference": teacher,
               "objectives": dict(zip(METRICS, DIRECTIONS)), "trials": {k: v for k, v in counts.items() if v},
               "points": points, "pareto_front": pareto_front(study)}
-    (folder / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    write_json(folder / "report.json", report)   # atomic: every worker of the study rewrites it
     if points:
         plot_sweep(points, teacher, folder / "curve.png", title=study.study_name)
     return report
@@ -670,12 +684,10 @@ def write_report(cfg: SweepConfig, study: optuna.Study, folder: str | os.PathLik
 
 # ------------------------------------------------------------------------------------------ sweep
 
-def exit_code(done: dict) -> int:
-    """The worker's exit status from its :class:`sweeps.study.WorkerReport` (as a dict): 0; 1 when it ran
-    trials and every one failed; 3 when it left while other workers' trials were still running."""
-    if done.get("ran", 0) > 0 and done.get("complete", 0) == 0 and done.get("failed", 0) == done["ran"]:
-        return 1
-    return 3 if done.get("unfinished", 0) > 0 else 0
+def exit_code(done: dict) -> tuple[int, str]:
+    """The worker's exit status and its one-line reason from its :class:`sweeps.study.WorkerReport` (as a
+    dict): :func:`sweeps.study.worker_exit`'s (0; 1 every trial it ran failed; 3 it left trials unfinished)."""
+    return worker_exit(WorkerReport(**done))
 
 
 def promote(cfg: SweepConfig, *, budget: float, grid: bool = False, storage: str | None = None,
@@ -741,7 +753,8 @@ def run_sweep(cfg: SweepConfig, *, storage: str | None = None, grid: bool = Fals
                          f"(give at most {len(cfg.grid)}, or leave --n-trials out)")
     rank, _ = setup_process_group(cfg.dist_timeout_minutes)
     if rank != 0:
-        stop = follow(lambda order: run_trial(cfg, order["knobs"], Path(order["folder"])))
+        stop = follow(lambda order: run_trial(cfg, order["knobs"], Path(order["folder"])),
+                      on_failure=lambda failed: log.warning("rank %d: trial failed: %s", rank, failed))
         return {"study": name, "storage": storage, "worker": stop.payload.get("worker", {}), "report": None,
                 "code": int(stop.payload.get("code", 2)), "stopped_because": stop.reason}
     leader = _Leader(cfg, name, budget, grid=grid, storage=storage, worker=worker, tracking_uri=tracking_uri,
@@ -785,7 +798,8 @@ class _Leader:
             from sweeps.study import _make_tracker
             # both fidelities of a study in one MLflow experiment, side by side (the budget column)
             tracker = _make_tracker(study_name(cfg, grid), self.tracking_uri)
-        self.objective = make_objective(cfg, name, grid=grid, tracker=tracker, budget=self.budget)
+        self.objective = make_objective(cfg, name, grid=grid, tracker=tracker, budget=self.budget,
+                                        enqueued_only=promoted)
         objective, on_stale = self.objective, None
         if tracker is not None:
             log_teacher_run(tracker, name, cfg, study)
@@ -807,7 +821,7 @@ class _Leader:
                     log_study_headline(tracker, name, written, study)
         log.info("worker %d: %s", self.worker, done)
         worker = dataclasses.asdict(done)
-        return {"study": name, "storage": self.storage, "worker": worker, "report": written, "code": exit_code(worker)}
+        return {"study": name, "storage": self.storage, "worker": worker, "report": written, "code": exit_code(worker)[0]}
 
 
 def _existing_study(name: str, storage: str | None) -> optuna.Study | None:
@@ -909,10 +923,9 @@ def main(argv=None) -> int:
         print(json.dumps({"study": out["study"], "worker": worker, "trials": report["trials"],
                           "pareto_front": [{"number": p["number"], "params": p["params"], "values": p["values"]}
                                            for p in report["pareto_front"]]}, indent=1, default=float))
-        if out["code"] == 1:
-            print(f"error: every trial of this worker failed; first: {worker.get('first_failure', '')}", file=sys.stderr)
-        elif out["code"] == 3:
-            print(f"error: left unfinished: {worker['stopped_because']}", file=sys.stderr)
+        message = exit_code(worker)[1]
+        if message:
+            print(message, file=sys.stderr)
     return out["code"]
 
 

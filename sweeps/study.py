@@ -61,7 +61,7 @@ from optuna.trial import FrozenTrial, TrialState
 __all__ = [
     "SweepError", "GridExhausted", "WorkerReport", "default_storage", "make_storage", "open_study", "load_study",
     "grid_sampler", "GridSweepSampler", "run_worker", "fail_stale_trials", "close_orphaned_runs", "pareto_front",
-    "tracked_objective", "trial_run_name", "study_parent_run", "main",
+    "tracked_objective", "trial_run_name", "study_parent_run", "worker_exit", "main",
 ]
 
 log = logging.getLogger("sweeps.study")
@@ -510,7 +510,7 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], n_
             fail_stale_trials(study, on_stale)
             counts = _counts(study)
             done, running, waiting = counts[TrialState.COMPLETE], counts[TrialState.RUNNING], counts[TrialState.WAITING]
-            if done >= n_trials:
+            if done >= n_trials and not only_enqueued:  # enqueued-only: what waits runs, whatever else is done
                 report.stopped_because = f"study has {done} complete trials (target {n_trials})"
                 break
             if grid is not None and grid.complete_points(study) >= grid.n_points:
@@ -551,13 +551,33 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], n_
                 report.stopped_because = f"timeout {timeout} s"
                 break
             watch = _StaleWatch(study, interval, on_stale) if interval else contextlib.nullcontext()
-            with watch:
-                study.optimize(recorded, n_trials=1, catch=(*catch, GridExhausted), callbacks=list(callbacks))
+            try:
+                with watch:
+                    study.optimize(recorded, n_trials=1, catch=(*catch, GridExhausted), callbacks=list(callbacks))
+            except KeyboardInterrupt:
+                _requeue_interrupted(study, recorded.trial_id)
+                raise
             if isinstance(recorded.error, GridExhausted):
                 log.info("%s (another worker took the last free point); checking again", recorded.error)
                 continue
             _count_trial(report, study._storage.get_trial(recorded.trial_id), recorded.error)
     return report
+
+
+def _requeue_interrupted(study: optuna.Study, trial_id: int | None) -> None:
+    """A trial stopped by a signal (Ctrl-C, a scheduler's SIGTERM at its time limit, a preemption) is not the
+    trial's fault: Optuna has recorded it FAIL, so queue it again as a heartbeat retry does (same parameters,
+    system attr ``failed_trial``), and the next worker resumes it in its folder from its checkpoints instead
+    of losing the point."""
+    if trial_id is None:
+        return
+    with contextlib.suppress(Exception):  # a storage hiccup must not hide the interrupt
+        trial = study._storage.get_trial(trial_id)
+        if trial.state == TrialState.FAIL:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                _RetryCallback(max_retry=None)(study, trial)
+            log.warning("trial %d was interrupted: queued again with the same parameters", trial.number)
 
 
 def _count_trial(report: WorkerReport, trial: FrozenTrial, error: Exception | None) -> None:
@@ -823,16 +843,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _worker_exit_code(report)
 
 
-def _worker_exit_code(report: WorkerReport) -> int:
-    """1 when every trial the worker ran failed (a broken objective matters most), 3 when it left trials
-    running in other workers (the study is not finished), else 0; the reason goes to stderr in one line."""
+def worker_exit(report: WorkerReport) -> tuple[int, str]:
+    """The worker's exit status and its one-line reason: 1 when every trial it ran failed (a broken objective
+    matters most), 3 when it left trials running in other workers (the study is not finished), else 0."""
     if report.ran and report.failed == report.ran:
-        print(f"error: every trial failed; first: {report.first_failure}", file=sys.stderr)
-        return 1
+        return 1, f"error: every trial failed; first: {report.first_failure}"
     if report.unfinished:
-        print(f"error: {report.stopped_because}", file=sys.stderr)
-        return 3
-    return 0
+        return 3, f"error: {report.stopped_because}"
+    return 0, ""
+
+
+def _worker_exit_code(report: WorkerReport) -> int:
+    code, message = worker_exit(report)
+    if message:
+        print(message, file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -264,21 +264,22 @@ def test_grid_honours_n_trials_and_never_reruns_a_point(fake_trials, capsys):
 
 
 def test_an_interrupted_worker_still_writes_its_report(tmp_path):
-    """SIGTERM in the middle of the second trial: exit 130, the finished trial in report.json and curve.png."""
+    """SIGTERM in the middle of the second trial: exit 130, the finished trial in report.json and curve.png, and
+    the interrupted trial queued again (same point), so the same command finishes the grid with no point lost."""
     import signal
     import subprocess
     import sys
     import time
 
     script = f"""
-import json, sys, time
+import json, os, sys, time
 from pathlib import Path
 sys.path.insert(0, {str(REPO)!r})
 from sweeps import prune_sweep
 calls = []
 def run_trial(cfg, knobs, folder, tracker=None, previous_run=None):
     calls.append(knobs)
-    if len(calls) == 2:
+    if len(calls) == 2 and not os.environ.get("NO_SLEEP"):
         Path("started").touch()
         time.sleep(120)
     t = float(knobs["target_sparsity"])
@@ -305,8 +306,18 @@ sys.exit(prune_sweep.main(["--config", {str(SMOKE_SWEEP)!r}, "--grid", "--no-tra
     assert "report.json and curve.png written" in err
     folder = tmp_path / "sweeps" / "runs" / "smoke-prune-grid"
     report = json.loads((folder / "report.json").read_text())
-    assert report["trials"] == {"COMPLETE": 1, "FAIL": 1} and len(report["points"]) == 1
+    assert report["trials"] == {"COMPLETE": 1, "FAIL": 1, "WAITING": 1} and len(report["points"]) == 1
     assert (folder / "curve.png").stat().st_size > 10_000
+    study = optuna.load_study(study_name="smoke-prune-grid", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    failed = next(t for t in study.get_trials() if t.state == TrialState.FAIL)
+    retry = next(t for t in study.get_trials() if t.state == TrialState.WAITING)
+    assert retry.system_attrs["failed_trial"] == failed.number and retry.params == failed.params
+    again = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                           env={**__import__("os").environ, "NO_SLEEP": "1"})
+    assert again.returncode == 0, again.stderr[-2000:]
+    trials = optuna.load_study(study_name="smoke-prune-grid", storage=f"sqlite:///{tmp_path / 'optuna.db'}").get_trials()
+    complete = sorted(t.params["target_sparsity"] for t in trials if t.state == TrialState.COMPLETE)
+    assert complete == [0.0, 0.3, 0.6]   # every grid point, the interrupted one included, once
 
 
 def test_a_retry_copies_the_metrics_of_the_stages_it_reuses(tmp_path):

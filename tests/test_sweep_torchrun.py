@@ -168,7 +168,7 @@ def test_a_worker_whose_every_trial_fails_exits_non_zero_with_the_first_failure(
                                "--no-tracking"), tmp_path, timeout=120)
     assert out.returncode == 1, out.stderr[-3000:]
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: every trial of this worker failed; first: trial 0:")
+    assert last.startswith("error: every trial failed; first: trial 0: TrialFailed: FileNotFoundError: teacher")
     assert "exp/missing/s2" in last
     states = [t.state for t in optuna.load_study(study_name="smoke-prune", storage=storage).get_trials()]
     assert states == [TrialState.FAIL, TrialState.FAIL]

@@ -95,3 +95,41 @@ def test_a_moved_store_reads_its_artifacts_after_reroot(tmp_path, capsys):
     assert client.get_experiment_by_name("smoke").artifact_location == (new / "artifacts" / "smoke").as_uri()
     assert tracking.main(["reroot", str(tmp_path / "none.db")]) == 2
     assert "no such MLflow database" in capsys.readouterr().err
+
+
+def test_a_tolerant_tracker_turns_mlflow_errors_into_warnings(tmp_path, caplog):
+    """TolerantTracker (a sweep trial's stages log through it): a failing MLflow call is a warning, never an
+    exception; the run body's own exception still goes up and ends the run FAILED."""
+    from contextlib import contextmanager
+
+    from mlflow import MlflowClient
+
+    from svlib.tracking import TolerantTracker
+
+    class Unreachable:
+        tracking_uri = "http://127.0.0.1:9"
+
+        def log_metrics(self, metrics, step=None):
+            raise ConnectionError("tracking server down\nretry later")
+
+        @contextmanager
+        def run(self, name, **kwargs):
+            raise ConnectionError("cannot start run")
+            yield  # pragma: no cover
+
+    down = TolerantTracker(Unreachable())
+    down.log_metrics({"loss": 1.0}, step=3)
+    with down.run("prune1", nested=True) as run_id:
+        ran = True
+    assert ran and run_id is None and down.tracking_uri == "http://127.0.0.1:9"
+    assert "MLflow log_metrics failed (ConnectionError: tracking server down)" in caplog.text
+    assert "start of run prune1 failed" in caplog.text
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    up = TolerantTracker(Tracker("tolerant", tracking_uri=uri))
+    with pytest.raises(ValueError, match="the stage's own"):
+        with up.run("stage") as run_id:
+            up.log_metrics({"loss": 2.0}, step=1)
+            raise ValueError("the stage's own error")
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.metrics["loss"] == 2.0
