@@ -14,9 +14,10 @@
    its own (the teacher ``exp/w2vbert/s2``), then ``torchrun --nproc_per_node 2 -m sweeps.prune_sweep --config
    sweeps/configs/w2vbert.yaml --overrides experiments/configs/rehearsal/sweep.yaml --grid``: 2 trials (the dense
    point and target 0.8), each prune1 -> shrink -> prune2 -> graft -> ps1 -> ps2 -> ps3 -> eval_pruned on both
-   ranks, 2 steps per stage. The process tree's memory (this process's RSS + its children's private memory) is
-   sampled every 0.5 s: ``rehearsal_peak_rss_gib`` (limit 20 GiB), ``rehearsal_wall_minutes`` (limit 30 on a
-   quiet 2-core machine), ``rehearsal_all_ok``.
+   ranks, 2 steps per stage. The work's memory (the private memory of the teacher's pipeline process, then of
+   the sweep's torchrun job: :class:`WorkloadMemory`) is sampled every 0.5 s: ``rehearsal_peak_rss_gib`` (limit
+   20 GiB; ``rehearsal_peak_with_harness_gib`` adds this script's own RSS), ``rehearsal_wall_minutes`` (limit 30
+   on a quiet 2-core machine), ``rehearsal_all_ok``.
 """
 from __future__ import annotations
 
@@ -76,6 +77,11 @@ def run_teacher_stages(config: Path, overrides: Path | None, threads: int, cwd: 
                    stdout=subprocess.DEVNULL)
 
 
+def scrub(text: str, scratch: Path) -> str:
+    """A log tail without this machine's absolute paths (results are committed)."""
+    return text.replace(str(scratch), "<scratch>").replace(str(REPO.parent), "<repo>/..").replace(str(REPO), "<repo>")
+
+
 def study_outcome(storage: str, study: str) -> dict:
     try:
         trials = optuna.load_study(study_name=study, storage=storage).get_trials()
@@ -105,7 +111,8 @@ def smoke(scratch: Path, shared: Path) -> dict:
     run_teacher_stages(SMOKE_PIPELINE, None, threads=2, cwd=scratch)
     out = {}
     for nproc, threads in ((1, 2), (2, 1)):   # both use the 2 cores
-        job = scratch / f"{nproc}rank"
+        # beside the folder the lists were prepared in: their audio paths are relative to it
+        job = scratch.with_name(f"{scratch.name}_{nproc}rank")
         job.mkdir()
         for name in ("exp", "data"):
             (job / name).symlink_to(scratch / name, target_is_directory=True)
@@ -119,8 +126,9 @@ def smoke(scratch: Path, shared: Path) -> dict:
         out[nproc] = {"seconds": seconds, "returncode": proc.returncode, "threads_per_rank": threads,
                       "load_average_start": list(load_start), "load_average_end": list(os.getloadavg()),
                       **study_outcome(storage, "smoke-prune-grid")}
+        out[nproc]["ok"] = proc.returncode == 0 and out[nproc]["states"] == ["COMPLETE", "COMPLETE"]
         if proc.returncode != 0:
-            out[nproc]["stderr_tail"] = proc.stderr[-2000:]
+            out[nproc]["stderr_tail"] = scrub(proc.stderr[-2000:], job)
     return out
 
 
@@ -149,32 +157,45 @@ def plan(card: str) -> dict:
 
 # ------------------------------------------------------------------------------------------ 3. full-size rehearsal
 
-class PeakBreakdown(Sampler):
-    """The rehearsal's memory sampler (this process's RSS + its children's private memory), which also keeps,
-    at the highest sample, each process's share and the trial stage folder written last: where the peak is."""
+class WorkloadMemory(Sampler):
+    """The rehearsal's memory sampler. ``peak`` (the limit's measure) is the private memory of this script's
+    child processes, i.e. of the work itself: the teacher's pipeline process, then the sweep's torchrun job
+    (its agent and ranks); ``peak_with_harness`` adds this script's own RSS (the measuring harness, which
+    imported torch and wrote the 580M folder). At the highest sample it keeps each process's share and the
+    trial stage folder written last: where the peak is."""
 
-    def __init__(self, runs: Path | None = None, interval: float = 0.5):
+    def __init__(self, interval: float = 0.5):
         super().__init__(interval)
-        self.runs, self.at_peak = runs, {}
+        self.runs: Path | None = None
+        self.at_peak: dict = {}
+        self.peak_with_harness = 0
 
     def sample(self) -> None:
-        before = self.peak
-        super().sample()
-        if self.peak > before and self.label == "sweep":
-            processes = {}
-            for pid in _children(os.getpid()):
-                try:
-                    name = " ".join(Path(f"/proc/{pid}/cmdline").read_text().split("\0")[1:4])
-                except OSError:
-                    continue
-                private = _kib_field(f"/proc/{pid}/smaps_rollup", ("Private_Clean:", "Private_Dirty:"))
-                processes[str(pid)] = {"cmd": name, "private_gib": round(private / GIB, 2)}
+        processes = {}
+        for pid in _children(os.getpid()):
             try:
-                stages = sorted(self.runs.glob("*/trial_*/*"), key=lambda p: p.stat().st_mtime) if self.runs else []
-            except OSError:  # a checkpoint folder removed while listed
-                stages = []
-            self.at_peak = {"gib": self.peak / GIB, "processes": processes,
-                            "newest_stage": stages[-1].relative_to(self.runs).as_posix() if stages else None}
+                name = " ".join(Path(f"/proc/{pid}/cmdline").read_text().split("\0")[1:4])
+            except OSError:
+                continue
+            private = _kib_field(f"/proc/{pid}/smaps_rollup", ("Private_Clean:", "Private_Dirty:"))
+            processes[str(pid)] = {"cmd": name, "private_gib": round(private / GIB, 2)}
+        workload = int(sum(p["private_gib"] for p in processes.values()) * GIB)
+        harness = _kib_field(f"/proc/{os.getpid()}/status", ("VmRSS:",))
+        with self._lock:
+            self.peak_with_harness = max(self.peak_with_harness, workload + harness)
+            self.peaks[self.label] = max(self.peaks.get(self.label, 0), workload)
+            self.loads.append(os.getloadavg()[0])
+            if workload <= self.peak:
+                return
+            self.peak = workload
+        try:
+            stages = sorted(self.runs.glob("*/trial_*/*"), key=lambda p: p.stat().st_mtime) if self.runs else []
+        except OSError:  # a checkpoint folder removed while listed
+            stages = []
+        self.at_peak = {"gib": workload / GIB, "harness_rss_gib": harness / GIB, "phase": self.label,
+                        "processes": processes,
+                        "newest_stage": stages[-1].relative_to(self.runs).as_posix() if stages else None}
+
 
 def effective_sweep_overrides(amp_off: bool, device: str, dest: Path) -> Path:
     """The committed sweep overrides + the device (and ``train.amp: off`` in every stage when asked)."""
@@ -220,7 +241,7 @@ def rehearsal(scratch: Path, shared: Path, size: str, threads: int, sampler: Sam
     out["sweep_minutes"] = (time.perf_counter() - t) / 60
     out["sweep_returncode"] = proc.returncode
     if proc.returncode != 0:
-        out["stderr_tail"] = proc.stderr[-3000:]
+        out["stderr_tail"] = scrub(proc.stderr[-3000:], scratch)
     out |= study_outcome(storage, "w2vbert-prune-grid")
     folders = scratch / "sweeps" / "runs" / "w2vbert-prune-grid"
     out["trials"] = {}
@@ -273,14 +294,16 @@ def main(argv=None) -> dict:
     scratch.mkdir(parents=True, exist_ok=True)
     result: dict = {"machine": {"cpu_count": os.cpu_count(), "native_bf16": native_bf16(), "torch": torch.__version__,
                                 "load_average_start": list(os.getloadavg())}}
-    sampler = PeakBreakdown()
+    sampler = WorkloadMemory()
     sampler.start()
     try:
         if not args.skip_smoke:
-            result["smoke"] = smoke(scratch / "smoke", shared)
-            result["sweep_1rank_seconds"] = result["smoke"][1]["seconds"]
-            result["sweep_2rank_seconds"] = result["smoke"][2]["seconds"]
-            result["sweep_2rank_over_1rank"] = result["sweep_2rank_seconds"] / result["sweep_1rank_seconds"]
+            smoke_runs = result["smoke"] = smoke(scratch / "smoke", shared)
+            result["smoke_ok"] = smoke_runs[1]["ok"] and smoke_runs[2]["ok"]
+            if result["smoke_ok"]:   # the times of sweeps that completed their 2 trials, else none
+                result["sweep_1rank_seconds"] = smoke_runs[1]["seconds"]
+                result["sweep_2rank_seconds"] = smoke_runs[2]["seconds"]
+                result["sweep_2rank_over_1rank"] = result["sweep_2rank_seconds"] / result["sweep_1rank_seconds"]
         plans = result["plan"] = plan(args.card)
         result["plan_prune1_steps_8gpu_budget1"] = plans["budget_1"]["prune1_steps"]
         result["plan_prune1_steps_reference"] = REFERENCE_PRUNE1_STEPS
@@ -291,7 +314,7 @@ def main(argv=None) -> dict:
         if not args.skip_rehearsal:
             size = "w2v-bert-2.0" if args.size == "full" else "tiny"
             (scratch / "rehearsal").mkdir(exist_ok=True)
-            sampler.peak = 0
+            sampler.peak = sampler.peak_with_harness = 0
             reh = result["rehearsal"] = rehearsal(scratch / "rehearsal", shared, size, args.threads, sampler)
             peak = sampler.peak / GIB
             checks = result["rehearsal_checks"] = rehearsal_checks(reh, peak)
@@ -300,6 +323,7 @@ def main(argv=None) -> dict:
             result["rehearsal_all_ok"] = all(checks.values())
             result["rehearsal_wall_minutes"] = reh["wall_minutes"]
             result["rehearsal_peak_rss_gib"] = peak
+            result["rehearsal_peak_with_harness_gib"] = sampler.peak_with_harness / GIB
             result["rehearsal_peak_gib_by_phase"] = {k: v / GIB for k, v in sampler.peaks.items()}
             result["rehearsal_peak_breakdown"] = sampler.at_peak
             result["rehearsal_limits"] = {"minutes": LIMIT_MINUTES, "rss_gib": LIMIT_RSS_GIB}
@@ -310,7 +334,7 @@ def main(argv=None) -> dict:
         result["machine"]["load_1min_max"] = float(np.max(sampler.loads)) if sampler.loads else None
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
-    rows = [(k, result.get(k)) for k in ("sweep_1rank_seconds", "sweep_2rank_seconds", "plan_prune1_steps_8gpu_budget1",
+    rows = [(k, result.get(k)) for k in ("smoke_ok", "sweep_1rank_seconds", "sweep_2rank_seconds", "plan_prune1_steps_8gpu_budget1",
                                          "plan_trial_gpu_hours_budget1", "plan_trial_gpu_hours_source",
                                          "rehearsal_all_ok", "rehearsal_wall_minutes", "rehearsal_peak_rss_gib")]
     for key, value in rows:

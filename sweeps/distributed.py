@@ -19,9 +19,13 @@ raised: if any did, every rank raises :class:`TrialFailed` with the first failin
 the trial is FAILED once (rank 0 records it) and every rank goes on to the next order. That needs each rank
 to reach the end of the trial, which holds for the failures that happen on some ranks only: inside a
 training step (``svlib.train.engine.RankFailure``: the step's agreement) and in rank-0-only work
-(``rank_zero_result``: the others raise ``RankError``). A rank that is lost (killed, its node gone) is not the
+(``rank_zero_result``: the others raise ``RankError``); rank 0's MLflow calls inside the stages go through
+``svlib.tracking.TolerantTracker`` and never raise. A rank that is lost (killed, its node gone) is not the
 trial's fault: a collective that fails on the process group itself raises :class:`LostRank`, which ends the
-worker (torchrun stops the job; the trial's heartbeat stops and another worker retries it).
+worker (torchrun stops the job; the trial's heartbeat stops and another worker retries it). Not covered: a
+failure on one rank only inside backward or the optimizer step (e.g. CUDA OOM there, see the engine), or in
+one rank's stage set-up before its training starts: the others wait in the next collective until the process
+group's timeout (``dist_timeout_minutes``), and torchrun then stops the job.
 """
 from __future__ import annotations
 
