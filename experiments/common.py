@@ -148,6 +148,22 @@ def rank_zero_result(work: Callable[[], T]) -> T:
     return share_from_rank_zero(value)
 
 
+def release_memory() -> None:
+    """Collect garbage and hand the freed heap back to the system (glibc's ``malloc_trim``; elsewhere a no-op).
+
+    A long-lived process that runs stage after stage (a sweep's ranks, trial after trial) otherwise keeps the
+    high-water mark of its largest stage as resident memory: glibc keeps freed blocks of its heap for reuse, so
+    the next stage's memory adds to what the last one freed but never returned."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def leave_process_group() -> None:
     """Tear the process group down at the end of a torchrun job (torch warns about a group left open).
 

@@ -29,13 +29,12 @@ group's timeout (``dist_timeout_minutes``), and torchrun then stops the job.
 """
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch.distributed as dist
 
-from experiments.common import RankError, rank_and_world, share_from_rank_zero
+from experiments.common import RankError, rank_and_world, release_memory, share_from_rank_zero
 from svlib.train.engine import RankFailure, one_line
 
 __all__ = ["Order", "TrialFailed", "LostRank", "agree_outcome", "follow", "broadcast_order"]
@@ -133,4 +132,4 @@ def follow(run_trial: Callable[[dict[str, Any]], Any], on_failure: Callable[[Tri
                 on_failure(failed)
         # the failed trial's traceback holds its model and optimizer: let them go before the next trial
         error = None
-        gc.collect()
+        release_memory()

@@ -76,7 +76,7 @@ from experiments import graft as graft_stage
 from experiments import prune as prune_stage
 from experiments import train as train_stage
 from experiments.common import (DataConfig, RankError, Timer, leave_process_group, rank_and_world, rank_zero_result,
-                                read_result, setup_process_group, write_result)
+                                read_result, release_memory, setup_process_group, write_result)
 from svlib.config import ConfigError, check_relative, from_dict, merge_overrides, read_yaml
 from svlib.files import write_json
 from svlib.tracking import TolerantTracker
@@ -392,10 +392,13 @@ def run_trial(cfg: SweepConfig, knobs: dict[str, Any], folder: Path, tracker=Non
         if not cfg.keep_checkpoints and rank_and_world()[0] == 0:
             # the stage ended with rank 0's broadcast record: every rank is past it, none reads ckpt/ again
             shutil.rmtree(folder / name / "ckpt", ignore_errors=True)
+        release_memory()  # the next stage starts from what this one needs, not from its high-water mark
         return record
 
     def on_rank_zero(*args):  # a stage only rank 0 runs; the others wait for (and return) its record
-        return rank_zero_result(lambda: _stage(tracker, *args, previous_run=previous_run))
+        record = rank_zero_result(lambda: _stage(tracker, *args, previous_run=previous_run))
+        release_memory()
+        return record
 
     done = read_result(folder)
     if done is not None and done.get("params") == knobs:

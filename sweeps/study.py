@@ -763,18 +763,38 @@ def _load_objective(spec: str) -> Callable[[optuna.Trial], Any]:
 
 
 def _make_tracker(experiment: str, uri: str | None):
-    from svlib.tracking import Tracker
+    from svlib.tracking import Tracker, default_tracking_uri
 
-    # Workers starting together race to create the experiment, and on a fresh database store to create its
-    # tables (one migration wins, the other fails on a table the winner made); the loser finds both made on a
-    # later try.
-    for attempt in range(5):
+    uri = uri or default_tracking_uri()
+    # Workers starting together race to create the experiment, and on a fresh SQLite store to create its tables
+    # (two migrations at once can leave it half-made): on SQLite they take turns through a lock file beside the
+    # database; a server store's loser finds the experiment made on a later try.
+    with _sqlite_store_lock(uri):
+        for attempt in range(5):
+            try:
+                return Tracker(experiment, tracking_uri=uri)
+            except Exception:  # noqa: BLE001 - MlflowException, SQLAlchemy's and alembic's errors alike
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+
+
+@contextlib.contextmanager
+def _sqlite_store_lock(uri: str):
+    """An exclusive lock (``<database>.lock``) held while a SQLite MLflow store is opened; no-op otherwise."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        yield
+        return
+    import fcntl
+
+    lock = Path(uri[len("sqlite:///"):] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            return Tracker(experiment, tracking_uri=uri)
-        except Exception:  # noqa: BLE001 - MlflowException, SQLAlchemy's and alembic's errors alike
-            if attempt == 4:
-                raise
-            time.sleep(0.5 * (attempt + 1))
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _parse_grid(spec: str) -> tuple[str, list[float]]:
