@@ -354,9 +354,9 @@ def teacher_reference(runs: pd.DataFrame, split: str = "test", run_id: str | Non
 def pruning_points(runs: pd.DataFrame, split: str = "test", teacher: Mapping | None = None) -> pd.DataFrame:
     """One row per evaluated model: ``source`` (dense | pruned | trial), ``run_id``, ``label``,
     ``target_sparsity``, ``achieved_sparsity``, ``params_encoder``, ``eer_pct``, ``mindcf_0.01``,
-    ``mindcf_0.05``, ``val_eer_pct``, ``budget`` (a sweep trial's fidelity, the param ``budget``: the fraction of
-    the reference's epochs it trained; NaN for pipeline runs), ``pareto``, and the speaker-bootstrap intervals ``<metric>_ci_low`` /
-    ``<metric>_ci_high`` (NaN where the run logged none).
+    ``mindcf_0.05``, ``val_eer_pct``, ``budget`` (a sweep trial's fidelity, the param ``budget``: the fraction
+    of the reference's epochs it trained; NaN for pipeline runs), ``pareto``, and the speaker-bootstrap
+    intervals ``<metric>_ci_low`` / ``<metric>_ci_high`` (NaN where the run logged none).
 
     Points are the sweep trial runs and the pipeline stage runs that report ``{split}_eer_pct``; stage runs
     nested in a trial are left out (the trial run carries the numbers). ``achieved_sparsity`` is the
@@ -487,7 +487,8 @@ def plot_pruning_curve(points: pd.DataFrame, teacher: Mapping | None = None, *, 
 
     Dense stages are grey squares, pruning-pipeline models circles, sweep trials triangles (annotated
     with their target sparsity; trials of several budgets, e.g. a study and its promoted re-runs, one colour
-    per budget, each budget's points joined by a thin line: two fidelities side by side); the Pareto front (``pareto_run_ids`` from an Optuna study, else the
+    per budget, each budget's points joined by a thin line: two fidelities side by side); the Pareto front
+    (``pareto_run_ids`` from an Optuna study, else the
     ``pareto`` column) is joined by a line; the teacher is a dashed horizontal line (and a star). Points with
     ``<metric>_ci_low/high`` columns get their 95 % interval as a vertical bar.
     """
@@ -499,6 +500,7 @@ def plot_pruning_curve(points: pd.DataFrame, teacher: Mapping | None = None, *, 
     styles = {"dense": dict(marker="s", color="0.45"), "pruned": dict(marker="o", color="tab:blue"),
               "trial": dict(marker="^", color="tab:orange")}
     series = _point_series(points, styles)
+    colors = {run: style["color"] for _, sel, style, _ in series for run in sel["run_id"]}  # the labels' colours
     for r, metric in enumerate(metrics):
         for c, x in enumerate(("params_encoder", "achieved_sparsity")):
             ax = axes[r, c]
@@ -513,7 +515,6 @@ def plot_pruning_curve(points: pd.DataFrame, teacher: Mapping | None = None, *, 
                 ax.plot(f[x], f[metric], color="tab:red", linewidth=1.3, zorder=3)
                 ax.scatter(f[x], f[metric], s=90, facecolors="none", edgecolors="tab:red", linewidths=1.4,
                            label="Pareto front", zorder=4)
-            colors = {run: style["color"] for _, sel, style, _ in series for run in sel["run_id"]}
             for _, row in points.iterrows() if len(points) else ():
                 if pd.isna(row[x]) or pd.isna(row[metric]):
                     continue

@@ -69,9 +69,9 @@ def agree_outcome(error: BaseException | None) -> None:
     """Collective at the end of a trial: every rank passes the exception its part raised (or None).
 
     Returns when no rank failed; otherwise raises :class:`TrialFailed` on every rank with the lowest failing
-    rank's reason (``rank r: Type: message``) (a ``RankError``, which merely relays rank 0's failure in rank-0-only work, is passed over for
-    the original). A failure of the process group, here or as ``error``, raises
-    :class:`LostRank`.
+    rank's reason (``rank r: Type: message``); a ``RankError``, which merely relays rank 0's failure in
+    rank-0-only work, is passed over for the original. A failure of the process group, here or as ``error``,
+    raises :class:`LostRank`.
     """
     rank, world = rank_and_world()
     if error is not None and _is_process_group_error(error):

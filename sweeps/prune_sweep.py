@@ -24,7 +24,8 @@ the experiments' own stage functions::
 
 A trial of target sparsity 0 skips the pruning: the teacher gets the same short fine-tune and evaluation,
 so the dense end of the curve is measured the same way as the pruned points. A stage section may start from
-a pipeline's stage YAML (``prune1: {from: experiments/configs/prune/prune1.yaml}``, :func:`load_sweep_config`).
+a pipeline's stage YAML (``prune1: {from: ../../experiments/configs/prune/prune1.yaml}``, relative to the sweep
+YAML: :func:`load_sweep_config`).
 
 Search space (``space:`` in the sweep YAML, :class:`SearchSpace`): the target sparsity and, when given a
 range, the distillation L1 and cosine weights, the distilled layer set (named choices) and the learning
@@ -514,11 +515,9 @@ def make_objective(cfg: SweepConfig, study: str, *, grid: bool = False, tracker=
         except Exception as err:  # noqa: BLE001 - every rank learns of it in agree_outcome
             error = err
         try:
-            agree_outcome(error)
-        except TrialFailed:  # run_worker records its one-line reason (user attr fail_reason)
-            objective.in_trial = False
-            raise
-        objective.in_trial = False
+            agree_outcome(error)  # a TrialFailed goes up: run_worker records its one-line reason (fail_reason)
+        finally:
+            objective.in_trial = False  # after LostRank too: run_sweep broadcasts nothing on a broken group
         extras = {k: record[k] for k in ("target_sparsity", "achieved_sparsity", "test_eer_pct", "test_mindcf_0.01",
                                          "test_mindcf_0.05", "val_mindcf_0.01", "dense_params_encoder", "minutes")}
         extras |= {k: v for k, v in record.items() if k.endswith(("_ci_low", "_ci_high"))}
@@ -696,7 +695,8 @@ def exit_code(done: dict) -> tuple[int, str]:
 def promote(cfg: SweepConfig, *, budget: float, grid: bool = False, storage: str | None = None,
             best: int | None = None, trials: list[int] | None = None) -> list[dict[str, Any]]:
     """Enqueue trials of the study at the config's budget into the linked study at ``budget``
-    (:func:`study_name`: ``<name>-b<budget>``), which re-runs them there (:func:`run_sweep` with ``promoted``).
+    (:func:`study_name`: ``<name>-b<budget>``), which re-runs them there (:func:`run_sweep` at ``budget`` finds
+    the study's ``promoted_from`` and runs its enqueued trials only).
 
     ``trials``: these COMPLETE trials; else the ``best`` first of the Pareto front by validation EER. Each is
     enqueued once (``skip_if_exists``) with the user attrs ``promoted_from_study`` / ``promoted_from_trial``;

@@ -551,6 +551,8 @@ def run_worker(study: optuna.Study, objective: Callable[[optuna.Trial], Any], n_
                 report.stopped_because = f"timeout {timeout} s"
                 break
             watch = _StaleWatch(study, interval, on_stale) if interval else contextlib.nullcontext()
+            # this trial's id once the objective starts: an interrupt before that must not re-queue the last one
+            recorded.trial_id = None
             try:
                 with watch:
                     study.optimize(recorded, n_trials=1, catch=(*catch, GridExhausted), callbacks=list(callbacks))
