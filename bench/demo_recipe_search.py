@@ -10,7 +10,13 @@ with the speaker-level bootstrap 95 % interval (``svlib.scoring.bootstrap``), an
 
 * ``val_eer_pct``, ``val_eer_ci``, ``val_mindcf_0.01``: the s3 model the pipeline would evaluate;
 * ``stage_val_eer_pct``: each training stage's best val EER, and ``minutes`` per stage and in total;
-* ``threads`` and the machine's load average before and after.
+* ``threads`` and the machine's load average before and after;
+* ``control``: what the encoder is worth (``--control``, on for every recipe from round 7 on). s2's encoder is
+  removed (``experiments.prune.control_encoder``: every head, FFN unit and conv channel cut), then it goes
+  through the demo pruning's own graft -> ps1 -> ps2 -> ps3 (``experiments/configs/demo_prune``), exactly as a
+  pruned point would; its val EER sits beside the teacher's (s2, the pruning teacher), with the paired
+  speaker-level bootstrap interval of EER(control) - EER(teacher) on the val trials. A recipe whose interval
+  is not above 0 cannot measure pruning: its EER does not need the encoder blocks.
 
 ``--probe NAME LR_FRONTEND LR_BACKEND`` instead runs a 150-step trainability probe (no search run): the 4 x 64
 encoder of the round-2 recipes, batch 32 of 2 s crops from the demo train list, speaker-balanced, no margin
@@ -82,7 +88,60 @@ def search_overrides(recipe: dict, out_dir: str) -> dict:
     return merge_overrides(recipe.get("overrides") or {}, {"out_dir": out_dir, **SEARCH_ONLY})
 
 
-def run_recipe(name: str, recipe: dict, out: Path, threads: int, jobs: int) -> dict:
+DEMO_PRUNE = REPO / "experiments" / "configs" / "demo_prune"
+
+
+def control_pipeline(run_dir: Path) -> Path:
+    """A pipeline YAML (in ``run_dir``) that removes s2's encoder and fine-tunes it as a pruned point."""
+    data = merge_overrides(read_yaml(REPO / PIPELINE)["data"], SEARCH_ONLY["data"])
+    rel = Path(os.path.relpath(DEMO_PRUNE, run_dir)).as_posix()
+    stages = [{"name": "s2", "kind": "use", "path": (run_dir / "s2").relative_to(REPO).as_posix()},
+              {"name": "removed", "kind": "control", "control": "encoder_removed", "init": "s2"},
+              {"name": "graft", "kind": "graft", "init": "removed", "teacher": "s2"}]
+    previous = "graft"
+    for ps in ("ps1", "ps2", "ps3"):
+        stages.append({"name": ps, "kind": "train", "config": f"{rel}/{ps}.yaml", "init": previous})
+        previous = ps
+    config = {"name": "control", "out_dir": (run_dir / "control").relative_to(REPO).as_posix(), "data": data,
+              "stages": stages, "baselines": False}
+    path = run_dir / "control.yaml"
+    write_text_atomic(path, yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def control_check(run_dir: Path, threads: int, env: dict) -> dict:
+    """The encoder-removed control of the recipe's s2, on val beside s2 (module docstring)."""
+    import torch
+
+    from experiments.common import DataConfig
+    from svlib.evaluate import EvalConfig, evaluate
+    from svlib.model.speaker import load_model
+    from svlib.scoring.bootstrap import paired_bootstrap, trial_speakers
+
+    if read_result(run_dir / "control" / "ps3") is None:
+        with open(run_dir / "log.txt", "a", encoding="utf-8") as log:
+            code = subprocess.call([sys.executable, "-m", "experiments.pipeline", "--config",
+                                    str(control_pipeline(run_dir)), "--no-tracking"],
+                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if code != 0:
+            raise RuntimeError(f"control of {run_dir.name}: pipeline exited with {code}; see {run_dir / 'log.txt'}")
+    torch.set_num_threads(threads)
+    data = DataConfig(**read_yaml(REPO / PIPELINE)["data"])
+    val_dir, trials = data.validation()
+    cfg = EvalConfig(progress=False, ci_replicates=1000)
+    teacher = evaluate(load_model(run_dir / "s2" / "model").eval(), val_dir, {"val": trials}, cfg)["val"]
+    control = evaluate(load_model(run_dir / "control" / "ps3" / "model").eval(), val_dir, {"val": trials}, cfg)["val"]
+    speakers = trial_speakers(trials.enroll, trials.test, trials.labels, val_dir.utt2spk)
+    paired = paired_bootstrap(control["scores"], teacher["scores"], trials.labels, speakers, 1000)["eer_pct"]
+    removed = read_result(run_dir / "control" / "removed")
+    return {"teacher_val_eer_pct": teacher["eer_pct"], "teacher_val_eer_ci": teacher["eer_ci_pct"],
+            "control_val_eer_pct": control["eer_pct"], "control_val_eer_ci": control["eer_ci_pct"],
+            "control_minus_teacher_val_ci": paired["ci"], "control_minus_teacher_val": paired["diff"],
+            "control_sparsity": removed["achieved_sparsity"],
+            "encoder_matters": bool(paired["ci"][0] > 0.0)}
+
+
+def run_recipe(name: str, recipe: dict, out: Path, threads: int, jobs: int, control: bool = False) -> dict:
     run_dir = out / name
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = search_overrides(recipe, run_dir.relative_to(REPO).as_posix())
@@ -112,6 +171,8 @@ def run_recipe(name: str, recipe: dict, out: Path, threads: int, jobs: int) -> d
         "minutes_total": sum(r.get("minutes") or 0.0 for r in stages.values()),
         **info,
     }
+    if control:
+        record["control"] = control_check(run_dir, threads, env)
     return record
 
 
@@ -181,6 +242,8 @@ def main(argv=None) -> int:
     parser.add_argument("--probe", nargs=3, metavar=("NAME", "LR_FRONTEND", "LR_BACKEND"),
                         help="run one trainability probe instead (see above)")
     parser.add_argument("--embed-norm", action="store_true", help="probe: BatchNorm on the embedding")
+    parser.add_argument("--control", action="store_true",
+                        help="also run the encoder-removed control of each recipe (module docstring)")
     args = parser.parse_args(argv)
 
     recipes = read_yaml(RECIPES)["recipes"]
@@ -207,13 +270,17 @@ def main(argv=None) -> int:
     lock = threading.Lock()
 
     def one(name: str) -> None:
-        record = run_recipe(name, recipes[name], out, threads, args.jobs)
+        record = run_recipe(name, recipes[name], out, threads, args.jobs, args.control)
         with lock:  # read-modify-write of the file: another job (or a probe) may have added records meanwhile
             latest = read_results()
             latest["recipes"][name] = record
             finish(latest)
+        control = record.get("control")
         print(f"[search] {name}: val EER {record['val_eer_pct']:.2f} % {record['val_eer_ci']}, "
-              f"{record['minutes_total']:.1f} min", flush=True)
+              f"{record['minutes_total']:.1f} min"
+              + (f"; encoder removed: {control['control_val_eer_pct']:.2f} % vs teacher "
+                 f"{control['teacher_val_eer_pct']:.2f} %, paired {control['control_minus_teacher_val_ci']}"
+                 if control else ""), flush=True)
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for future in [pool.submit(one, n) for n in todo]:
@@ -229,7 +296,10 @@ def finish(results: dict) -> None:
              "minutes": "", "threads": ""}] if base else []
     rows += [{"recipe": n, "val_eer_pct": r["val_eer_pct"],
              "val_eer_ci": "[{:.2f}, {:.2f}]".format(*r["val_eer_ci"]) if r.get("val_eer_ci") else "",
-             "val_mindcf_0.01": r["val_mindcf_0.01"], "minutes": r["minutes_total"], "threads": r["threads"]}
+             "val_mindcf_0.01": r["val_mindcf_0.01"], "minutes": r["minutes_total"], "threads": r["threads"],
+             **({"removed_val": r["control"]["control_val_eer_pct"], "teacher_val": r["control"]["teacher_val_eer_pct"],
+                 "removed-teacher": "[{:+.2f}, {:+.2f}]".format(*r["control"]["control_minus_teacher_val_ci"])}
+                if r.get("control") else {})}
             for n, r in results["recipes"].items()]
     if results["recipes"]:
         results["chosen_by_val"] = min(results["recipes"], key=lambda n: results["recipes"][n]["val_eer_pct"])
@@ -237,7 +307,9 @@ def finish(results: dict) -> None:
     # candidates started and stopped before a result (demo_recipes.yaml ``stopped``), with the reason
     results["stopped"] = {n: r.get("why", "") for n, r in (read_yaml(RECIPES).get("stopped") or {}).items()}
     results["table"] = print_table(rows, ["recipe", "val_eer_pct", "val_eer_ci", "val_mindcf_0.01", "minutes",
-                                          "threads"], title="demo recipe search (val trials only)")
+                                          "threads", "teacher_val", "removed_val", "removed-teacher"],
+                                   title="demo recipe search (val trials only; removed = the encoder-removed "
+                                         "control of s2, teacher = s2)")
     write_json(RESULT, results)
 
 

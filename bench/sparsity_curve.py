@@ -23,7 +23,7 @@ same short fine-tune) and writes
 folder still holds its scores (no sweep is run); points without stored scores are listed in ``ci_note``.
 
 It first waits for the demo pipeline (``exp/demo/eval/result.json`` and no ``experiments.pipeline`` process on
-the demo config) and for ``bench/demo_pruning.py`` to finish: one heavy job on the machine at a time. The
+the demo config) and for ``bench/pruning_curve.py`` to finish: one heavy job on the machine at a time. The
 sweep resumes: rerun the same command after an interruption and only the missing points run. MLflow goes to
 its own store (``sqlite:///sweeps/runs/mlflow.db``), not the demo's ``mlruns/``.
 """
@@ -47,7 +47,7 @@ CONFIG = REPO / "sweeps" / "configs" / "demo.yaml"
 RESULT = REPO / "bench" / "results" / "sparsity_curve.json"
 PLOT = REPO / "bench" / "results" / "sparsity_curve.png"
 MLFLOW_URI = "sqlite:///sweeps/runs/mlflow.db"
-BUSY = ("experiments.pipeline --config experiments/configs/demo/pipeline.yaml", "demo_pruning")
+BUSY = ("experiments.pipeline --config experiments/configs/demo/pipeline.yaml", "pruning_curve")
 
 
 def busy() -> list[str]:

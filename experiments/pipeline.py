@@ -42,7 +42,7 @@ from svlib.files import write_json
 from svlib.tracking import Tracker, data_fingerprint, git_commit, headline_metrics
 from svlib.train.engine import ResumeError
 
-STAGE_KINDS = ("train", "merge", "evaluate", "prune", "shrink", "graft", "random_prune", "use")
+STAGE_KINDS = ("train", "merge", "evaluate", "prune", "shrink", "graft", "random_prune", "control", "use")
 # kinds with a stage YAML, and the config class it is validated into
 CONFIG_CLASSES = {"train": train_stage.TrainStageConfig, "prune": prune_stage.DistillStageConfig}
 # kinds every rank runs (DDP training); all other kinds run on rank 0 while the others wait for its record
@@ -53,20 +53,34 @@ ALL_RANK_KINDS = ("train", "prune")
 class StageSpec:
     """One stage. Kinds: ``train`` (s1-s3, ps1-ps3), ``merge``, ``evaluate``, ``prune`` (prune1 with a
     ``prune:`` section in its YAML, prune2 without), ``shrink``, ``graft``, ``random_prune`` (same-size
-    random-structure baseline of ``init``'s structure.json), ``use`` (a finished stage folder from elsewhere,
+    random-structure baseline of ``init``'s structure.json), ``control`` (``init``'s encoder removed or
+    re-initialised, ``experiments.prune.control_encoder``: what the encoder is worth), ``use`` (a finished stage folder from elsewhere,
     e.g. another pipeline's s2, taken as is)."""
 
     name: str
-    kind: Literal["train", "merge", "evaluate", "prune", "shrink", "graft", "random_prune", "use"]
+    kind: Literal["train", "merge", "evaluate", "prune", "shrink", "graft", "random_prune", "control", "use"]
     config: str | None = None   # stage YAML, relative to the pipeline YAML's folder (train and prune stages)
     init: str | None = None     # an earlier stage whose output this one starts from
     # the dense stage a pruned encoder derives from: the distillation teacher (prune; default: init), the
     # back-end and head donor (graft), the encoder cut at random (random_prune)
     teacher: str | None = None
     path: str | None = None     # ``use`` stages: the folder, relative to the repo
-    seed: int = 0               # ``random_prune``: the draw
+    seed: int = 0               # ``random_prune``: the draw; ``control: random_init``: the initialisation
     # ``random_prune``: match the KD structure's totals per unit kind (random widths too) or its widths per layer
     match: Literal["kind", "layer"] = "kind"
+    # ``control`` stages: which control (``experiments.prune.CONTROLS``)
+    control: Literal["encoder_removed", "random_init"] | None = None
+    # ``shrink`` stages: shrink ``init``'s snapshot at this sparsity (prune1's ``prune.snapshots``) instead of
+    # its final state
+    snapshot: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.snapshot is not None and self.kind != "shrink":
+            raise ConfigError(f"stages.{self.name}: 'snapshot' is for 'shrink' stages (which snapshot of prune1 "
+                              "to shrink)")
+        if (self.kind == "control") != (self.control is not None):
+            raise ConfigError(f"stages.{self.name}: 'control' (encoder_removed or random_init) is for, and "
+                              "required by, 'control' stages")
 
 
 @dataclass
@@ -96,7 +110,8 @@ class PipelineConfig:
                     raise ConfigError(f"stages.{spec.name}.{key}: {ref!r} is not an earlier stage")
             if spec.kind in CONFIG_CLASSES and spec.config is None:
                 raise ConfigError(f"stages.{spec.name}: a {spec.kind} stage needs 'config'")
-            if spec.kind in ("merge", "evaluate", "prune", "shrink", "graft", "random_prune") and spec.init is None:
+            if (spec.kind in ("merge", "evaluate", "prune", "shrink", "graft", "random_prune", "control")
+                    and spec.init is None):
                 raise ConfigError(f"stages.{spec.name}: a {spec.kind} stage needs 'init'")
             if spec.kind in ("graft", "random_prune") and spec.teacher is None:
                 raise ConfigError(f"stages.{spec.name}: a {spec.kind} stage needs 'teacher' (the dense stage)")
@@ -220,10 +235,17 @@ def run_stage(spec: StageSpec, stage_cfg, cfg: PipelineConfig, out: Path, tracke
     if spec.kind == "prune":
         return prune_stage.run_distill(stage_cfg, cfg.data, stage_dir, init=init, teacher=teacher, tracker=tracker)
     if spec.kind == "shrink":
+        if spec.snapshot is not None:
+            init = prune_stage.snapshot_dir(init, spec.snapshot)
+            if not init.is_dir():
+                raise FileNotFoundError(f"stage {spec.name}: no snapshot {spec.snapshot} in {init.parent} (is it in "
+                                        f"{spec.init}'s prune.snapshots, and has {spec.init} finished?)")
         return prune_stage.run_shrink(init, stage_dir, check_dir=cfg.data.load_dir("train"), tracker=tracker)
     if spec.kind == "random_prune":
         return prune_stage.run_random_prune(init, teacher, stage_dir, seed=spec.seed, match=spec.match,
                                             tracker=tracker)
+    if spec.kind == "control":
+        return prune_stage.run_control(init, stage_dir, spec.control, seed=spec.seed, tracker=tracker)
     if spec.kind == "graft":
         return graft_stage.run(init, teacher, stage_dir, check_dir=cfg.data.load_dir("train"), tracker=tracker)
     return evaluate_stage.run(init, cfg.data, stage_dir, tracker=tracker, device=cfg.device)

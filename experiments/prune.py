@@ -1,5 +1,5 @@
 """Knowledge-distillation-guided structured pruning of the encoder: the stages prune1, shrink, prune2
-(and random_prune, the same-size baseline without distillation).
+(and random_prune, the same-size baseline without distillation; control, the encoder removed or re-initialised).
 
     python -m experiments.prune distill --config experiments/configs/demo_prune/prune1.yaml --data D.yaml \
         --init exp/demo/s2 --out exp/demo_prune/prune1
@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,13 +47,15 @@ from torch import nn
 
 from experiments.common import (DataConfig, Timer, max_relative_diff, rank_zero_result, read_result,
                                 setup_stage_device, write_result, write_stage_config)
-from svlib.config import ConfigError, load_config
+from experiments.train import HEAD, HeadConfig, build_augmenter, initial_head
+from svlib.config import ConfigError, load_config, save_config
+from svlib.data.augment import AugmentConfig
 from svlib.data.lists import DataDir
 from svlib.data.sampling import SamplingConfig, TrainLoader
 from svlib.features import W2VBertFbank
 from svlib.files import save_tensors_atomic
-from svlib.model.frontend import Frontend, count_parameters, load_encoder, save_encoder
-from svlib.model.speaker import load_model
+from svlib.model.frontend import Frontend, count_parameters, encoder_from_config, load_encoder, save_encoder
+from svlib.model.speaker import SpeakerModel, load_model, save_model
 from svlib.pruning import (Lagrangian, MaskConfig, MaskSet, TargetSchedule, attach_masks, count_params,
                            dense_sizes, distill_loss, layer_sizes, param_groups, prune_model,
                            save_pruned_encoder, shrink_encoder)
@@ -151,10 +155,24 @@ class PruneConfig:
     # met by their fractional mass, while the rounding then removes them all (0.712 achieved at target 0.7).
     constrain: Literal["expected", "deterministic"] = "expected"
     masks: MaskConfig = field(default_factory=MaskConfig)
+    # The curve from one run: the student (weights and gates) is saved each time its expected sparsity first
+    # reaches one of these levels, under snapshots/<level>/ (``save_snapshot``), and each is then shrunk,
+    # distilled, grafted and fine-tuned like a separately trained point. The run's target must be the highest
+    # level: it ramps through all of them. A level the run never reaches is saved from its final state
+    # (``reached: false`` in that snapshot's result.json).
+    snapshots: list[float] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target_sparsity < 1.0:
             raise ConfigError(f"prune.target_sparsity: must be in [0, 1), got {self.target_sparsity}")
+        if self.snapshots is not None:
+            levels = sorted(float(v) for v in self.snapshots)
+            if not levels or levels[0] <= 0.0 or len(set(levels)) != len(levels):
+                raise ConfigError(f"prune.snapshots: expected distinct sparsities in (0, 1), got {self.snapshots}")
+            if abs(levels[-1] - self.target_sparsity) > 1e-9:
+                raise ConfigError(f"prune.snapshots: the highest snapshot ({levels[-1]}) must be the run's "
+                                  f"target_sparsity ({self.target_sparsity}): the target ramps through every level")
+            self.snapshots = levels
         if self.warmup_steps < 0:
             raise ConfigError(f"prune.warmup_steps: must be >= 0, got {self.warmup_steps}")
         if self.lr_lambda > 0:
@@ -163,14 +181,29 @@ class PruneConfig:
             raise ConfigError(f"prune.lambda2_init: must be >= 0, got {self.lambda2_init}")
 
 
+OBJECTIVES = ("distill", "classification")
+
+
 @dataclass
 class DistillStageConfig:
     """prune1 (with ``prune:``) or prune2 (without). ``train.optim.lr_frontend`` is the encoder weights' lr
-    (reference: 2e-4); ``train.optim.lr_backend`` is unused (there is no back-end here)."""
+    (reference: 2e-4).
+
+    ``objective``: what the masked student is trained on. ``distill`` (the reference): the teacher's hidden
+    states (``distill``); no back-end, ``train.optim.lr_backend`` is unused. ``classification`` (prune1 only):
+    task-loss pruning without a teacher, the single-stage "prune while fine-tuning" family (e.g. arXiv
+    2508.16232): the same masks and Lagrangian, but the loss is the AAM-softmax of the stage-2 classifier
+    (``head``, continued from ``init``'s head.safetensors) on the speaker model (``init``'s back-end, trained at
+    ``train.optim.lr_backend``), with ``augment`` as a training stage has it. Its folder then also holds
+    ``model/`` and head.safetensors, the back-end and classifier that graft takes (``teacher: prune1``).
+    """
 
     stage: str = "prune1"
     prune: PruneConfig | None = None
+    objective: Literal["distill", "classification"] = "distill"
     distill: DistillConfig = field(default_factory=DistillConfig)
+    head: HeadConfig | None = None            # classification only
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # classification only (default: none)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     check_seconds: float = 4.0
@@ -180,6 +213,17 @@ class DistillStageConfig:
         if self.train.val_every:
             raise ConfigError(f"{self.stage}: train.val_every must be 0: a pruning stage keeps its last state "
                               "(the constraint is met at the end), there is no model selection")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"{self.stage}: objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "classification":
+            if self.prune is None:
+                raise ConfigError(f"{self.stage}: objective 'classification' prunes (it needs a 'prune:' section); "
+                                  "prune2 distils towards the teacher")
+            if self.head is None:
+                raise ConfigError(f"{self.stage}: objective 'classification' needs 'head:' (scale, margin of the "
+                                  "AAM-softmax, as the training stages have it)")
+        elif self.head is not None or self.augment != AugmentConfig():
+            raise ConfigError(f"{self.stage}: 'head' and 'augment' are for objective 'classification' only")
 
 
 # ------------------------------------------------------------------------------------------ modules
@@ -215,11 +259,43 @@ class DistillPair(nn.Module):
         return self.frontend(feats, mask), teacher, mask
 
 
-class DistillObjective(nn.Module):
-    """The engine's "head": distillation loss [+ Lagrangian on the expected sparsity], extras to log.
+def sparsity_constraint(prune: PruneConfig, mask_set: MaskSet) -> tuple[Lagrangian, TargetSchedule]:
+    """The Lagrangian and target schedule of prune1, whatever its objective."""
+    # the gates as built (before any checkpoint is loaded): the same start in a fresh and a resumed run
+    start = float(mask_set.expected_sparsity().detach()) if prune.warmup_from_initial else 0.0
+    return (Lagrangian(prune.lambda1_init, prune.lambda2_init),
+            TargetSchedule(prune.target_sparsity, prune.warmup_steps, start=min(start, prune.target_sparsity),
+                           shape=prune.warmup_shape))
 
-    The target-sparsity step counter is a buffer advanced by training forwards only: it is saved in the
-    engine's checkpoints (exact resume) and evaluation cannot move it.
+
+def sparsity_penalty(objective: nn.Module, mask_set: MaskSet) -> tuple[torch.Tensor, dict]:
+    """``objective``'s Lagrangian term at its step (advanced by training forwards only) and the extras to log.
+
+    ``objective`` holds ``lagrangian``, ``schedule``, ``constrain`` and the ``step`` buffer (in its state dict,
+    so the engine's checkpoints resume the target exactly; evaluation cannot move it). Nothing here reads a
+    device value back to the host: the target and both parameter counts are computed on the device
+    (``MaskSet.param_counts``)."""
+    target = objective.schedule(objective.step)
+    if objective.training:
+        objective.step += 1
+    expected_params, deterministic_params = mask_set.param_counts()
+    params = expected_params
+    if objective.constrain == "deterministic":  # straight-through: the rounded count, the expected gradient
+        params = expected_params + (deterministic_params - expected_params.detach())
+    sparsity = 1.0 - params / mask_set.dense_params
+    extras = {"expected_sparsity": 1.0 - expected_params.detach() / mask_set.dense_params,
+              "deterministic_sparsity": 1.0 - deterministic_params / mask_set.dense_params,
+              "target_sparsity": target, "expected_params": expected_params.detach(),
+              "lambda1": objective.lagrangian.lambda1.detach().clone(),
+              "lambda2": objective.lagrangian.lambda2.detach().clone()}
+    return objective.lagrangian(sparsity, target), extras
+
+
+class DistillObjective(nn.Module):
+    """The engine's "head": distillation loss [+ Lagrangian on the sparsity], extras to log.
+
+    Nothing in ``forward`` reads a device value back to the host (no ``float()``/``int()``/``.item()``): the
+    extras are 0-d device tensors that the engine sums on the device and reads once per log window.
     """
 
     def __init__(self, cfg: DistillConfig, num_states: int, prune: PruneConfig | None = None,
@@ -236,18 +312,11 @@ class DistillObjective(nn.Module):
         self.lagrangian = self.schedule = None
         self.constrain = prune.constrain if prune is not None else None
         if prune is not None:
-            self.lagrangian = Lagrangian(prune.lambda1_init, prune.lambda2_init)
-            # the gates as built (before any checkpoint is loaded): the same start in a fresh and a resumed run
-            start = float(mask_set.expected_sparsity().detach()) if prune.warmup_from_initial else 0.0
-            self.schedule = TargetSchedule(prune.target_sparsity, prune.warmup_steps,
-                                           start=min(start, prune.target_sparsity), shape=prune.warmup_shape)
+            self.lagrangian, self.schedule = sparsity_constraint(prune, mask_set)
         self._masks = (mask_set,)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     def forward(self, outputs, labels):
-        """Nothing here reads a device value back to the host (no ``float()``/``int()``/``.item()``): the
-        extras are 0-d device tensors that the engine sums on the device and reads once per log window, and
-        the target and both parameter counts are computed on the device (``MaskSet.param_counts``)."""
         student, teacher, mask = outputs
         loss, parts = distill_loss(student, teacher, self.layers, mask, self.cfg.l1_weight * self.scale,
                                    self.cfg.cos_weight * self.scale, self.cfg.cos_type)
@@ -255,21 +324,115 @@ class DistillObjective(nn.Module):
                   "distill_loss": loss.detach()}
         mask_set = self._masks[0]
         if mask_set is not None:
-            target = self.schedule(self.step)
-            if self.training:
-                self.step += 1
-            expected_params, deterministic_params = mask_set.param_counts()
-            params = expected_params
-            if self.constrain == "deterministic":  # straight-through: the rounded count, the expected gradient
-                params = expected_params + (deterministic_params - expected_params.detach())
-            sparsity = 1.0 - params / mask_set.dense_params
-            loss = loss + self.lagrangian(sparsity, target).to(loss.dtype)
-            extras |= {"expected_sparsity": 1.0 - expected_params.detach() / mask_set.dense_params,
-                       "deterministic_sparsity": 1.0 - deterministic_params / mask_set.dense_params,
-                       "target_sparsity": target, "expected_params": expected_params.detach(),
-                       "lambda1": self.lagrangian.lambda1.detach().clone(),
-                       "lambda2": self.lagrangian.lambda2.detach().clone()}
+            penalty, constraint = sparsity_penalty(self, mask_set)
+            loss = loss + penalty.to(loss.dtype)
+            extras |= constraint
         return loss, loss.new_zeros(()), extras
+
+
+class MaskedSpeakerModel(nn.Module):
+    """waves + lengths -> embeddings of a speaker model whose encoder carries ``mask_set`` (classification).
+
+    The masks are a submodule, so the log-alphas are trained, saved and restored with the model."""
+
+    def __init__(self, speaker: SpeakerModel, mask_set: MaskSet):
+        super().__init__()
+        self.speaker = speaker
+        self.masks = mask_set
+
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.speaker(waves, lengths)
+
+
+class ClassifyObjective(nn.Module):
+    """The engine's "head" for ``objective: classification``: AAM-softmax + the Lagrangian on the sparsity.
+
+    The engine sets ``margin`` (a margin schedule) on it as on a plain AAM head."""
+
+    def __init__(self, aam: nn.Module, prune: PruneConfig, mask_set: MaskSet):
+        super().__init__()
+        self.aam = aam
+        self.constrain = prune.constrain
+        self.lagrangian, self.schedule = sparsity_constraint(prune, mask_set)
+        self._masks = (mask_set,)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    @property
+    def margin(self) -> float:
+        return self.aam.margin
+
+    @margin.setter
+    def margin(self, value: float) -> None:
+        self.aam.margin = value
+
+    def forward(self, embeddings, labels):
+        loss, accuracy = self.aam(embeddings, labels)[:2]
+        penalty, extras = sparsity_penalty(self, self._masks[0])
+        return loss + penalty.to(loss.dtype), accuracy, extras | {"aam_loss": loss.detach()}
+
+
+# ------------------------------------------------------------------------------------------ snapshots
+
+SNAPSHOTS = "snapshots"
+
+
+def snapshot_dir(stage_dir: str | Path, level: float) -> Path:
+    """Where prune1 saves its snapshot at ``level`` (a folder shaped like a finished prune1 stage)."""
+    return Path(stage_dir) / SNAPSHOTS / f"{float(level):.3f}"
+
+
+def save_snapshot(stage_dir: Path, level: float, cfg: DistillStageConfig, student: Frontend, mask_set: MaskSet,
+                  step: int, reached: bool) -> dict:
+    """The student's weights and gates now, as a finished prune1 stage folder (config.yaml, encoder/, gates,
+    structure.json, result.json), written to a temporary folder and renamed into place: a folder that exists
+    is complete. Rank 0 only."""
+    final = snapshot_dir(stage_dir, level)
+    tmp = final.with_name(final.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_config(cfg, tmp / "config.yaml")
+    save_tensors_atomic({k: v.detach().cpu().contiguous() for k, v in mask_set.state_dict().items()}, tmp / GATES)
+    save_stage_encoder(student.encoder, tmp / ENCODER)  # dense, with the masks' weights as they are at ``step``
+    structure = write_structure(tmp, mask_set.sizes(), student.config, f"{cfg.stage} snapshot {level:.3f}")
+    record = {"stage": cfg.stage, "snapshot": level, "step": step, "reached": reached,
+              "target_sparsity": level, "expected_sparsity": float(mask_set.expected_sparsity().detach()),
+              **_size_metrics(structure), "sizes": structure["layers"]}
+    write_result(tmp, record)
+    os.replace(tmp, final)
+    return record
+
+
+class SnapshotWriter:
+    """The engine's ``after_step`` for ``prune.snapshots``: saves each level the first time the expected
+    sparsity reaches it. Levels already on disk are skipped, so a resumed run rewrites only what it had not
+    saved before its checkpoint (and, replaying the same steps, at the same steps)."""
+
+    def __init__(self, stage_dir: Path, cfg: DistillStageConfig, student: Frontend, mask_set: MaskSet, rank: int):
+        self.stage_dir, self.cfg, self.student, self.mask_set, self.rank = stage_dir, cfg, student, mask_set, rank
+        self.pending = [v for v in cfg.prune.snapshots if not snapshot_dir(stage_dir, v).is_dir()]
+
+    def __call__(self, step: int) -> None:
+        if not self.pending:
+            return
+        expected = float(self.mask_set.expected_sparsity().detach())  # the same on every rank (DDP-synced gates)
+        while self.pending and expected >= self.pending[0]:
+            level = self.pending.pop(0)
+            if self.rank == 0:
+                save_snapshot(self.stage_dir, level, self.cfg, self.student, self.mask_set, step, reached=True)
+
+    def finish(self, step: int) -> None:
+        """Rank 0, after training: levels never reached are saved from the final state (``reached: false``)."""
+        for level in self.pending:
+            save_snapshot(self.stage_dir, level, self.cfg, self.student, self.mask_set, step, reached=False)
+        self.pending = []
+
+
+def snapshot_records(stage_dir: Path) -> list[dict]:
+    """The result.json of every snapshot saved under ``stage_dir``, by level."""
+    root = Path(stage_dir) / SNAPSHOTS
+    found = [read_result(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.endswith(".partial")] \
+        if root.is_dir() else []
+    return [r for r in found if r is not None]
 
 
 # ------------------------------------------------------------------------------------------ structure
@@ -331,7 +494,8 @@ def run_distill(cfg: DistillStageConfig, data: DataConfig, out_dir: str | Path, 
     """prune1 (``cfg.prune`` set: masks + Lagrangian) or prune2 (plain distillation of ``init``'s encoder).
 
     ``init``: the stage whose encoder is the student's start (s2 for prune1, shrink for prune2);
-    ``teacher``: the dense stage whose model's encoder is the teacher (default: ``init``).
+    ``teacher``: the dense stage whose model's encoder is the teacher (default: ``init``); with
+    ``objective: classification`` it gives the back-end, the classifier and the features instead.
     """
     out_dir, init = Path(out_dir), Path(init)
     teacher = Path(teacher) if teacher is not None else init
@@ -344,25 +508,38 @@ def run_distill(cfg: DistillStageConfig, data: DataConfig, out_dir: str | Path, 
     write_stage_config(out_dir, cfg, tracker)
 
     teacher_model = load_model(teacher / "model")
-    teacher_frontend = teacher_model.frontend.to(device)
+    teacher_frontend = teacher_model.frontend
     student = load_stage_encoder(init).to(device)
     if student.hidden_size != teacher_frontend.hidden_size or student.num_states != teacher_frontend.num_states:
         raise ValueError(f"{init} encoder ({student.num_states} states x {student.hidden_size}) does not match the "
                          f"teacher {teacher} ({teacher_frontend.num_states} x {teacher_frontend.hidden_size})")
+    dense_params = count_parameters(teacher_frontend)
     torch.manual_seed(cfg.train.seed)  # the gates' initial log-alphas: a function of the config, not of history
     mask_set = attach_masks(student.encoder, cfg.prune.masks) if cfg.prune is not None else None
-    model = DistillPair(student, teacher_frontend, mask_set, features=teacher_model.features).to(device)
-    objective = DistillObjective(cfg.distill, student.num_states, cfg.prune, mask_set)
+    loader = TrainLoader(data.load_dir("train"), cfg.sampling, seed=cfg.train.seed, rank=rank, world_size=world,
+                         pin_memory=device.type == "cuda")
     weights = [p for p in student.parameters() if p.requires_grad]
+    augment = speaker = None
+    if cfg.objective == "classification":
+        # the teacher's encoder is not used: only its back-end, classifier and features
+        speaker = SpeakerModel(student, teacher_model.backend, teacher_model.features).to(device)
+        model = MaskedSpeakerModel(speaker, mask_set).to(device)
+        objective = ClassifyObjective(initial_head(cfg, speaker, loader, teacher), cfg.prune, mask_set)
+        augment = build_augmenter(cfg.augment, data)
+    else:
+        model = DistillPair(student, teacher_frontend.to(device), mask_set, features=teacher_model.features).to(device)
+        objective = DistillObjective(cfg.distill, student.num_states, cfg.prune, mask_set)
     if mask_set is not None:
         groups = param_groups(weights, mask_set.log_alphas(), objective.lagrangian, cfg.train.optim.lr_frontend,
                               cfg.prune.lr_log_alpha, cfg.prune.lr_lambda)
     else:
         groups = [{"name": "weights", "params": weights, "lr": cfg.train.optim.lr_frontend, "weight_decay": 0.0}]
+    if speaker is not None:
+        groups.append({"name": "backend", "params": list(speaker.backend.parameters()) + list(objective.aam.parameters()),
+                       "lr": cfg.train.optim.lr_backend, "weight_decay": cfg.train.optim.weight_decay})
+    snapshots = (SnapshotWriter(out_dir, cfg, student, mask_set, rank)
+                 if cfg.prune is not None and cfg.prune.snapshots else None)
 
-    loader = TrainLoader(data.load_dir("train"), cfg.sampling, seed=cfg.train.seed, rank=rank, world_size=world,
-                         pin_memory=device.type == "cuda")
-    dense_params = count_parameters(teacher_frontend)
     if tracker is not None and rank == 0:
         tracker.log_metrics({"params_encoder_start": float(count_parameters(student)),
                              "params_encoder_teacher": float(dense_params)})
@@ -370,15 +547,16 @@ def run_distill(cfg: DistillStageConfig, data: DataConfig, out_dir: str | Path, 
     def log(record: dict, step: int) -> None:
         if tracker is not None:
             record = {("train_loss" if k == "loss" else k): v for k, v in record.items()
-                      if k not in ("accuracy", "margin")}  # no classifier here
+                      if speaker is not None or k not in ("accuracy", "margin")}  # no classifier in distillation
             tracker.log_metrics(record, step=step)
 
     result = train(model, objective, loader, cfg.train, out_dir / "ckpt", resume=resume, log=log,
-                   param_groups=groups)
+                   param_groups=groups, augment=augment, after_step=snapshots)
 
     def finish() -> dict:  # rank 0 only: the other ranks wait for its record (the stage's barrier)
         model.eval()
-        record = {"stage": cfg.stage, "init": str(init), "teacher": str(teacher), "final_step": result.final_step,
+        record = {"stage": cfg.stage, "objective": cfg.objective, "init": str(init), "teacher": str(teacher),
+                  "final_step": result.final_step,
                   # the run's length after the epoch conversion at this stage's world size
                   "steps": result.steps, "steps_per_epoch": result.steps_per_epoch, "epochs": result.epochs,
                   "world_size": world}
@@ -386,6 +564,10 @@ def run_distill(cfg: DistillStageConfig, data: DataConfig, out_dir: str | Path, 
             tracker.log_metrics({k: float(record[k]) for k in ("steps", "steps_per_epoch", "epochs", "world_size")
                                  if record[k] is not None})
         if mask_set is not None:
+            if snapshots is not None:
+                snapshots.finish(result.final_step)
+                record["snapshots"] = [{k: r[k] for k in ("snapshot", "step", "reached", "expected_sparsity",
+                                                           "achieved_sparsity")} for r in snapshot_records(out_dir)]
             save_tensors_atomic({k: v.detach().cpu().contiguous() for k, v in mask_set.state_dict().items()},
                                 out_dir / GATES)
             structure = write_structure(out_dir, mask_set.sizes(), student.config, cfg.stage, tracker)
@@ -400,6 +582,10 @@ def run_distill(cfg: DistillStageConfig, data: DataConfig, out_dir: str | Path, 
         else:
             record |= _size_metrics(structure_record(layer_sizes(student.encoder), student.config))
         save_stage_encoder(student.encoder, out_dir / ENCODER)
+        if speaker is not None:  # the trained back-end and classifier, for graft (teacher: this stage)
+            save_model(speaker, out_dir / "model", meta={"stage": cfg.stage, "objective": cfg.objective,
+                                                        "encoder": "dense, unmasked: shrink reads encoder/ + gates"})
+            save_tensors_atomic({"weight": objective.aam.weight.detach().cpu().contiguous()}, out_dir / HEAD)
         record["minutes"] = timer.minutes
         if tracker is not None:
             tracker.log_metrics({k: float(record[k]) for k in ("achieved_sparsity", "params_encoder")}
@@ -507,6 +693,48 @@ def run_random_prune(structure_of: str | Path, teacher: str | Path, out_dir: str
               "minutes": timer.minutes}
     if tracker is not None:
         tracker.log_metrics(_size_metrics(structure) | {"params_diff_from_kd": float(params_diff)})
+    write_result(out_dir, record)
+    return record
+
+
+CONTROLS = ("encoder_removed", "random_init")
+
+
+def control_encoder(teacher_encoder, control: Literal["encoder_removed", "random_init"], seed: int = 0):
+    """The encoder of a control that says what the teacher's encoder is worth (in place for ``encoder_removed``).
+
+    ``encoder_removed``: every head, FFN unit and conv channel cut, so each layer is its residual path (the
+    feature projection, the LayerNorms and the blocks' output biases stay: no mask removes them, and this is
+    the highest sparsity any pruning can reach). ``random_init``: the same architecture with fresh weights
+    (the library's initialisation, seeded), feature projection included.
+    """
+    if control == "encoder_removed":
+        empty = [{kind: torch.zeros(width) for kind, width in layer.items() if width > 0}
+                 for layer in layer_sizes(teacher_encoder)]
+        return shrink_encoder(teacher_encoder, empty)
+    if control == "random_init":
+        torch.manual_seed(seed)
+        return encoder_from_config(teacher_encoder.config)
+    raise ValueError(f"control must be one of {CONTROLS}, got {control!r}")
+
+
+def run_control(teacher: str | Path, out_dir: str | Path, control: Literal["encoder_removed", "random_init"], *,
+                seed: int = 0, tracker=None) -> dict:
+    """A control stage: ``control_encoder`` of ``teacher``'s encoder, saved like a pruning stage (``encoder/``,
+    structure.json) so that graft -> ps1 -> ps2 -> ps3 -> evaluate treat it exactly as a pruned point."""
+    out_dir, teacher = Path(out_dir), Path(teacher)
+    done = read_result(out_dir)
+    if done is not None:
+        return done
+    timer = Timer()
+    encoder = control_encoder(load_model(teacher / "model").frontend.encoder, control, seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_stage_encoder(encoder, out_dir / ENCODER)
+    structure = write_structure(out_dir, layer_sizes(encoder), encoder.config, control, tracker)
+    record = {"stage": "control", "control": control, "teacher": str(teacher), "seed": seed,
+              **_size_metrics(structure), "minutes": timer.minutes}
+    if tracker is not None:
+        tracker.log_metrics(_size_metrics(structure))
     write_result(out_dir, record)
     return record
 

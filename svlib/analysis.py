@@ -35,6 +35,7 @@ __all__ = [
     "metric_histories", "pruning_points", "teacher_reference", "pareto_mask", "study_pareto",
     "plot_pruning_curve", "parse_structure", "load_structures", "plot_structure_heatmap", "plot_structure_bars",
     "plot_training_curves", "score_files", "read_scores", "plot_det_curves", "missing_note",
+    "CURVE_SUMMARY_KIND", "load_curve_summary", "plot_method_curve",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
@@ -545,6 +546,86 @@ def plot_pruning_curve(points: pd.DataFrame, teacher: Mapping | None = None, *, 
                 ax.text(0.5, 0.5, "no evaluated runs", transform=ax.transAxes, ha="center", color="0.5")
     fig.suptitle(f"{split} EER / minDCF vs size")
     fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ methods
+
+# the run bench/pruning_curve.py logs its result (pruning_curve.json) and plot under
+CURVE_SUMMARY_KIND = "curve_summary"
+METHOD_STYLES = {"kd": ("KD (reference)", "C0", "-", "o"), "random": ("random structure", "C1", "-", "s"),
+                 "task": ("task loss, no teacher", "C2", "-", "^"), "snapshot": ("KD, one-run snapshots", "C0", "--", "x")}
+CONTROL_COLOURS = {"encoder_removed": "C3", "random_init": "C4"}
+
+
+def load_curve_summary(tracking_uri: str, experiment: str = "pruning_curve") -> dict | None:
+    """The latest method comparison bench/pruning_curve.py logged to ``experiment`` (its pruning_curve.json
+    artifact), or None where there is none."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], f"tags.kind = '{CURVE_SUMMARY_KIND}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _download(tracking_uri, runs[0].info.run_id, "pruning_curve.json", tmp)
+        return None if path is None else json.loads(Path(path).read_text())
+
+
+def plot_method_curve(result: Mapping):
+    """Test EER (95 % intervals) against encoder parameters, encoder sparsity on the top axis: one line per
+    pruning method, the one-run snapshot curve dashed, the teacher and the controls as horizontal bands (their
+    intervals). ``result``: bench/pruning_curve.py's JSON."""
+    import matplotlib.pyplot as plt
+
+    dense = result["teacher"]["params_encoder"]
+    fig, ax = plt.subplots(figsize=(9.0, 4.6), layout="constrained")
+    teacher = result["teacher"]
+    ax.axhspan(*teacher["eer_ci"], color="0.85", zorder=0, lw=0)
+    ax.axhline(teacher["eer_pct"], color="0.3", lw=1.0, label=f"teacher (s2) {teacher['eer_pct']:.2f} %")
+    for name, control in result.get("controls", {}).items():
+        colour = CONTROL_COLOURS.get(name, "0.5")
+        ax.axhspan(*control["eer_ci"], color=colour, alpha=0.12, zorder=0, lw=0)
+        ax.axhline(control["eer_pct"], color=colour, lw=1.0, ls=":",
+                   label=f"control: {name.replace('_', ' ')} {control['eer_pct']:.2f} %")
+    series = [(m, [p for p in result.get("points", []) if p["method"] == m]) for m in ("kd", "random", "task")]
+    series.append(("snapshot", result.get("snapshot_vs_grid", {}).get("points", [])))
+    for shift, (method, points) in enumerate(series):
+        if not points:
+            continue
+        label, colour, style, marker = METHOD_STYLES[method]
+        points = sorted(points, key=lambda p: p["achieved_sparsity"])
+        # methods side by side at the same target (2.5 % apart on the log axis), so no interval hides another
+        x = [dense * (1 - p["achieved_sparsity"]) / 1e3 * 1.025 ** (shift - 1.5) for p in points]
+        y = [p["eer_pct"] for p in points]
+        err = [[p["eer_pct"] - p["eer_ci"][0] for p in points], [p["eer_ci"][1] - p["eer_pct"] for p in points]]
+        ax.errorbar(x, y, yerr=err, color=colour, ls=style, marker=marker, ms=5, capsize=3, lw=1.4, label=label)
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ax.set_xscale("log")
+    ax.invert_xaxis()  # pruning goes to the right
+    ax.set_xlabel("encoder parameters (thousands, log scale)")
+    ax.set_ylabel("test EER (%), 95 % interval")
+    kept = [dense * f / 1e3 for f in (1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.03)]
+    ax.xaxis.set_major_locator(FixedLocator(kept))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{k:.0f}" for k in kept])
+    # the same axis read as sparsity: a twin with the same (log, inverted) limits, ticks at round sparsities
+    top = ax.twiny()
+    top.set_xscale("log")
+    top.set_xlim(ax.get_xlim())
+    top.xaxis.set_major_locator(FixedLocator(kept))
+    top.xaxis.set_minor_locator(NullLocator())
+    top.set_xticklabels([f"{1 - k * 1e3 / dense:.2f}" for k in kept])
+    top.set_xlabel("encoder sparsity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(f"Pruning the demo encoder ({dense / 1e3:.0f}k parameters), {result.get('test_list', 'test')} list",
+                 fontsize=10, pad=28)
+    fig.legend(loc="outside right center", fontsize=8, frameon=False)
     return fig
 
 

@@ -150,7 +150,7 @@ class _Embedder(nn.Module):
         backend = self.backend
         mask = attention_mask.bool()
         if hasattr(backend, "adapter_layers"):  # AdapterMFA
-            x = torch.cat([adapter(h) for adapter, h in zip(backend.adapter_layers, states)], dim=-1)
+            x = torch.cat([adapter(states[i]) for adapter, i in zip(backend.adapter_layers, backend.states)], dim=-1)
             return backend.embed_norm(backend.bottleneck(_pool_eval(backend.pooling, x, mask)))
         return backend(states, attention_mask)  # MHFA: masked_fill/softmax only, already static
 

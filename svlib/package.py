@@ -146,14 +146,14 @@ def backend_macs(backend: nn.Module, seconds: float) -> int:
     """Back-end multiply-accumulates for one utterance of ``seconds`` (matmuls, 1x1 convs, pooling sums)."""
     t = max(1, int(round(seconds * FRAMES_PER_SECOND)))
     if hasattr(backend, "adapter_layers"):  # AdapterMFA
-        s, d, a, e = backend.num_states, backend.hidden_size, backend.adapter_dim, backend.embed_dim
+        s, d, a, e = len(backend.states), backend.hidden_size, backend.adapter_dim, backend.embed_dim
         c = s * a
         adapters = t * s * (d * a + a * a)
         attention = t * (c * a + a * c)          # two 1x1 convolutions of the attentive pooling
         stats = t * 3 * c                        # x*w, x*x*w (x*x reused), summed over time
         return adapters + attention + stats + 2 * c * e
     if hasattr(backend, "cmp_linear_k"):  # MHFA
-        s, d = backend.num_states, backend.hidden_size
+        s, d = len(backend.states), backend.hidden_size
         c, h, e = backend.compression_dim, backend.heads, backend.embed_dim
         return t * (2 * s * d + 2 * d * c + c * h + h * c) + h * c * e
     raise PackageError(f"backend_macs: unknown back-end {type(backend).__name__}")

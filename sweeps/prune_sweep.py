@@ -79,6 +79,7 @@ from experiments import train as train_stage
 from experiments.common import (DataConfig, RankError, Timer, leave_process_group, rank_and_world, rank_zero_result,
                                 read_result, release_memory, setup_process_group, write_result)
 from svlib.config import ConfigError, check_relative, from_dict, merge_overrides, read_yaml
+from svlib.data.augment import AugmentConfig
 from svlib.files import write_json
 from svlib.tracking import TolerantTracker
 from svlib.train.engine import one_line
@@ -130,8 +131,14 @@ class SearchSpace:
     layers: dict[str, list[int] | None] | None = None
     lr_log_alpha: FloatRange | None = None
     lr_lambda: FloatRange | None = None    # the multipliers' learning-rate MAGNITUDE (used negated: ascent)
+    # prune1's objective (``experiments.prune.OBJECTIVES``): ``distill`` (the reference, KD) and/or
+    # ``classification`` (task-loss pruning without a teacher: no prune2, graft takes prune1's back-end and head;
+    # its head and augmentation are the first fine-tuning stage's). null: prune1's YAML decides.
+    objective: list[str] | None = None
 
     def __post_init__(self) -> None:
+        if self.objective is not None and (not self.objective or set(self.objective) - set(prune_stage.OBJECTIVES)):
+            raise ConfigError(f"space.objective: choose among {list(prune_stage.OBJECTIVES)}, got {self.objective}")
         t = self.target_sparsity
         if not (0.0 <= t.low and t.high < 1.0):
             raise ConfigError(f"space.target_sparsity: must lie in [0, 1), got [{t.low}, {t.high}]")
@@ -210,10 +217,11 @@ class SweepConfig:
                 stage.device = self.device
 
 
-def study_name(cfg: SweepConfig, grid: bool = False, budget: float | None = None) -> str:
-    """The study name: ``name``, or ``name-grid`` for the target-sparsity grid (also the MLflow experiment),
-    with ``-b<budget>`` when the budget is not the config's (the linked study ``--promote`` fills)."""
-    base = f"{cfg.name}-grid" if grid else cfg.name
+def study_name(cfg: SweepConfig, grid: bool = False, budget: float | None = None, snapshots: bool = False) -> str:
+    """The study name: ``name``, ``name-grid`` for the target-sparsity grid or ``name-snapshots`` for the one-run
+    curve (also the MLflow experiment), with ``-b<budget>`` when the budget is not the config's (the linked
+    study ``--promote`` fills)."""
+    base = f"{cfg.name}-snapshots" if snapshots else f"{cfg.name}-grid" if grid else cfg.name
     return base if budget is None or budget == cfg.budget else f"{base}-b{budget:g}"
 
 
@@ -270,6 +278,8 @@ def suggest(trial: optuna.Trial, cfg: SweepConfig, grid: bool) -> dict[str, Any]
             out[name] = trial.suggest_float(name, r.low, r.high, log=r.log)
     if space.layers is not None:
         out["layers"] = trial.suggest_categorical("layers", sorted(space.layers))
+    if space.objective is not None:
+        out["objective"] = trial.suggest_categorical("objective", list(space.objective))
     return out
 
 
@@ -281,6 +291,7 @@ def stage_configs(cfg: SweepConfig, knobs: dict[str, Any]):
     prune2 = None if cfg.prune2 is None else scale_budget(cfg.prune2, budget)
     finetune = [scale_budget(stage, budget) for stage in cfg.finetune]
     prune1.prune.target_sparsity = float(knobs["target_sparsity"])
+    prune1.prune.snapshots = [float(v) for v in knobs["snapshots"]] if knobs.get("snapshots") else None
     if "lr_log_alpha" in knobs:
         prune1.prune.lr_log_alpha = float(knobs["lr_log_alpha"])
     if "lr_lambda" in knobs:
@@ -294,6 +305,12 @@ def stage_configs(cfg: SweepConfig, knobs: dict[str, Any]):
             stage.distill.cos_weight = float(knobs["cos_weight"])
         if "layers" in knobs:
             stage.distill.layers = cfg.space.layers[knobs["layers"]]
+    if knobs.get("objective", prune1.objective) == "classification":
+        # no teacher: no second distillation; the classifier is trained as the fine-tune's first stage has it
+        prune1.objective, prune2 = "classification", None
+        prune1.head = prune1.head or copy.deepcopy(finetune[0].head)
+        if prune1.augment == AugmentConfig():
+            prune1.augment = copy.deepcopy(finetune[0].augment)
     return prune1, prune2, finetune
 
 
@@ -413,32 +430,53 @@ def run_trial(cfg: SweepConfig, knobs: dict[str, Any], folder: Path, tracker=Non
     ft_data = dataclasses.replace(cfg.data, test=None, test_trials={})
     target = float(knobs["target_sparsity"])
     prune1, prune2, finetune = stage_configs(cfg, knobs)
-    d = {name: folder / name for name in ("prune1", "shrink", "prune2", "graft", EVAL)}
     if target > 0.0:
-        tracked("prune1", "prune", d["prune1"], prune1, lambda t: prune_stage.run_distill(
-            prune1, cfg.data, d["prune1"], init=teacher, teacher=teacher, tracker=t))
-        on_rank_zero("shrink", "shrink", d["shrink"], {"init": "prune1"}, lambda t: prune_stage.run_shrink(
-            d["prune1"], d["shrink"], check_dir=train_dir, tracker=t))
-        encoder_stage = d["shrink"]
-        if prune2 is not None:
-            tracked("prune2", "prune", d["prune2"], prune2, lambda t: prune_stage.run_distill(
-                prune2, cfg.data, d["prune2"], init=d["shrink"], teacher=teacher, tracker=t))
-            encoder_stage = d["prune2"]
-        on_rank_zero("graft", "graft", d["graft"], {"init": encoder_stage.name, "teacher": str(teacher)},
-                     lambda t: graft_stage.run(encoder_stage, teacher, d["graft"], check_dir=train_dir, tracker=t))
-        init = d["graft"]
-    else:  # the dense end of the curve: the teacher itself, through the same fine-tune
-        init = teacher
-    structure = rank_zero_result(lambda: _write_structure(folder, d["shrink"] if target > 0.0 else None, teacher,
-                                                          f"target {target:g}" if target > 0.0 else "dense teacher"))
-    for stage in finetune:
-        out, start = folder / stage.stage, init
-        tracked(stage.stage, "train", out, stage, lambda t, stage=stage, out=out, start=start: train_stage.run(
-            stage, ft_data, out, init=start, tracker=t))
-        init = out
-    evaluated = on_rank_zero(EVAL, "evaluate", d[EVAL], {"init": init.name},
-                             lambda t: evaluate_stage.run(init, cfg.data, d[EVAL], tracker=t, device=cfg.device))
-    return rank_zero_result(lambda: _trial_record(cfg, knobs, folder, structure, evaluated, timer.minutes))
+        tracked("prune1", "prune", folder / "prune1", prune1, lambda t: prune_stage.run_distill(
+            prune1, cfg.data, folder / "prune1", init=teacher, teacher=teacher, tracker=t))
+
+    def point(where: Path, pruned: Path | None, suffix: str = "") -> dict:
+        """shrink ``pruned`` (prune1's folder or one of its snapshots; None: the dense teacher) -> prune2 ->
+        graft -> the fine-tune -> evaluation, in ``where``; the point's record (``where/result.json``)."""
+        d = {name: where / name for name in ("shrink", "prune2", "graft", EVAL)}
+        if pruned is not None:
+            on_rank_zero("shrink" + suffix, "shrink", d["shrink"], {"init": pruned.as_posix()},
+                         lambda t: prune_stage.run_shrink(pruned, d["shrink"], check_dir=train_dir, tracker=t))
+            encoder_stage = d["shrink"]
+            if prune2 is not None:
+                tracked("prune2" + suffix, "prune", d["prune2"], prune2, lambda t: prune_stage.run_distill(
+                    prune2, cfg.data, d["prune2"], init=d["shrink"], teacher=teacher, tracker=t))
+                encoder_stage = d["prune2"]
+            # task-loss pruning trained its own back-end and classifier: graft takes them from prune1
+            donor = folder / "prune1" if prune1.objective == "classification" else teacher
+            on_rank_zero("graft" + suffix, "graft", d["graft"], {"init": encoder_stage.name, "teacher": str(donor)},
+                         lambda t: graft_stage.run(encoder_stage, donor, d["graft"], check_dir=train_dir, tracker=t))
+            init = d["graft"]
+        else:  # the dense end of the curve: the teacher itself, through the same fine-tune
+            init = teacher
+        title = "dense teacher" if pruned is None else f"target {target:g}{suffix}"
+        structure = rank_zero_result(lambda: _write_structure(where, d["shrink"] if pruned else None, teacher, title))
+        for stage in finetune:
+            out, start = where / stage.stage, init
+            tracked(stage.stage + suffix, "train", out, stage, lambda t, stage=stage, out=out, start=start:
+                    train_stage.run(stage, ft_data, out, init=start, tracker=t))
+            init = out
+        evaluated = on_rank_zero(EVAL + suffix, "evaluate", d[EVAL], {"init": init.name},
+                                 lambda t: evaluate_stage.run(init, cfg.data, d[EVAL], tracker=t, device=cfg.device))
+        return rank_zero_result(lambda: _trial_record(cfg, knobs, where, structure, evaluated, timer.minutes))
+
+    levels = knobs.get("snapshots")
+    if not levels:
+        return point(folder, folder / "prune1" if target > 0.0 else None)
+    # the one-run curve: every snapshot of the one prune1 as a point; the trial's values are the highest one's
+    points = [point(folder / f"snapshot_{level:.3f}", prune_stage.snapshot_dir(folder / "prune1", level),
+                    f"@{level:g}") | {"snapshot": float(level)} for level in levels]
+
+    def record() -> dict:
+        out = {**points[-1], "points": points, "minutes": timer.minutes}
+        write_result(folder, out)
+        return out
+
+    return rank_zero_result(record)
 
 
 def _write_structure(folder: Path, shrink_dir: Path | None, teacher: Path, title: str) -> dict:
@@ -479,8 +517,16 @@ def _trial_record(cfg: SweepConfig, knobs: dict, folder: Path, structure: dict, 
     return record
 
 
+def snapshot_levels(cfg: SweepConfig) -> list[float]:
+    """The one-run curve's snapshots: the grid's targets above 0 (the run's target is the highest)."""
+    levels = sorted(g for g in cfg.grid if g > 0.0)
+    if not levels:
+        raise SweepError(f"--snapshots: the grid {cfg.grid} has no target above 0")
+    return levels
+
+
 def make_objective(cfg: SweepConfig, study: str, *, grid: bool = False, tracker=None, budget: float | None = None,
-                   enqueued_only: bool = False):
+                   enqueued_only: bool = False, snapshots: bool = False):
     """``objective(trial) -> (val_eer_pct, params_encoder)``, run on rank 0; wrap it with :func:`tracked_objective`
     for MLflow (``tracker`` here only nests the stage runs and logs the trial's extra metrics and artifacts).
 
@@ -497,13 +543,17 @@ def make_objective(cfg: SweepConfig, study: str, *, grid: bool = False, tracker=
     def objective(trial: optuna.Trial):
         if enqueued_only and "fixed_params" not in trial.storage.get_trial_system_attrs(trial._trial_id):
             raise GridExhausted(f"{study}: no enqueued trial left for this worker (another took the last)")
-        knobs = suggest(trial, cfg, grid) | {"budget": budget}
+        if levels:
+            knobs = {"target_sparsity": trial.suggest_float("target_sparsity", levels[-1], levels[-1]),
+                     "snapshots": levels, "budget": budget}
+        else:
+            knobs = suggest(trial, cfg, grid) | {"budget": budget}
         number = _retried_number(trial)
         folder = trial_dir(cfg, study, trial.number if number is None else number)
         _claim_folder(folder, _study_uid(trial.study), trial.number if number is None else number, knobs)
         trial.set_user_attr("trial_dir", folder.as_posix())
         trial.set_user_attr("budget", budget)
-        trial.set_user_attr("run_label", f"t={knobs['target_sparsity']:.2g}")  # the MLflow run's name
+        trial.set_user_attr("run_label", "snapshots" if levels else f"t={knobs['target_sparsity']:.2g}")  # MLflow
         if tracker is not None and tracker.active_run_id is not None:
             tracker.log_params({"budget": budget})   # the runs table's fidelity column
             tracker.set_tags({"budget": f"{budget:g}"})
@@ -523,6 +573,10 @@ def make_objective(cfg: SweepConfig, study: str, *, grid: bool = False, tracker=
         extras |= {k: v for k, v in record.items() if k.endswith(("_ci_low", "_ci_high"))}
         for key, value in extras.items():
             trial.set_user_attr(key, value)
+        if levels:  # every point of the curve, for the analysis (svlib.analysis reads trial_dir/result.json too)
+            trial.set_user_attr("points", [{k: p[k] for k in ("snapshot", "achieved_sparsity", "val_eer_pct",
+                                                               "test_eer_pct", "params_encoder")}
+                                           for p in record["points"]])
         if tracker is not None and tracker.active_run_id is not None:
             tracker.log_metrics(extras)
             tracker.log_artifact(folder / prune_stage.STRUCTURE)
@@ -736,7 +790,7 @@ def _promoted_count(study: optuna.Study) -> int:
 def run_sweep(cfg: SweepConfig, *, storage: str | None = None, grid: bool = False, n_trials: int | None = None,
               worker: int = 0, tracking_uri: str | None = None, track: bool = True,
               max_failures: int | None = None, report: bool = True, budget: float | None = None,
-              wait_for_others: float = math.inf) -> dict:
+              wait_for_others: float = math.inf, snapshots: bool = False) -> dict:
     """One worker of the sweep (start several with different ``worker`` on the same storage).
 
     Under torchrun every rank calls this: rank 0 runs the worker (Optuna, MLflow, the report) and orders the
@@ -745,12 +799,15 @@ def run_sweep(cfg: SweepConfig, *, storage: str | None = None, grid: bool = Fals
     trials; with ``grid`` it may not exceed the grid's points. ``budget`` (default the config's) selects the
     study at that fidelity (:func:`study_name`); a study filled by :func:`promote` runs its enqueued trials
     only. ``report.json`` / ``curve.png`` are written however the worker stops, interrupted (KeyboardInterrupt,
-    SIGTERM through :func:`main`) included.
+    SIGTERM through :func:`main`) included. ``snapshots``: the one-run curve (study ``<name>-snapshots``, one
+    trial, :func:`make_objective`) instead of a sweep.
 
     Returns ``{"study", "storage", "worker": WorkerReport as dict, "report": report or None, "code"}``.
     """
     budget = cfg.budget if budget is None else check_budget(budget, "--budget")
-    name = study_name(cfg, grid, budget)
+    if snapshots and grid:
+        raise SweepError("--snapshots traces the grid's targets in one trial: give it without --grid")
+    name = study_name(cfg, grid, budget, snapshots)
     if grid and n_trials is not None and n_trials > len(cfg.grid):
         raise SweepError(f"--n-trials {n_trials} with --grid: the grid has {len(cfg.grid)} points, each run once "
                          f"(give at most {len(cfg.grid)}, or leave --n-trials out)")
@@ -761,7 +818,7 @@ def run_sweep(cfg: SweepConfig, *, storage: str | None = None, grid: bool = Fals
         return {"study": name, "storage": storage, "worker": stop.payload.get("worker", {}), "report": None,
                 "code": int(stop.payload.get("code", 2)), "stopped_because": stop.reason}
     leader = _Leader(cfg, name, budget, grid=grid, storage=storage, worker=worker, tracking_uri=tracking_uri,
-                     track=track)
+                     track=track, snapshots=snapshots)
     try:
         out = leader.run(n_trials=n_trials, max_failures=max_failures, report=report, wait_for_others=wait_for_others)
     except BaseException as err:
@@ -779,8 +836,9 @@ class _Leader:
     """Rank 0's part of :func:`run_sweep`: the study, the tracker, the worker loop and the report."""
 
     def __init__(self, cfg: SweepConfig, name: str, budget: float, *, grid: bool, storage: str | None, worker: int,
-                 tracking_uri: str | None, track: bool) -> None:
+                 tracking_uri: str | None, track: bool, snapshots: bool = False) -> None:
         self.cfg, self.name, self.budget, self.grid, self.storage = cfg, name, budget, grid, storage
+        self.snapshots = snapshots
         self.worker, self.tracking_uri, self.track = worker, tracking_uri, track
         self.objective = None
 
@@ -794,15 +852,17 @@ class _Leader:
         promoted = existing is not None and "promoted_from" in existing.user_attrs
         # a promoted study holds enqueued points of any value: no grid sampler there
         sampler = grid_sampler(cfg.grid, "target_sparsity", seed=cfg.seed) if grid and not promoted else None
+        if self.snapshots:
+            sampler = grid_sampler(snapshot_levels(cfg)[-1:], "target_sparsity", seed=cfg.seed)
         study = open_study(name, self.storage, DIRECTIONS, seed=cfg.seed, worker=self.worker, sampler=sampler,
                            metric_names=list(METRICS), heartbeat_interval=cfg.heartbeat_interval)
         tracker = None
         if self.track:
             from sweeps.study import _make_tracker
             # both fidelities of a study in one MLflow experiment, side by side (the budget column)
-            tracker = _make_tracker(study_name(cfg, grid), self.tracking_uri)
+            tracker = _make_tracker(study_name(cfg, grid, snapshots=self.snapshots), self.tracking_uri)
         self.objective = make_objective(cfg, name, grid=grid, tracker=tracker, budget=self.budget,
-                                        enqueued_only=promoted)
+                                        enqueued_only=promoted, snapshots=self.snapshots)
         objective, on_stale = self.objective, None
         if tracker is not None:
             log_teacher_run(tracker, name, cfg, study)
@@ -810,6 +870,8 @@ class _Leader:
             on_stale = lambda s: close_orphaned_runs(s, tracker.tracking_uri)  # noqa: E731
         if promoted:
             total = _promoted_count(study)
+        elif self.snapshots:
+            total = 1
         else:
             total = (n_trials or len(cfg.grid)) if grid else (n_trials or cfg.n_trials)
         written = None
@@ -856,6 +918,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="SQLAlchemy URL (default: env SVLIB_SWEEP_STORAGE, else sqlite:///sweeps/<study>.db)")
     parser.add_argument("--grid", action="store_true",
                         help="grid over the config's target sparsities (study <name>-grid)")
+    parser.add_argument("--snapshots", action="store_true",
+                        help="the whole curve from one trial (study <name>-snapshots): one prune1 ramps to the grid's "
+                             "highest target and every grid target above 0 is a snapshot, shrunk and fine-tuned "
+                             "like a grid point")
     parser.add_argument("--n-trials", type=int, default=None,
                         help="COMPLETE trials wanted (default: the config's n_trials; with --grid: every grid point, "
                              "and at most the grid's size: a grid point is never run twice)")
@@ -908,7 +974,7 @@ def main(argv=None) -> int:
                 print(json.dumps({"promoted": chosen, "to": study_name(cfg, args.grid, args.budget)}, default=float))
         out = run_sweep(cfg, storage=args.storage, grid=args.grid, n_trials=args.n_trials, worker=args.worker,
                         tracking_uri=args.mlflow_uri, track=not args.no_tracking, max_failures=args.max_failures,
-                        budget=args.budget, wait_for_others=args.wait_for_others)
+                        budget=args.budget, wait_for_others=args.wait_for_others, snapshots=args.snapshots)
     except (ConfigError, SweepError, RankError) as err:
         print(f"error: {err}", file=sys.stderr)
         leave_process_group()  # the other ranks got the same error (or rank 0's stop order) and leave too

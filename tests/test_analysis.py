@@ -310,3 +310,40 @@ def test_pruning_curve_draws_bootstrap_intervals():
     assert not [c for c in fig.axes[2].collections if isinstance(c, LineCollection)]  # no minDCF intervals given
     assert "trial" in A.figure_series(fig) and len(A.figure_series(fig)) == 3  # trial, Pareto front, teacher
     plt.close(fig)
+
+
+def _method_result() -> dict:
+    """A hand-made bench/pruning_curve.py result: 3 methods at 2 targets, the dense point, 2 controls, snapshots."""
+    points = [{"method": "kd", "target": 0.0, "achieved_sparsity": 0.0, "eer_pct": 5.0, "eer_ci": [4.0, 6.0]}]
+    for method, offset in (("kd", 0.0), ("random", 1.0), ("task", 0.5)):
+        for target in (0.5, 0.9):
+            eer = 5.0 + offset + 4 * (target - 0.5)
+            points.append({"method": method, "target": target, "achieved_sparsity": target + 0.002,
+                           "eer_pct": eer, "eer_ci": [eer - 1, eer + 1]})
+    snaps = [{"target": t, "achieved_sparsity": t, "eer_pct": 5.5, "eer_ci": [4.5, 6.5]} for t in (0.5, 0.9)]
+    return {"teacher": {"params_encoder": 400_000, "eer_pct": 5.0, "eer_ci": [4.0, 6.0]}, "test_list": "test",
+            "controls": {"encoder_removed": {"eer_pct": 9.0, "eer_ci": [8.0, 10.0]},
+                         "random_init": {"eer_pct": 14.0, "eer_ci": [12.0, 16.0]}},
+            "points": points, "knee_sparsity": 0.902, "snapshot_vs_grid": {"points": snaps}}
+
+
+def test_method_curve_is_read_back_from_mlflow_and_plotted(tmp_path):
+    from svlib.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert A.load_curve_summary(uri, "pruning_curve") is None  # no experiment yet
+    result = _method_result()
+    path = tmp_path / "pruning_curve.json"
+    path.write_text(json.dumps(result))
+    tracker = Tracker("pruning_curve", tracking_uri=uri)
+    with tracker.run("curve_summary", tags={"kind": A.CURVE_SUMMARY_KIND}):
+        tracker.log_artifact(path)
+    assert A.load_curve_summary(uri, "pruning_curve") == result
+    fig = A.plot_method_curve(result)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert labels == ["teacher (s2) 5.00 %", "control: encoder removed 9.00 %", "control: random init 14.00 %",
+                      "KD (reference)", "random structure", "task loss, no teacher", "KD, one-run snapshots"]
+    assert fig.axes[0].get_xlabel().startswith("encoder parameters") and fig.axes[1].get_xlabel() == "encoder sparsity"
+    # the top axis reads the bottom one as sparsity: the tick at the dense size is sparsity 0
+    assert fig.axes[1].get_xticklabels()[0].get_text() == "0.00" and fig.axes[0].get_xticklabels()[0].get_text() == "400"
+    plt.close(fig)

@@ -199,3 +199,39 @@ def test_embed_norm_removes_the_shared_component_and_round_trips(kind, tmp_path)
     waves = 0.1 * torch.randn(2, 8000, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (model(waves, torch.tensor([8000, 6000])) - loaded(waves, torch.tensor([8000, 6000]))).abs().max() == 0
+
+
+def test_backend_reads_only_the_states_it_is_given():
+    """``states=[1, 2]`` reads states 1 and 2 of 3 and nothing else: equal to a 2-state back-end with the same
+    weights on those two, unchanged by state 0, and the choice survives the model folder."""
+    torch.manual_seed(0)
+    states = [torch.randn(2, 7, 32) for _ in range(3)]
+    for cls, kwargs in ((AdapterMFA, {"adapter_dim": 16, "embed_dim": 24}),
+                        (MHFA, {"compression_dim": 8, "heads": 4, "embed_dim": 20})):
+        picked = cls(3, 32, states=[1, 2], **kwargs).eval()
+        plain = cls(2, 32, **kwargs).eval()
+        plain.load_state_dict(picked.state_dict())
+        with torch.no_grad():
+            out = picked(states)
+            assert torch.allclose(out, plain(states[1:]), atol=1e-6)
+            assert torch.equal(out, picked([torch.zeros_like(states[0])] + states[1:]))
+        assert picked.to_config().states == [1, 2] and cls(3, 32, **kwargs).to_config().states is None
+    with pytest.raises(ConfigError, match="out of range"):
+        AdapterMFA(3, 32, states=[3])
+    with pytest.raises(ConfigError, match="distinct non-negative"):
+        BackendConfig(states=[1, 1])
+
+
+def test_model_folder_keeps_the_states_choice(tmp_path):
+    from svlib.config import from_dict
+    from svlib.model.speaker import SpeakerModelConfig, build_speaker_model, load_model, save_model
+
+    model = build_speaker_model(from_dict(SpeakerModelConfig, {
+        "frontend": {"preset": "tiny"}, "backend": {"type": "mfa", "adapter_dim": 16, "embed_dim": 32,
+                                                    "states": [2, 1]}})).eval()
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.backend.states == [1, 2] and len(loaded.backend.adapter_layers) == 2
+    waves, lengths = 0.1 * torch.randn(2, 16000), torch.tensor([16000, 12000])
+    with torch.no_grad():
+        assert torch.equal(model(waves, lengths), loaded(waves, lengths))

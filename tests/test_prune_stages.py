@@ -389,3 +389,181 @@ def test_a_distill_stage_failing_on_rank_zero_after_training_tells_the_other_ran
     assert len(sent) == 1 and isinstance(sent[0], common._Failure), sent
     assert sent[0].message.startswith("OSError: ") and "no space left on device" in sent[0].message
     assert not (out / "result.json").exists()
+
+
+# ------------------------------------------------------------------------------ task-loss pruning (issue 19)
+
+class Collect:
+    """A tracker stand-in that keeps every logged metric history (step -> value) in memory."""
+
+    def __init__(self):
+        self.history: dict[str, dict[int, float]] = {}
+
+    def log_metrics(self, metrics, step=None):
+        for key, value in metrics.items():
+            self.history.setdefault(key, {})[step] = float(value)
+
+    def log_artifact(self, *args, **kwargs):
+        pass
+
+
+CLASSIFY = {**PRUNE1, "objective": "classification", "head": {"scale": 32.0, "margin": 0.2},
+            "train": {**PRUNE1["train"], "log_every": 5, "optim": {"lr_frontend": 2e-4, "lr_backend": 5e-3}}}
+
+
+def test_classification_objective_prunes_and_trains_backend_and_head(work, tmp_path):
+    """prune1 without a teacher: the AAM loss of s2's head on the masked model falls while the Lagrangian moves
+    the gates to the target; the trained back-end and head are what graft hands on (teacher: prune1)."""
+    data, teacher = work["data"], work["teacher"]
+    log = Collect()
+    record = P.run_distill(from_dict(P.DistillStageConfig, CLASSIFY), data, tmp_path / "prune1", init=teacher,
+                           tracker=log)
+    assert record["objective"] == "classification"
+    aam = [log.history["aam_loss"][s] for s in sorted(log.history["aam_loss"])]
+    assert len(aam) == 6 and aam[-1] < aam[0] - 0.3, aam
+    expected = [log.history["expected_sparsity"][s] for s in sorted(log.history["expected_sparsity"])]
+    assert abs(expected[-1] - TARGET) < abs(expected[0] - TARGET) - 0.1
+    assert "accuracy" in log.history and "distill_l1" not in log.history
+    before, after = load_model(teacher / "model"), load_model(tmp_path / "prune1" / "model")
+    assert not torch.equal(before.backend.bottleneck.weight, after.backend.bottleneck.weight)
+    head0, head1 = (load_file(str(d / train_stage.HEAD))["weight"] for d in (teacher, tmp_path / "prune1"))
+    assert head1.shape == head0.shape and not torch.equal(head0, head1)
+    # the stage's encoder/ + gates shrink as KD's do; graft takes the back-end and head of prune1 itself
+    P.run_shrink(tmp_path / "prune1", tmp_path / "shrink", check_dir=data.load_dir("train"))
+    graft_stage.run(tmp_path / "shrink", tmp_path / "prune1", tmp_path / "graft", check_dir=data.load_dir("train"))
+    grafted = load_model(tmp_path / "graft" / "model")
+    assert torch.equal(grafted.backend.bottleneck.weight, after.backend.bottleneck.weight)
+    assert torch.equal(load_file(str(tmp_path / "graft" / train_stage.HEAD))["weight"], head1)
+    assert json.loads((tmp_path / "shrink" / P.STRUCTURE).read_text())["achieved_sparsity"] == pytest.approx(
+        record["achieved_sparsity"])
+
+
+def test_objective_config_errors():
+    with pytest.raises(ConfigError, match="needs a 'prune:' section"):
+        from_dict(P.DistillStageConfig, {"objective": "classification", "head": {}})
+    with pytest.raises(ConfigError, match="needs 'head:'"):
+        from_dict(P.DistillStageConfig, {"objective": "classification", "prune": {}})
+    with pytest.raises(ConfigError, match="classification' only"):
+        from_dict(P.DistillStageConfig, {"prune": {}, "head": {}})
+    with pytest.raises(ConfigError, match="objective"):
+        from_dict(P.DistillStageConfig, {"objective": "mse"})
+
+
+# ------------------------------------------------------------------------------ snapshots (issue 19)
+
+SNAPSHOT_LEVELS = [0.1, 0.2, 0.5]  # the tiny run crosses 0.1 at step 17, 0.2 at 22 and never reaches 0.5
+SNAPPED = {**PRUNE1, "prune": {**PRUNE1["prune"], "snapshots": SNAPSHOT_LEVELS},
+           "train": {**PRUNE1["train"], "log_every": 1}}
+
+
+def test_snapshots_are_saved_where_the_expected_sparsity_first_crosses_them(work, tmp_path):
+    log = Collect()
+    record = P.run_distill(from_dict(P.DistillStageConfig, SNAPPED), work["data"], tmp_path / "prune1",
+                           init=work["teacher"], tracker=log)
+    # logged at step k: the expected sparsity in step k's forward, i.e. after k - 1 updates
+    after_update = {k - 1: v for k, v in log.history["expected_sparsity"].items()}
+    after_update[30] = record["expected_sparsity"]  # after the last update (no forward logs it)
+    assert [s["snapshot"] for s in record["snapshots"]] == SNAPSHOT_LEVELS
+    for snap in record["snapshots"]:
+        level, step = snap["snapshot"], snap["step"]
+        folder = P.snapshot_dir(tmp_path / "prune1", level)
+        if snap["reached"]:
+            assert after_update[step] >= level > after_update[step - 1]
+        else:  # the run's own target, approached from below: saved from the final state
+            assert level == SNAPSHOT_LEVELS[-1] and step == 30 and max(after_update.values()) < level
+        assert snap["expected_sparsity"] == pytest.approx(after_update[step], abs=1e-6)
+        # a snapshot is a finished prune1 folder: it shrinks, and its structure is what the shrink keeps
+        shrunk = P.run_shrink(folder, tmp_path / f"shrink_{level}", check_dir=work["data"].load_dir("train"))
+        assert shrunk["achieved_sparsity"] == pytest.approx(snap["achieved_sparsity"])
+    steps = [s["step"] for s in record["snapshots"]]
+    assert steps == sorted(steps) and len(set(steps)) == 3
+    assert all(s["reached"] for s in record["snapshots"][:2])
+
+
+def test_snapshot_config_errors():
+    with pytest.raises(ConfigError, match="must be the run's target_sparsity"):
+        from_dict(P.DistillStageConfig, {"prune": {"target_sparsity": 0.8, "snapshots": [0.5, 0.7]}})
+    with pytest.raises(ConfigError, match="distinct sparsities"):
+        from_dict(P.DistillStageConfig, {"prune": {"target_sparsity": 0.5, "snapshots": [0.5, 0.5]}})
+    cfg = from_dict(P.DistillStageConfig, {"prune": {"target_sparsity": 0.7, "snapshots": [0.7, 0.3]}})
+    assert cfg.prune.snapshots == [0.3, 0.7]
+
+
+def test_snapshots_resume_after_a_crash(work, tmp_path, monkeypatch):
+    """Killed at step 25 (after some snapshots, after the step-20 checkpoint) and run again: the same snapshots
+    at the same steps with the same gates as an uninterrupted run, none written twice."""
+    cfg = from_dict(P.DistillStageConfig, SNAPPED)
+    full = P.run_distill(cfg, work["data"], tmp_path / "full", init=work["teacher"])
+    original = P.SnapshotWriter.__call__
+
+    def crash(self, step):
+        original(self, step)
+        if step == 25:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(P.SnapshotWriter, "__call__", crash)
+    with pytest.raises(KeyboardInterrupt):
+        P.run_distill(from_dict(P.DistillStageConfig, SNAPPED), work["data"], tmp_path / "split",
+                      init=work["teacher"])
+    saved_before = {d.name: d.stat().st_mtime_ns for d in (tmp_path / "split" / P.SNAPSHOTS).iterdir()}
+    monkeypatch.setattr(P.SnapshotWriter, "__call__", original)
+    resumed = P.run_distill(from_dict(P.DistillStageConfig, SNAPPED), work["data"], tmp_path / "split",
+                            init=work["teacher"])
+    assert resumed["snapshots"] == full["snapshots"]
+    for name, mtime in saved_before.items():  # what was saved before the crash is kept, not rewritten
+        assert (tmp_path / "split" / P.SNAPSHOTS / name).stat().st_mtime_ns == mtime
+    for level in SNAPSHOT_LEVELS:
+        a = load_file(str(P.snapshot_dir(tmp_path / "full", level) / P.GATES))
+        b = load_file(str(P.snapshot_dir(tmp_path / "split", level) / P.GATES))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pipeline_shrinks_a_snapshot_and_checks_stage_fields():
+    base = {"name": "x", "out_dir": "exp/x", "data": {}}
+    stages = [{"name": "s2", "kind": "use", "path": "exp/demo/s2"},
+              {"name": "prune1", "kind": "prune", "config": "p.yaml", "init": "s2"},
+              {"name": "shrink_0.5", "kind": "shrink", "init": "prune1", "snapshot": 0.5},
+              {"name": "removed", "kind": "control", "control": "encoder_removed", "init": "s2"}]
+    cfg = from_dict(pipeline.PipelineConfig, base | {"stages": stages})
+    assert cfg.stages[2].snapshot == 0.5 and cfg.stages[3].control == "encoder_removed"
+    for bad, message in [({**stages[1], "snapshot": 0.5}, "'snapshot' is for 'shrink'"),
+                         ({**stages[3], "control": None}, "'control'"),
+                         ({**stages[2], "control": "random_init"}, "'control'")]:
+        with pytest.raises(ConfigError, match=message):
+            from_dict(pipeline.PipelineConfig, base | {"stages": stages[:1] + [stages[1], bad]})
+
+
+# ------------------------------------------------------------------------------ controls (issue 19)
+
+def test_encoder_removed_control_leaves_only_the_residual_path(work, tmp_path):
+    record = P.run_control(work["teacher"], tmp_path / "removed", "encoder_removed")
+    encoder = load_model(work["teacher"] / "model").frontend.encoder
+    zero = [{k: 0 for k in KINDS} for _ in dense_sizes(encoder.config)]
+    assert record["params_encoder"] == count_params(encoder.config, zero)
+    assert record["achieved_sparsity"] == pytest.approx(1 - count_params(encoder.config, zero) /
+                                                        count_params(encoder.config, dense_sizes(encoder.config)))
+    removed = P.load_stage_encoder(tmp_path / "removed").eval()
+    assert all(all(v == 0 for v in s.values()) for s in layer_sizes(removed.encoder))
+    # each layer is its residual path: with no block left, layer i's output is its final LayerNorm of what
+    # came in, plus the blocks' constant output biases (zero in this fresh teacher)
+    waves, lengths = P.check_batch(work["data"].load_dir("train"), 1.0)
+    states = P.encoder_states(removed, waves, lengths)
+    for layer, before, after in zip(removed.encoder.encoder.layers, states[:-1], states[1:]):
+        with torch.no_grad():
+            assert torch.allclose(layer.final_layer_norm(before), after, atol=1e-5)
+    # graft takes it like any pruned encoder
+    graft_stage.run(tmp_path / "removed", work["teacher"], tmp_path / "graft", check_dir=work["data"].load_dir("train"))
+    assert load_model(tmp_path / "graft" / "model").frontend.num_states == removed.num_states
+
+
+def test_random_init_control_is_a_seeded_fresh_encoder(work, tmp_path):
+    teacher = load_model(work["teacher"] / "model").frontend.encoder
+    a = P.control_encoder(load_model(work["teacher"] / "model").frontend.encoder, "random_init", seed=3)
+    b = P.control_encoder(load_model(work["teacher"] / "model").frontend.encoder, "random_init", seed=3)
+    c = P.control_encoder(load_model(work["teacher"] / "model").frontend.encoder, "random_init", seed=4)
+    key = "encoder.layers.0.ffn1.intermediate_dense.weight"
+    sa, sb, sc, st = (m.state_dict()[key] for m in (a, b, c, teacher))
+    assert torch.equal(sa, sb) and not torch.equal(sa, sc) and not torch.equal(sa, st)
+    assert layer_sizes(a) == layer_sizes(teacher)
+    record = P.run_control(work["teacher"], tmp_path / "fresh", "random_init", seed=3)
+    assert record["achieved_sparsity"] == 0.0

@@ -382,3 +382,50 @@ def test_readme_pareto_command_reads_the_readme_grid_sweep(fake_trials):
     assert proc.returncode == 0, proc.stderr[-2000:]
     front = json.loads(proc.stdout)
     assert [p["values"]["params_encoder"] for p in front] and all(p["params"] for p in front)
+
+
+def test_a_task_loss_trial_prunes_without_a_teacher(sweep_dir):
+    """``objective: classification`` as the trial's choice: prune1 trains on the AAM loss (the fine-tune's head
+    and augmentation), no prune2, and graft takes prune1's own back-end and classifier."""
+    root, _, _ = sweep_dir
+    cfg = load_config(SMOKE_SWEEP, SweepConfig, overrides={"space": {"objective": ["distill", "classification"]}})
+    knobs = {"target_sparsity": 0.5, "objective": "classification", "budget": cfg.budget}
+    prune1, prune2, finetune = prune_sweep.stage_configs(cfg, knobs)
+    assert prune1.objective == "classification" and prune2 is None and prune1.head == finetune[0].head
+    assert cfg.prune1.objective == "distill"  # the sweep config itself is not changed
+    folder = Path("sweeps/runs/task/trial_0")
+    record = prune_sweep.run_trial(cfg, knobs, folder)
+    assert not (folder / "prune2").exists()
+    assert json.loads((folder / "prune1" / "result.json").read_text())["objective"] == "classification"
+    graft = json.loads((folder / "graft" / "result.json").read_text())
+    assert graft["teacher"] == (folder / "prune1").as_posix() and graft["init"] == (folder / "shrink").as_posix()
+    assert 0.0 < record["achieved_sparsity"] < 0.5 and record["val_eer_pct"] >= 0  # 6 prune1 steps toward 0.5
+    with pytest.raises(ConfigError, match="space.objective"):
+        load_config(SMOKE_SWEEP, SweepConfig, overrides={"space": {"objective": ["mse"]}})
+
+
+def test_snapshots_trace_the_grid_in_one_trial(sweep_dir):
+    """``--snapshots``: one trial, one prune1 ramping to the grid's top; every grid target above 0 is a point
+    (shrunk from its snapshot, fine-tuned, evaluated) and the trial's values are the highest point's."""
+    root, storage, _ = sweep_dir
+    cfg = load_config(SMOKE_SWEEP, SweepConfig, overrides={"grid": [0.0, 0.2, 0.4]})
+    out = run_sweep(cfg, storage=storage, track=False, snapshots=True)
+    assert out["study"] == "smoke-prune-snapshots" and out["worker"]["complete"] == 1
+    (trial,) = optuna.load_study(study_name="smoke-prune-snapshots", storage=storage).get_trials()
+    folder = root / trial.user_attrs["trial_dir"]
+    record = json.loads((folder / "result.json").read_text())
+    assert [p["snapshot"] for p in record["points"]] == [0.2, 0.4] == [p["snapshot"] for p in trial.user_attrs["points"]]
+    assert record["params"]["snapshots"] == [0.2, 0.4] and trial.params["target_sparsity"] == 0.4
+    assert list(trial.values) == [record["points"][-1]["val_eer_pct"], record["points"][-1]["params_encoder"]]
+    prune1 = json.loads((folder / "prune1" / "result.json").read_text())
+    assert [s["snapshot"] for s in prune1["snapshots"]] == [0.2, 0.4]
+    for p in record["points"]:
+        point = folder / f"snapshot_{p['snapshot']:.3f}"
+        assert all((point / s / "result.json").is_file() for s in STAGES - {"prune1"})
+        shrink = json.loads((point / "shrink" / "result.json").read_text())
+        assert shrink["init"].endswith(f"prune1/snapshots/{p['snapshot']:.3f}")
+        assert p["achieved_sparsity"] == pytest.approx(shrink["achieved_sparsity"])
+    # the later snapshot is the same run further on (or its final state): never larger
+    assert record["points"][0]["params_encoder"] >= record["points"][1]["params_encoder"]
+    with pytest.raises(prune_sweep.SweepError, match="without --grid"):
+        run_sweep(cfg, storage=storage, track=False, snapshots=True, grid=True)

@@ -9,6 +9,12 @@
 Both take ``attention_mask`` [B, T] (1 = real frame) and ignore padded frames exactly, so an utterance's
 embedding does not depend on what it was batched with (in eval mode).
 
+``states`` (default: all, as the reference) lists the hidden states the back-end reads, 0 being the feature
+projection. Why a recipe would leave some out: state 0 is a linear map of the input features, and every
+conformer layer adds to a residual path, so a back-end that reads state 0 can score speakers without any
+encoder block at all (measured on the demo: the encoder pruned away entirely was no worse than the teacher).
+Reading only later states makes the back-end depend on what the blocks compute.
+
 ``embed_norm`` (off by default, and in the reference) adds a ``BatchNorm1d`` on the embedding, as ECAPA-TDNN and
 WeSpeaker's pooling heads have. Why it matters from scratch: the pooled standard deviations are positive and
 nearly equal across utterances, so a randomly initialised encoder gives embeddings that are one shared vector
@@ -37,6 +43,7 @@ class BackendConfig:
     embed_dim: int = 256
     heads: int = 64  # MHFA only
     embed_norm: bool = False  # BatchNorm1d on the embedding (module docstring); the reference has none
+    states: list[int] | None = None  # hidden states read (0 = feature projection); None: all (module docstring)
 
     def __post_init__(self) -> None:
         if self.type not in ("mfa", "mhfa"):
@@ -44,6 +51,18 @@ class BackendConfig:
         for name in ("adapter_dim", "embed_dim", "heads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"backend.{name}: must be positive, got {getattr(self, name)}")
+        if self.states is not None:
+            if not self.states or any(i < 0 for i in self.states) or len(set(self.states)) != len(self.states):
+                raise ConfigError(f"backend.states: expected distinct non-negative state indices, got {self.states}")
+            self.states = sorted(self.states)
+
+
+def read_states(states: Sequence[int] | None, num_states: int, who: str) -> list[int]:
+    """The indices a back-end reads out of ``num_states`` (all of them for ``None``), checked in range."""
+    chosen = list(range(num_states)) if states is None else list(states)
+    if any(i >= num_states for i in chosen):
+        raise ConfigError(f"{who}: backend.states {chosen} out of range: the front-end has {num_states} hidden states")
+    return chosen
 
 
 def _check_inputs(hidden_states: Sequence[Tensor], attention_mask: Tensor | None, num_states: int,
@@ -106,10 +125,12 @@ class AdapterMFA(nn.Module):
     """Layer-Adapter MFA: adapter per hidden state -> concat -> attentive stats pooling -> bottleneck."""
 
     def __init__(self, num_states: int, hidden_size: int, adapter_dim: int = 128, embed_dim: int = 256,
-                 embed_norm: bool = False) -> None:
+                 embed_norm: bool = False, states: Sequence[int] | None = None) -> None:
         super().__init__()
         self.num_states, self.hidden_size = num_states, hidden_size
         self.adapter_dim, self.embed_dim = adapter_dim, embed_dim
+        self.states = read_states(states, num_states, "AdapterMFA")
+        self._all_states = states is None
         self.adapter_layers = nn.ModuleList(
             nn.Sequential(
                 nn.Linear(hidden_size, adapter_dim),
@@ -117,20 +138,21 @@ class AdapterMFA(nn.Module):
                 nn.ReLU(),
                 nn.Linear(adapter_dim, adapter_dim),
             )
-            for _ in range(num_states)
+            for _ in self.states
         )
-        feat_dim = adapter_dim * num_states
+        feat_dim = adapter_dim * len(self.states)
         self.pooling = AttentiveStatsPool(feat_dim, adapter_dim)
         self.bottleneck = nn.Linear(feat_dim * AttentiveStatsPool.expansion, embed_dim)
         self.embed_norm = nn.BatchNorm1d(embed_dim) if embed_norm else nn.Identity()
 
     def to_config(self) -> BackendConfig:
         return BackendConfig(type="mfa", adapter_dim=self.adapter_dim, embed_dim=self.embed_dim,
-                             embed_norm=isinstance(self.embed_norm, nn.BatchNorm1d))
+                             embed_norm=isinstance(self.embed_norm, nn.BatchNorm1d),
+                             states=None if self._all_states else list(self.states))
 
     def forward(self, hidden_states: Sequence[Tensor], attention_mask: Tensor | None = None) -> Tensor:
         mask = _check_inputs(hidden_states, attention_mask, self.num_states, self.hidden_size, "AdapterMFA")
-        x = torch.cat([adapter(h) for adapter, h in zip(self.adapter_layers, hidden_states)], dim=-1)
+        x = torch.cat([adapter(hidden_states[i]) for adapter, i in zip(self.adapter_layers, self.states)], dim=-1)
         return self.embed_norm(self.bottleneck(self.pooling(x, mask)))
 
 
@@ -143,13 +165,15 @@ class MHFA(nn.Module):
     """
 
     def __init__(self, num_states: int, hidden_size: int, compression_dim: int = 128, heads: int = 64,
-                 embed_dim: int = 256, embed_norm: bool = False) -> None:
+                 embed_dim: int = 256, embed_norm: bool = False, states: Sequence[int] | None = None) -> None:
         super().__init__()
         self.num_states, self.hidden_size = num_states, hidden_size
         self.compression_dim, self.heads, self.embed_dim = compression_dim, heads, embed_dim
+        self.states = read_states(states, num_states, "MHFA")
+        self._all_states = states is None
         # Zeros: every layer starts with the same weight, the learning decides which layers matter.
-        self.weights_k = nn.Parameter(torch.zeros(num_states))
-        self.weights_v = nn.Parameter(torch.zeros(num_states))
+        self.weights_k = nn.Parameter(torch.zeros(len(self.states)))
+        self.weights_v = nn.Parameter(torch.zeros(len(self.states)))
         self.cmp_linear_k = nn.Linear(hidden_size, compression_dim)
         self.cmp_linear_v = nn.Linear(hidden_size, compression_dim)
         self.att_head = nn.Linear(compression_dim, heads)
@@ -158,7 +182,8 @@ class MHFA(nn.Module):
 
     def to_config(self) -> BackendConfig:
         return BackendConfig(type="mhfa", adapter_dim=self.compression_dim, embed_dim=self.embed_dim, heads=self.heads,
-                             embed_norm=isinstance(self.embed_norm, nn.BatchNorm1d))
+                             embed_norm=isinstance(self.embed_norm, nn.BatchNorm1d),
+                             states=None if self._all_states else list(self.states))
 
     @staticmethod
     def _layer_sum(hidden_states: Sequence[Tensor], logits: Tensor) -> Tensor:
@@ -171,6 +196,7 @@ class MHFA(nn.Module):
 
     def forward(self, hidden_states: Sequence[Tensor], attention_mask: Tensor | None = None) -> Tensor:
         mask = _check_inputs(hidden_states, attention_mask, self.num_states, self.hidden_size, "MHFA")
+        hidden_states = [hidden_states[i] for i in self.states]
         keys = self.cmp_linear_k(self._layer_sum(hidden_states, self.weights_k))  # [B, T, C]
         values = self.cmp_linear_v(self._layer_sum(hidden_states, self.weights_v))  # [B, T, C]
         values = values.masked_fill(~mask.unsqueeze(-1), 0.0)
@@ -183,8 +209,8 @@ class MHFA(nn.Module):
 def build_backend(cfg: BackendConfig, num_states: int, hidden_size: int) -> nn.Module:
     if cfg.type == "mfa":
         return AdapterMFA(num_states, hidden_size, adapter_dim=cfg.adapter_dim, embed_dim=cfg.embed_dim,
-                          embed_norm=cfg.embed_norm)
+                          embed_norm=cfg.embed_norm, states=cfg.states)
     if cfg.type == "mhfa":
         return MHFA(num_states, hidden_size, compression_dim=cfg.adapter_dim, heads=cfg.heads, embed_dim=cfg.embed_dim,
-                    embed_norm=cfg.embed_norm)
+                    embed_norm=cfg.embed_norm, states=cfg.states)
     raise ConfigError(f"backend.type: expected 'mfa' or 'mhfa', got {cfg.type!r}")

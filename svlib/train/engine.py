@@ -635,7 +635,8 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
           resume: bool = False, validate: Callable[[nn.Module], dict] | None = None,
           log: Callable[[dict, int], None] | None = None,
           augment: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-          param_groups: list[dict] | None = None) -> TrainResult:
+          param_groups: list[dict] | None = None,
+          after_step: Callable[[int], None] | None = None) -> TrainResult:
     """Train ``model`` + ``head`` on ``loader`` for ``cfg.steps`` updates in total (see module docstring).
 
     ``model`` must already be on its device; ``head`` is moved there. ``validate(model)`` runs on every rank
@@ -648,6 +649,10 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
     ``param_groups`` overrides the optimizer groups (see ``build_optimizer``); the schedule multiplies each
     group's own lr. A head may return ``(loss, accuracy, extras)``: ``extras`` (name -> float, e.g. the
     distillation terms and the sparsity of a pruning run) are averaged over the log window and logged too.
+
+    ``after_step(step)`` runs on every rank after each update (``step`` counts the updates done), before that
+    step's checkpoint, so what it writes at step k is written again when a run resumes from before k (e.g.
+    prune1's snapshots). Every rank agrees that it returned: a failure in it on one rank stops all of them.
     """
     rank, world = _dist()
     # collective the first time (a gloo side group under NCCL): first, before anything that can raise on some ranks
@@ -787,6 +792,9 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
             scaler.update()
             step += 1
             pbar.update(1)
+            if after_step is not None:
+                with _agreed(agreement, world, step, "after_step"):
+                    after_step(step)
             sums += torch.stack([loss.detach().double(), accuracy.detach().double()])
             for key, value in extras.items():
                 # a tensor is summed where it lives: float() here would wait for the device on every step
