@@ -378,7 +378,8 @@ def main(argv=None) -> int:
     rows = [{"method": p["method"], "target": p["target"], "sparsity": p["achieved_sparsity"], "eer_pct": p["eer_pct"],
              "eer_ci": "[{:.2f}, {:.2f}]".format(*p["eer_ci"]),
              "vs_teacher": "[{:+.2f}, {:+.2f}]".format(*p["eer_diff_vs_teacher_ci"]),
-             "vs_kd": "[{:+.2f}, {:+.2f}]".format(*p["eer_diff_vs_kd_ci"]), "minutes": p["minutes"]}
+             "vs_kd": "[{:+.2f}, {:+.2f}]".format(*p["eer_diff_vs_kd_ci"]) if "eer_diff_vs_kd_ci" in p else "",
+             "minutes": p["minutes"]}
             for p in points]
     rows += [{"method": f"control: {n}", "sparsity": c["achieved_sparsity"], "eer_pct": c["eer_pct"],
               "eer_ci": "[{:.2f}, {:.2f}]".format(*c["eer_ci"]),
