@@ -79,8 +79,12 @@ def removed_sparsity(teacher: Path) -> float:
 
 def default_targets(teacher: Path) -> list[float]:
     top = removed_sparsity(teacher)
-    highest = 0.98 if top >= 0.985 else round((0.95 + top) / 2, 3)
-    return [0.0, 0.5, 0.7, 0.8, 0.9, 0.95, highest]
+    grid = [0.0, 0.5, 0.7, 0.8, 0.9, 0.95]
+    if top >= 0.985:
+        grid.append(0.98)
+    elif top > 0.955:  # a point between 0.95 and what the masks can reach at all
+        grid.append(round((0.95 + top) / 2, 3))
+    return [t for t in grid if t < top]
 
 
 def write_stage_yamls(config_dir: Path, targets: list[float]) -> None:
@@ -288,7 +292,7 @@ def main(argv=None) -> int:
         print(f"error: {teacher} is not a finished stage-2 folder (no result.json / model/); run `make demo` first",
               file=sys.stderr)
         return 2
-    targets = sorted(args.targets) if args.targets else default_targets(teacher)
+    targets = sorted(set(args.targets)) if args.targets else default_targets(teacher)
     tracker = None
     if not args.no_tracking:
         from svlib.tracking import Tracker
@@ -350,7 +354,7 @@ def main(argv=None) -> int:
     result["knee_sparsity"] = worse[0]["achieved_sparsity"] if worse else None
 
     snapshot = {"points": []}
-    if not args.no_snapshots:
+    if "prune1_snapshots" in stages:
         grid_minutes = snap_minutes = 0.0
         snap_minutes += chain_minutes(summary, ["prune1_snapshots"])
         for target in (t for t in targets if t > 0):

@@ -222,6 +222,9 @@ class DistillStageConfig:
             if self.head is None:
                 raise ConfigError(f"{self.stage}: objective 'classification' needs 'head:' (scale, margin of the "
                                   "AAM-softmax, as the training stages have it)")
+            if self.prune.snapshots:
+                raise ConfigError(f"{self.stage}: prune.snapshots with objective 'classification': every snapshot "
+                                  "would be grafted onto the back-end trained to the run's end, not its own")
         elif self.head is not None or self.augment != AugmentConfig():
             raise ConfigError(f"{self.stage}: 'head' and 'augment' are for objective 'classification' only")
 

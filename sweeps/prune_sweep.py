@@ -305,12 +305,19 @@ def stage_configs(cfg: SweepConfig, knobs: dict[str, Any]):
             stage.distill.cos_weight = float(knobs["cos_weight"])
         if "layers" in knobs:
             stage.distill.layers = cfg.space.layers[knobs["layers"]]
-    if knobs.get("objective", prune1.objective) == "classification":
-        # no teacher: no second distillation; the classifier is trained as the fine-tune's first stage has it
-        prune1.objective, prune2 = "classification", None
+    prune1.objective = knobs.get("objective", prune1.objective)
+    if prune1.objective == "classification":
+        if prune1.prune.snapshots:
+            raise SweepError("--snapshots with objective classification: a snapshot would be grafted onto the back-end "
+                             "trained to the run's end, not its own; trace a task-loss curve with --grid")
+        # no teacher: no second distillation; the classifier is trained as the fine-tune's first stage has it (the
+        # back-end's rate is prune1's train.optim.lr_backend)
+        prune2 = None
         prune1.head = prune1.head or copy.deepcopy(finetune[0].head)
         if prune1.augment == AugmentConfig():
             prune1.augment = copy.deepcopy(finetune[0].augment)
+    else:  # a YAML written for classification, distilling in this trial: what only classification reads goes
+        prune1.head, prune1.augment = None, AugmentConfig()
     return prune1, prune2, finetune
 
 
@@ -405,11 +412,11 @@ def run_trial(cfg: SweepConfig, knobs: dict[str, Any], folder: Path, tracker=Non
     # rank 0's MLflow calls inside a stage must not raise while the other ranks are in its collectives
     tracker = TolerantTracker(tracker) if tracker is not None else None
 
-    def tracked(name: str, *args):  # every rank runs the stage; its checkpoints go once it is done
-        record = _stage(tracker, name, *args, previous_run=previous_run)
+    def tracked(name: str, kind: str, stage_dir: Path, *args):  # every rank runs it; its checkpoints go once done
+        record = _stage(tracker, name, kind, stage_dir, *args, previous_run=previous_run)
         if not cfg.keep_checkpoints and rank_and_world()[0] == 0:
             # the stage ended with rank 0's broadcast record: every rank is past it, none reads ckpt/ again
-            shutil.rmtree(folder / name / "ckpt", ignore_errors=True)
+            shutil.rmtree(stage_dir / "ckpt", ignore_errors=True)
         release_memory()  # the next stage starts from what this one needs, not from its high-water mark
         return record
 
@@ -439,7 +446,7 @@ def run_trial(cfg: SweepConfig, knobs: dict[str, Any], folder: Path, tracker=Non
         graft -> the fine-tune -> evaluation, in ``where``; the point's record (``where/result.json``)."""
         d = {name: where / name for name in ("shrink", "prune2", "graft", EVAL)}
         if pruned is not None:
-            on_rank_zero("shrink" + suffix, "shrink", d["shrink"], {"init": pruned.as_posix()},
+            on_rank_zero("shrink" + suffix, "shrink", d["shrink"], {"init": "prune1" if not suffix else pruned.as_posix()},
                          lambda t: prune_stage.run_shrink(pruned, d["shrink"], check_dir=train_dir, tracker=t))
             encoder_stage = d["shrink"]
             if prune2 is not None:
@@ -472,6 +479,9 @@ def run_trial(cfg: SweepConfig, knobs: dict[str, Any], folder: Path, tracker=Non
                     f"@{level:g}") | {"snapshot": float(level)} for level in levels]
 
     def record() -> dict:
+        top = folder / f"snapshot_{levels[-1]:.3f}"
+        for name in (prune_stage.STRUCTURE, prune_stage.STRUCTURE_PNG):  # the trial's artifacts: its top point's
+            shutil.copy2(top / name, folder / name)
         out = {**points[-1], "points": points, "minutes": timer.minutes}
         write_result(folder, out)
         return out
@@ -539,6 +549,7 @@ def make_objective(cfg: SweepConfig, study: str, *, grid: bool = False, tracker=
     trains, and ``run_worker`` does not count it as a failure.
     """
     budget = cfg.budget if budget is None else float(budget)
+    levels = snapshot_levels(cfg) if snapshots else None
 
     def objective(trial: optuna.Trial):
         if enqueued_only and "fixed_params" not in trial.storage.get_trial_system_attrs(trial._trial_id):

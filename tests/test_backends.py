@@ -216,8 +216,10 @@ def test_backend_reads_only_the_states_it_is_given():
             assert torch.allclose(out, plain(states[1:]), atol=1e-6)
             assert torch.equal(out, picked([torch.zeros_like(states[0])] + states[1:]))
         assert picked.to_config().states == [1, 2] and cls(3, 32, **kwargs).to_config().states is None
-    with pytest.raises(ConfigError, match="out of range"):
-        AdapterMFA(3, 32, states=[3])
+    for bad in ([3], [-1], [1, 1]):
+        with pytest.raises(ConfigError, match=r"distinct indices in \[0, 3\)"):
+            AdapterMFA(3, 32, states=bad)
+    assert AdapterMFA(3, 32, states=[2, 0]).to_config().states == [0, 2]  # saved in adapter order
     with pytest.raises(ConfigError, match="distinct non-negative"):
         BackendConfig(states=[1, 1])
 

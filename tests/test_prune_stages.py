@@ -447,6 +447,9 @@ def test_objective_config_errors():
         from_dict(P.DistillStageConfig, {"prune": {}, "head": {}})
     with pytest.raises(ConfigError, match="objective"):
         from_dict(P.DistillStageConfig, {"objective": "mse"})
+    with pytest.raises(ConfigError, match="snapshots with objective 'classification'"):
+        from_dict(P.DistillStageConfig, {"objective": "classification", "head": {},
+                                         "prune": {"target_sparsity": 0.5, "snapshots": [0.3, 0.5]}})
 
 
 # ------------------------------------------------------------------------------ snapshots (issue 19)

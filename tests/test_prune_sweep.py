@@ -393,6 +393,10 @@ def test_a_task_loss_trial_prunes_without_a_teacher(sweep_dir):
     prune1, prune2, finetune = prune_sweep.stage_configs(cfg, knobs)
     assert prune1.objective == "classification" and prune2 is None and prune1.head == finetune[0].head
     assert cfg.prune1.objective == "distill"  # the sweep config itself is not changed
+    distill, _, _ = prune_sweep.stage_configs(cfg, {**knobs, "objective": "distill"})
+    assert distill.objective == "distill" and distill.head is None
+    with pytest.raises(prune_sweep.SweepError, match="snapshots with objective classification"):
+        prune_sweep.stage_configs(cfg, {**knobs, "snapshots": [0.3, 0.5]})
     folder = Path("sweeps/runs/task/trial_0")
     record = prune_sweep.run_trial(cfg, knobs, folder)
     assert not (folder / "prune2").exists()
@@ -407,9 +411,9 @@ def test_a_task_loss_trial_prunes_without_a_teacher(sweep_dir):
 def test_snapshots_trace_the_grid_in_one_trial(sweep_dir):
     """``--snapshots``: one trial, one prune1 ramping to the grid's top; every grid target above 0 is a point
     (shrunk from its snapshot, fine-tuned, evaluated) and the trial's values are the highest point's."""
-    root, storage, _ = sweep_dir
+    root, storage, uri = sweep_dir
     cfg = load_config(SMOKE_SWEEP, SweepConfig, overrides={"grid": [0.0, 0.2, 0.4]})
-    out = run_sweep(cfg, storage=storage, track=False, snapshots=True)
+    out = run_sweep(cfg, storage=storage, tracking_uri=uri, snapshots=True)
     assert out["study"] == "smoke-prune-snapshots" and out["worker"]["complete"] == 1
     (trial,) = optuna.load_study(study_name="smoke-prune-snapshots", storage=storage).get_trials()
     folder = root / trial.user_attrs["trial_dir"]
@@ -427,5 +431,8 @@ def test_snapshots_trace_the_grid_in_one_trial(sweep_dir):
         assert p["achieved_sparsity"] == pytest.approx(shrink["achieved_sparsity"])
     # the later snapshot is the same run further on (or its final state): never larger
     assert record["points"][0]["params_encoder"] >= record["points"][1]["params_encoder"]
+    # the trial's MLflow artifacts are its top point's structure; no stage keeps its checkpoints
+    assert (folder / "structure.json").read_bytes() == (folder / "snapshot_0.400" / "structure.json").read_bytes()
+    assert not list(folder.glob("**/ckpt"))
     with pytest.raises(prune_sweep.SweepError, match="without --grid"):
         run_sweep(cfg, storage=storage, track=False, snapshots=True, grid=True)

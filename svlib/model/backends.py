@@ -58,10 +58,12 @@ class BackendConfig:
 
 
 def read_states(states: Sequence[int] | None, num_states: int, who: str) -> list[int]:
-    """The indices a back-end reads out of ``num_states`` (all of them for ``None``), checked in range."""
-    chosen = list(range(num_states)) if states is None else list(states)
-    if any(i >= num_states for i in chosen):
-        raise ConfigError(f"{who}: backend.states {chosen} out of range: the front-end has {num_states} hidden states")
+    """The indices a back-end reads out of ``num_states`` (all of them for ``None``), sorted (the order the
+    adapters are saved in, whatever order they were given in), checked distinct and in range."""
+    chosen = list(range(num_states)) if states is None else sorted(int(i) for i in states)
+    if not chosen or len(set(chosen)) != len(chosen) or any(not 0 <= i < num_states for i in chosen):
+        raise ConfigError(f"{who}: backend.states {list(states or [])}: expected distinct indices in [0, {num_states}) "
+                          f"(the front-end has {num_states} hidden states)")
     return chosen
 
 

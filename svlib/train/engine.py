@@ -651,8 +651,9 @@ def train(model: nn.Module, head: nn.Module, loader, cfg: TrainConfig, out_dir: 
     distillation terms and the sparsity of a pruning run) are averaged over the log window and logged too.
 
     ``after_step(step)`` runs on every rank after each update (``step`` counts the updates done), before that
-    step's checkpoint, so what it writes at step k is written again when a run resumes from before k (e.g.
-    prune1's snapshots). Every rank agrees that it returned: a failure in it on one rank stops all of them.
+    step's checkpoint: a run resumed from before step k calls it again for step k, and the hook decides whether
+    to write again (prune1's snapshots keep what is already on disk). Every rank agrees that it returned: a
+    failure in it on one rank stops all of them.
     """
     rank, world = _dist()
     # collective the first time (a gloo side group under NCCL): first, before anything that can raise on some ranks
