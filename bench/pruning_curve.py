@@ -17,8 +17,8 @@ killed run resumes with the same command: finished stages are reused, interrupte
   widths layer by layer, the units drawn at random, ``random_prune`` with ``match: layer``) and ``task`` (prune1
   with ``objective: classification``: the same masks and Lagrangian, the AAM-softmax of s2's head instead of
   distillation, no teacher, no prune2; graft takes prune1's own back-end and head).
-* ``snapshots``: one prune1 (KD) whose target ramps to the highest target and saves the student each time its
-  expected sparsity crosses a target (``prune.snapshots``); each snapshot then goes through shrink -> prune2 ->
+* ``snapshots``: one prune1 (KD) whose target ramps to the highest target and saves the student each time the
+  sparsity it constrains crosses a target (``prune.snapshots``); each snapshot then goes through shrink -> prune2 ->
   graft -> ps1..ps3 like a grid point. ``snapshot_vs_grid`` holds, per target, the paired interval of
   EER(snapshot) - EER(grid KD), and ``compute_ratio``: the snapshot curve's minutes over the grid's.
 

@@ -155,8 +155,8 @@ class PruneConfig:
     # met by their fractional mass, while the rounding then removes them all (0.712 achieved at target 0.7).
     constrain: Literal["expected", "deterministic"] = "expected"
     masks: MaskConfig = field(default_factory=MaskConfig)
-    # The curve from one run: the student (weights and gates) is saved each time its expected sparsity first
-    # reaches one of these levels, under snapshots/<level>/ (``save_snapshot``), and each is then shrunk,
+    # The curve from one run: the student (weights and gates) is saved each time the sparsity this run constrains
+    # (``constrain``) first reaches one of these levels, under snapshots/<level>/ (``save_snapshot``), and each is then shrunk,
     # distilled, grafted and fine-tuned like a separately trained point. The run's target must be the highest
     # level: it ramps through all of them. A level the run never reaches is saved from its final state
     # (``reached: false`` in that snapshot's result.json).
@@ -406,8 +406,9 @@ def save_snapshot(stage_dir: Path, level: float, cfg: DistillStageConfig, studen
 
 
 class SnapshotWriter:
-    """The engine's ``after_step`` for ``prune.snapshots``: saves each level the first time the expected
-    sparsity reaches it. Levels already on disk are skipped, so a resumed run rewrites only what it had not
+    """The engine's ``after_step`` for ``prune.snapshots``: saves each level the first time the sparsity the
+    Lagrangian constrains reaches it (``constrain: deterministic``: what the rounded masks keep, i.e. what shrink
+    will keep; else the expected sparsity). Levels already on disk are skipped, so a resumed run rewrites only what it had not
     saved before its checkpoint (and, replaying the same steps, at the same steps)."""
 
     def __init__(self, stage_dir: Path, cfg: DistillStageConfig, student: Frontend, mask_set: MaskSet, rank: int):
@@ -417,8 +418,11 @@ class SnapshotWriter:
     def __call__(self, step: int) -> None:
         if not self.pending:
             return
-        expected = float(self.mask_set.expected_sparsity().detach())  # the same on every rank (DDP-synced gates)
-        while self.pending and expected >= self.pending[0]:
+        with torch.no_grad():  # the same on every rank (DDP-synced gates); one host read per step
+            expected, rounded = self.mask_set.param_counts()
+        counts = rounded if self.cfg.prune.constrain == "deterministic" else expected
+        sparsity = 1.0 - float(counts) / self.mask_set.dense_params
+        while self.pending and sparsity >= self.pending[0]:
             level = self.pending.pop(0)
             if self.rank == 0:
                 save_snapshot(self.stage_dir, level, self.cfg, self.student, self.mask_set, step, reached=True)
