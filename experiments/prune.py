@@ -408,9 +408,9 @@ def save_snapshot(stage_dir: Path, level: float, cfg: DistillStageConfig, studen
 class SnapshotWriter:
     """The engine's ``after_step`` for ``prune.snapshots``: saves each level the first time the sparsity the
     Lagrangian constrains reaches it (``constrain: deterministic``: what the deterministic masks keep, exactly
-    what shrink will keep; else the expected sparsity). On the demo's ramp the rounded-count estimate the
-    Lagrangian uses ran ahead of the masks' own count by up to 0.03 (snapshots at 0.728 and 0.838 for 0.7 and
-    0.8), the expected one behind by 0.02 (0.680, 0.777). Levels already on disk are skipped, so a resumed run rewrites only what it had not
+    what shrink will keep; else the expected sparsity, which lagged the masks' by up to 0.02 on the demo's ramp).
+    During a fast ramp the masks' sparsity moves in jumps (many gates cross together), so a snapshot can land
+    above its level: on the demo, 0.728 and 0.838 for 0.7 and 0.8 (result.json records the achieved value). Levels already on disk are skipped, so a resumed run rewrites only what it had not
     saved before its checkpoint (and, replaying the same steps, at the same steps)."""
 
     def __init__(self, stage_dir: Path, cfg: DistillStageConfig, student: Frontend, mask_set: MaskSet, rank: int):
