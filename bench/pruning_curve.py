@@ -34,6 +34,7 @@ demo pipeline folders (one per seed, e.g. exp/demo and two ``make demo`` runs wi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -262,7 +263,10 @@ def seed_results(folders: list[str]) -> list[dict]:
             raise FileNotFoundError(f"{folder}: no finished eval stage (run the demo pipeline there first)")
         eer, ci = test_numbers(record)
         seed = read_yaml(Path(folder) / "s3" / "config.yaml")["train"]["seed"]
-        out.append({"run": Path(folder).as_posix(), "seed": seed, "eer_pct": eer, "eer_ci": ci})
+        summary = Path(folder) / "summary.json"
+        machine = json.loads(summary.read_text()).get("machine", {}) if summary.is_file() else {}
+        out.append({"run": Path(folder).as_posix(), "seed": seed, "eer_pct": eer, "eer_ci": ci,
+                    "threads": machine.get("threads")})
     return out
 
 
@@ -375,7 +379,9 @@ def main(argv=None) -> int:
         snapshot["prune1"] = stages["prune1_snapshots"].get("snapshots")
     result["snapshot_vs_grid"] = snapshot
     result["seeds"] = seed_results(args.seed_runs)
-    result["minutes"] = timer.minutes
+    result["minutes"] = timer.minutes  # this call's (finished stages are reused, not rerun)
+    # what the whole curve cost: every stage's own minutes, whenever it ran (the load below is this call's)
+    result["stage_minutes_total"] = sum((r or {}).get("minutes") or 0.0 for r in stages.values())
     result["load"] = {"threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
                       "cpu_count": os.cpu_count(), "load_average_start": list(load_before),
                       "load_average_end": list(os.getloadavg())}
