@@ -65,4 +65,4 @@ def test_every_stage_gives_the_same_numbers_twice(two_runs):
     for stage in ("eval", "eval_pruned"):
         assert (a / stage / "scores" / "test.txt").read_bytes() == (b / stage / "scores" / "test.txt").read_bytes()
     # and the numbers are real: trained stages report a validation EER, the evaluations a test EER
-    assert json.loads((a / "eval_pruned" / "result.json").read_text())["test"]["eer_pct"] > 0
+    assert json.loads((a / "eval_pruned" / "result.json").read_text())["test"]["test"]["eer_pct"] > 0
