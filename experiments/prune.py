@@ -394,12 +394,9 @@ def save_snapshot(stage_dir: Path, level: float, cfg: DistillStageConfig, studen
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_config(cfg, tmp / "config.yaml")
-    save_tensors_atomic({k: v.detach().cpu().contiguous() for k, v in mask_set.state_dict().items()}, tmp / GATES)
     save_stage_encoder(student.encoder, tmp / ENCODER)  # dense, with the masks' weights as they are at ``step``
-    structure = write_structure(tmp, mask_set.sizes(), student.config, f"{cfg.stage} snapshot {level:.3f}")
-    record = {"stage": cfg.stage, "snapshot": level, "step": step, "reached": reached,
-              "target_sparsity": level, "expected_sparsity": float(mask_set.expected_sparsity().detach()),
-              **_size_metrics(structure), "sizes": structure["layers"]}
+    record = {"stage": cfg.stage, "snapshot": level, "step": step, "reached": reached, "target_sparsity": level,
+              **save_gates(tmp, mask_set, student.config, f"{cfg.stage} snapshot {level:.3f}")}
     write_result(tmp, record)
     os.replace(tmp, final)
     return record
@@ -410,8 +407,9 @@ class SnapshotWriter:
     Lagrangian constrains reaches it (``constrain: deterministic``: what the deterministic masks keep, exactly
     what shrink will keep; else the expected sparsity, which lagged the masks' by up to 0.02 on the demo's ramp).
     During a fast ramp the masks' sparsity moves in jumps (many gates cross together), so a snapshot can land
-    above its level: on the demo, 0.728 and 0.838 for 0.7 and 0.8 (result.json records the achieved value). Levels already on disk are skipped, so a resumed run rewrites only what it had not
-    saved before its checkpoint (and, replaying the same steps, at the same steps)."""
+    above its level: on the demo, 0.728 and 0.838 for 0.7 and 0.8 (result.json records the achieved value).
+    Levels already on disk are skipped, so a resumed run writes only what it had not saved before it stopped
+    (replaying the same steps, at the same steps)."""
 
     def __init__(self, stage_dir: Path, cfg: DistillStageConfig, student: Frontend, mask_set: MaskSet, rank: int):
         self.stage_dir, self.cfg, self.student, self.mask_set, self.rank = stage_dir, cfg, student, mask_set, rank
@@ -420,11 +418,10 @@ class SnapshotWriter:
     def __call__(self, step: int) -> None:
         if not self.pending:
             return
-        with torch.no_grad():  # the same on every rank (DDP-synced gates); one host read per step
-            if self.cfg.prune.constrain == "deterministic":
-                params = self.mask_set.deterministic_params()  # exactly what shrink will keep
-            else:
-                params = float(self.mask_set.expected_params())
+        with torch.no_grad():  # the same on every rank (DDP-synced gates)
+            expected, rounded = self.mask_set.param_counts()  # rounded == what shrink keeps, computed on device
+        # one host read per step, not one per gate (deterministic_params() reads every gate's mask back)
+        params = float(rounded if self.cfg.prune.constrain == "deterministic" else expected)
         sparsity = 1.0 - params / self.mask_set.dense_params
         while self.pending and sparsity >= self.pending[0]:
             level = self.pending.pop(0)
@@ -492,6 +489,17 @@ def write_structure(stage_dir: Path, sizes: list[dict[str, int]], config, title:
         tracker.log_artifact(stage_dir / STRUCTURE)
         tracker.log_artifact(stage_dir / STRUCTURE_PNG)
     return record
+
+
+def save_gates(stage_dir: Path, mask_set: MaskSet, config, title: str, tracker=None) -> dict:
+    """The gates (``gates.safetensors``) and the structure their deterministic masks keep (structure.json/png)
+    in ``stage_dir``; returns the record's size keys: the expected sparsity beside what the deterministic
+    (rounded, top-k) masks actually keep (achieved sparsity, encoder parameters, per-layer sizes)."""
+    save_tensors_atomic({k: v.detach().cpu().contiguous() for k, v in mask_set.state_dict().items()},
+                        stage_dir / GATES)
+    structure = write_structure(stage_dir, mask_set.sizes(), config, title, tracker)
+    return {"expected_sparsity": float(mask_set.expected_sparsity().detach()), **_size_metrics(structure),
+            "sizes": structure["layers"]}
 
 
 def _size_metrics(record: dict) -> dict[str, float]:
@@ -579,15 +587,10 @@ def run_distill(cfg: DistillStageConfig, data: DataConfig, out_dir: str | Path, 
                 snapshots.finish(result.final_step)
                 record["snapshots"] = [{k: r[k] for k in ("snapshot", "step", "reached", "expected_sparsity",
                                                            "achieved_sparsity")} for r in snapshot_records(out_dir)]
-            save_tensors_atomic({k: v.detach().cpu().contiguous() for k, v in mask_set.state_dict().items()},
-                                out_dir / GATES)
-            structure = write_structure(out_dir, mask_set.sizes(), student.config, cfg.stage, tracker)
-            # Expected sparsity at the end vs what the deterministic (rounded, top-k) masks actually keep.
             record |= {"target_sparsity": cfg.prune.target_sparsity,
-                       "expected_sparsity": float(mask_set.expected_sparsity().detach()),
                        "lambda1": float(objective.lagrangian.lambda1.detach()),
                        "lambda2": float(objective.lagrangian.lambda2.detach()),
-                       **_size_metrics(structure), "sizes": structure["layers"]}
+                       **save_gates(out_dir, mask_set, student.config, cfg.stage, tracker)}
             # the student keeps its dense shape here; shrink removes the units
             mask_set.detach()
         else:
