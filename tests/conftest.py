@@ -1,6 +1,7 @@
 """Shared fixtures: the read-only speech data lives beside the repo in ../shared/data."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
-torch.set_num_threads(2)
+# SVLIB_TEST_THREADS=1 when several suites share the two cores (threads spinning against each other's load)
+torch.set_num_threads(int(os.environ.get("SVLIB_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="module")
