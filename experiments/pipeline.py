@@ -34,12 +34,14 @@ from experiments import prune as prune_stage
 from experiments import train as train_stage
 from experiments.baselines import fbank_baseline, random_init_baseline
 
-from experiments.common import (DataConfig, Timer, leave_process_group, metrics_of, print_table, rank_zero_result,
+from experiments.common import (RESULT, DataConfig, OutDirBusy, RankError, Timer, exclusive_out_dir,
+                                interrupt_on_sigterm, leave_process_group, metrics_of, print_table, rank_zero_result,
                                 read_result, setup_process_group, share_from_rank_zero)
 from svlib.config import (ConfigError, check_overrides, check_relative, from_dict, load_config, merge_overrides,
                           read_yaml, to_dict)
+from svlib.data.lists import ListError
 from svlib.files import write_json
-from svlib.tracking import Tracker, data_fingerprint, git_commit, headline_metrics
+from svlib.tracking import OUT_DIR_TAG, Tracker, close_stale_runs, data_fingerprint, git_commit, headline_metrics
 from svlib.train.engine import ResumeError
 
 STAGE_KINDS = ("train", "merge", "evaluate", "prune", "shrink", "graft", "random_prune", "control", "use")
@@ -212,6 +214,16 @@ def select_stages(cfg: PipelineConfig, stages: str | None = None, until: str | N
     return chosen
 
 
+def check_inputs(cfg: PipelineConfig) -> None:
+    """Everything the pipeline reads from outside its out_dir, before its first stage: the data section
+    (:meth:`DataConfig.check_inputs`) and the folders of ``use`` stages."""
+    cfg.data.check_inputs()
+    unfinished = [f"stages.{spec.name}.path: {spec.path} is not a finished stage (no {RESULT})"
+                  for spec in cfg.stages if spec.kind == "use" and read_result(spec.path) is None]
+    if unfinished:
+        raise ConfigError("; ".join(unfinished))
+
+
 def stage_dirs(cfg: PipelineConfig) -> dict[str, Path]:
     """Every stage's folder: ``<out_dir>/<name>``, or its own ``path`` for a ``use`` stage."""
     return {s.name: Path(s.path) if s.kind == "use" else Path(cfg.out_dir) / s.name for s in cfg.stages}
@@ -279,7 +291,7 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
     rank, _ = setup_process_group(cfg.dist_timeout_minutes)
     tracker = tracker if rank == 0 else None
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    rank_zero_result(lambda: check_inputs(cfg))
     if stage_cfgs is None:
         stage_cfgs = load_stage_configs(cfg, config_dir)
     selected = [spec for spec in cfg.stages if stages is None or spec.name in stages]
@@ -287,7 +299,8 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
     timer = Timer()
     tags = {}
     if tracker is not None:
-        tags = {"kind": "pipeline", "git_commit": git_commit(), "data_fingerprint": data_fingerprint(cfg.data.list_files())}
+        tags = {"kind": "pipeline", "git_commit": git_commit(), "data_fingerprint": data_fingerprint(cfg.data.list_files()),
+                OUT_DIR_TAG: str(out.resolve())}
     # the machine's state, for reading the minutes (shared machines swing 2-5x): threads, cores, load averages
     summary: dict = {"name": cfg.name, "stages": {}, "machine": {
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg())}}
@@ -354,10 +367,12 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
             summary["stages"][spec.name] = record
         return rank_zero_result(finish)
 
-    if tracker is None:
-        return body()
-    with tracker.run(f"pipeline:{cfg.name}", tags=tags, params={"pipeline": to_dict(cfg)}):
-        return body()
+    with exclusive_out_dir(out):  # one pipeline per out_dir; every rank holds or checks it
+        if tracker is None:
+            return body()
+        close_stale_runs(tracker.tracking_uri, tracker.experiment_id, out)  # a dead pipeline's, under our lock
+        with tracker.run(f"pipeline:{cfg.name}", tags=tags, params={"pipeline": to_dict(cfg)}):
+            return body()
 
 
 def compare_with_fbank(cfg: PipelineConfig, out: Path) -> dict:
@@ -438,12 +453,20 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rank, _ = setup_process_group(cfg.dist_timeout_minutes)
-    tracker = None if args.no_tracking or rank != 0 else Tracker(args.experiment or cfg.name)
     try:
-        summary = run(cfg, Path(args.config).parent, tracker, stage_cfgs=stage_cfgs, stages=selected)
-    except ResumeError as err:  # every rank reads the same checkpoint, so every rank stops here alike
+        with interrupt_on_sigterm():  # a SIGTERM closes this pipeline's MLflow runs and releases its lock
+            tracker = None if args.no_tracking or rank != 0 else Tracker(args.experiment or cfg.name)
+            summary = run(cfg, Path(args.config).parent, tracker, stage_cfgs=stage_cfgs, stages=selected)
+    except (ConfigError, ListError, ResumeError, OutDirBusy, RankError, OSError) as err:
+        # the user's side (a path, a busy or read-only out_dir, a full disk) or rank 0's error on the others: one
+        # line; no leave_process_group, whose barrier a rank still inside a stage would never reach (torchrun
+        # stops the others when this rank exits)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: rerun the same command to resume (finished stages are kept in {cfg.out_dir})",
+              file=sys.stderr)
+        return 130
     if args.report and rank == 0:
         report(summary, Path(args.report))
     leave_process_group()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import re
 import shutil
@@ -92,9 +93,12 @@ def env(tmp_path_factory):
     shutil.move(tmp / "array.npy", tmp / "array.npz")
     (tmp / "pickled.npz").write_bytes(pickle.dumps({"utts": ["a"], "embeddings": [[1.0]]}))
 
-    # pipeline configs: one train stage whose YAML is empty, one with a NaN learning rate
+    # pipeline configs: one train stage whose YAML is empty, one with a NaN learning rate, one with a negative
+    # one, one that gives a key twice
     s1 = (REPO / "experiments" / "configs" / "smoke" / "s1.yaml").read_text()
-    for name, stage in (("empty", "# nothing here yet\n"), ("nan", s1.replace("lr_frontend: 1.0e-3", "lr_frontend: .nan"))):
+    stages = (("empty", "# nothing here yet\n"), ("nan", s1.replace("lr_frontend: 1.0e-3", "lr_frontend: .nan")),
+              ("neglr", s1.replace("lr_backend: 1.0e-3", "lr_backend: -1.0e-3")), ("dup", s1 + "device: cpu\ndevice: cuda\n"))
+    for name, stage in stages:
         d = tmp / f"cfg_{name}"
         d.mkdir()
         (d / "s1.yaml").write_text(stage)
@@ -102,6 +106,15 @@ def env(tmp_path_factory):
             "name: t\nout_dir: exp/t\ndata: {train: d/train, val: d/val, val_trials: d/v.txt, test: d/test, "
             "test_trials: {test: d/t.txt}}\nstages:\n  - {name: s1, kind: train, config: s1.yaml}\n")
     assert "lr_frontend: .nan" in (tmp / "cfg_nan" / "s1.yaml").read_text()
+    assert "lr_backend: -1.0e-3" in (tmp / "cfg_neglr" / "s1.yaml").read_text()
+    # a pipeline whose data paths are misspelled (its one stage is a finished folder: nothing to train first)
+    (tmp / "done").mkdir()
+    (tmp / "done" / "result.json").write_text("{}\n")
+    here = os.path.relpath(tmp)  # configs hold relative paths only
+    (tmp / "cfg_paths.yaml").write_text(
+        f"name: t\nout_dir: {here}/exp_paths\nbaselines: false\n"
+        "data: {test: data/no-such-test, test_trials: {O: data/no-such-trials.txt}}\n"
+        f"stages:\n  - {{name: a, kind: use, path: {here}/done}}\n")
     return tmp
 
 
@@ -275,6 +288,17 @@ CASES: dict[str, Case] = {
         lambda t: ["--config", t / "cfg_nan" / "pipeline.yaml", "--no-tracking"],
         "error: {t}/cfg_nan/s1.yaml: train.optim.lr_frontend: expected a finite number, got nan",
         runner=pipeline.main),
+    "negative learning rate": Case(
+        lambda t: ["--config", t / "cfg_neglr" / "pipeline.yaml", "--no-tracking"],
+        "error: {t}/cfg_neglr/s1.yaml: train.optim: lr_backend must be >= 0, got -0.001", runner=pipeline.main),
+    "a key given twice in a stage YAML": Case(
+        lambda t: ["--config", t / "cfg_dup" / "pipeline.yaml", "--no-tracking"],
+        "error: {t}/cfg_dup/s1.yaml: line 11: duplicate key 'device' (first given on line 10); a mapping may give "
+        "each key once", runner=pipeline.main),
+    "misspelled data paths, found before any stage runs": Case(
+        lambda t: ["--config", t / "cfg_paths.yaml", "--no-tracking"],
+        "error: data.test: data/no-such-test: no such data directory; data.test_trials.O: data/no-such-trials.txt: "
+        "no such file", runner=pipeline.main),
 }
 
 
