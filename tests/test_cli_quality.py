@@ -201,3 +201,33 @@ def test_verify_on_narrowband_input(setup, sv_mini, capsys):
     assert code == 0 and "decision" in out
     assert err.splitlines() == [f"svlib: note: 2 of 2 input(s) are {NARROWBAND_NOTE}: {a}, {b}; deciding anyway "
                                 "(the calibration was fitted on narrow-band trials)"]
+
+
+def test_resumed_embed_keeps_the_flags(setup, capsys, monkeypatch):
+    """Flags of the utterances embedded before an interruption come back from the partial checkpoint."""
+    import torch
+
+    from svlib.model.speaker import SpeakerModel
+
+    tmp, files = setup
+    out = tmp / "resumed.npz"
+    # narrow.flac (= wide0 through 8 kHz, longest) is embedded first; the second file fails
+    argv = ["embed", "--model", tmp / "model", "--wav", files["narrow"], files["cut"], "--out", out,
+            "--checkpoint-every", "1", "--no-progress"]
+    forward, calls = SpeakerModel.forward, []
+
+    def dies_on_the_second(self, waves, lengths):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return forward(self, waves, lengths)
+
+    monkeypatch.setattr(SpeakerModel, "forward", dies_on_the_second)
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and "1 embeddings kept in" in err
+    assert load_embeddings(out.with_name(out.name + ".partial.npz")).flagged("narrowband") == [files["narrow"]]
+    monkeypatch.setattr(SpeakerModel, "forward", forward)
+    code, _, err = _run(argv, capsys)
+    assert code == 0 and "1 of 2 utterances already embedded" in err
+    table = load_embeddings(out)
+    assert table.flagged("narrowband") == [files["narrow"]] and table.flagged("truncated") == [files["cut"]]
