@@ -572,9 +572,9 @@ def _embed(args: argparse.Namespace) -> int:
             table = {}
             for utt in chunk:  # one at a time, to find the bad ones
                 try:
-                    one = _embed_files(model, {utt: wavs[utt]}, seconds, args, args.device)
-                    table.update(one)
-                    narrowband.update(one.flagged("narrowband"))
+                    single = _embed_files(model, {utt: wavs[utt]}, seconds, args, args.device)
+                    table.update(single)
+                    narrowband.update(single.flagged("narrowband"))
                 except (AudioError, SilentAudioError, EmbeddingRunError, MemoryError) as one:
                     skipped[utt] = str(one)
         done.update({u: np.asarray(v) for u, v in table.items()})
@@ -602,8 +602,8 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
                    help="calibrated Bayes threshold on the LLR (default) or the calibration list's EER threshold")
     p.add_argument("--threshold", type=float, help="use this cosine-score threshold instead of calibration.json")
     p.add_argument("--allow-narrowband", action="store_true",
-                   help="decide on narrow-band audio (recorded below 16 kHz or with nothing above 4 kHz) although the "
-                        "calibration was fitted on wide-band trials: such audio of different speakers often matches")
+                   help="decide on narrow-band audio (recorded below 16 kHz or with nothing above 4.25 kHz) although "
+                        "the calibration was fitted on wide-band trials: such audio of different speakers often matches")
     _device_arg(p)
     _windowed_arg(p)
 

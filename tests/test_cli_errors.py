@@ -82,7 +82,8 @@ def env(tmp_path_factory):
     _flac_without_samples(tmp / "no_samples.flac", tmp)
     noise = 0.1 * np.random.default_rng(3).standard_normal(SR).astype(np.float32)
     sf.write(tmp / "rate8k.wav", soxr.resample(noise, SR, 8000), 8000)  # an 8 kHz file
-    sf.write(tmp / "upsampled8k.wav", soxr.resample(soxr.resample(noise, SR, 8000), 8000, SR), SR)  # 16 kHz, nothing above 4
+    # stored at 16 kHz, but nothing above 4 kHz
+    sf.write(tmp / "upsampled8k.wav", soxr.resample(soxr.resample(noise, SR, 8000), 8000, SR), SR)
     (tmp / "bad.scp").write_text(f"a {tmp / 'a.wav'}\ncorrupt {tmp / 'corrupt.wav'}\n")
     (tmp / "pipe.scp").write_text(f"a {tmp / 'a.wav'}\nb sox {tmp / 'b.wav'} -t wav - |\n")
     (tmp / "ref.pth").write_text("this is not a checkpoint\n")
@@ -130,6 +131,11 @@ def _raise(exc: BaseException) -> Callable:
             raise exc
         monkeypatch.setattr(SpeakerModel, "forward", forward)
     return patch
+
+
+def _embed_before_the_model(name: str) -> Callable[[Path], list]:
+    """``svlib embed`` of one fixture file with the unloadable model: the file's error must come first."""
+    return lambda t: ["embed", "--model", t / "broken_model", "--wav", t / name, "--out", t / "x.npz"]
 
 
 class Case(NamedTuple):
@@ -210,13 +216,13 @@ CASES: dict[str, Case] = {
         "supported, give a plain audio file path"),
     # --- degenerate audio files: named, never a ZeroDivisionError or a NumPy allocation error
     "embed a 0-byte .flac": Case(
-        lambda t: ["embed", "--model", t / "broken_model", "--wav", t / "empty.flac", "--out", t / "x.npz"],
+        _embed_before_the_model("empty.flac"),
         "svlib embed: error: {t}/empty.flac: empty file (0 bytes)"),
     "embed a WAV header without samples": Case(
-        lambda t: ["embed", "--model", t / "broken_model", "--wav", t / "header_only.wav", "--out", t / "x.npz"],
+        _embed_before_the_model("header_only.wav"),
         "svlib embed: error: {t}/header_only.wav: empty audio (a header without samples)"),
     "embed a FLAC header of 0 samples": Case(
-        lambda t: ["embed", "--model", t / "broken_model", "--wav", t / "no_samples.flac", "--out", t / "x.npz"],
+        _embed_before_the_model("no_samples.flac"),
         "svlib embed: error: {t}/no_samples.flac: empty audio (a header without samples)"),
     # --- narrow-band input: verify refuses a decision, before the model loads
     "verify an 8 kHz file with --threshold": Case(
