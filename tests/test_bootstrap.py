@@ -239,3 +239,30 @@ def test_sparsity_curve_intervals_from_stored_scores(tmp_path):
     from sweeps.prune_sweep import plot_sweep
 
     assert plot_sweep(plotted, bench.plot_teacher(result), tmp_path / "curve.png").stat().st_size > 10_000
+
+
+def test_both_score_file_readers_report_a_nan_by_file_line(tmp_path):
+    """One parser under load_trial_scores (compare, final_vs_fbank) and read_labelled_scores (score_file_ci,
+    the analysis DET plots): a NaN on line k is ``file:k`` in every path, not a trial index."""
+    from svlib.analysis import read_scores
+    from svlib.data.lists import Trials
+    from svlib.scoring.bootstrap import load_trial_scores, read_labelled_scores, score_file_ci
+
+    enroll, test, labels, _ = all_pairs(4, 2)
+    lines = [f"{e} {t} {0.5 + y:.6f} {'target' if y else 'nontarget'}" for e, t, y in zip(enroll, test, labels)]
+    k = 6
+    lines[k - 1] = lines[k - 1].replace(" 0.500000 ", " nan ")
+    path = tmp_path / "scores.txt"
+    path.write_text("\n".join(lines) + "\n")
+    trials = Trials(enroll, test, labels)
+    message = rf"^{path}:{k}: score 'nan' is not finite$"
+    for read in (lambda: load_trial_scores(path, trials), lambda: read_labelled_scores(path),
+                 lambda: score_file_ci(path, replicates=10), lambda: read_scores(path)):
+        with pytest.raises(BootstrapError, match=message):
+            read()
+    # the labelled form is required where the labels come from the file, optional where the trial list has them
+    path.write_text(f"{enroll[0]} {test[0]} 0.5\n")
+    with pytest.raises(BootstrapError, match=rf"^{path}:1: expected 'enroll test score target\|nontarget', got 3"):
+        read_labelled_scores(path)
+    with pytest.raises(BootstrapError, match=rf"^{path}: no score for trial '{enroll[1]} {test[1]}'"):
+        load_trial_scores(path, trials)

@@ -42,6 +42,7 @@ memory is ``O(chunk * (N_tar + S^2))``, bounded by ``chunk``, not by the number 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -63,6 +64,8 @@ __all__ = [
     "bootstrap_ci",
     "paired_bootstrap",
     "ci_fields",
+    "ScoreFile",
+    "read_score_file",
     "load_trial_scores",
     "paired_score_files",
     "read_labelled_scores",
@@ -341,6 +344,63 @@ def ci_fields(ci: Mapping) -> dict:
 # --------------------------------------------------------------------------------------------------
 # score files (``svlib score --scores-out``: ``enroll test score``; stage ``scores/<list>.txt``: ``... label``)
 
+_LABELS = {"target": 1, "nontarget": 0, "1": 1, "0": 0}
+UNLABELLED = -1  # ``ScoreFile.labels`` of a line without a fourth field
+
+
+@dataclass(frozen=True)
+class ScoreFile:
+    """A score file's trials in file order; ``lines`` are their line numbers (1-based, for error messages)."""
+
+    path: Path
+    enroll: list[str]
+    test: list[str]
+    scores: np.ndarray
+    labels: np.ndarray  # int8: 1 target, 0 non-target, UNLABELLED where the line has no label
+    lines: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.enroll)
+
+
+def read_score_file(path, labelled: bool = False) -> ScoreFile:
+    """The one parser of score files: ``enroll test score [target|nontarget|1|0]`` per line, blank lines
+    skipped. ``labelled``: every line must carry the label (stage score files).
+
+    Every check is made here, so every reader reports bad input alike, as ``<file>:<line>: <problem>``: a
+    wrong number of fields, a score that is not a finite number, an unknown label.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BootstrapError(f"{path}: score file not found")
+    form = "enroll test score target|nontarget" if labelled else "enroll test score [target|nontarget]"
+    enroll, test, scores, labels, lines = [], [], [], [], []
+    with open(path, encoding="utf-8-sig") as fh:
+        for number, line in enumerate(fh, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) not in ((4,) if labelled else (3, 4)):
+                raise BootstrapError(f"{path}:{number}: expected '{form}', got {len(fields)} fields")
+            try:
+                value = float(fields[2])
+            except ValueError:
+                raise BootstrapError(f"{path}:{number}: score {fields[2]!r} is not a number") from None
+            if not np.isfinite(value):
+                raise BootstrapError(f"{path}:{number}: score {fields[2]!r} is not finite")
+            label = UNLABELLED
+            if len(fields) == 4:
+                label = _LABELS.get(fields[3].lower())
+                if label is None:
+                    raise BootstrapError(f"{path}:{number}: label {fields[3]!r} is not target/nontarget/1/0")
+            enroll.append(fields[0])
+            test.append(fields[1])
+            scores.append(value)
+            labels.append(label)
+            lines.append(number)
+    return ScoreFile(path, enroll, test, np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int8),
+                     np.asarray(lines, dtype=np.int64))
+
 
 def load_trial_scores(path, trials, trials_source: str = "the trial list") -> np.ndarray:
     """The scores of ``path`` in the order of ``trials`` (``svlib.data.lists.Trials``).
@@ -348,47 +408,26 @@ def load_trial_scores(path, trials, trials_source: str = "the trial list") -> np
     The file must hold exactly the trials' (enroll, test) pairs, once each; a fourth field, when present,
     must agree with the trial's label. Errors name the file, the line and the first offending pair.
     """
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.is_file():
-        raise BootstrapError(f"{path}: score file not found")
     index = {pair: i for i, pair in enumerate(zip(trials.enroll, trials.test))}
     if len(index) != len(trials):
         raise BootstrapError(f"{trials_source}: the same (enroll, test) pair is listed twice")
+    parsed = read_score_file(path)
+    path = parsed.path
     scores = np.full(len(trials), np.nan)
     line_of = np.zeros(len(trials), dtype=np.int64)
     extra, first_extra = 0, None
-    labels = {"target": 1, "nontarget": 0, "1": 1, "0": 0}
-    with open(path, encoding="utf-8-sig") as fh:
-        for number, line in enumerate(fh, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) not in (3, 4):
-                raise BootstrapError(f"{path}:{number}: expected 'enroll test score [target|nontarget]', got "
-                                     f"{len(fields)} fields")
-            try:
-                value = float(fields[2])
-            except ValueError:
-                raise BootstrapError(f"{path}:{number}: score {fields[2]!r} is not a number") from None
-            if not np.isfinite(value):
-                raise BootstrapError(f"{path}:{number}: score {fields[2]!r} is not finite")
-            i = index.get((fields[0], fields[1]))
-            if i is None:
-                extra += 1
-                first_extra = first_extra or f"{fields[0]} {fields[1]}"
-                continue
-            if line_of[i]:
-                raise BootstrapError(f"{path}:{number}: trial '{fields[0]} {fields[1]}' repeats line {line_of[i]}")
-            if len(fields) == 4:
-                label = labels.get(fields[3].lower())
-                if label is None:
-                    raise BootstrapError(f"{path}:{number}: label {fields[3]!r} is not target/nontarget/1/0")
-                if label != int(trials.labels[i]):
-                    raise BootstrapError(f"{path}:{number}: trial '{fields[0]} {fields[1]}' is labelled "
-                                         f"{fields[3]} here but not in {trials_source}")
-            scores[i], line_of[i] = value, number
+    for e, t, value, label, number in zip(parsed.enroll, parsed.test, parsed.scores, parsed.labels, parsed.lines):
+        i = index.get((e, t))
+        if i is None:
+            extra += 1
+            first_extra = first_extra or f"{e} {t}"
+            continue
+        if line_of[i]:
+            raise BootstrapError(f"{path}:{number}: trial '{e} {t}' repeats line {line_of[i]}")
+        if label != UNLABELLED and label != int(trials.labels[i]):
+            raise BootstrapError(f"{path}:{number}: trial '{e} {t}' is labelled "
+                                 f"{'target' if label else 'nontarget'} here but not in {trials_source}")
+        scores[i], line_of[i] = value, number
     if extra:
         raise BootstrapError(f"{path}: {extra} score line(s) are not trials of {trials_source} (first: "
                              f"'{first_extra}'); the score files must hold the same trial set")
@@ -413,26 +452,8 @@ def paired_score_files(path_a, path_b, trials, utt2spk: Mapping[str, str] | None
 
 def read_labelled_scores(path) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
     """A stage score file ``enroll test score target|nontarget`` -> ``(enroll, test, scores, labels)``."""
-    from pathlib import Path
-
-    path = Path(path)
-    if not path.is_file():
-        raise BootstrapError(f"{path}: score file not found")
-    enroll, test, scores, labels = [], [], [], []
-    names = {"target": 1, "nontarget": 0, "1": 1, "0": 0}
-    with open(path, encoding="utf-8-sig") as fh:
-        for number, line in enumerate(fh, 1):
-            fields = line.split()
-            if not fields:
-                continue
-            if len(fields) != 4 or fields[3].lower() not in names:
-                raise BootstrapError(f"{path}:{number}: expected 'enroll test score target|nontarget'")
-            try:
-                scores.append(float(fields[2]))
-            except ValueError:
-                raise BootstrapError(f"{path}:{number}: score {fields[2]!r} is not a number") from None
-            enroll.append(fields[0]); test.append(fields[1]); labels.append(names[fields[3].lower()])
-    return enroll, test, np.asarray(scores), np.asarray(labels, dtype=np.int8)
+    parsed = read_score_file(path, labelled=True)
+    return parsed.enroll, parsed.test, parsed.scores, parsed.labels
 
 
 def score_file_ci(path, utt2spk: Mapping[str, str] | None = None, replicates: int = DEFAULT_REPLICATES,
