@@ -385,9 +385,6 @@ class ScoreFile:
     labels: np.ndarray  # int8: 1 target, 0 non-target, UNLABELLED where the line has no label
     lines: np.ndarray
 
-    def __len__(self) -> int:
-        return len(self.enroll)
-
 
 def read_score_file(path, labelled: bool = False) -> ScoreFile:
     """The one parser of score files: ``enroll test score [target|nontarget|1|0]`` per line, blank lines
