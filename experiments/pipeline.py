@@ -280,6 +280,17 @@ def test_row(name: str, record: dict) -> dict:
     return row
 
 
+def interval_notes(summary: dict) -> str:
+    """Below the table, one printed line per test list whose intervals under-cover (``ci_note``: too few
+    speakers, svlib.scoring.bootstrap.few_speakers_note); returned with its line breaks for the summary."""
+    records = list(summary["stages"].values()) + [{"test": res} for res in summary.get("baselines", {}).values()]
+    notes = {name: s["ci_note"] for r in records for name, s in (r.get("test") or {}).items() if s.get("ci_note")}
+    lines = [f"note: {name}: {note}" for name, note in sorted(notes.items())]
+    for line in lines:
+        print(line, flush=True)
+    return "".join("\n" + line for line in lines)
+
+
 def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *,
         stage_cfgs: dict | None = None, stages: list[str] | None = None) -> dict:
     """Run (or skip, where finished) the pipeline's stages, then the baselines and the summary.
@@ -348,6 +359,7 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
                  for name, res in summary.get("baselines", {}).items()]
         columns = ["stage"] + sorted({k for r in rows for k in r if k != "stage" and k != "minutes"}) + ["minutes"]
         summary["table"] = print_table(rows, columns, title=f"pipeline {cfg.name}: test trials per stage")
+        summary["table"] += interval_notes(summary)
         if whole:  # a partial run (--until, --stages) is not the pipeline's summary
             write_json(out / "summary.json", summary)
             if tracker is not None:
@@ -390,16 +402,19 @@ def compare_with_fbank(cfg: PipelineConfig, out: Path) -> dict:
         a, b = out / final / "scores" / f"{name}.txt", out / "baselines" / "fbank" / "scores" / f"{name}.txt"
         if not (a.is_file() and b.is_file()):
             continue
-        eer = paired_score_files(a, b, list_trials, test_dir.utt2spk, name)["eer_pct"]
+        paired = paired_score_files(a, b, list_trials, test_dir.utt2spk, name)
+        eer = paired["eer_pct"]
+        # "better" is a significance call: not made on a list too small for its interval (bootstrap.MIN_SPEAKERS)
         out_lists[name] = {"stage": final, "eer_diff": eer["diff"], "eer_diff_ci": eer["ci"], "p_value": eer["p_value"],
-                           "final_better": eer["ci"][1] < 0.0}
+                           "final_better": eer["significant"] and eer["ci"][1] < 0.0, "speakers": paired["speakers"]}
+        out_lists[name] |= {"note": paired["note"]} if "note" in paired else {}
     return out_lists
 
 
 def report(summary: dict, path: Path, list_name: str = "test") -> dict:
     """The benchmark JSON the issue asks for: per-stage test EER/minDCF and minutes, baselines, wall time."""
     stages = {}
-    final = final_ci = test_speakers = None
+    final = final_ci = test_speakers = ci_note = None
     for name, record in summary["stages"].items():
         test = (record.get("test") or {}).get(list_name)
         stages[name] = {"minutes": record.get("minutes")}
@@ -408,11 +423,13 @@ def report(summary: dict, path: Path, list_name: str = "test") -> dict:
             # speaker-level bootstrap 95 % interval [low, high] and the list's speaker count, when evaluated with one
             stages[name] |= {k: test[k] for k in ("eer_ci_pct", "mindcf_0.01_ci") if test.get(k) is not None}
             final, final_ci, test_speakers = test["eer_pct"], test.get("eer_ci_pct"), test.get("ci_speakers")
+            ci_note = test.get("ci_note")
     base = summary.get("baselines", {})
     out = {
         "final_test_eer_pct": final,
         "final_test_eer_ci": final_ci,
         "test_speakers": test_speakers,
+        "test_ci_note": ci_note,  # too few speakers for the intervals to hold their level (bootstrap.MIN_SPEAKERS)
         "baseline_random_init_eer_pct": base.get("random_init", {}).get(list_name, {}).get("eer_pct"),
         "baseline_fbank_eer_pct": base.get("fbank", {}).get(list_name, {}).get("eer_pct"),
         "baseline_fbank_eer_ci": base.get("fbank", {}).get(list_name, {}).get("eer_ci_pct"),

@@ -148,7 +148,8 @@ def _trial_speakers(args: argparse.Namespace, trials):
 
 
 def _p_value(p: float, replicates: int) -> str:
-    return f"< {1.0 / replicates:.2g}" if p == 0.0 else f"= {p:.3f}"
+    # two-sided: 2 min(share <= 0, share >= 0) moves in steps of 2/R, so no crossing replicate means p < 2/R
+    return f"< {2.0 / replicates:.2g}" if p == 0.0 else f"= {p:.3f}"
 
 
 def _interval(ci: list[float], digits: int) -> str:
@@ -259,6 +260,8 @@ def _score(args: argparse.Namespace) -> int:
     enrolled = f" | enrolment models {args.enroll}" if args.enroll is not None else ""
     print(f"# {args.trials}{enrolled} | {norm}{' + calibration' if calibrated is not None else ''}")
     _print_table(rows)
+    if args.ci and ci.get("note"):
+        print(f"# note: {ci['note']}")
     if args.scores_out is not None:
         from svlib.files import write_lines_atomic
 
@@ -303,10 +306,13 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"{name:<16}  {r['a']:>9.{digits}f}  {r['b']:>9.{digits}f}  {r['diff']:>+9.{digits}f}  "
               f"{_interval(r['ci'], digits):>22}")
     eer = result["eer_pct"]
-    verdict = ("excludes 0: the systems differ" if eer["excludes_zero"]
-               else "contains 0: no significant difference")
+    verdict = "excludes 0" if eer["excludes_zero"] else "contains 0"
+    if "note" not in result:  # a small list's interval under-covers: it is reported, never called significant
+        verdict += ": the systems differ" if eer["significant"] else ": no significant difference"
     print(f"EER difference A - B = {eer['diff']:+.3f} points, 95% CI {_interval(eer['ci'], 3)} {verdict} "
           f"(bootstrap p {_p_value(eer['p_value'], args.replicates)})")
+    if "note" in result:
+        print(f"note: {result['note']}")
     if args.json is not None:
         write_json(args.json, {"a": str(path_a), "b": str(path_b), "trials": str(args.trials)} | result)
     return 0
