@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 
-.PHONY: setup test demo prepare prepare-demo bench
+.PHONY: setup test demo prepare prepare-demo bench mlflow-ui
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,10 @@ setup:
 
 test:
 	$(PY) -m pytest -q -x tests
+
+# the MLflow UI of svlib's store (mlruns/mlflow.db; plain `mlflow ui` opens an empty ./mlflow.db), with its links
+mlflow-ui:
+	$(PY) -m svlib.tracking ui --db mlruns/mlflow.db --port 5000
 
 prepare:
 	$(PY) -m svlib.data.prepare manifest --manifest ../shared/data/sv-bench/manifest.csv --out data/sv-bench

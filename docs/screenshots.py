@@ -3,14 +3,20 @@
     apt-get install -y chromium                       # Debian; any Chromium/Chrome with --headless works
     .venv/bin/python docs/screenshots.py [--workdir DIR] [--out docs]
 
-Runs the smoke pipeline (tiny model, sv-mini, ~1 min on 2 cores) into ``DIR/mlruns/mlflow.db`` unless that
-store already holds the ``smoke`` experiment, serves it with ``mlflow server`` on 127.0.0.1 (started and
+Runs the smoke pipeline and a 3-point smoke grid sweep (tiny model, sv-mini, ~2 min on 2 cores) into
+``DIR/mlruns/mlflow.db`` unless that store already holds their experiments, serves it with ``mlflow server`` on 127.0.0.1 (started and
 stopped by PID through ``svlib.services``) and takes headless-Chromium screenshots, driven over the DevTools
 protocol so that the page opens in the "Model training" workflow with the MLflow Assistant panel closed:
 
-* ``docs/mlflow_runs.png``     the experiment's runs table (``#/experiments/<id>/runs?workflowType=machine_learning&viewStateShareKey=svlib-results``)
-  with the result columns of svlib's saved view plus the final test/val EER bootstrap intervals: the pipeline
-  run with its headline metrics, expanded to show its stage runs;
+* ``docs/mlflow_runs.png``     the experiment's runs table at 1,600 px (``svlib.tracking.runs_page``: ``#/experiments/<id>/
+  runs?workflowType=machine_learning&viewStateShareKey=svlib-results``) in svlib's saved view: every stage row and
+  the pipeline row with val / test EER and their intervals, minDCF, sparsity, size, minutes;
+* ``docs/mlflow_run.png``      a stage run opened from its link (``run_page``) in a fresh browser: the "Model
+  training" side, not GenAI's "Evaluations";
+* ``docs/mlflow_models.png``   the experiment's Models tab: the logged model of every train / merge / graft stage
+  (dense s1-s3, pruned graft / ps1-ps3) with its size and EERs;
+* ``docs/mlflow_sweep.png``    a smoke grid sweep's runs table: per trial (named ``t=0.60 → s=0.07``) val EER,
+  achieved sparsity and test EER with its interval, the study run spanning its trials;
 * ``docs/mlflow_metrics.png``  the train_loss chart of the s1, s2 and s3 stage runs;
 * ``docs/optuna_dashboard.png`` only if ``optuna-dashboard`` is installed: a small two-objective study.
 
@@ -37,37 +43,41 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # experiments/ and svlib/ from this checkout
 
 from svlib.services import free_port, start_mlflow_server, stop_process, wait_http  # noqa: E402
-from svlib.tracking import Tracker, runs_page  # noqa: E402
+from svlib.tracking import Tracker, models_page, run_page, runs_page  # noqa: E402
 
 SMOKE = REPO / "experiments" / "configs" / "smoke" / "pipeline.yaml"
+SMOKE_SWEEP = REPO / "sweeps" / "configs" / "smoke.yaml"  # its teacher: the smoke pipeline's exp/smoke/s2
 MANIFEST = REPO.parent / "shared" / "data" / "sv-mini" / "manifest.csv"
 # the expander of a parent run's row in the runs table (its componentId in MLflow 3.x's RunNameCellRenderer)
 EXPANDER = '[data-component-id$="runnamecellrenderer.tsx_46"]'
-# ag-grid auto-sizes a column to its header and cells on a double click of the header's resize handle: the
-# metric names (final_test_eer_pct_ci_low...) are longer than MLflow's default column width
-AUTOSIZE_COLUMNS = ("document.querySelectorAll('.ag-header-cell-resize').forEach("
-                    "e => e.dispatchEvent(new MouseEvent('dblclick', {bubbles: true})))")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--hide-scrollbars", "--force-device-scale-factor=1"]
 
 
 def fill_store(workdir: Path) -> str:
-    """Run the smoke pipeline into ``workdir`` (skipped when its store already has the experiment)."""
+    """Run the smoke pipeline, then the smoke grid sweep on its s2, into ``workdir`` (each skipped when the store
+    already has its experiment)."""
+    from mlflow import MlflowClient
+
     uri = f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}"
     env = dict(os.environ, MLFLOW_TRACKING_URI=uri, PYTHONPATH=str(REPO))
+    have = set()
     if (workdir / "mlruns" / "mlflow.db").exists():
-        from mlflow import MlflowClient
-
-        if MlflowClient(uri).get_experiment_by_name("smoke") is not None:
-            Tracker("smoke", tracking_uri=uri)  # a store from before the view tags gets them
-            return uri
-    if not MANIFEST.exists():
-        sys.exit(f"sv-mini not found at {MANIFEST}")
-    subprocess.run([sys.executable, "-m", "svlib.data.prepare", "manifest", "--manifest", str(MANIFEST),
-                    "--out", "data/sv-mini"], cwd=workdir, env=env, check=True)
-    subprocess.run([sys.executable, "-m", "experiments.pipeline", "--config", str(SMOKE), "--experiment", "smoke"],
-                   cwd=workdir, env=env, check=True)
+        have = {e.name for e in MlflowClient(uri).search_experiments()}
+        for name in have & {"smoke", "smoke-prune-grid"}:
+            Tracker(name, tracking_uri=uri)  # a store from before the view tags gets them
+    if "smoke" not in have:
+        if not MANIFEST.exists():
+            sys.exit(f"sv-mini not found at {MANIFEST}")
+        subprocess.run([sys.executable, "-m", "svlib.data.prepare", "manifest", "--manifest", str(MANIFEST),
+                        "--out", "data/sv-mini"], cwd=workdir, env=env, check=True)
+        subprocess.run([sys.executable, "-m", "experiments.pipeline", "--config", str(SMOKE), "--experiment", "smoke"],
+                       cwd=workdir, env=env, check=True)
+    if "smoke-prune-grid" not in have:
+        subprocess.run([sys.executable, "-m", "sweeps.prune_sweep", "--config", str(SMOKE_SWEEP), "--grid",
+                        "--storage", f"sqlite:///{workdir / 'optuna.db'}", "--mlflow-uri", uri],
+                       cwd=workdir, env=env, check=True)
     return uri
 
 
@@ -149,10 +159,12 @@ class _DevTools:
 
 
 def screenshot(url: str, path: Path, size=(1920, 1000), ready_text: str = "", clicks: tuple[str, ...] = (),
-               scripts: tuple[str, ...] = (), timeout: float = 60.0) -> Path:
-    """Open ``url`` in headless Chromium with :data:`UI_STORAGE` set before the page's scripts run, wait until
-    the page shows ``ready_text`` (and stops changing), click the CSS selectors ``clicks`` (e.g. a row
-    expander), run the JavaScript ``scripts``, then save a ``size`` PNG to ``path``."""
+               scripts: tuple[str, ...] = (), timeout: float = 60.0, storage: dict | None = None) -> Path:
+    """Open ``url`` in headless Chromium with ``storage`` (default :data:`UI_STORAGE`) in its localStorage before
+    the page's scripts run, wait until the page shows ``ready_text`` (and stops changing), click the CSS
+    selectors ``clicks`` (e.g. a row expander), run the JavaScript ``scripts``, then save a ``size`` PNG to
+    ``path``."""
+    storage = UI_STORAGE if storage is None else storage
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
         cmd = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}",
@@ -168,7 +180,7 @@ def screenshot(url: str, path: Path, size=(1920, 1000), ready_text: str = "", cl
             tools.call("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1,
                        mobile=False)
             seed = "".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(json.dumps(v))});"
-                           for k, v in UI_STORAGE.items())
+                           for k, v in storage.items())
             tools.call("Page.addScriptToEvaluateOnNewDocument", source=seed)
             tools.call("Page.navigate", url=url)
             _wait_for(tools, ready_text, timeout)
@@ -219,10 +231,20 @@ def mlflow_shots(uri: str, workdir: Path, out: Path) -> None:
         eid = exp["experiment_id"]
         runs = _api(url, "/api/2.0/mlflow/runs/search", {"experiment_ids": [eid], "max_results": 100})["runs"]
         by_stage = {t["value"]: r["info"]["run_id"] for r in runs for t in r["data"].get("tags", []) if t["key"] == "stage"}
-        # Runs table, in the "Model training" view with svlib's saved view of the result columns (the link the
-        # README gives), the pipeline row expanded to show its stage runs.
-        screenshot(runs_page(url, eid), out / "mlflow_runs.png", size=(2300, 780), ready_text="matching runs",
-                   clicks=(EXPANDER,), scripts=(AUTOSIZE_COLUMNS,))
+        # Runs table at 1,600 px as the README's link opens it ("Model training" side, svlib's saved view of the
+        # result columns), the pipeline row expanded to show its stage runs.
+        screenshot(runs_page(url, eid), out / "mlflow_runs.png", size=(1600, 820), ready_text="matching runs",
+                   clicks=(EXPANDER,))
+        # A stage run from its printed link, in a browser that never chose a side (GenAI by default): the link's
+        # workflowType keeps it on the model-training side. The Assistant panel stays closed, as elsewhere.
+        fresh = {k: v for k, v in UI_STORAGE.items() if k != "mlflow.workflowType_v1"}
+        screenshot(run_page(url, eid, by_stage["eval_pruned"]), out / "mlflow_run.png", size=(1600, 820),
+                   ready_text="Metrics", storage=fresh)
+        # The Models tab: every stage's logged model with its size and EERs
+        screenshot(models_page(url, eid), out / "mlflow_models.png", size=(1600, 620), ready_text="ps3")
+        sweep = _api(url, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="smoke-prune-grid")["experiment"]
+        screenshot(runs_page(url, sweep["experiment_id"]), out / "mlflow_sweep.png", size=(1600, 520),
+                   ready_text="matching runs", clicks=(EXPANDER,))
         # train_loss of the three training stages on one chart (the metric page of s2's train_loss, with s1/s3 added)
         trained = [by_stage[s] for s in ("s1", "s2", "s3")]
         metric_query = urllib.parse.urlencode({"runs": json.dumps(trained), "metric": json.dumps("train_loss"),

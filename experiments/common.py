@@ -317,6 +317,28 @@ def metrics_of(results: dict[str, dict], prefix: str = "") -> dict[str, float]:
     return flat
 
 
+# stage kinds whose ``model/`` folder is a speaker model the next user can embed with (a classification prune1's
+# model/ holds the dense, unmasked encoder beside its gates: not a model of its own)
+MODEL_KINDS = ("train", "merge", "graft")
+
+
+def log_stage_results(tracker, name: str, kind: str, stage_dir: Path, record: dict[str, Any], params: Any = None,
+                      scored_model: str | None = None) -> str | None:
+    """Rank 0, inside the stage's MLflow run: the stage's model folder as a logged model (stages of
+    :data:`MODEL_KINDS`, named ``name``, with the stage's params) and the runs table's result columns
+    (``svlib.tracking.stage_headline``: val / test EER with intervals, minDCF, size, minutes), which are also the
+    metrics of that model, or of ``scored_model`` (the model id an evaluation stage scored). Returns the new
+    model's id (None: the stage wrote no model, or MLflow failed to take it)."""
+    from svlib.model.speaker import MANIFEST
+    from svlib.tracking import stage_headline
+
+    model_id = None
+    if kind in MODEL_KINDS and (stage_dir / "model" / MANIFEST).is_file():
+        model_id = tracker.log_model(stage_dir / "model", name, params, tags={"stage": name, "kind": kind})
+    tracker.log_metrics(stage_headline(record), model_id=model_id or scored_model)
+    return model_id
+
+
 def max_relative_diff(reference, other) -> float:
     """``max_i max|r_i - o_i| / max|r_i|`` over tensors (or one tensor): the equality checks of merge, shrink
     and graft. Float32 re-association error grows with the activations' size (an absolute 1e-4 trips at full

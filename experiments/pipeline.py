@@ -35,13 +35,15 @@ from experiments import train as train_stage
 from experiments.baselines import fbank_baseline, random_init_baseline
 
 from experiments.common import (RESULT, DataConfig, OutDirBusy, RankError, Timer, exclusive_out_dir,
-                                interrupt_on_sigterm, leave_process_group, metrics_of, print_table, rank_zero_result,
-                                read_result, setup_process_group, share_from_rank_zero)
+                                interrupt_on_sigterm, leave_process_group, log_stage_results, metrics_of, print_table,
+                                rank_zero_result, read_result, setup_process_group, share_from_rank_zero)
 from svlib.config import (ConfigError, check_overrides, check_relative, from_dict, load_config, merge_overrides,
                           read_yaml, to_dict)
 from svlib.data.lists import ListError
 from svlib.files import write_json
-from svlib.tracking import OUT_DIR_TAG, Tracker, close_stale_runs, data_fingerprint, git_commit, headline_metrics
+from svlib.package import PackageError, check_registry_name
+from svlib.tracking import (OUT_DIR_TAG, Tracker, close_stale_runs, data_fingerprint, git_commit, headline_metrics,
+                            test_list_of, where_to_look)
 from svlib.train.engine import ResumeError
 
 STAGE_KINDS = ("train", "merge", "evaluate", "prune", "shrink", "graft", "random_prune", "control", "use")
@@ -316,6 +318,7 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
     summary: dict = {"name": cfg.name, "stages": {}, "machine": {
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg())}}
     dirs = stage_dirs(cfg)
+    logged_models: dict[str, str] = {}  # stage -> its MLflow logged model's id (rank 0, tracked)
 
     def run_tracked(spec: StageSpec) -> dict:
         """This rank's part of one stage, in its own nested MLflow run on rank 0."""
@@ -330,6 +333,12 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
             if reused:  # a resumed pipeline still shows every stage's numbers in its parent run
                 tracker.log_metrics(metrics_of(record.get("test") or {}) | {
                     k: float(record[k]) for k in ("achieved_sparsity", "params_encoder") if k in record})
+            # the stage's row of the runs table, and its model in the experiment's Models tab (an evaluation's
+            # numbers go to the model it scored)
+            scored = logged_models.get(spec.init) if spec.kind == "evaluate" else None
+            model_id = log_stage_results(tracker, spec.name, spec.kind, dirs[spec.name], record, params, scored)
+            if model_id is not None:
+                logged_models[spec.name] = model_id
         return record
 
     def finish() -> dict:
@@ -360,6 +369,10 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
         columns = ["stage"] + sorted({k for r in rows for k in r if k != "stage" and k != "minutes"}) + ["minutes"]
         summary["table"] = print_table(rows, columns, title=f"pipeline {cfg.name}: test trials per stage")
         summary["table"] += interval_notes(summary)
+        if tracker is not None:  # where its runs and its final model are (the printout, --register)
+            summary["mlflow"] = {"experiment": tracker.experiment, "experiment_id": tracker.experiment_id,
+                                 "run_id": tracker.active_run_id,
+                                 "final_model_id": logged_models.get(final_model_stage(cfg, summary) or "")}
         if whole:  # a partial run (--until, --stages) is not the pipeline's summary
             write_json(out / "summary.json", summary)
             if tracker is not None:
@@ -385,6 +398,31 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
         close_stale_runs(tracker.tracking_uri, tracker.experiment_id, out)  # a dead pipeline's, under our lock
         with tracker.run(f"pipeline:{cfg.name}", tags=tags, params={"pipeline": to_dict(cfg)}):
             return body()
+
+
+def final_model_stage(cfg: PipelineConfig, summary: dict) -> str | None:
+    """The stage whose model the pipeline's headline numbers score: the last stage evaluated on the test lists,
+    or, for an evaluation stage, the stage it evaluated (``--register`` registers that stage's model)."""
+    specs = {spec.name: spec for spec in cfg.stages}
+    final = None
+    for name, record in summary["stages"].items():
+        if test_list_of(record) is not None:
+            final = name
+    if final is not None and specs[final].kind == "evaluate":
+        return specs[final].init
+    return final
+
+
+def register_final_model(summary: dict, name: str, alias: str | None, tracking_uri: str) -> str:
+    """Register the pipeline's final model (:func:`final_model_stage`) from its own run; returns the line to print."""
+    from svlib.package import register_logged_model
+
+    model_id = (summary.get("mlflow") or {}).get("final_model_id")
+    if model_id is None:
+        raise ConfigError(f"--register {name}: pipeline {summary['name']} logged no final model to register (its "
+                          "final evaluation scores no train, merge or graft stage of this run)")
+    version = register_logged_model(model_id, name, alias, tracking_uri)
+    return f"registered model {name} version {version}" + (f": models:/{name}@{alias}" if alias else "")
 
 
 def compare_with_fbank(cfg: PipelineConfig, out: Path) -> dict:
@@ -462,11 +500,19 @@ def main(argv=None) -> int:
     parser.add_argument("--report", help="also write the benchmark summary JSON here")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("--experiment", help="MLflow experiment (default: the pipeline name)")
+    parser.add_argument("--register", metavar="NAME", help="register the final model (the one the last evaluation "
+                        "scored) in the MLflow model registry as a new version of NAME, from its own run")
+    parser.add_argument("--alias", default="champion", help="alias of the registered version (default champion): "
+                        "models:/NAME@ALIAS loads it")
     args = parser.parse_args(argv)
     try:
+        if args.register is not None:  # before hours of training, not after
+            if args.no_tracking:
+                raise ConfigError("--register needs MLflow tracking (drop --no-tracking)")
+            check_registry_name(args.register, args.alias)
         cfg, stage_cfgs = load_pipeline(args.config, args.overrides)
         selected = select_stages(cfg, args.stages, args.until)
-    except ConfigError as err:
+    except (ConfigError, PackageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rank, _ = setup_process_group(cfg.dist_timeout_minutes)
@@ -484,10 +530,23 @@ def main(argv=None) -> int:
         print(f"interrupted: rerun the same command to resume (finished stages are kept in {cfg.out_dir})",
               file=sys.stderr)
         return 130
-    if args.report and rank == 0:
-        report(summary, Path(args.report))
+    code = 0
+    if rank == 0:
+        if args.report:
+            report(summary, Path(args.report))
+        if tracker is not None:
+            try:
+                if args.register:
+                    print(register_final_model(summary, args.register, args.alias, tracker.tracking_uri), flush=True)
+            except ConfigError as err:
+                print(f"error: {err}", file=sys.stderr)
+                code = 2
+            files = [p for p in (Path(cfg.out_dir) / "summary.json", args.report) if p and Path(p).is_file()]
+            for line in where_to_look(tracker.tracking_uri, tracker.experiment, tracker.experiment_id,
+                                      summary["mlflow"]["run_id"], files):
+                print(line, flush=True)
     leave_process_group()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ MLflow model registry.
   by ``svlib calibrate-model``) adds its thresholds to the card.
 * ``convert_reference_checkpoint``: a ``model_lmft_0.14.pth``-layout checkpoint -> model folder.
 * ``register_model`` / ``load_registered``: the folder as an MLflow run artifact plus a registered model
-  version, and back.
+  version, and back; ``register_logged_model``: a stage's logged model (its run's) as a registered version
+  with an alias (``models:/NAME@champion``).
 * ``load_model``: ``svlib.model.speaker.load_model`` that also reads pruned folders (see
   ``enable_pruned_loading``).
 """
@@ -36,6 +37,7 @@ __all__ = [
     "PackageError",
     "backend_macs",
     "calibrated_on_narrowband",
+    "check_registry_name",
     "check_model_folder",
     "convert_reference_checkpoint",
     "describe",
@@ -43,6 +45,7 @@ __all__ = [
     "load_model",
     "load_registered",
     "read_calibration_thresholds",
+    "register_logged_model",
     "register_model",
     "write_model_card",
 ]
@@ -403,6 +406,42 @@ def _client(tracker_uri: str | None):
     return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
 
 
+def check_registry_name(name: str, alias: str | None = None) -> None:
+    """A registered model's name (no spaces, '/' or '@': it goes into ``models:/NAME@ALIAS``) and its alias
+    (letters, digits, '_' and '-'), else :class:`PackageError`."""
+    if not name or any(c.isspace() for c in name) or "/" in name or "@" in name:
+        raise PackageError(f"register_model: bad model name {name!r} (no spaces, '/' or '@')")
+    if alias is not None and (not alias or not alias.replace("_", "").replace("-", "").isalnum()):
+        raise PackageError(f"register_model: bad alias {alias!r} (letters, digits, '_' and '-')")
+
+
+def _new_version(client, name: str, **version) -> int:
+    """A new version of registered model ``name`` (created on first use) from ``create_model_version``'s
+    keyword arguments; returns its number."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+    return int(client.create_model_version(name, **version).version)
+
+
+def register_logged_model(model_id: str, name: str, alias: str | None = "champion",
+                          tracker_uri: str | None = None) -> int:
+    """Register the logged model ``model_id`` (a stage's model, ``svlib.tracking.Tracker.log_model``) as a new
+    version of ``name``, linked to the run that trained it, and point ``alias`` at it (None: no alias); returns
+    the version number. ``models:/NAME@ALIAS`` then loads it (:func:`load_registered`)."""
+    check_registry_name(name, alias)
+    client, _ = _client(tracker_uri)
+    model = client.get_logged_model(model_id)
+    version = _new_version(client, name, source=f"models:/{model_id}", run_id=model.source_run_id,
+                           model_id=model_id, tags={"stage": model.name})
+    if alias is not None:
+        client.set_registered_model_alias(name, alias, str(version))
+    return version
+
+
 def register_model(folder: str | os.PathLike, name: str, tracker_uri: str | None = None,
                    tags: dict[str, str] | None = None) -> int:
     """Log ``folder`` as artifact ``model/`` of a run in experiment ``model-registry`` and register it as a
@@ -412,8 +451,7 @@ def register_model(folder: str | os.PathLike, name: str, tracker_uri: str | None
     if not folder.is_dir():
         raise PackageError(f"{folder}: model folder not found")
     check_model_folder(folder)
-    if not name or any(c.isspace() for c in name) or "/" in name:
-        raise PackageError(f"register_model: bad model name {name!r} (no spaces or '/')")
+    check_registry_name(name)
     client, uri = _client(tracker_uri)
     experiment = client.get_experiment_by_name(REGISTRY_EXPERIMENT)
     if experiment is None:
@@ -439,14 +477,7 @@ def register_model(folder: str | os.PathLike, name: str, tracker_uri: str | None
         client.set_terminated(run_id, status="FAILED")
         raise
     client.set_terminated(run_id, status="FINISHED")
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(name)
-    version = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run_id)
-    return int(version.version)
+    return _new_version(client, name, source=f"{run.info.artifact_uri}/model", run_id=run_id)
 
 
 def load_registered(uri: str, tracker_uri: str | None = None, dst: str | os.PathLike | None = None) -> SpeakerModel:

@@ -76,12 +76,13 @@ from experiments import graft as graft_stage
 from experiments import prune as prune_stage
 from experiments import train as train_stage
 from experiments.common import (DataConfig, RankError, Timer, interrupt_on_sigterm, leave_process_group,
-                                rank_and_world, rank_zero_result, read_result, release_memory, setup_process_group,
-                                write_result)
+                                log_stage_results, rank_and_world, rank_zero_result, read_result, release_memory,
+                                setup_process_group, write_result)
 from svlib.config import ConfigError, check_relative, from_dict, merge_overrides, read_yaml
 from svlib.data.augment import AugmentConfig
 from svlib.files import write_json
-from svlib.tracking import TolerantTracker
+from svlib.package import PackageError, check_registry_name
+from svlib.tracking import TolerantTracker, stage_headline
 from svlib.train.engine import one_line
 from sweeps.distributed import LostRank, Order, TrialFailed, agree_outcome, broadcast_order, follow
 from sweeps.plan import check_budget, format_plan, plan_sweep, scale_budget
@@ -355,12 +356,16 @@ def _study_uid(study: optuna.Study) -> str:
     return uid
 
 
-def _stage(tracker, name: str, kind: str, folder: Path, params, fn, previous_run: str | None = None):
+def _stage(tracker, name: str, kind: str, folder: Path, params, fn, previous_run: str | None = None,
+           models: dict[Path, str] | None = None, scores: Path | None = None):
     """Run one stage function, as a nested MLflow run under the trial's when tracking.
 
     A stage finished by an earlier attempt (``result.json``: a heartbeat retry reuses what the dead trial
     finished) logs nothing itself, so its numbers are brought into the new run: every metric history of the
     same stage's run under ``previous_run`` (the dead trial's run), else the final numbers of its result.
+    The run gets the result columns and, for a stage that writes a model, its logged model
+    (``experiments.common.log_stage_results``), whose id goes into ``models`` under ``folder``; an evaluation
+    stage's numbers go to the model of the stage folder it scores (``scores``).
     """
     if tracker is None:
         return fn(None)
@@ -373,6 +378,11 @@ def _stage(tracker, name: str, kind: str, folder: Path, params, fn, previous_run
                 _log_reused_stage(tracker, run_id, name, record, previous_run)
             except Exception as err:  # noqa: BLE001
                 log.warning("could not copy the metrics of the reused stage %s: %s", name, one_line(err))
+        if run_id is not None:
+            models = {} if models is None else models
+            model_id = log_stage_results(tracker, name, kind, folder, record, params, scored_model=models.get(scores))
+            if model_id is not None:
+                models[folder] = model_id
         return record
 
 
@@ -398,7 +408,7 @@ def _log_reused_stage(tracker, run_id: str, name: str, record: dict, previous_ru
 
 
 def run_trial(cfg: SweepConfig, knobs: dict[str, Any], folder: Path, tracker=None,
-              previous_run: str | None = None) -> dict[str, Any]:
+              previous_run: str | None = None, models: dict[Path, str] | None = None) -> dict[str, Any]:
     """Every stage of one trial in ``folder``; returns the trial's numbers (also written to ``result.json``).
 
     Under torchrun every rank calls this with the same arguments (``tracker`` on rank 0 only): the DDP stages
@@ -407,21 +417,25 @@ def run_trial(cfg: SweepConfig, knobs: dict[str, Any], folder: Path, tracker=Non
 
     Finished stages (``result.json``) are reused, interrupted ones resume from their checkpoints: a retried
     trial costs only what its predecessor did not finish; ``previous_run`` (the predecessor's MLflow trial
-    run) lends the reused stages its metrics (:func:`_stage`).
+    run) lends the reused stages its metrics (:func:`_stage`). ``models`` (tracked): stage folder -> the id of
+    the MLflow logged model of that stage's model, filled here; the fine-tuned model of the trial's (top)
+    point is the one its evaluation scored.
     """
     # rank 0's MLflow calls inside a stage must not raise while the other ranks are in its collectives
     tracker = TolerantTracker(tracker) if tracker is not None else None
+    models = {} if models is None else models
 
     def tracked(name: str, kind: str, stage_dir: Path, *args):  # every rank runs it; its checkpoints go once done
-        record = _stage(tracker, name, kind, stage_dir, *args, previous_run=previous_run)
+        record = _stage(tracker, name, kind, stage_dir, *args, previous_run=previous_run, models=models)
         if not cfg.keep_checkpoints and rank_and_world()[0] == 0:
             # the stage ended with rank 0's broadcast record: every rank is past it, none reads ckpt/ again
             shutil.rmtree(stage_dir / "ckpt", ignore_errors=True)
         release_memory()  # the next stage starts from what this one needs, not from its high-water mark
         return record
 
-    def on_rank_zero(*args):  # a stage only rank 0 runs; the others wait for (and return) its record
-        record = rank_zero_result(lambda: _stage(tracker, *args, previous_run=previous_run))
+    def on_rank_zero(*args, scores: Path | None = None):  # only rank 0 runs it; the others wait for its record
+        record = rank_zero_result(lambda: _stage(tracker, *args, previous_run=previous_run, models=models,
+                                                 scores=scores))
         release_memory()
         return record
 
@@ -468,7 +482,8 @@ def run_trial(cfg: SweepConfig, knobs: dict[str, Any], folder: Path, tracker=Non
                     train_stage.run(stage, ft_data, out, init=start, tracker=t))
             init = out
         evaluated = on_rank_zero(EVAL + suffix, "evaluate", d[EVAL], {"init": init.name},
-                                 lambda t: evaluate_stage.run(init, cfg.data, d[EVAL], tracker=t, device=cfg.device))
+                                 lambda t: evaluate_stage.run(init, cfg.data, d[EVAL], tracker=t, device=cfg.device),
+                                 scores=init)
         return rank_zero_result(lambda: _trial_record(cfg, knobs, where, structure, evaluated, timer.minutes))
 
     levels = knobs.get("snapshots")
@@ -516,7 +531,10 @@ def _trial_record(cfg: SweepConfig, knobs: dict, folder: Path, structure: dict, 
               "val_eer_pct": float(val["eer_pct"]), "val_mindcf_0.01": float(val["mindcf_0.01"]),
               "test_eer_pct": float(test["eer_pct"]), "test_mindcf_0.01": float(test["mindcf_0.01"]),
               "test_mindcf_0.05": float(test["mindcf_0.05"]), "layers": structure["layers"],
-              "minutes": minutes}
+              "minutes": minutes,
+              # the evaluation's numbers per list (intervals included): the trial run's result columns
+              # (svlib.tracking.stage_headline) read them like a stage's
+              "test": tests}
     for key, ci in (("test_eer_pct", test.get("eer_ci_pct")), ("test_mindcf_0.01", test.get("mindcf_0.01_ci"))):
         if ci is not None:  # speaker-level bootstrap 95 % interval of the evaluation stage
             record[f"{key}_ci_low"], record[f"{key}_ci_high"] = float(ci[0]), float(ci[1])
@@ -525,6 +543,13 @@ def _trial_record(cfg: SweepConfig, knobs: dict, folder: Path, structure: dict, 
                            f"says {structure['params_encoder']}")
     write_result(folder, record)
     return record
+
+
+def reached_label(knobs: dict[str, Any], record: dict[str, Any]) -> str:
+    """The trial run's label (``sweeps.study.trial_run_name``) once it ran: the target it aimed at and the
+    sparsity it reached, ``t=0.60 → s=0.07`` (a one-run curve: ``snapshots → s=0.41``, its top point's)."""
+    aimed = "snapshots" if knobs.get("snapshots") else f"t={float(knobs['target_sparsity']):.2f}"
+    return f"{aimed} → s={record['achieved_sparsity']:.2f}"
 
 
 def snapshot_levels(cfg: SweepConfig) -> list[float]:
@@ -571,8 +596,10 @@ def make_objective(cfg: SweepConfig, study: str, *, grid: bool = False, tracker=
         broadcast_order(Order("trial", {"knobs": knobs, "folder": folder.as_posix()}))
         objective.in_trial = True
         error = record = None
+        models: dict[Path, str] = {}
         try:
-            record = run_trial(cfg, knobs, folder, tracker, previous_run=trial.user_attrs.get("retry_of_mlflow_run_id"))
+            record = run_trial(cfg, knobs, folder, tracker, previous_run=trial.user_attrs.get("retry_of_mlflow_run_id"),
+                               models=models)
         except Exception as err:  # noqa: BLE001 - every rank learns of it in agree_outcome
             error = err
         try:
@@ -588,8 +615,13 @@ def make_objective(cfg: SweepConfig, study: str, *, grid: bool = False, tracker=
             trial.set_user_attr("points", [{k: p[k] for k in ("snapshot", "achieved_sparsity", "val_eer_pct",
                                                                "test_eer_pct", "params_encoder")}
                                            for p in record["points"]])
+        # the run's name says what the trial reached, not only what it aimed at
+        trial.set_user_attr("run_label", reached_label(knobs, record))
+        if models:  # the fine-tuned model its (top) evaluation scored: what --register takes from the best trial
+            trial.set_user_attr("mlflow_model_id", list(models.values())[-1])
         if tracker is not None and tracker.active_run_id is not None:
             tracker.log_metrics(extras)
+            tracker.log_metrics(stage_headline(record, cfg.test_list))  # the runs table's result columns
             tracker.log_artifact(folder / prune_stage.STRUCTURE)
             tracker.log_artifact(folder / prune_stage.STRUCTURE_PNG)
             tracker.log_artifact(folder / TRIAL_FILE)
@@ -662,7 +694,8 @@ def sweep_points(study: optuna.Study) -> list[dict[str, Any]]:
                        "val_eer_pct": t.values[0], "test_eer_pct": attrs.get("test_eer_pct"),
                        "test_mindcf_0.01": attrs.get("test_mindcf_0.01"),
                        "test_mindcf_0.05": attrs.get("test_mindcf_0.05"),
-                       "mlflow_run_id": attrs.get("mlflow_run_id"), "trial_dir": attrs.get("trial_dir"),
+                       "mlflow_run_id": attrs.get("mlflow_run_id"), "mlflow_model_id": attrs.get("mlflow_model_id"),
+                       "trial_dir": attrs.get("trial_dir"),
                        "pareto": t.number in front}
                       | {k: v for k, v in attrs.items() if k.endswith(("_ci_low", "_ci_high"))})
     return points
@@ -699,6 +732,26 @@ def plot_sweep(points: list[dict], teacher: dict | None, path: str | os.PathLike
     return path
 
 
+def best_point(report: dict) -> dict | None:
+    """The Pareto trial with the lowest validation EER (ties: the lower number); None before any completes."""
+    front = [p for p in report["points"] if p["pareto"]]
+    return min(front, key=lambda p: (p["val_eer_pct"], p["number"])) if front else None
+
+
+def register_best_model(report: dict, name: str, alias: str | None, tracking_uri: str) -> str:
+    """Register the fine-tuned model of the study's best trial (:func:`best_point`) from its own run; returns the
+    line to print."""
+    from svlib.package import register_logged_model
+
+    best = best_point(report)
+    if best is None or best.get("mlflow_model_id") is None:
+        raise SweepError(f"--register {name}: study {report['study']} has no tracked COMPLETE trial with a logged "
+                         "model to register")
+    version = register_logged_model(best["mlflow_model_id"], name, alias, tracking_uri)
+    return (f"registered model {name} version {version} (trial {best['number']})"
+            + (f": models:/{name}@{alias}" if alias else ""))
+
+
 def study_headline(report: dict) -> dict[str, float]:
     """The study parent run's result columns: complete trials, Pareto-front size, and the front's best
     validation-EER trial (its number, val / test EER, test minDCF, encoder parameters), rounded."""
@@ -706,12 +759,16 @@ def study_headline(report: dict) -> dict[str, float]:
 
     out = {"trials_complete": float(report["trials"].get("COMPLETE", 0)),
            "pareto_size": float(len(report["pareto_front"]))}
-    front = [p for p in report["points"] if p["pareto"]]
-    if front:
-        best = min(front, key=lambda p: (p["val_eer_pct"], p["number"]))
+    best = best_point(report)
+    if best is not None:
         out |= {"best_trial": float(best["number"]), "best_val_eer_pct": best["val_eer_pct"],
                 "best_test_eer_pct": best["test_eer_pct"], "best_test_mindcf_0.01": best["test_mindcf_0.01"],
                 "best_params_encoder": best["params_encoder"], "best_achieved_sparsity": best["achieved_sparsity"]}
+        # the result columns every row shares (svlib.tracking.STAGE_COLUMNS): the study's row shows its best trial
+        out |= {"val_eer": best["val_eer_pct"], "test_eer": best["test_eer_pct"],
+                "test_eer_lo": best.get("test_eer_pct_ci_low"), "test_eer_hi": best.get("test_eer_pct_ci_high"),
+                "test_mindcf": best["test_mindcf_0.01"], "sparsity": best["achieved_sparsity"],
+                "params_encoder": best["params_encoder"]}
     teacher = report.get("teacher_reference") or {}
     if teacher.get("eer_pct") is not None:
         out["teacher_test_eer_pct"] = teacher["eer_pct"]
@@ -885,7 +942,7 @@ class _Leader:
             total = 1
         else:
             total = (n_trials or len(cfg.grid)) if grid else (n_trials or cfg.n_trials)
-        written = None
+        written = tracked = None
         try:
             done = run_worker(study, objective, total, max_failures=max_failures, on_stale=on_stale,
                               on_idle=lambda: broadcast_order(Order("idle")), wait_for_others=wait_for_others,
@@ -894,10 +951,13 @@ class _Leader:
             if report:
                 written = write_report(cfg, study)
                 if tracker is not None:
-                    log_study_headline(tracker, name, written, study)
+                    parent = log_study_headline(tracker, name, written, study)
+                    tracked = {"tracking_uri": tracker.tracking_uri, "experiment": tracker.experiment,
+                               "experiment_id": tracker.experiment_id, "run_id": parent}
         log.info("worker %d: %s", self.worker, done)
         worker = dataclasses.asdict(done)
-        return {"study": name, "storage": self.storage, "worker": worker, "report": written, "code": exit_code(worker)[0]}
+        return {"study": name, "storage": self.storage, "worker": worker, "report": written, "code": exit_code(worker)[0],
+                "mlflow": tracked, "folder": (Path(cfg.out_dir) / name).as_posix()}
 
 
 def _existing_study(name: str, storage: str | None) -> optuna.Study | None:
@@ -952,6 +1012,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "is still running; default: until they finish or their heartbeat stops)")
     parser.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: svlib's default store)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--register", metavar="NAME", help="register the best trial's fine-tuned model (lowest "
+                        "validation EER on the Pareto front) in the MLflow model registry as a new version of NAME")
+    parser.add_argument("--alias", default="champion", help="alias of the registered version (default champion)")
     return parser
 
 
@@ -963,6 +1026,10 @@ def main(argv=None) -> int:
     # curve.png are written before the worker exits.
     with interrupt_on_sigterm():
         try:
+            if args.register is not None:  # before the trials, not after
+                if args.no_tracking:
+                    raise ConfigError("--register needs MLflow tracking (drop --no-tracking)")
+                check_registry_name(args.register, args.alias)
             cfg = load_sweep_config(args.config, read_yaml(args.overrides) if args.overrides else None)
             if args.plan:
                 budget = cfg.budget if args.budget is None else check_budget(args.budget, "--budget")
@@ -982,7 +1049,7 @@ def main(argv=None) -> int:
             out = run_sweep(cfg, storage=args.storage, grid=args.grid, n_trials=args.n_trials, worker=args.worker,
                             tracking_uri=args.mlflow_uri, track=not args.no_tracking, max_failures=args.max_failures,
                             budget=args.budget, wait_for_others=args.wait_for_others, snapshots=args.snapshots)
-        except (ConfigError, SweepError, RankError) as err:
+        except (ConfigError, SweepError, RankError, PackageError) as err:
             print(f"error: {err}", file=sys.stderr)
             leave_process_group()  # the other ranks got the same error (or rank 0's stop order) and leave too
             return 2
@@ -1000,7 +1067,30 @@ def main(argv=None) -> int:
         message = exit_code(worker)[1]
         if message:
             print(message, file=sys.stderr)
+        return _tell_where(out, args) or out["code"]
     return out["code"]
+
+
+def _tell_where(out: dict, args: argparse.Namespace) -> int:
+    """Rank 0 at the end: ``--register``'s version, the report's files and the MLflow links; 2 when
+    ``--register`` found no model to register, else 0."""
+    from svlib.tracking import where_to_look
+
+    code = 0
+    files = [p for p in (Path(out["folder"]) / "report.json", Path(out["folder"]) / "curve.png") if p.is_file()]
+    tracked = out.get("mlflow")
+    if tracked is None:
+        print("\n".join(f"results: {p}" for p in files))
+        return code
+    if args.register:
+        try:
+            print(register_best_model(out["report"], args.register, args.alias, tracked["tracking_uri"]))
+        except SweepError as err:
+            print(f"error: {err}", file=sys.stderr)
+            code = 2
+    print("\n".join(where_to_look(tracked["tracking_uri"], tracked["experiment"], tracked["experiment_id"],
+                                  tracked["run_id"], files)), flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -137,3 +137,104 @@ def test_pruned_model_folder_loads_in_a_fresh_process(smoke_run):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip()) == smoke_run["summary"]["stages"]["ps3"]["params_encoder"]
+
+
+def _stage_runs(smoke_run) -> tuple:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(smoke_run["tracking_uri"], registry_uri=smoke_run["tracking_uri"])
+    experiment = client.get_experiment_by_name(smoke_run["experiment"])
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parent = next(r for r in runs if r.data.tags.get("kind") == "pipeline")
+    children = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    return client, experiment, parent, children
+
+
+def test_every_stage_row_fills_the_result_view(smoke_run):
+    """Issue 21: every stage row shows its val and test EER with intervals, rounded, in the saved view's columns,
+    under the names the pipeline row uses (one column, every row's value)."""
+    from svlib.tracking import RESULTS_VIEW, headline_metrics, stage_headline
+
+    client, experiment, parent, children = _stage_runs(smoke_run)
+    summary = smoke_run["summary"]
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{RESULTS_VIEW}"])["selectedColumns"]
+    columns = [c[len("metrics.`"):-1] for c in view if c.startswith("metrics.")]
+    for stage, run in children.items():
+        metrics = run.data.metrics
+        assert {k: metrics[k] for k in stage_headline(summary["stages"][stage])} == stage_headline(summary["stages"][stage])
+    for stage in ("s1", "s2", "s3", "ps1", "ps2", "ps3"):  # trained and tested: selection EER, test EER + interval
+        assert {"val_eer", "test_eer", "test_eer_lo", "test_eer_hi", "test_mindcf", "params_encoder",
+                "wall_min"} <= set(children[stage].data.metrics), stage
+    for stage in ("eval", "eval_pruned"):  # evaluated on val and test: both with their intervals
+        metrics = children[stage].data.metrics
+        assert set(columns[:7]) <= set(metrics), stage
+        assert metrics["val_eer_lo"] <= metrics["val_eer"] <= metrics["val_eer_hi"]
+        assert metrics["test_eer"] == round(summary["stages"][stage]["test"]["test"]["eer_pct"], 2)
+    assert children["prune1"].data.metrics["sparsity"] == round(summary["stages"]["prune1"]["achieved_sparsity"], 3)
+    # the stages' own, unrounded value stays as logged (the rounded column has its own name)
+    assert children["prune1"].data.metrics["achieved_sparsity"] == summary["stages"]["prune1"]["achieved_sparsity"]
+    # the pipeline row: its final stage's columns, in the same names
+    final = stage_headline(summary["stages"]["eval_pruned"])
+    assert {k: parent.data.metrics[k] for k in final if k != "wall_min"} == {k: v for k, v in final.items() if k != "wall_min"}
+    assert parent.data.metrics["wall_min"] == headline_metrics(summary)["wall_min"]
+
+
+def test_stage_models_are_logged_models_of_their_runs(smoke_run):
+    """Every stage that writes a speaker model logs it as an MLflow logged model, linked to its run, with the
+    stage's params, its size and EERs (an evaluation's EERs on the model it scored): the Models tab compares them."""
+    from svlib.tracking import MODEL_TYPE
+
+    client, experiment, _, children = _stage_runs(smoke_run)
+    models = {m.name: m for m in client.search_logged_models([experiment.experiment_id])}
+    assert set(models) == {"s1", "merge", "s2", "s3", "graft", "ps1", "ps2", "ps3"}
+    summary = smoke_run["summary"]
+    for name, model in models.items():
+        assert model.source_run_id == children[name].info.run_id and model.model_type == MODEL_TYPE
+        assert str(model.status) in ("READY", "LoggedModelStatus.READY")
+        metrics = {m.key: m.value for m in model.metrics}
+        assert metrics["params_encoder"] == summary["stages"][name]["params_encoder"], name
+        assert model.tags["stage"] == name
+    assert models["s1"].params["train.optim.lr_frontend"] == "0.001"
+    # the dense s3 and the pruned ps3 side by side, each with the test EER its evaluation measured
+    for model, evaluation in (("s3", "eval"), ("ps3", "eval_pruned")):
+        metrics = {m.key: m.value for m in models[model].metrics}
+        assert metrics["test_eer"] == round(summary["stages"][evaluation]["test"]["test"]["eer_pct"], 2)
+        assert metrics["val_eer_lo"] <= metrics["val_eer"] <= metrics["val_eer_hi"]
+    dense = {m.key: m.value for m in models["s3"].metrics}["params_encoder"]
+    assert {m.key: m.value for m in models["ps3"].metrics}["params_encoder"] < dense
+    assert summary["mlflow"]["final_model_id"] == models["ps3"].model_id
+
+
+def test_registered_final_model_loads_from_models_uri_and_embeds(smoke_run, tmp_path):
+    """`--register NAME`: the final model (the one eval_pruned scored) as a registered version linked to its run,
+    alias champion; models:/NAME@champion loads it back and embeds a file as the stage folder does."""
+    import numpy as np
+
+    from svlib.cli import main as svlib_main
+    from svlib.package import load_registered
+    from svlib.scoring.metrics import load_embeddings
+
+    uri = smoke_run["tracking_uri"]
+    line = pipeline.register_final_model(smoke_run["summary"], "smoke-sv", "champion", uri)
+    assert line == "registered model smoke-sv version 1: models:/smoke-sv@champion"
+    client, _, _, children = _stage_runs(smoke_run)
+    version = client.get_model_version_by_alias("smoke-sv", "champion")
+    assert version.run_id == children["ps3"].info.run_id
+    model = load_registered("models:/smoke-sv@champion", tracker_uri=uri, dst=tmp_path / "registered")
+    assert model.meta["stage"] == "ps3"
+    workdir = smoke_run["workdir"]
+    wav = next(line.split()[1] for line in (workdir / "data/sv-mini/test/wav.scp").read_text().splitlines())
+    wav = str((workdir / wav) if not wav.startswith("/") else wav)
+    for name, folder in (("registered", tmp_path / "registered"), ("stage", workdir / "exp/smoke/ps3/model")):
+        assert svlib_main(["embed", "--model", str(folder), "--wav", wav, "--out", str(tmp_path / f"{name}.npz")]) == 0
+    a, b = (np.stack(list(load_embeddings(tmp_path / f"{n}.npz").values())) for n in ("registered", "stage"))
+    assert a.shape == b.shape == (1, model.embed_dim)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_register_checks_its_name_before_running(capsys):
+    assert pipeline.main(["--config", str(SMOKE_CONFIG), "--register", "bad name"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: register_model: bad model name 'bad name' (no spaces, '/' "
+                                               "or '@')")
+    assert pipeline.main(["--config", str(SMOKE_CONFIG), "--register", "ok", "--no-tracking"]) == 2
+    assert "--register needs MLflow tracking" in capsys.readouterr().err

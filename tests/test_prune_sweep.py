@@ -106,7 +106,26 @@ def test_two_trials_nested_runs_and_resume(sweep_dir):
     assert sorted(points.loc[points["source"] == "trial", "label"]) == ["trial 0", "trial 1"]
     assert len(runs) == 1 + 1 + 2 + 2 * len(STAGES) and all(by_id[r].info.status == "FINISHED" for r in by_id)
 
+    # every trial's grafted and fine-tuned models are logged models of their stage runs; --register takes the
+    # best trial's fine-tuned model (the one its evaluation scored) from its own run
+    models = client.search_logged_models([client.get_experiment_by_name("smoke-prune").experiment_id])
+    assert sorted(m.name for m in models) == ["graft", "graft", "ps1", "ps1"]
+    for run in trial_runs:
+        t = trials[int(run.data.tags["optuna_trial"])]
+        assert run.info.run_name == (f"trial-{t.number} t={t.params['target_sparsity']:.2f} → "
+                                     f"s={t.user_attrs['achieved_sparsity']:.2f}")
+        stages = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id}
+        ps1 = next(m for m in models if m.source_run_id == stages["ps1"].info.run_id)
+        assert t.user_attrs["mlflow_model_id"] == ps1.model_id
+        assert {m.key: m.value for m in ps1.metrics}["test_eer"] == round(t.user_attrs["test_eer_pct"], 2)
+        assert run.data.metrics["test_eer"] == round(t.user_attrs["test_eer_pct"], 2)
+        assert run.data.metrics["test_eer_lo"] == round(t.user_attrs["test_eer_pct_ci_low"], 2)
     report = json.loads((root / "sweeps" / "runs" / "smoke-prune" / "report.json").read_text())
+    best = prune_sweep.best_point(report)
+    line = prune_sweep.register_best_model(report, "smoke-pruned", "best", uri)
+    assert line == f"registered model smoke-pruned version 1 (trial {best['number']}): models:/smoke-pruned@best"
+    version = MlflowClient(uri, registry_uri=uri).get_model_version_by_alias("smoke-pruned", "best")
+    assert version.model_id == best["mlflow_model_id"]
     assert [p["number"] for p in report["points"]] == [0, 1] and report["pareto_front"]
     assert {p["number"] for p in report["points"] if p["pareto"]} == {p["number"] for p in report["pareto_front"]}
     assert report["teacher_reference"]["params_encoder"] == teacher["params_encoder"]
@@ -206,7 +225,11 @@ def _fake_record(knobs: dict) -> dict:
     return {"params": knobs, "target_sparsity": target, "achieved_sparsity": target, "params_encoder": params,
             "dense_params_encoder": 1000, "val_eer_pct": 10.0 + 10 * target ** 2, "val_mindcf_0.01": 0.5,
             "test_eer_pct": 11.0 + 10 * target ** 2, "test_mindcf_0.01": 0.61234, "test_mindcf_0.05": 0.4,
-            "layers": [], "minutes": 0.01}
+            "test_eer_pct_ci_low": 9.0, "test_eer_pct_ci_high": 13.0 + 10 * target ** 2,
+            "layers": [], "minutes": 0.01,
+            "test": {"val": {"eer_pct": 10.0 + 10 * target ** 2, "mindcf_0.01": 0.5, "eer_ci_pct": [8.0, 12.5]},
+                     "test": {"eer_pct": 11.0 + 10 * target ** 2, "mindcf_0.01": 0.61234,
+                              "eer_ci_pct": [9.0, 13.0 + 10 * target ** 2]}}}
 
 
 @pytest.fixture
@@ -215,7 +238,7 @@ def fake_trials(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     calls = []
 
-    def run_trial(cfg, knobs, folder, tracker=None, previous_run=None):
+    def run_trial(cfg, knobs, folder, tracker=None, previous_run=None, models=None):
         calls.append(knobs)
         for name in (prune_sweep.prune_stage.STRUCTURE, prune_sweep.prune_stage.STRUCTURE_PNG):
             (folder / name).write_text("{}")  # the trial run's artifacts
@@ -254,9 +277,27 @@ def test_grid_honours_n_trials_and_never_reruns_a_point(fake_trials, capsys):
                for t in optuna.load_study(study_name="smoke-prune-grid", storage=storage).get_trials(
                    states=(TrialState.COMPLETE,))}
     # (no teacher run here: the scratch folder has no exp/smoke/s2)
-    assert names == {"study": "study:smoke-prune-grid"} | {str(n): f"trial-{n} t={t:g}" for n, t in targets.items()}
+    # a trial's name says what it reached (here the fake reaches its target exactly)
+    assert names == {"study": "study:smoke-prune-grid"} | {str(n): f"trial-{n} t={t:.2f} → s={t:.2f}"
+                                                           for n, t in targets.items()}
+    assert names["2"] == "trial-2 t=0.60 → s=0.60"
     parent = next(r for r in runs if r.data.tags.get("kind") == "study")
+    trial_runs = [r for r in runs if r.data.tags.get("kind") == "trial"]
+    # the study's run spans its trials (it used to end the moment it was made)
+    assert parent.info.end_time == max(r.info.end_time for r in trial_runs)
+    assert parent.info.end_time - parent.info.start_time >= max(r.info.end_time - r.info.start_time for r in trial_runs)
+    # every trial fills the saved view's columns: val EER, sparsity reached, test EER with its interval
+    for run in trial_runs:
+        t = targets[int(run.data.tags["optuna_trial"])]
+        assert {k: run.data.metrics[k] for k in ("val_eer", "val_eer_lo", "val_eer_hi", "test_eer", "test_eer_lo",
+                                                  "test_eer_hi", "test_mindcf", "sparsity")} == {
+            "val_eer": round(10.0 + 10 * t ** 2, 2), "val_eer_lo": 8.0, "val_eer_hi": 12.5,
+            "test_eer": round(11.0 + 10 * t ** 2, 2), "test_eer_lo": 9.0, "test_eer_hi": round(13.0 + 10 * t ** 2, 2),
+            "test_mindcf": 0.612, "sparsity": t}
     m = parent.data.metrics
+    # ... and the study's row shows its best trial in the same columns
+    assert (m["val_eer"], m["test_eer"], m["test_eer_lo"], m["test_eer_hi"], m["sparsity"]) == (
+        10.0, 11.0, 9.0, 13.0, 0.0)
     # every point is on the front (size falls as EER rises); the best validation EER is the dense one
     assert m["trials_complete"] == 3 and m["pareto_size"] == 3
     assert m["best_val_eer_pct"] == 10.0 and m["best_test_eer_pct"] == 11.0 and m["best_params_encoder"] == 1000

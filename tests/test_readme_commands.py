@@ -7,11 +7,13 @@ each command runs in a scratch folder laid out like the repo root (``mlruns/``, 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -56,28 +58,39 @@ def _get_json(url: str) -> dict:
         return json.loads(resp.read())
 
 
-def test_readme_mlflow_server_serves_the_runs_page(root, tmp_path):
-    words = _command("mlflow server --backend-store-uri")
-    assert words[1:] == ["server", "--backend-store-uri", "sqlite:///mlruns/mlflow.db", "--host", "127.0.0.1",
-                         "--port", "5000", "--workers", "1"]
+def test_readme_mlflow_ui_serves_the_store_and_prints_its_links(root, tmp_path):
+    """The README's UI command serves mlruns/mlflow.db (plain `mlflow ui` opens an empty ./mlflow.db) and prints
+    each experiment's runs-table link with its real id: the README hard-codes none."""
+    from svlib.tracking import models_page, runs_page
+
+    words = _command("svlib.tracking ui")
+    assert words[1:] == ["-m", "svlib.tracking", "ui", "--db", "mlruns/mlflow.db", "--port", "5000"]
+    assert "#/experiments/1/" not in README and "/mlflow.db" in (REPO / ".gitignore").read_text().splitlines()
     port = free_port()  # the README's command, on a free port
     cmd = _exe(words)
     cmd[cmd.index("--port") + 1] = str(port)
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = open(tmp_path / "ui.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
     url = f"http://127.0.0.1:{port}"
     try:
-        assert wait_http(url + "/health", timeout=120, proc=proc), (tmp_path / "server.log").read_text()[-2000:]
+        assert wait_http(url + "/health", timeout=180, proc=proc), (tmp_path / "ui.log").read_text()[-2000:]
+        deadline = time.monotonic() + 60
+        while "all experiments:" not in (tmp_path / "ui.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        printed = (tmp_path / "ui.log").read_text()
         experiment = _get_json(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name=demo")["experiment"]
         assert {t["key"]: t["value"] for t in experiment["tags"]}["mlflow.experimentKind"] == "custom_model_development"
-        # the README's link: the runs page of experiment 1 (the first one a fresh store makes) is the demo's
-        assert "#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=svlib-results" in README and experiment["experiment_id"] == "1"
+        assert f"  demo (id {experiment['experiment_id']}): {runs_page(url, experiment['experiment_id'])}\n" in printed
+        assert f"models: {models_page(url, experiment['experiment_id'])}\n" in printed
+        assert f"all experiments: {url}/#/experiments?workflowType=machine_learning" in printed
         assert "mlflow.sharedViewState.svlib-results" in {t["key"] for t in experiment["tags"]}
         with urllib.request.urlopen(url + "/", timeout=30) as resp:
             assert resp.status == 200
     finally:
         stop_process(proc)
         log.close()
+    assert not wait_http(url + "/health", timeout=2)  # SIGTERM to the command stopped its server too
 
 
 def test_readme_reroot_command_after_moving_the_store(root, tmp_path):

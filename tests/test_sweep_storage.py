@@ -485,6 +485,8 @@ def test_tracked_objective_nests_trials_under_one_study_run(tmp_path, monkeypatc
     stages = [r for r in runs if r.data.tags.get("stage") == "prune1"]
     assert {r.data.tags["mlflow.parentRunId"] for r in stages} == {trial_runs[n].info.run_id for n in (0, 3, 4)}
     assert trial_runs[0].data.metrics.keys() == set(METRICS)
+    # the study's run spans its trials, the failed and the pruned ones too (it used to end 58 ms after it began)
+    assert parent.info.end_time == max(r.info.end_time for r in trial_runs.values())
 
 
 def test_unreachable_storage_is_a_clear_error():

@@ -28,9 +28,65 @@ def test_experiments_open_on_the_model_training_view(tmp_path):
     # the saved runs-table view whose columns are the result metrics, and the link that opens it
     assert tracking.runs_page("http://h:1", "7") == "http://h:1/#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=svlib-results"
     view = json.loads(experiment.tags["mlflow.sharedViewState.svlib-results"])
-    assert {"metrics.`final_test_eer_pct`", "metrics.`params_encoder`", "metrics.`wall_minutes`",
-            "metrics.`best_val_eer_pct`"} <= set(view["selectedColumns"])
+    assert view["selectedColumns"] == view["columnOrder"] == [
+        "metrics.`val_eer`", "metrics.`val_eer_lo`", "metrics.`val_eer_hi`", "metrics.`test_eer`",
+        "metrics.`test_eer_lo`", "metrics.`test_eer_hi`", "metrics.`test_mindcf`", "metrics.`sparsity`",
+        "metrics.`params_encoder`", "metrics.`wall_min`", "metrics.`pareto_size`", "attributes.`Duration`"]
     assert "mlflow.sharedViewState.svlib-results" in client.get_experiment(old).tags
+
+
+def test_result_column_headers_stay_distinct_when_the_ui_cuts_them():
+    """MLflow cuts a metric header at about 15 characters (1,600 px window): the result columns must still read
+    apart there (three ``final_test_eer_pct...`` columns all read ``final_test_eer_p…``)."""
+    assert max(len(c) for c in tracking.RESULT_COLUMNS) <= 17
+    cut = [c[:15] for c in tracking.RESULT_COLUMNS]
+    assert len(set(cut)) == len(cut)
+
+
+def test_links_open_the_model_training_side():
+    """A run or models link carries workflowType=machine_learning: without it MLflow 3 opens a run on the side
+    the browser last chose, GenAI in a fresh one ("Evaluations", Judges)."""
+    assert tracking.run_page("http://h:1/", "3", "abc") == "http://h:1/#/experiments/3/runs/abc?workflowType=machine_learning"
+    assert tracking.models_page("http://h:1", "3") == "http://h:1/#/experiments/3/models?workflowType=machine_learning"
+    assert tracking.experiments_page("http://h:1") == "http://h:1/#/experiments?workflowType=machine_learning"
+    lines = tracking.where_to_look("sqlite:///x/mlflow.db", "demo", "3", "abc", ["exp/demo/summary.json"])
+    assert lines == [
+        "results: exp/demo/summary.json",
+        "MLflow: experiment 'demo' (id 3) in sqlite:///x/mlflow.db (serve it first: make mlflow-ui)",
+        "  runs table: http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning&viewStateShareKey=svlib-results",
+        "  run abc: http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning",
+        "  models: http://127.0.0.1:5000/#/experiments/3/models?workflowType=machine_learning"]
+    # a team server is its own UI
+    assert tracking.where_to_look("http://mlflow:5000/", "demo", "3", None)[:2] == [
+        "MLflow: experiment 'demo' (id 3) in http://mlflow:5000/",
+        "  runs table: http://mlflow:5000/#/experiments/3/runs?workflowType=machine_learning&viewStateShareKey=svlib-results"]
+
+
+EVAL_RECORD = {"params_encoder": 2_340_001, "minutes": 0.51234, "test": {
+    "test": {"eer_pct": 12.00444, "mindcf_0.01": 0.98712, "mindcf_0.05": 0.86849, "eer_ci_pct": [10.5, 13.6149],
+             "mindcf_0.01_ci": [0.95, 0.99912]},
+    "test_ls10": {"eer_pct": 20.0, "mindcf_0.01": 1.0, "mindcf_0.05": 1.0},
+    "val": {"eer_pct": 14.6449, "mindcf_0.01": 0.9, "mindcf_0.05": 0.8, "eer_ci_pct": [11.111, 17.777]}}}
+
+
+def test_every_stage_fills_the_result_columns():
+    """A stage's row: val / test EER with their intervals, minDCF, size and minutes, rounded, under the names the
+    pipeline's row uses too."""
+    from svlib.tracking import stage_headline
+
+    assert stage_headline(EVAL_RECORD) == {
+        "val_eer": 14.64, "val_eer_lo": 11.11, "val_eer_hi": 17.78, "test_eer": 12.0, "test_eer_lo": 10.5,
+        "test_eer_hi": 13.61, "test_mindcf": 0.987, "params_encoder": 2_340_001.0, "wall_min": 0.5}
+    # a training stage: its model-selection EER (no interval), the test list it evaluated
+    train = {"best_val_eer_pct": 15.337, "params_encoder": 9, "minutes": 3.04,
+             "test": {"test": {"eer_pct": 8.10107197, "mindcf_0.01": 0.5, "mindcf_0.05": 0.4, "eer_ci_pct": [6.0, 9.99]}}}
+    assert stage_headline(train) == {"val_eer": 15.34, "test_eer": 8.1, "test_eer_lo": 6.0, "test_eer_hi": 9.99,
+                                     "test_mindcf": 0.5, "params_encoder": 9.0, "wall_min": 3.0}
+    # another list when there is no "test"; a pruning stage's sparsity; a merge: its size and minutes only
+    assert stage_headline(EVAL_RECORD, "test_ls10")["test_eer"] == 20.0
+    assert stage_headline({"test": {"vox1_o": {"eer_pct": 1.234, "mindcf_0.01": 0.1}}})["test_eer"] == 1.23
+    assert stage_headline({"achieved_sparsity": 0.071234, "params_encoder": 5})["sparsity"] == 0.071
+    assert stage_headline({"params_encoder": 5, "minutes": 0.01}) == {"params_encoder": 5.0, "wall_min": 0.0}
 
 
 def test_headline_metrics_of_a_pipeline_summary():
@@ -38,20 +94,15 @@ def test_headline_metrics_of_a_pipeline_summary():
         "s2": {"test": {"test": {"eer_pct": 12.4444, "mindcf_0.01": 0.99312, "mindcf_0.05": 0.8651}},
                "best_val_eer_pct": 15.337, "params_encoder": 2_340_001},
         "merge": {"minutes": 0.01},
-        "eval": {"params_encoder": 2_340_001, "test": {
-            "test": {"eer_pct": 12.00444, "mindcf_0.01": 0.98712, "mindcf_0.05": 0.86849, "eer_ci_pct": [10.5, 13.6149],
-                     "mindcf_0.01_ci": [0.95, 0.99912]},
-            "val": {"eer_pct": 14.6449, "mindcf_0.01": 0.9, "mindcf_0.05": 0.8}}}},
+        "eval": EVAL_RECORD},
         "wall_minutes": 15.2371}
+    # the final stage's columns, with the recipe's minutes
     assert headline_metrics(summary) == {
-        "final_test_eer_pct": 12.0, "final_test_mindcf_0.01": 0.987, "final_test_mindcf_0.05": 0.868,
-        "final_test_eer_pct_ci_low": 10.5, "final_test_eer_pct_ci_high": 13.61,
-        "final_test_mindcf_0.01_ci_low": 0.95, "final_test_mindcf_0.01_ci_high": 0.999,
-        "final_val_eer_pct": 14.64, "final_val_mindcf_0.01": 0.9, "final_val_mindcf_0.05": 0.8,
-        "params_encoder": 2_340_001.0, "wall_minutes": 15.2}
+        "val_eer": 14.64, "val_eer_lo": 11.11, "val_eer_hi": 17.78, "test_eer": 12.0, "test_eer_lo": 10.5,
+        "test_eer_hi": 13.61, "test_mindcf": 0.987, "params_encoder": 2_340_001.0, "wall_min": 15.2}
     # no val list in the final evaluation: its best validation EER stands in
     del summary["stages"]["eval"]
-    assert headline_metrics(summary)["final_val_eer_pct"] == 15.34
+    assert headline_metrics(summary)["val_eer"] == 15.34
     assert headline_metrics({"stages": {}}) == {}
     assert rounded("train_loss", 1.23456) == 1.23456 and rounded("expected_params", 10.6) == 11.0
 
