@@ -125,7 +125,8 @@ def test_two_trials_nested_runs_and_resume(sweep_dir):
     line = prune_sweep.register_best_model(report, "smoke-pruned", "best", uri)
     assert line == f"registered model smoke-pruned version 1 (trial {best['number']}): models:/smoke-pruned@best"
     version = MlflowClient(uri, registry_uri=uri).get_model_version_by_alias("smoke-pruned", "best")
-    assert version.model_id == best["mlflow_model_id"]
+    assert version.source == f"models:/{best['mlflow_model_id']}"
+    assert version.run_id == client.get_logged_model(best["mlflow_model_id"]).source_run_id
     assert [p["number"] for p in report["points"]] == [0, 1] and report["pareto_front"]
     assert {p["number"] for p in report["points"] if p["pareto"]} == {p["number"] for p in report["pareto_front"]}
     assert report["teacher_reference"]["params_encoder"] == teacher["params_encoder"]
@@ -280,7 +281,8 @@ def test_grid_honours_n_trials_and_never_reruns_a_point(fake_trials, capsys):
     # a trial's name says what it reached (here the fake reaches its target exactly)
     assert names == {"study": "study:smoke-prune-grid"} | {str(n): f"trial-{n} t={t:.2f} → s={t:.2f}"
                                                            for n, t in targets.items()}
-    assert names["2"] == "trial-2 t=0.60 → s=0.60"
+    assert sorted(name.split(" ", 1)[1] for n, name in names.items() if n != "study") == [
+        "t=0.00 → s=0.00", "t=0.30 → s=0.30", "t=0.60 → s=0.60"]
     parent = next(r for r in runs if r.data.tags.get("kind") == "study")
     trial_runs = [r for r in runs if r.data.tags.get("kind") == "trial"]
     # the study's run spans its trials (it used to end the moment it was made)
@@ -318,7 +320,7 @@ from pathlib import Path
 sys.path.insert(0, {str(REPO)!r})
 from sweeps import prune_sweep
 calls = []
-def run_trial(cfg, knobs, folder, tracker=None, previous_run=None):
+def run_trial(cfg, knobs, folder, tracker=None, previous_run=None, models=None):
     calls.append(knobs)
     if len(calls) == 2 and not os.environ.get("NO_SLEEP"):
         Path("started").touch()
@@ -397,7 +399,9 @@ def test_a_retry_copies_the_metrics_of_the_stages_it_reuses(tmp_path):
     fresh = client.search_runs([tracker.experiment_id], "tags.stage = 'prune1' and tags.reused = 'True'",
                                order_by=["attributes.start_time DESC"])[0]
     assert fresh.data.metrics == {"test_eer_pct": 12.5, "test_mindcf_0.01": 0.9, "test_mindcf_0.05": 0.8,
-                                  "params_encoder": 600.0, "achieved_sparsity": 0.4}
+                                  "params_encoder": 600.0, "achieved_sparsity": 0.4,
+                                  # and the runs table's result columns, as any stage run
+                                  "test_eer": 12.5, "test_mindcf": 0.9, "sparsity": 0.4}
 
 
 def test_readme_pareto_command_reads_the_readme_grid_sweep(fake_trials):
