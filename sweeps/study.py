@@ -702,56 +702,52 @@ def tracked_objective(tracker, study_name: str, objective: Callable[[optuna.Tria
                 trial.set_user_attr("retry_of_mlflow_run_id", old_run)
                 _close_run(client, old_run, trial.params, previous)  # if no worker has closed it yet
         state, pruned_exc, failure = "FAIL", None, None
-        run_id = None
-        try:
-            with tracker.run(trial_run_name(trial.number, retry_of=retry_of), tags=tags) as run_id:
-                trial.set_user_attr("mlflow_run_id", run_id)
-                trial.set_user_attr("trial_number", trial.number)
-                try:
-                    result = objective(trial)
-                except optuna.TrialPruned as err:
-                    state, pruned_exc = "PRUNED", err
-                except BaseException as err:  # KeyboardInterrupt too: the run ends FAILED all the same
-                    failure = err
-                    raise
-                finally:
-                    # First, since MLflow's fluent calls below go to the innermost active run.
-                    outcome = "FAILED" if failure is not None else "KILLED" if pruned_exc is not None else "FINISHED"
-                    _end_nested_runs(run_id, outcome)
-                    if failure is not None:
-                        client.set_tag(run_id, "fail_reason", _fail_reason(failure))
-                    if trial.params:
-                        tracker.log_params(dict(trial.params))
-                    tracker.set_tags({"optuna_state": state})
-                    label = trial.user_attrs.get("run_label")  # what the objective says tells trials apart
-                    if label:
-                        client.update_run(run_id, name=trial_run_name(trial.number, label, retry_of))
-                if pruned_exc is None:
-                    values = list(result) if isinstance(result, (list, tuple)) else [result]
-                    names = trial.study.metric_names or ([f"value_{i}" for i in range(len(values))]
-                                                         if len(values) > 1 else ["value"])
-                    if len(names) != len(values):
-                        raise SweepError(f"objective returned {len(values)} values for metrics {names}")
-                    tracker.log_metrics({n: float(v) for n, v in zip(names, values)})
-                    tracker.set_tags({"optuna_state": "COMPLETE"})
-            if pruned_exc is not None:
-                client.set_terminated(run_id, "KILLED")
-                raise pruned_exc
-            return result
-        finally:
-            if run_id is not None:  # the study's run spans its trials, failed ones too
-                _extend_study_run(client, parent["id"], run_id)
+        with tracker.run(trial_run_name(trial.number, retry_of=retry_of), tags=tags) as run_id:
+            trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr("trial_number", trial.number)
+            try:
+                result = objective(trial)
+            except optuna.TrialPruned as err:
+                state, pruned_exc = "PRUNED", err
+            except BaseException as err:  # KeyboardInterrupt too: the run ends FAILED all the same
+                failure = err
+                raise
+            finally:
+                # First, since MLflow's fluent calls below go to the innermost active run.
+                outcome = "FAILED" if failure is not None else "KILLED" if pruned_exc is not None else "FINISHED"
+                _end_nested_runs(run_id, outcome)
+                if failure is not None:
+                    client.set_tag(run_id, "fail_reason", _fail_reason(failure))
+                if trial.params:
+                    tracker.log_params(dict(trial.params))
+                tracker.set_tags({"optuna_state": state})
+                label = trial.user_attrs.get("run_label")  # what the objective says tells trials apart
+                if label:
+                    client.update_run(run_id, name=trial_run_name(trial.number, label, retry_of))
+                _extend_study_run(client, parent["id"])  # failed and pruned trials too
+            if pruned_exc is None:
+                values = list(result) if isinstance(result, (list, tuple)) else [result]
+                names = trial.study.metric_names or ([f"value_{i}" for i in range(len(values))]
+                                                     if len(values) > 1 else ["value"])
+                if len(names) != len(values):
+                    raise SweepError(f"objective returned {len(values)} values for metrics {names}")
+                tracker.log_metrics({n: float(v) for n, v in zip(names, values)})
+                tracker.set_tags({"optuna_state": "COMPLETE"})
+        if pruned_exc is not None:
+            client.set_terminated(run_id, "KILLED")
+            raise pruned_exc
+        return result
 
     return wrapped
 
 
-def _extend_study_run(client, parent_id: str, trial_run_id: str) -> None:
-    """End the study's run when its latest trial run ended (it is made FINISHED at once, and would read as over
-    58 ms after it began): the later of its end and the trial's, whichever worker writes last. A failure is a
+def _extend_study_run(client, parent_id: str) -> None:
+    """End the study's run now, as its latest trial ends (it is made FINISHED at once, and would read as over
+    58 ms after it began); never earlier than it already ends (another worker's later trial). A failure is a
     warning: it must not hide the trial's own outcome."""
     try:
-        ends = [client.get_run(r).info.end_time or 0 for r in (trial_run_id, parent_id)]
-        client.set_terminated(parent_id, "FINISHED", end_time=max(ends))
+        ended = client.get_run(parent_id).info.end_time or 0
+        client.set_terminated(parent_id, "FINISHED", end_time=max(ended, int(time.time() * 1000)))
     except Exception as err:  # noqa: BLE001 - a lost end time, never a lost trial
         log.warning("could not move the end of study run %s: %s", parent_id, str(err).splitlines()[0][:300])
 
