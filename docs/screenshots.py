@@ -15,7 +15,7 @@ protocol so that the page opens in the "Model training" workflow with the MLflow
   training" side, not GenAI's "Evaluations";
 * ``docs/mlflow_models.png``   the experiment's Models tab: the logged model of every train / merge / graft stage
   (dense s1-s3, pruned graft / ps1-ps3) with its size and EERs;
-* ``docs/mlflow_sweep.png``    a smoke grid sweep's runs table: per trial (named ``t=0.60 → s=0.07``) val EER,
+* ``docs/mlflow_sweep.png``    a smoke grid sweep's runs table: per trial (named ``s=0.07 ← t=0.60``) val EER,
   achieved sparsity and test EER with its interval, the study run spanning its trials;
 * ``docs/mlflow_metrics.png``  the train_loss chart of the s1, s2 and s3 stage runs;
 * ``docs/optuna_dashboard.png`` only if ``optuna-dashboard`` is installed: a small two-objective study.
@@ -240,8 +240,9 @@ def mlflow_shots(uri: str, workdir: Path, out: Path) -> None:
         fresh = {k: v for k, v in UI_STORAGE.items() if k != "mlflow.workflowType_v1"}
         screenshot(run_page(url, eid, by_stage["eval_pruned"]), out / "mlflow_run.png", size=(1600, 820),
                    ready_text="Metrics", storage=fresh)
-        # The Models tab: every stage's logged model with its size and EERs
-        screenshot(models_page(url, eid), out / "mlflow_models.png", size=(1600, 620), ready_text="ps3")
+        # The Models tab: every stage's logged model with its size and EERs (2,600 px: the metric columns come after
+        # MLflow's six attribute columns)
+        screenshot(models_page(url, eid), out / "mlflow_models.png", size=(2600, 480), ready_text="ps3")
         sweep = _api(url, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="smoke-prune-grid")["experiment"]
         screenshot(runs_page(url, sweep["experiment_id"]), out / "mlflow_sweep.png", size=(1600, 520),
                    ready_text="matching runs", clicks=(EXPANDER,))

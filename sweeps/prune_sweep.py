@@ -535,7 +535,8 @@ def _trial_record(cfg: SweepConfig, knobs: dict, folder: Path, structure: dict, 
               # the evaluation's numbers per list (intervals included): the trial run's result columns
               # (svlib.tracking.stage_headline) read them like a stage's
               "test": tests}
-    for key, ci in (("test_eer_pct", test.get("eer_ci_pct")), ("test_mindcf_0.01", test.get("mindcf_0.01_ci"))):
+    for key, ci in (("test_eer_pct", test.get("eer_ci_pct")), ("test_mindcf_0.01", test.get("mindcf_0.01_ci")),
+                    ("val_eer_pct", val.get("eer_ci_pct"))):
         if ci is not None:  # speaker-level bootstrap 95 % interval of the evaluation stage
             record[f"{key}_ci_low"], record[f"{key}_ci_high"] = float(ci[0]), float(ci[1])
     if record["params_encoder"] != structure["params_encoder"]:
@@ -546,10 +547,11 @@ def _trial_record(cfg: SweepConfig, knobs: dict, folder: Path, structure: dict, 
 
 
 def reached_label(knobs: dict[str, Any], record: dict[str, Any]) -> str:
-    """The trial run's label (``sweeps.study.trial_run_name``) once it ran: the target it aimed at and the
-    sparsity it reached, ``t=0.60 → s=0.07`` (a one-run curve: ``snapshots → s=0.41``, its top point's)."""
+    """The trial run's label (``sweeps.study.trial_run_name``) once it ran: the sparsity it reached, then the
+    target it aimed at, ``s=0.07 ← t=0.60`` (a one-run curve: ``s=0.41 ← snapshots``, its top point's). The
+    reached value comes first: the runs table cuts a long run name at about 20 characters."""
     aimed = "snapshots" if knobs.get("snapshots") else f"t={float(knobs['target_sparsity']):.2f}"
-    return f"{aimed} → s={record['achieved_sparsity']:.2f}"
+    return f"s={record['achieved_sparsity']:.2f} ← {aimed}"
 
 
 def snapshot_levels(cfg: SweepConfig) -> list[float]:
@@ -765,7 +767,8 @@ def study_headline(report: dict) -> dict[str, float]:
                 "best_test_eer_pct": best["test_eer_pct"], "best_test_mindcf_0.01": best["test_mindcf_0.01"],
                 "best_params_encoder": best["params_encoder"], "best_achieved_sparsity": best["achieved_sparsity"]}
         # the result columns every row shares (svlib.tracking.STAGE_COLUMNS): the study's row shows its best trial
-        out |= {"val_eer": best["val_eer_pct"], "test_eer": best["test_eer_pct"],
+        out |= {"val_eer": best["val_eer_pct"], "val_eer_lo": best.get("val_eer_pct_ci_low"),
+                "val_eer_hi": best.get("val_eer_pct_ci_high"), "test_eer": best["test_eer_pct"],
                 "test_eer_lo": best.get("test_eer_pct_ci_low"), "test_eer_hi": best.get("test_eer_pct_ci_high"),
                 "test_mindcf": best["test_mindcf_0.01"], "sparsity": best["achieved_sparsity"],
                 "params_encoder": best["params_encoder"]}

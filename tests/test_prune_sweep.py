@@ -112,8 +112,9 @@ def test_two_trials_nested_runs_and_resume(sweep_dir):
     assert sorted(m.name for m in models) == ["graft", "graft", "ps1", "ps1"]
     for run in trial_runs:
         t = trials[int(run.data.tags["optuna_trial"])]
-        assert run.info.run_name == (f"trial-{t.number} t={t.params['target_sparsity']:.2f} → "
-                                     f"s={t.user_attrs['achieved_sparsity']:.2f}")
+        assert run.info.run_name == (f"trial-{t.number} s={t.user_attrs['achieved_sparsity']:.2f} ← "
+                                     f"t={t.params['target_sparsity']:.2f}")
+        assert run.data.metrics["val_eer_lo"] == round(t.user_attrs["val_eer_pct_ci_low"], 2)
         stages = {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id}
         ps1 = next(m for m in models if m.source_run_id == stages["ps1"].info.run_id)
         assert t.user_attrs["mlflow_model_id"] == ps1.model_id
@@ -227,6 +228,7 @@ def _fake_record(knobs: dict) -> dict:
             "dense_params_encoder": 1000, "val_eer_pct": 10.0 + 10 * target ** 2, "val_mindcf_0.01": 0.5,
             "test_eer_pct": 11.0 + 10 * target ** 2, "test_mindcf_0.01": 0.61234, "test_mindcf_0.05": 0.4,
             "test_eer_pct_ci_low": 9.0, "test_eer_pct_ci_high": 13.0 + 10 * target ** 2,
+            "val_eer_pct_ci_low": 8.0, "val_eer_pct_ci_high": 12.5,
             "layers": [], "minutes": 0.01,
             "test": {"val": {"eer_pct": 10.0 + 10 * target ** 2, "mindcf_0.01": 0.5, "eer_ci_pct": [8.0, 12.5]},
                      "test": {"eer_pct": 11.0 + 10 * target ** 2, "mindcf_0.01": 0.61234,
@@ -278,11 +280,11 @@ def test_grid_honours_n_trials_and_never_reruns_a_point(fake_trials, capsys):
                for t in optuna.load_study(study_name="smoke-prune-grid", storage=storage).get_trials(
                    states=(TrialState.COMPLETE,))}
     # (no teacher run here: the scratch folder has no exp/smoke/s2)
-    # a trial's name says what it reached (here the fake reaches its target exactly)
-    assert names == {"study": "study:smoke-prune-grid"} | {str(n): f"trial-{n} t={t:.2f} → s={t:.2f}"
+    # a trial's name says what it reached, then its target (here the fake reaches its target exactly)
+    assert names == {"study": "study:smoke-prune-grid"} | {str(n): f"trial-{n} s={t:.2f} ← t={t:.2f}"
                                                            for n, t in targets.items()}
     assert sorted(name.split(" ", 1)[1] for n, name in names.items() if n != "study") == [
-        "t=0.00 → s=0.00", "t=0.30 → s=0.30", "t=0.60 → s=0.60"]
+        "s=0.00 ← t=0.00", "s=0.30 ← t=0.30", "s=0.60 ← t=0.60"]
     parent = next(r for r in runs if r.data.tags.get("kind") == "study")
     trial_runs = [r for r in runs if r.data.tags.get("kind") == "trial"]
     # the study's run spans its trials (it used to end the moment it was made)
@@ -298,8 +300,8 @@ def test_grid_honours_n_trials_and_never_reruns_a_point(fake_trials, capsys):
             "test_mindcf": 0.612, "sparsity": t}
     m = parent.data.metrics
     # ... and the study's row shows its best trial in the same columns
-    assert (m["val_eer"], m["test_eer"], m["test_eer_lo"], m["test_eer_hi"], m["sparsity"]) == (
-        10.0, 11.0, 9.0, 13.0, 0.0)
+    assert (m["val_eer"], m["val_eer_lo"], m["val_eer_hi"], m["test_eer"], m["test_eer_lo"], m["test_eer_hi"],
+            m["sparsity"]) == (10.0, 8.0, 12.5, 11.0, 9.0, 13.0, 0.0)
     # every point is on the front (size falls as EER rises); the best validation EER is the dense one
     assert m["trials_complete"] == 3 and m["pareto_size"] == 3
     assert m["best_val_eer_pct"] == 10.0 and m["best_test_eer_pct"] == 11.0 and m["best_params_encoder"] == 1000
