@@ -240,9 +240,9 @@ def mlflow_shots(uri: str, workdir: Path, out: Path) -> None:
         fresh = {k: v for k, v in UI_STORAGE.items() if k != "mlflow.workflowType_v1"}
         screenshot(run_page(url, eid, by_stage["eval_pruned"]), out / "mlflow_run.png", size=(1600, 820),
                    ready_text="Metrics", storage=fresh)
-        # The Models tab: every stage's logged model with its size and EERs (2,600 px: the metric columns come after
+        # The Models tab: every stage's logged model with its size and EERs (3,000 px: the metric columns come after
         # MLflow's six attribute columns)
-        screenshot(models_page(url, eid), out / "mlflow_models.png", size=(2600, 480), ready_text="ps3")
+        screenshot(models_page(url, eid), out / "mlflow_models.png", size=(3000, 600), ready_text="ps3")
         sweep = _api(url, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="smoke-prune-grid")["experiment"]
         screenshot(runs_page(url, sweep["experiment_id"]), out / "mlflow_sweep.png", size=(1600, 520),
                    ready_text="matching runs", clicks=(EXPANDER,))
