@@ -4,6 +4,11 @@ The embedded store is ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlru
 to the working directory, i.e. the repo root); ``MLFLOW_TRACKING_URI`` points everything at a team's
 tracking server instead. Stages never talk to MLflow directly: they receive a ``Tracker`` (or ``None`` in
 unit tests) so that the same code runs tracked and untracked.
+
+Every row of the runs table (stage, pipeline, trial, study) fills the same rounded result columns
+(:data:`STAGE_COLUMNS`, the experiment's saved view :data:`RESULTS_VIEW`); a stage's model folder becomes an MLflow
+logged model of its run (:meth:`Tracker.log_model`). ``python -m svlib.tracking ui`` (``make mlflow-ui``) serves
+the store and prints its links, which all open the UI's model-training side.
 """
 from __future__ import annotations
 
