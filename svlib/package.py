@@ -411,8 +411,11 @@ def check_registry_name(name: str, alias: str | None = None) -> None:
     (letters, digits, '_' and '-'), else :class:`PackageError`."""
     if not name or any(c.isspace() for c in name) or "/" in name or "@" in name:
         raise PackageError(f"register_model: bad model name {name!r} (no spaces, '/' or '@')")
-    if alias is not None and (not alias or not alias.replace("_", "").replace("-", "").isalnum()):
-        raise PackageError(f"register_model: bad alias {alias!r} (letters, digits, '_' and '-')")
+    if alias is not None and (not alias or not alias.replace("_", "").replace("-", "").isalnum()
+                              or alias.lower() == "latest" or alias.lower().startswith("v") and alias[1:].isdigit()):
+        # MLflow reserves "latest" and "v<number>" (they address versions in models:/NAME@...)
+        raise PackageError(f"register_model: bad alias {alias!r} (letters, digits, '_' and '-'; not 'latest' or "
+                           "'v<number>')")
 
 
 def _new_version(client, name: str, **version) -> int:

@@ -236,5 +236,40 @@ def test_register_checks_its_name_before_running(capsys):
     assert pipeline.main(["--config", str(SMOKE_CONFIG), "--register", "bad name"]) == 2
     assert capsys.readouterr().err.strip() == ("error: register_model: bad model name 'bad name' (no spaces, '/' "
                                                "or '@')")
+    assert pipeline.main(["--config", str(SMOKE_CONFIG), "--register", "ok", "--alias", "latest"]) == 2
+    assert "bad alias 'latest'" in capsys.readouterr().err
     assert pipeline.main(["--config", str(SMOKE_CONFIG), "--register", "ok", "--no-tracking"]) == 2
     assert "--register needs MLflow tracking" in capsys.readouterr().err
+
+
+def test_the_command_registers_its_final_model_and_says_where_the_results_are(smoke_run, tmp_path, monkeypatch, capsys):
+    """`python -m experiments.pipeline ... --register NAME` (here over the smoke run's finished stages, in a copy
+    with a store of its own): it registers the final model and ends with the result files, the run id and the
+    MLflow links (the runs table in the result view, the run, the Models tab)."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from svlib.tracking import models_page, run_page, runs_page
+
+    workdir = smoke_run["workdir"]
+    (tmp_path / "data").symlink_to(workdir / "data", target_is_directory=True)
+    shutil.copytree(workdir / "exp" / "smoke", tmp_path / "exp" / "smoke", ignore=shutil.ignore_patterns(".svlib.lock"))
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert pipeline.main(["--config", str(SMOKE_CONFIG), "--register", "smoke-cli", "--alias", "candidate"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    client = MlflowClient(uri, registry_uri=uri)
+    experiment = client.get_experiment_by_name("smoke")
+    parent = next(r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("kind") == "pipeline")
+    version = client.get_model_version_by_alias("smoke-cli", "candidate")
+    assert client.get_run(version.run_id).data.tags["stage"] == "ps3"
+    url, eid = "http://127.0.0.1:5000", experiment.experiment_id
+    assert out[-6:] == [
+        "registered model smoke-cli version 1: models:/smoke-cli@candidate",
+        "results: exp/smoke/summary.json",
+        f"MLflow: experiment 'smoke' (id {eid}) in {uri} (serve it first: make mlflow-ui)",
+        f"  runs table: {runs_page(url, eid)}",
+        f"  run {parent.info.run_id}: {run_page(url, eid, parent.info.run_id)}",
+        f"  models: {models_page(url, eid)}"]
