@@ -1,4 +1,8 @@
-"""Physical removal of pruned heads, FFN units and conv channels from a stock ``Wav2Vec2BertModel``.
+"""Per-layer widths of a stock ``Wav2Vec2BertModel``: read them, remove units, rebuild at recorded widths.
+
+This is the model layer's half of structured pruning: how the encoder's modules change shape. Which units
+go (hard-concrete masks, the distillation objective) is ``svlib.pruning``'s half, built on this one; the
+model layer never imports it, so a shrunk encoder folder loads through ``load_encoder`` with nothing else.
 
 The encoder stays made of the HF modules; only their weight shapes (and the few size attributes their
 forward reads) change, so every layer can have its own widths. Given a per-layer mask (values in [0, 1],
@@ -18,23 +22,21 @@ outputs exactly ``linear_out.bias`` / ``output_dense.bias``; the conv module has
 0); its pre-LayerNorm becomes ``nn.Identity``, and the relative distance table of a head-less layer goes.
 
 A shrunk encoder saves as a folder: HF ``config.json`` (the dense config plus ``svlib_pruned_layers``, the
-per-layer widths) and ``model.safetensors``; ``load_pruned_encoder`` rebuilds a stock model, shrinks it to
-the recorded widths and loads the weights.
+per-layer widths) and ``model.safetensors`` (``svlib.pruning.shrink.save_pruned_encoder``);
+``apply_recorded_widths`` shrinks a stock model built from that config to the recorded widths before the
+weights load.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import Wav2Vec2BertConfig, Wav2Vec2BertModel
+from transformers import Wav2Vec2BertModel
 from transformers import __version__ as TRANSFORMERS_VERSION
 
-from .counting import KINDS
-
+KINDS = ("heads", "ffn1", "ffn2", "conv")  # the unit kinds of a layer, in the order of every per-layer record
 CONFIG_KEY = "svlib_pruned_layers"
-WEIGHTS_NAME = "model.safetensors"
 
 
 class ConstantBlock(nn.Module):
@@ -225,60 +227,18 @@ def shrink_to_sizes(model: Wav2Vec2BertModel, sizes: list[dict[str, int]]) -> Wa
     return shrink_encoder(model, masks)
 
 
-def prune_model(model: Wav2Vec2BertModel, mask_set) -> Wav2Vec2BertModel:
-    """Freeze ``mask_set``'s deterministic masks, detach its hooks and shrink ``model`` accordingly."""
-    masks = mask_set.deterministic_masks()
-    mask_set.detach()
-    return shrink_encoder(model, masks)
-
-
-def save_pruned_encoder(model: Wav2Vec2BertModel, folder: str | Path) -> Path:
-    from svlib.files import save_tensors_atomic
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    setattr(model.config, CONFIG_KEY, layer_sizes(model))
-    model.config.save_pretrained(folder)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_tensors_atomic(state, folder / WEIGHTS_NAME, metadata={"format": "pt"})
-    return folder
-
-
-def load_pruned_encoder(folder: str | Path, map_location: str | torch.device = "cpu") -> Wav2Vec2BertModel:
-    """Rebuild the encoder saved by ``save_pruned_encoder`` (eval mode). A dense folder loads as dense."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    config = Wav2Vec2BertConfig.from_pretrained(folder)
-    model = Wav2Vec2BertModel(config)
-    sizes = getattr(config, CONFIG_KEY, None)
-    if sizes is not None:
-        shrink_to_sizes(model, sizes)
-    state = load_file(str(folder / WEIGHTS_NAME), device=str(map_location))
-    model.load_state_dict(state, strict=True)
-    return model.to(map_location).eval()
-
-
 # ------------------------------------------------------------------------------------------ loading
 
-def _shrink_on_load(encoder: Wav2Vec2BertModel) -> None:
-    """Encoder hook: resize a freshly built stock encoder to the per-layer widths its config records."""
+def apply_recorded_widths(encoder: Wav2Vec2BertModel) -> None:
+    """Resize a freshly built stock encoder to the per-layer widths its config records (``CONFIG_KEY``).
+
+    ``svlib.model.frontend.encoder_from_config`` calls this between building the modules and loading the
+    weights, so every encoder folder, dense or shrunk, loads through ``load_encoder`` alone: loading needs
+    the widths, not the pruning that chose them. A config without recorded widths is left as it is.
+    """
     sizes = getattr(encoder.config, CONFIG_KEY, None)
     if not sizes or layer_sizes(encoder) == [{k: int(s[k]) for k in KINDS} for s in sizes]:
         return
     # the encoder may be built on the meta device; the 0/1 masks that pick the units must be real tensors
     with torch.device("cpu"):
         shrink_to_sizes(encoder, sizes)
-
-
-def enable_pruned_loading() -> None:
-    """Make ``svlib.model.frontend.load_encoder`` rebuild pruned encoder folders (idempotent).
-
-    ``load_encoder`` builds the stock encoder from ``config.json`` and runs its registered hooks before the
-    weights load; this one shrinks the layers to the recorded sizes. ``load_encoder`` calls this itself when
-    a folder's config carries ``svlib_pruned_layers``.
-    """
-    from svlib.model import frontend
-
-    if _shrink_on_load not in frontend._ENCODER_HOOKS:
-        frontend.register_encoder_hook(_shrink_on_load)
