@@ -149,3 +149,13 @@ def test_a_circle_is_reported(tmp_path):
         "svlib.model.frontend -> svlib.pruning.shrink -> svlib.model.frontend")
     (root / "data/channel.py").write_text("import math\n")
     assert "svlib.data.augment" not in cycle_report(root)
+
+
+def test_lower_layers_import_no_higher_one():
+    """Beyond circles: the model layer never imports pruning (pruned folders load through
+    ``svlib.model.structure``), the training data layer never imports corpus preparation."""
+    graph = import_graph(SVLIB)
+    upward = sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets
+                    for low, high in (("svlib.model", "svlib.pruning"), ("svlib.data", "svlib.corpora"))
+                    if a.startswith(low) and b.startswith(high))
+    assert upward == []

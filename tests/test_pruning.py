@@ -585,3 +585,25 @@ def test_rotary_head_shrinking_refused_on_transformers_4(monkeypatch):
     monkeypatch.setattr(shrink_module, "TRANSFORMERS_VERSION", "5.0.0")
     shrink_encoder(model, [{"heads": layer["heads"]} for layer in masks])
     assert [s["heads"] for s in layer_sizes(model)] == [int((m["heads"] != 0).sum()) for m in masks]
+
+
+def test_a_pruned_folder_loads_through_the_model_layer_alone(tmp_path):
+    """``load_encoder`` rebuilds a shrunk folder at its recorded widths without importing ``svlib.pruning``
+    (the model layer never imports it: tests/test_import_cycles.py)."""
+    import subprocess
+
+    model = tiny_model(5)
+    mask_set = attach_masks(model)
+    randomise_gates(mask_set, 5, empty={(0, "conv")})
+    prune_model(model, mask_set)
+    folder = save_pruned_encoder(model, tmp_path / "pruned")
+    code = ("import json, sys; from svlib.model.frontend import load_encoder; "
+            "from svlib.model.structure import layer_sizes; "
+            f"encoder = load_encoder({str(folder)!r}); "
+            "print(json.dumps([layer_sizes(encoder), sorted(m for m in sys.modules if m.startswith('svlib.pruning'))]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    sizes, pruning_modules = json.loads(out.stdout)
+    assert sizes == layer_sizes(model) and sizes[0]["conv"] == 0
+    assert pruning_modules == []
