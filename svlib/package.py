@@ -76,7 +76,6 @@ def load_model(folder: str | os.PathLike) -> SpeakerModel:
     if not folder.is_dir():
         raise ModelFormatError(f"{folder}: model folder not found")
     check_model_folder(folder)
-    enable_pruned_loading()
     from safetensors import SafetensorError
 
     try:

@@ -10,8 +10,8 @@ import soundfile as sf
 
 from svlib.cli import main as svlib_main
 from svlib.corpora.cnceleb import prepare_cnceleb
-from svlib.data.lists import DataDir, ListError, read_trials
 from svlib.corpora.prepare import main as prepare_main
+from svlib.data.lists import DataDir, ListError, read_trials
 from svlib.model.speaker import save_model
 from svlib.scoring.enroll import EnrollError, read_enroll_list
 from svlib.scoring.metrics import load_embeddings, save_embeddings

@@ -11,12 +11,12 @@ import soundfile as sf
 import torch
 
 from svlib.audio import load_audio, write_audio
-from svlib.data.augment import AugmentConfig, Augmenter, read_noise_list, read_rir_list
-from svlib.corpora.demo_data import (RirSimConfig, prepare_demo, prepare_esc10, simulate_one, simulate_rirs, split_table,
-                                  stratified_pick)
-from svlib.data.lists import DataDir, ListError, read_trials
+from svlib.corpora.demo_data import (RirSimConfig, prepare_demo, prepare_esc10, simulate_one, simulate_rirs,
+                                     split_table, stratified_pick)
 from svlib.corpora.manifest import prepare_manifest
 from svlib.corpora.prepare import main
+from svlib.data.augment import AugmentConfig, Augmenter, read_noise_list, read_rir_list
+from svlib.data.lists import DataDir, ListError, read_trials
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

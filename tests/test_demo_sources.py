@@ -11,8 +11,8 @@ import pytest
 
 from svlib.corpora.demo_sources import MIRROR_ENV, main, mirrored
 from svlib.corpora.download import SOURCES
-from svlib.data.lists import DataDir, read_trials
 from svlib.corpora.public_corpora import build_public
+from svlib.data.lists import DataDir, read_trials
 from tests.fake_corpora import write_archives, write_layout
 from tests.test_download import Server
 

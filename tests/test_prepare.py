@@ -9,11 +9,11 @@ import pytest
 import soundfile as sf
 
 from svlib.audio import audio_seconds, load_audio, write_audio
-from svlib.data.lists import DataDir, ListError, read_audio_list, read_trials
 from svlib.corpora.manifest import prepare_manifest
 from svlib.corpora.noise import prepare_musan, prepare_rirs
 from svlib.corpora.prepare import main
 from svlib.corpora.voxceleb import prepare_voxceleb
+from svlib.data.lists import DataDir, ListError, read_audio_list, read_trials
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from svlib.corpora.demo_data import prepare_demo, prepare_esc10
-from svlib.data.lists import DataDir, ListError, read_trials
 from svlib.corpora.public_corpora import build_public, main
+from svlib.data.lists import DataDir, ListError, read_trials
 from tests.fake_corpora import write_layout
 
 

@@ -5,8 +5,10 @@ corpus module, so adding a corpus means one new module beside the others.
 """
 from __future__ import annotations
 
+import csv
 import math
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,8 @@ import numpy as np
 from svlib.audio import AudioError, load_audio
 from svlib.data.lists import ListError
 
-__all__ = ["check_first_decodes", "cut_segments", "listed_file", "pick", "relative_path", "subdirs"]
+__all__ = ["check_first_decodes", "csv_rows", "cut_segments", "listed_file", "pick", "relative_path", "subdirs",
+           "inside_folder"]
 
 
 def relative_path(path: Path, relative_to: str | os.PathLike | None) -> str:
@@ -55,3 +58,22 @@ def check_first_decodes(list_path: str | os.PathLike, audio_path: str, relative_
         load_audio(listed_file(audio_path, relative_to), max_seconds=1.0)
     except AudioError as err:
         raise ListError(f"{list_path}: its first file cannot be decoded, so training would fail on it: {err}") from None
+
+
+def csv_rows(path: Path, required: Sequence[str]) -> Iterator[tuple[int, dict[str, str | None]]]:
+    """``(line number, row)`` of a corpus's CSV manifest whose header must name ``required``; a row with more
+    fields than the header has them under the key None, one with fewer has None values (``csv.DictReader``)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ListError(f"{path}:1: header lacks column(s) {missing}; has {reader.fieldnames}")
+        for row in reader:
+            yield reader.line_num, row
+
+
+def inside_folder(manifest: Path, line: int, rel: str) -> str:
+    """``rel`` (a manifest's path column), refused unless it is relative and stays inside the manifest's folder."""
+    if not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+        raise ListError(f"{manifest}:{line}: path must be relative and inside the manifest's folder, got {rel!r}")
+    return rel

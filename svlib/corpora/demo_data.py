@@ -42,7 +42,6 @@ the first ``n`` RIRs of ``num = 2n`` equal those of ``num = n``.
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import time
@@ -53,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from svlib.audio import SAMPLE_RATE, audio_info, write_audio
-from svlib.corpora.common import check_first_decodes, cut_segments, pick, relative_path
+from svlib.corpora.common import check_first_decodes, csv_rows, cut_segments, inside_folder, pick, relative_path
 from svlib.corpora.manifest import (LONG_FOLDERS, TEST_FOLDERS, WORD_FOLDERS, ManifestRow, all_pairs, read_manifest,
                                     sampled_pairs, true_seconds)
 from svlib.data.lists import AudioEntry, DataDir, ListError, Trials, write_audio_list, write_trials
@@ -80,28 +79,20 @@ def prepare_esc10(manifest: str | os.PathLike, out: str | os.PathLike, train_fol
     parts: dict[str, list[AudioEntry]] = {"train": [], "heldout": []}
     folds: dict[str, set] = {"train": set(), "heldout": set()}
     classes: dict[str, set] = {"train": set(), "heldout": set()}
-    with open(manifest, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ESC10_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ListError(f"{manifest}:1: header lacks column(s) {missing}; has {reader.fieldnames}")
-        for row in reader:
-            line = reader.line_num
-            rel, label = (row.get("path") or "").strip(), (row.get("class") or "").strip()
-            if not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
-                raise ListError(f"{manifest}:{line}: path must be relative and inside the manifest's folder, "
-                                f"got {rel!r}")
-            if not label or any(c.isspace() for c in label):
-                raise ListError(f"{manifest}:{line}: class {label!r} is empty or contains whitespace")
-            try:
-                fold = int(row.get("fold") or "")
-            except ValueError:
-                raise ListError(f"{manifest}:{line}: fold must be an integer, got {row.get('fold')!r}") from None
-            part = "train" if fold in train_folds else "heldout"
-            parts[part].append(AudioEntry(f"esc10-{label}-{Path(rel).stem}", "noise",
-                                          relative_path(manifest.parent / rel, relative_to)))
-            folds[part].add(fold)
-            classes[part].add(label)
+    for line, row in csv_rows(manifest, ESC10_COLUMNS):
+        rel = inside_folder(manifest, line, (row.get("path") or "").strip())
+        label = (row.get("class") or "").strip()
+        if not label or any(c.isspace() for c in label):
+            raise ListError(f"{manifest}:{line}: class {label!r} is empty or contains whitespace")
+        try:
+            fold = int(row.get("fold") or "")
+        except ValueError:
+            raise ListError(f"{manifest}:{line}: fold must be an integer, got {row.get('fold')!r}") from None
+        part = "train" if fold in train_folds else "heldout"
+        parts[part].append(AudioEntry(f"esc10-{label}-{Path(rel).stem}", "noise",
+                                      relative_path(manifest.parent / rel, relative_to)))
+        folds[part].add(fold)
+        classes[part].add(label)
     if not parts["train"]:
         raise ListError(f"{manifest}: no clip in the training folds {sorted(train_folds)}")
     for part, entries in parts.items():

@@ -18,7 +18,6 @@ manifests.
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from svlib.corpora.common import check_first_decodes, cut_segments, pick, relative_path
+from svlib.corpora.common import check_first_decodes, csv_rows, cut_segments, inside_folder, pick, relative_path
 from svlib.data.lists import DataDir, ListError, Trials, write_trials
 
 
@@ -59,34 +58,27 @@ def read_manifest(manifest: str | os.PathLike, relative_to: str | os.PathLike | 
         raise ListError(f"{manifest}: manifest not found")
     rows: list[ManifestRow] = []
     seen: dict[str, int] = {}
-    with open(manifest, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ListError(f"{manifest}:1: header lacks column(s) {missing}; has {reader.fieldnames}")
-        for row in reader:
-            line = reader.line_num
-            if None in row or any(row.get(c) is None for c in REQUIRED_COLUMNS):
-                raise ListError(f"{manifest}:{line}: expected {len(reader.fieldnames)} comma-separated fields")
-            rel, speaker = row["path"].strip(), row["speaker"].strip()
-            if not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
-                raise ListError(f"{manifest}:{line}: path must be relative and inside the manifest's folder, got {rel!r}")
-            if not speaker or any(c.isspace() for c in speaker):
-                raise ListError(f"{manifest}:{line}: speaker {speaker!r} is empty or contains whitespace")
-            try:
-                seconds = float(row["seconds"])
-            except ValueError:
-                raise ListError(f"{manifest}:{line}: seconds must be a number, got {row['seconds']!r}") from None
-            if not math.isfinite(seconds) or seconds <= 0:
-                raise ListError(f"{manifest}:{line}: seconds must be positive, got {row['seconds']!r}")
-            utt = f"{speaker}-{Path(rel).stem}"
-            if any(c.isspace() for c in utt):
-                raise ListError(f"{manifest}:{line}: file name {rel!r} contains whitespace, unusable as a Kaldi id")
-            if utt in seen:
-                raise ListError(f"{manifest}:{line}: utterance id '{utt}' (speaker-filestem) repeats line {seen[utt]}")
-            seen[utt] = line
-            folder = Path(rel).parts[0] if len(Path(rel).parts) > 1 else ""
-            rows.append(ManifestRow(line, utt, speaker, folder, relative_path(manifest.parent / rel, relative_to), seconds))
+    for line, row in csv_rows(manifest, REQUIRED_COLUMNS):
+        if None in row or any(row.get(c) is None for c in REQUIRED_COLUMNS):
+            header_fields = len(row) - (None in row)
+            raise ListError(f"{manifest}:{line}: expected {header_fields} comma-separated fields")
+        rel, speaker = inside_folder(manifest, line, row["path"].strip()), row["speaker"].strip()
+        if not speaker or any(c.isspace() for c in speaker):
+            raise ListError(f"{manifest}:{line}: speaker {speaker!r} is empty or contains whitespace")
+        try:
+            seconds = float(row["seconds"])
+        except ValueError:
+            raise ListError(f"{manifest}:{line}: seconds must be a number, got {row['seconds']!r}") from None
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise ListError(f"{manifest}:{line}: seconds must be positive, got {row['seconds']!r}")
+        utt = f"{speaker}-{Path(rel).stem}"
+        if any(c.isspace() for c in utt):
+            raise ListError(f"{manifest}:{line}: file name {rel!r} contains whitespace, unusable as a Kaldi id")
+        if utt in seen:
+            raise ListError(f"{manifest}:{line}: utterance id '{utt}' (speaker-filestem) repeats line {seen[utt]}")
+        seen[utt] = line
+        folder = Path(rel).parts[0] if len(Path(rel).parts) > 1 else ""
+        rows.append(ManifestRow(line, utt, speaker, folder, relative_path(manifest.parent / rel, relative_to), seconds))
     if not rows:
         raise ListError(f"{manifest}: no rows")
     return rows

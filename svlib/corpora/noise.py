@@ -12,6 +12,15 @@ from svlib.corpora.common import check_first_decodes, relative_path, subdirs
 from svlib.data.lists import AudioEntry, ListError, write_audio_list
 
 
+def write_checked_list(entries: list[AudioEntry], out: str | os.PathLike | None, relative_to) -> list[AudioEntry]:
+    """``entries`` sorted; written to ``out`` (when given) once its first file is known to decode."""
+    entries = sorted(entries)
+    if out is not None:
+        check_first_decodes(out, entries[0].path, relative_to)
+        write_audio_list(out, entries)
+    return entries
+
+
 def prepare_musan(root: str | os.PathLike, out: str | os.PathLike | None = None, relative_to=None) -> list[AudioEntry]:
     """``musan/{noise,music,speech}/<sub>/*.wav`` -> ``name category path`` list (category noise|music|speech)."""
     root = Path(root)
@@ -30,11 +39,7 @@ def prepare_musan(root: str | os.PathLike, out: str | os.PathLike | None = None,
                 entries.append(AudioEntry(name, category, relative_path(f, relative_to)))
     if not entries:
         raise ListError(f"{root}: no MUSAN files in {{noise,music,speech}}/<sub>/*.wav")
-    entries = sorted(entries)
-    if out is not None:
-        check_first_decodes(out, entries[0].path, relative_to)
-        write_audio_list(out, entries)
-    return entries
+    return write_checked_list(entries, out, relative_to)
 
 
 def prepare_rirs(root: str | os.PathLike, out: str | os.PathLike | None = None, relative_to=None) -> list[AudioEntry]:
@@ -63,11 +68,7 @@ def prepare_rirs(root: str | os.PathLike, out: str | os.PathLike | None = None, 
                 entries.append(AudioEntry(f"real-{f.stem}", "real", relative_path(f, relative_to)))
     if not entries:
         raise ListError(f"{root}: no RIRs in simulated_rirs/*room/Room*/*.wav or real_rirs_isotropic_noises/*.wav")
-    entries = sorted(entries)
-    if out is not None:
-        check_first_decodes(out, entries[0].path, relative_to)
-        write_audio_list(out, entries)
-    return entries
+    return write_checked_list(entries, out, relative_to)
 
 
 # ---- command line (``python -m svlib.corpora.prepare musan | rirs``) ------------------------------------------
