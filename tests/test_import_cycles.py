@@ -2,17 +2,19 @@
 
 The graph is read from the source with ``ast`` (nothing is imported): every ``import`` / ``from ... import``
 anywhere in a module, at the top or inside a function (a function-level import that would close a circle is
-still the circle, only deferred), absolute or relative, and ``from svlib.x import y`` counts as an edge to
-``svlib.x.y`` (and not to ``svlib.x``) when ``y`` is a submodule. A parent package's ``__init__`` is not an implicit edge: importing
-``svlib.data.lists`` runs ``svlib/data/__init__.py``, but an ``__init__`` that re-exports its submodules is
-not a circle of responsibilities.
+still the circle, only deferred), absolute or relative; ``from svlib.x import y`` is an import of the submodule
+``svlib.x.y`` when there is one. Importing ``svlib.x.y`` from outside ``svlib.x`` also runs
+``svlib/x/__init__.py``, so that is an edge too; from inside, the package is already being imported, and an
+``__init__`` that re-exports its own submodules is no circle.
 
 Any of the three circles this test was written against, put back, fails it, e.g. ``svlib/model/frontend.py``
-loading pruned folders with ``from svlib.pruning.shrink import enable_pruned_loading`` again::
+loading pruned folders with ``from svlib.pruning.shrink import enable_pruned_loading`` again (``shrink``
+builds on ``svlib.model.structure``, whose package ``__init__`` imports ``frontend``)::
 
-    import cycles in svlib/: svlib.model.frontend -> svlib.pruning.shrink -> svlib.model.frontend
+    import cycles in svlib/: svlib.model -> svlib.model.frontend -> svlib.pruning.shrink -> svlib.model
 
-(``test_a_circle_is_reported`` builds such a tree in a temporary folder and checks exactly that message.)
+(``test_a_circle_is_reported`` builds the three in a temporary folder and checks the message;
+``test_lower_layers_import_no_higher_one`` refuses the upward import itself, circle or not.)
 """
 from __future__ import annotations
 
@@ -41,17 +43,24 @@ def imported_modules(path: Path, name: str, known: set[str]) -> set[str]:
                 anchor = package.split(".")
                 anchor = anchor[: len(anchor) - (node.level - 1)]
                 base = ".".join(anchor + ([base] if base else []))
-            # ``from pkg import sub`` is an edge to the submodule pkg.sub (not to pkg's ``__init__``, which may
-            # well import sub itself); ``from mod import name`` one to mod
+            # ``from pkg import sub`` imports the submodule pkg.sub; ``from mod import name`` only mod
             subs = [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in known]
             targets = subs if len(subs) == len(node.names) else [base, *subs]
         else:
             continue
         for target in targets:
-            # ``import svlib.data.lists`` also names svlib.data.lists's module, not its parents
             if target in known and target != name:
                 found.add(target)
+                found |= outside_packages(target, name) & known
     return found
+
+
+def outside_packages(target: str, importer: str) -> set[str]:
+    """The packages above ``target`` whose ``__init__`` importing it runs: those not above ``importer`` too."""
+    parts = target.split(".")
+    above = {".".join(parts[:i]) for i in range(2, len(parts))}  # not svlib itself: its __init__ is the root
+    importer_parts = importer.split(".")
+    return {p for p in above if p != importer and importer_parts[:p.count(".") + 1] != p.split(".")}
 
 
 def import_graph(root: Path) -> dict[str, set[str]]:
@@ -129,8 +138,10 @@ def test_a_circle_is_reported(tmp_path):
         "model/__init__.py": "from svlib.model.frontend import load_encoder\n",
         # a function-level import still closes the circle
         "model/frontend.py": "def load_encoder():\n    from svlib.pruning.shrink import enable_pruned_loading\n",
-        "pruning/__init__.py": "",
-        "pruning/shrink.py": "from svlib.model import frontend\n",
+        "pruning/__init__.py": "from .objective import DistillPair\nfrom .shrink import prune_model\n",
+        "pruning/objective.py": "from svlib.model.speaker import SpeakerModel\n",  # via model/__init__.py
+        "pruning/shrink.py": "",
+        "model/speaker.py": "",
         "data/__init__.py": "",
         "data/augment.py": "from .channel import telephone\n",
         "data/channel.py": "from svlib.data import augment\n",  # ``from pkg import submodule``
@@ -146,7 +157,7 @@ def test_a_circle_is_reported(tmp_path):
     assert cycle_report(root) == (
         "import cycles in svlib/: svlib.corpora.demo_data -> svlib.corpora.prepare -> svlib.corpora.demo_data; "
         "svlib.data.augment -> svlib.data.channel -> svlib.data.augment; "
-        "svlib.model.frontend -> svlib.pruning.shrink -> svlib.model.frontend")
+        "svlib.model -> svlib.model.frontend -> svlib.pruning -> svlib.pruning.objective -> svlib.model")
     (root / "data/channel.py").write_text("import math\n")
     assert "svlib.data.augment" not in cycle_report(root)
 
