@@ -10,8 +10,8 @@ MLflow model registry.
 * ``convert_reference_checkpoint``: a ``model_lmft_0.14.pth``-layout checkpoint -> model folder.
 * ``register_model`` / ``load_registered``: the folder as an MLflow run artifact plus a registered model
   version, and back.
-* ``load_model``: ``svlib.model.speaker.load_model`` that also reads pruned folders (see
-  ``enable_pruned_loading``).
+* ``load_model``: ``svlib.model.speaker.load_model`` with this module's checks first (dense and pruned
+  folders alike: ``load_encoder`` rebuilds shrunk encoders, ``svlib.model.structure``).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from torch import nn
 from svlib.files import write_json
 from svlib.model.speaker import MANIFEST, ModelFormatError, SpeakerModel, read_manifest, save_model
 from svlib.model.speaker import load_model as _load_model
+from svlib.model.structure import KINDS, layer_sizes
 
 __all__ = [
     "CALIBRATION_FILE",
@@ -52,8 +53,6 @@ NARROWBAND_META = "narrowband"  # calibration meta: {"utterances": narrow-band t
 CARD_FILE = "model_card.json"
 README_FILE = "README.md"
 REGISTRY_EXPERIMENT = "model-registry"
-PRUNED_KEY = "svlib_pruned_layers"  # svlib.pruning.shrink.CONFIG_KEY; repeated so describe works without it
-KINDS = ("heads", "ffn1", "ffn2", "conv")
 # Reference duration for MACs per second: self-attention is quadratic in time, so the per-second cost grows
 # with utterance length; 3 s is the pruning module's reference (svlib.pruning.counting.macs_per_second).
 MACS_SECONDS = 3.0
@@ -68,15 +67,8 @@ class PackageError(ValueError):
 
 
 def enable_pruned_loading() -> bool:
-    """Make ``load_encoder`` rebuild pruned encoders (kept for callers; ``load_encoder`` now does it itself).
-
-    Returns False when ``svlib.pruning`` is not available.
-    """
-    try:
-        from svlib.pruning.shrink import enable_pruned_loading as enable
-    except ImportError:
-        return False
-    enable()
+    """Kept for callers: ``load_encoder`` rebuilds pruned encoders itself (``svlib.model.structure``), so
+    there is nothing left to enable. Always True."""
     return True
 
 
@@ -86,7 +78,6 @@ def load_model(folder: str | os.PathLike) -> SpeakerModel:
     if not folder.is_dir():
         raise ModelFormatError(f"{folder}: model folder not found")
     check_model_folder(folder)
-    enable_pruned_loading()
     from safetensors import SafetensorError
 
     try:
@@ -101,21 +92,6 @@ def check_model_folder(folder: str | os.PathLike) -> dict:
 
 
 # ------------------------------------------------------------------------------------ describe
-
-
-def _layer_sizes(encoder) -> list[dict[str, int]]:
-    try:
-        from svlib.pruning.shrink import layer_sizes
-
-        return layer_sizes(encoder)
-    except ImportError:
-        config = encoder.config
-        recorded = getattr(config, PRUNED_KEY, None)
-        if recorded:
-            return [{k: int(s[k]) for k in KINDS} for s in recorded]
-        full = {"heads": config.num_attention_heads, "ffn1": config.intermediate_size,
-                "ffn2": config.intermediate_size, "conv": config.hidden_size}
-        return [dict(full) for _ in range(config.num_hidden_layers)]
 
 
 def _encoder_macs(config, sizes, seconds: float) -> int:
@@ -170,7 +146,7 @@ def describe(model: SpeakerModel, seconds: float = MACS_SECONDS) -> dict[str, An
     encoder architecture and, when pruned, the kept heads / FFN units / conv channels of every layer."""
     encoder = model.frontend.encoder
     config = encoder.config
-    sizes = _layer_sizes(encoder)
+    sizes = layer_sizes(encoder)
     dense = {"heads": config.num_attention_heads, "ffn1": config.intermediate_size,
              "ffn2": config.intermediate_size, "conv": config.hidden_size}
     pruned = any(s[k] != dense[k] for s in sizes for k in KINDS)

@@ -64,7 +64,7 @@ def smoke_run(tmp_path_factory, sv_mini):
 
     from experiments import pipeline
     from svlib.config import load_config
-    from svlib.data.prepare import prepare_manifest
+    from svlib.corpora.manifest import prepare_manifest
     from svlib.tracking import Tracker
 
     workdir = tmp_path_factory.mktemp("smoke")
