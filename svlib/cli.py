@@ -449,7 +449,8 @@ def _embed_args(p: argparse.ArgumentParser) -> None:
                         "stopping at the first")
     p.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="N",
                    help=f"save the embeddings so far to OUT.partial.npz every N utterances (default "
-                        f"{CHECKPOINT_EVERY}); a rerun of the same command resumes from it")
+                        f"{CHECKPOINT_EVERY}); a rerun of the same command resumes from it while the model's "
+                        "weights and the list are unchanged")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -469,10 +470,12 @@ def _list_digest(wavs: dict[str, str]) -> str:
 
 def _stale_partial(recorded: dict, inputs: dict) -> str | None:
     """Why a partial recorded with ``recorded`` was made from other inputs than ``inputs``, or None."""
-    if recorded.get("model_sha256") != inputs["model_sha256"]:
-        was = recorded.get("model_sha256")
-        return (f"made with other model weights (sha256 {was[:12] if isinstance(was, str) else 'not recorded'}, "
-                f"{inputs['model']} now has {inputs['model_sha256'][:12]})")
+    was = recorded.get("model_sha256")
+    if not isinstance(was, str):
+        return "it does not record which model weights made it (an older svlib wrote it)"
+    if was != inputs["model_sha256"]:
+        return (f"made with other model weights (sha256 {was[:12]}, {inputs['model']} now has "
+                f"{inputs['model_sha256'][:12]})")
     if recorded.get("list_sha256") != inputs["list_sha256"]:
         return "made from another list (other utterance ids or files)"
     return None

@@ -52,8 +52,10 @@ def temp_prefix(path: str | os.PathLike) -> str:
 
 
 def _process_alive(pid: int) -> bool:
-    """Whether ``pid`` runs on this machine (a process of another user counts; PID 0 and below are no
-    process, and asking about them would signal a process group, so they count as alive: never removed)."""
+    """Whether ``pid`` runs on this machine (a process of another user counts). A zombie does not: a killed
+    writer whose parent never reaps it (a torchrun rank orphaned in a container whose PID 1 is no init)
+    writes nothing more. PID 0 and below are no process, and asking about them would signal a process
+    group, so they count as alive: never removed."""
     if pid <= 0 or pid == os.getpid():
         return True
     try:
@@ -61,8 +63,12 @@ def _process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:  # /proc/<pid>/stat: "pid (comm) state ...", and comm may hold spaces and parentheses
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no /proc (macOS), or it exited just now: the next save decides
         return True
-    return True
+    return state != "Z"
 
 
 def remove_stale_temp_files(directory: str | os.PathLike) -> list[Path]:

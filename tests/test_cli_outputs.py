@@ -167,6 +167,14 @@ def test_resume_never_mixes_models_or_lists(env, capsys, monkeypatch):
     for utt, name in (("u2", "u3.wav"), ("u3", "u2.wav")):
         np.testing.assert_allclose(resumed[utt], _alone(model_b, sf.read(tmp / name, dtype="float32")[0]), atol=2e-5)
 
+    # a partial of an svlib that recorded the model's path, not its weights: which model made it is unknown
+    save_embeddings(partial, ["u0"], np.ones((1, 24)))
+    out.with_name(out.name + ".partial.json").write_text(f'{{"model": "{folder}"}}')
+    code, _, err = _run(argv, capsys)
+    assert code == 0 and f"{partial}: not resumed, it does not record which model weights made it" in err
+    np.testing.assert_allclose(load_embeddings(out)["u0"], _alone(model_b, sf.read(tmp / "u0.wav", dtype="float32")[0]),
+                               atol=2e-5)
+
 
 def test_long_files_are_said_to_be_cut_or_embedded_in_windows(env, capsys):
     tmp, model = env
