@@ -14,8 +14,12 @@ stage's barrier: a rank leaves it only after rank 0 has written the folder, and 
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +28,13 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from svlib.config import check_relative, save_config
-from svlib.data.lists import DataDir, Trials, read_trials
+from svlib.config import ConfigError, check_relative, save_config
+from svlib.data.lists import DataDir, ListError, Trials, read_trials
 from svlib.files import write_json
 from svlib.train.engine import setup_distributed
 
 RESULT = "result.json"
+LOCK = ".svlib.lock"   # <out_dir>/.svlib.lock: held by the pipeline running there (see exclusive_out_dir)
 T = TypeVar("T")
 
 
@@ -66,6 +71,42 @@ class DataConfig:
         if self.test is None or not self.test_trials:
             return None
         return self.load_dir("test"), {name: read_trials(path) for name, path in self.test_trials.items()}
+
+    def check_inputs(self) -> None:
+        """Every path the pipeline will read, checked before its first stage, so a misspelled ``data.test``
+        costs a second, not an s1 training: data dirs hold ``wav.scp`` and ``utt2spk``, lists exist, and every
+        utterance of a trial list is in its data dir. One :class:`ConfigError` lists every problem."""
+        problems = []
+        for key in ("train", "val", "test"):
+            path = getattr(self, key)
+            if path is None:
+                continue
+            if not Path(path).is_dir():
+                problems.append(f"data.{key}: {path}: no such data directory")
+            elif missing := [name for name in ("wav.scp", "utt2spk") if not (Path(path) / name).is_file()]:
+                problems.append(f"data.{key}: {path}: no {' or '.join(missing)} in it")
+        trial_lists = [("val_trials", self.val_trials, "val")]
+        trial_lists += [(f"test_trials.{name}", path, "test") for name, path in self.test_trials.items()]
+        for key, path, _ in trial_lists + [("noise_list", self.noise_list, None), ("rir_list", self.rir_list, None)]:
+            if path is not None and not Path(path).is_file():
+                problems.append(f"data.{key}: {path}: no such file")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        loaded: dict[str, set[str]] = {}
+        for key, path, dir_key in trial_lists:
+            if path is None or getattr(self, dir_key) is None:
+                continue
+            try:
+                utts = loaded.setdefault(dir_key, set(DataDir.load(getattr(self, dir_key)).utt2spk))
+                unknown = sorted(read_trials(path).utterances - utts)
+            except ListError as err:
+                problems.append(f"data.{key}: {err}")
+                continue
+            if unknown:
+                problems.append(f"data.{key}: {path}: {len(unknown)} utterance(s) not in data.{dir_key} "
+                                f"({getattr(self, dir_key)}), e.g. {unknown[0]!r}")
+        if problems:
+            raise ConfigError("; ".join(problems))
 
     def list_files(self) -> list[str]:
         paths = [self.train, self.val, self.val_trials, self.test, self.noise_list, self.rir_list]
@@ -146,6 +187,76 @@ def rank_zero_result(work: Callable[[], T]) -> T:
         share_from_rank_zero(_Failure(f"{type(err).__name__}: {err}"))
         raise
     return share_from_rank_zero(value)
+
+
+class OutDirBusy(RuntimeError):
+    """Another pipeline holds the out_dir's lock (the message names its host and PID), or the ranks do not see
+    one shared folder."""
+
+
+def _lock_holder() -> str:
+    return f"host {socket.gethostname()} pid {os.getpid()}"
+
+
+@contextlib.contextmanager
+def exclusive_out_dir(out: Path):
+    """Collective: hold ``<out>/.svlib.lock`` for the block, one pipeline per out_dir.
+
+    Two pipelines writing the same stage folders corrupt each other (a stage's result.json from one run beside
+    the other's model, a hang in a collective), and killing a torchrun parent used to leave its ranks running,
+    so "kill it and rerun" made exactly that. Rank 0 takes an exclusive ``flock`` (released by the kernel when
+    its process dies, so a kill leaves no stale lock; on NFS Linux maps it to a POSIX lock the server keeps)
+    and writes its host and PID into the file; the others raise :class:`OutDirBusy` naming that holder. Every
+    other rank then reads the file: seeing rank 0's line proves the out_dir is one folder shared by all nodes
+    (stage folders written by rank 0 are read by every rank), anything else is an error."""
+    rank, _ = rank_and_world()
+    path = out / LOCK
+    handle: list[int] = []
+
+    def acquire() -> str:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "a process that has not written its name yet"
+            os.close(fd)
+            raise OutDirBusy(f"{out}: another pipeline is running on this out_dir ({holder}); wait for it or stop "
+                             "it, or give another out_dir") from None
+        holder = _lock_holder()
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{holder}\n".encode())
+        os.fsync(fd)
+        handle.append(fd)
+        return holder
+
+    holder = rank_zero_result(acquire)
+    try:
+        if rank != 0:
+            seen = path.read_text().strip() if path.is_file() else "no lock file"
+            if seen != holder:
+                raise OutDirBusy(f"{out}: rank {rank} ({_lock_holder()}) reads {seen!r} in {LOCK}, but rank 0 "
+                                 f"wrote {holder!r}: out_dir must be one folder shared by every node")
+        yield holder
+    finally:
+        for fd in handle:
+            os.close(fd)  # closing the descriptor releases the flock
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def interrupt_on_sigterm():
+    """SIGTERM (a scheduler's stop, ``kill``, torchrun stopping the job) unwinds like Ctrl-C inside the block:
+    ``finally`` clauses and context managers run, so MLflow runs are closed and locks released, instead of the
+    process vanishing with its runs left RUNNING."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def release_memory() -> None:

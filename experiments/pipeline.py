@@ -34,12 +34,14 @@ from experiments import prune as prune_stage
 from experiments import train as train_stage
 from experiments.baselines import fbank_baseline, random_init_baseline
 
-from experiments.common import (DataConfig, Timer, leave_process_group, metrics_of, print_table, rank_zero_result,
+from experiments.common import (RESULT, DataConfig, OutDirBusy, RankError, Timer, exclusive_out_dir,
+                                interrupt_on_sigterm, leave_process_group, metrics_of, print_table, rank_zero_result,
                                 read_result, setup_process_group, share_from_rank_zero)
 from svlib.config import (ConfigError, check_overrides, check_relative, from_dict, load_config, merge_overrides,
                           read_yaml, to_dict)
+from svlib.data.lists import ListError
 from svlib.files import write_json
-from svlib.tracking import Tracker, data_fingerprint, git_commit, headline_metrics
+from svlib.tracking import OUT_DIR_TAG, Tracker, close_stale_runs, data_fingerprint, git_commit, headline_metrics
 from svlib.train.engine import ResumeError
 
 STAGE_KINDS = ("train", "merge", "evaluate", "prune", "shrink", "graft", "random_prune", "control", "use")
@@ -212,6 +214,16 @@ def select_stages(cfg: PipelineConfig, stages: str | None = None, until: str | N
     return chosen
 
 
+def check_inputs(cfg: PipelineConfig) -> None:
+    """Everything the pipeline reads from outside its out_dir, before its first stage: the data section
+    (:meth:`DataConfig.check_inputs`) and the folders of ``use`` stages."""
+    cfg.data.check_inputs()
+    unfinished = [f"stages.{spec.name}.path: {spec.path} is not a finished stage (no {RESULT})"
+                  for spec in cfg.stages if spec.kind == "use" and read_result(spec.path) is None]
+    if unfinished:
+        raise ConfigError("; ".join(unfinished))
+
+
 def stage_dirs(cfg: PipelineConfig) -> dict[str, Path]:
     """Every stage's folder: ``<out_dir>/<name>``, or its own ``path`` for a ``use`` stage."""
     return {s.name: Path(s.path) if s.kind == "use" else Path(cfg.out_dir) / s.name for s in cfg.stages}
@@ -268,6 +280,17 @@ def test_row(name: str, record: dict) -> dict:
     return row
 
 
+def interval_notes(summary: dict) -> str:
+    """Below the table, one printed line per test list whose intervals under-cover (``ci_note``: too few
+    speakers, svlib.scoring.bootstrap.few_speakers_note); returned with its line breaks for the summary."""
+    records = list(summary["stages"].values()) + [{"test": res} for res in summary.get("baselines", {}).values()]
+    notes = {name: s["ci_note"] for r in records for name, s in (r.get("test") or {}).items() if s.get("ci_note")}
+    lines = [f"note: {name}: {note}" for name, note in sorted(notes.items())]
+    for line in lines:
+        print(line, flush=True)
+    return "".join("\n" + line for line in lines)
+
+
 def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *,
         stage_cfgs: dict | None = None, stages: list[str] | None = None) -> dict:
     """Run (or skip, where finished) the pipeline's stages, then the baselines and the summary.
@@ -279,7 +302,7 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
     rank, _ = setup_process_group(cfg.dist_timeout_minutes)
     tracker = tracker if rank == 0 else None
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    rank_zero_result(lambda: check_inputs(cfg))
     if stage_cfgs is None:
         stage_cfgs = load_stage_configs(cfg, config_dir)
     selected = [spec for spec in cfg.stages if stages is None or spec.name in stages]
@@ -287,7 +310,8 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
     timer = Timer()
     tags = {}
     if tracker is not None:
-        tags = {"kind": "pipeline", "git_commit": git_commit(), "data_fingerprint": data_fingerprint(cfg.data.list_files())}
+        tags = {"kind": "pipeline", "git_commit": git_commit(), "data_fingerprint": data_fingerprint(cfg.data.list_files()),
+                OUT_DIR_TAG: str(out.resolve())}
     # the machine's state, for reading the minutes (shared machines swing 2-5x): threads, cores, load averages
     summary: dict = {"name": cfg.name, "stages": {}, "machine": {
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg())}}
@@ -335,6 +359,7 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
                  for name, res in summary.get("baselines", {}).items()]
         columns = ["stage"] + sorted({k for r in rows for k in r if k != "stage" and k != "minutes"}) + ["minutes"]
         summary["table"] = print_table(rows, columns, title=f"pipeline {cfg.name}: test trials per stage")
+        summary["table"] += interval_notes(summary)
         if whole:  # a partial run (--until, --stages) is not the pipeline's summary
             write_json(out / "summary.json", summary)
             if tracker is not None:
@@ -354,10 +379,12 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
             summary["stages"][spec.name] = record
         return rank_zero_result(finish)
 
-    if tracker is None:
-        return body()
-    with tracker.run(f"pipeline:{cfg.name}", tags=tags, params={"pipeline": to_dict(cfg)}):
-        return body()
+    with exclusive_out_dir(out):  # one pipeline per out_dir; every rank holds or checks it
+        if tracker is None:
+            return body()
+        close_stale_runs(tracker.tracking_uri, tracker.experiment_id, out)  # a dead pipeline's, under our lock
+        with tracker.run(f"pipeline:{cfg.name}", tags=tags, params={"pipeline": to_dict(cfg)}):
+            return body()
 
 
 def compare_with_fbank(cfg: PipelineConfig, out: Path) -> dict:
@@ -375,16 +402,19 @@ def compare_with_fbank(cfg: PipelineConfig, out: Path) -> dict:
         a, b = out / final / "scores" / f"{name}.txt", out / "baselines" / "fbank" / "scores" / f"{name}.txt"
         if not (a.is_file() and b.is_file()):
             continue
-        eer = paired_score_files(a, b, list_trials, test_dir.utt2spk, name)["eer_pct"]
+        paired = paired_score_files(a, b, list_trials, test_dir.utt2spk, name)
+        eer = paired["eer_pct"]
+        # "better" is a significance call: not made on a list too small for its interval (bootstrap.MIN_SPEAKERS)
         out_lists[name] = {"stage": final, "eer_diff": eer["diff"], "eer_diff_ci": eer["ci"], "p_value": eer["p_value"],
-                           "final_better": eer["ci"][1] < 0.0}
+                           "final_better": eer["significant"] and eer["ci"][1] < 0.0, "speakers": paired["speakers"]}
+        out_lists[name] |= {"note": paired["note"]} if "note" in paired else {}
     return out_lists
 
 
 def report(summary: dict, path: Path, list_name: str = "test") -> dict:
     """The benchmark JSON the issue asks for: per-stage test EER/minDCF and minutes, baselines, wall time."""
     stages = {}
-    final = final_ci = test_speakers = None
+    final = final_ci = test_speakers = ci_note = None
     for name, record in summary["stages"].items():
         test = (record.get("test") or {}).get(list_name)
         stages[name] = {"minutes": record.get("minutes")}
@@ -393,11 +423,13 @@ def report(summary: dict, path: Path, list_name: str = "test") -> dict:
             # speaker-level bootstrap 95 % interval [low, high] and the list's speaker count, when evaluated with one
             stages[name] |= {k: test[k] for k in ("eer_ci_pct", "mindcf_0.01_ci") if test.get(k) is not None}
             final, final_ci, test_speakers = test["eer_pct"], test.get("eer_ci_pct"), test.get("ci_speakers")
+            ci_note = test.get("ci_note")
     base = summary.get("baselines", {})
     out = {
         "final_test_eer_pct": final,
         "final_test_eer_ci": final_ci,
         "test_speakers": test_speakers,
+        "test_ci_note": ci_note,  # too few speakers for the intervals to hold their level (bootstrap.MIN_SPEAKERS)
         "baseline_random_init_eer_pct": base.get("random_init", {}).get(list_name, {}).get("eer_pct"),
         "baseline_fbank_eer_pct": base.get("fbank", {}).get(list_name, {}).get("eer_pct"),
         "baseline_fbank_eer_ci": base.get("fbank", {}).get(list_name, {}).get("eer_ci_pct"),
@@ -438,12 +470,20 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     rank, _ = setup_process_group(cfg.dist_timeout_minutes)
-    tracker = None if args.no_tracking or rank != 0 else Tracker(args.experiment or cfg.name)
     try:
-        summary = run(cfg, Path(args.config).parent, tracker, stage_cfgs=stage_cfgs, stages=selected)
-    except ResumeError as err:  # every rank reads the same checkpoint, so every rank stops here alike
+        with interrupt_on_sigterm():  # a SIGTERM closes this pipeline's MLflow runs and releases its lock
+            tracker = None if args.no_tracking or rank != 0 else Tracker(args.experiment or cfg.name)
+            summary = run(cfg, Path(args.config).parent, tracker, stage_cfgs=stage_cfgs, stages=selected)
+    except (ConfigError, ListError, ResumeError, OutDirBusy, RankError, OSError) as err:
+        # the user's side (a path, a busy or read-only out_dir, a full disk) or rank 0's error on the others: one
+        # line; no leave_process_group, whose barrier a rank still inside a stage would never reach (torchrun
+        # stops the others when this rank exits)
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: rerun the same command to resume (finished stages are kept in {cfg.out_dir})",
+              file=sys.stderr)
+        return 130
     if args.report and rank == 0:
         report(summary, Path(args.report))
     leave_process_group()

@@ -129,6 +129,11 @@ class DistillConfig:
     # and it keeps one set of weights valid for 7 states (demo) and 25 (w2v-bert 2.0).
     layer_mean: bool = True
 
+    def __post_init__(self) -> None:
+        if self.l1_weight < 0 or self.cos_weight < 0 or self.l1_weight + self.cos_weight == 0:
+            raise ConfigError(f"distill: l1_weight and cos_weight must be >= 0 and not both 0, got "
+                              f"{self.l1_weight}, {self.cos_weight}")
+
 
 @dataclass
 class PruneConfig:
@@ -175,6 +180,8 @@ class PruneConfig:
             self.snapshots = levels
         if self.warmup_steps < 0:
             raise ConfigError(f"prune.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.lr_log_alpha < 0:
+            raise ConfigError(f"prune.lr_log_alpha: must be >= 0, got {self.lr_log_alpha}")
         if self.lr_lambda > 0:
             raise ConfigError(f"prune.lr_lambda: must be <= 0 (gradient ascent), got {self.lr_lambda}")
         if self.lambda2_init < 0:

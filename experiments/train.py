@@ -40,6 +40,10 @@ class HeadConfig:
     margin: float = 0.2
     easy_margin: bool = False
 
+    def __post_init__(self) -> None:
+        if not self.scale > 0 or self.margin < 0:
+            raise ValueError(f"scale must be > 0 and margin >= 0, got scale={self.scale}, margin={self.margin}")
+
 
 @dataclass
 class TrainStageConfig:

@@ -916,21 +916,12 @@ def score_files(runs: pd.DataFrame, dst: str | os.PathLike, tracking_uri: str | 
 
 
 def read_scores(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """A score file ``enroll test score target|nontarget`` (or ``... score 1|0``) -> ``(scores, labels)``."""
-    scores, labels = [], []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 4:
-                raise ValueError(f"{path}:{lineno}: expected 'enroll test score label', got {line.strip()!r}")
-            scores.append(float(parts[2]))
-            lab = parts[3].lower()
-            if lab not in ("target", "nontarget", "1", "0"):
-                raise ValueError(f"{path}:{lineno}: label {parts[3]!r} is not target/nontarget/1/0")
-            labels.append(1 if lab in ("target", "1") else 0)
-    return np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int8)
+    """A score file ``enroll test score target|nontarget`` (or ``... score 1|0``) -> ``(scores, labels)``;
+    bad lines raise ``ValueError`` naming ``file:line`` (``bootstrap.read_score_file``, the one parser)."""
+    from svlib.scoring.bootstrap import read_score_file
+
+    parsed = read_score_file(path, labelled=True)
+    return parsed.scores, parsed.labels
 
 
 def plot_det_curves(files: Mapping[str, str | os.PathLike], title: str | None = "DET"):

@@ -35,6 +35,19 @@ def _note(message: str) -> None:
     print(f"svlib: note: {message}", file=sys.stderr)
 
 
+def _warn(message: str) -> None:
+    print(f"svlib: warning: {message}", file=sys.stderr)
+
+
+def _narrowband_note(names: list[str], total: int, where: str) -> None:
+    """One note naming the narrow-band inputs (the first five) of ``total``, if there are any."""
+    from svlib.audio import NARROWBAND_NOTE
+
+    if names:
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        _note(f"{len(names)} of {total} input(s) are {NARROWBAND_NOTE}: {', '.join(names[:5])}{more}{where}")
+
+
 # ---------------------------------------------------------------------------------------- checks
 
 
@@ -135,7 +148,8 @@ def _trial_speakers(args: argparse.Namespace, trials):
 
 
 def _p_value(p: float, replicates: int) -> str:
-    return f"< {1.0 / replicates:.2g}" if p == 0.0 else f"= {p:.3f}"
+    # two-sided: 2 min(share <= 0, share >= 0) moves in steps of 2/R, so no crossing replicate means p < 2/R
+    return f"< {2.0 / replicates:.2g}" if p == 0.0 else f"= {p:.3f}"
 
 
 def _interval(ci: list[float], digits: int) -> str:
@@ -216,6 +230,8 @@ def _score(args: argparse.Namespace) -> int:
         cal = load_calibration(args.calibration)
         _check_calibration_norm(cal, args.calibration, args)
     trials, table, scores = _load_scores(args)
+    used = list(dict.fromkeys([*trials.enroll, *trials.test]))
+    _narrowband_note(table.flagged("narrowband", used), len(used), f" (flagged in {args.embeddings})")
     calibrated = None if cal is None else cal.apply(scores, table, trials)
     final = scores if calibrated is None else calibrated
     summary = summarize(final, trials.labels)
@@ -244,6 +260,8 @@ def _score(args: argparse.Namespace) -> int:
     enrolled = f" | enrolment models {args.enroll}" if args.enroll is not None else ""
     print(f"# {args.trials}{enrolled} | {norm}{' + calibration' if calibrated is not None else ''}")
     _print_table(rows)
+    if args.ci and ci.get("note"):
+        print(f"# note: {ci['note']}")
     if args.scores_out is not None:
         from svlib.files import write_lines_atomic
 
@@ -288,10 +306,13 @@ def _compare(args: argparse.Namespace) -> int:
         print(f"{name:<16}  {r['a']:>9.{digits}f}  {r['b']:>9.{digits}f}  {r['diff']:>+9.{digits}f}  "
               f"{_interval(r['ci'], digits):>22}")
     eer = result["eer_pct"]
-    verdict = ("excludes 0: the systems differ" if eer["excludes_zero"]
-               else "contains 0: no significant difference")
+    verdict = "excludes 0" if eer["excludes_zero"] else "contains 0"
+    if "note" not in result:  # a small list's interval under-covers: it is reported, never called significant
+        verdict += ": the systems differ" if eer["significant"] else ": no significant difference"
     print(f"EER difference A - B = {eer['diff']:+.3f} points, 95% CI {_interval(eer['ci'], 3)} {verdict} "
           f"(bootstrap p {_p_value(eer['p_value'], args.replicates)})")
+    if "note" in result:
+        print(f"note: {result['note']}")
     if args.json is not None:
         write_json(args.json, {"a": str(path_a), "b": str(path_b), "trials": str(args.trials)} | result)
     return 0
@@ -363,22 +384,32 @@ def _eval_config(args: argparse.Namespace, max_seconds: float | None = None, pro
     if math.isnan(args.min_dbfs) or args.min_dbfs == math.inf:
         raise ValueError(f"--min-dbfs must be a number of dB or -inf (no check), got {args.min_dbfs}")
     return EvalConfig(max_seconds=args.max_seconds if max_seconds is None else max_seconds,
-                      max_batch_seconds=args.max_batch_seconds, progress=progress,
+                      max_batch_seconds=args.max_batch_seconds, progress=progress, flag_narrowband=True,
                       min_rms_dbfs=None if math.isinf(args.min_dbfs) and args.min_dbfs < 0 else args.min_dbfs)
 
 
-def _check_audio(path: str) -> float:
-    """Seconds of ``path``; errors name the file before the model loads."""
-    from svlib.audio import AudioError, audio_seconds
+def _check_audio(path: str):
+    """Header facts (``svlib.audio.AudioInfo``) of ``path``; errors name the file before the model loads.
+
+    A file holding less audio than its header declares is embedded as far as it goes, with a warning naming
+    both lengths (and ``embed`` flags it "truncated" in the embeddings file): see ``AudioInfo.truncated``.
+    """
+    from svlib.audio import AudioError, audio_info
     from svlib.features import MIN_SAMPLES, SAMPLE_RATE
 
     if not os.path.isfile(path):
         raise AudioError(f"{path}: audio file not found")
-    seconds = audio_seconds(path)
+    info = audio_info(path)
+    if info.frames == 0:
+        raise AudioError(f"{path}: empty audio (a header without samples)")
+    seconds = info.seconds
     if seconds * SAMPLE_RATE < MIN_SAMPLES:
         raise AudioError(f"{path}: too short ({seconds * 1000:.0f} ms); the model needs at least "
                          f"{1000 * MIN_SAMPLES / SAMPLE_RATE:.0f} ms of audio")
-    return seconds
+    if info.truncated:
+        _warn(f"{path}: truncated audio data: the header declares {info.declared_seconds:.2f} s, the file holds "
+              f"{seconds:.2f} s; using the {seconds:.2f} s present")
+    return info
 
 
 def _wav_ids(paths: list[str]) -> dict[str, str]:
@@ -482,7 +513,7 @@ def _stale_partial(recorded: dict, inputs: dict) -> str | None:
 
 
 def _resume(out: Path, settings: dict, inputs: dict, wavs: dict[str, str]):
-    """The embeddings of an interrupted run of the same command, or None.
+    """The embeddings, seconds and narrow-band utterances of an interrupted run of the same command, or None.
 
     ``inputs`` holds the digests of the model weights and of the list. A partial of other weights (retrained
     into the same folder) or of another list is never right for this run: a note says why, both files are
@@ -516,7 +547,7 @@ def _resume(out: Path, settings: dict, inputs: dict, wavs: dict[str, str]):
     _note(f"resuming from {partial}: {len(keep)} of {len(wavs)} utterances already embedded")
     durations = table.durations if table.durations is not None else [math.nan] * len(table.utts)
     seconds = dict(zip(table.utts, map(float, durations)))
-    return {u: table[u] for u in keep}, {u: seconds[u] for u in keep}
+    return {u: table[u] for u in keep}, {u: seconds[u] for u in keep}, set(table.flagged("narrowband", keep))
 
 
 def _embed(args: argparse.Namespace) -> int:
@@ -539,10 +570,13 @@ def _embed(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{args.model}: model folder not found")
     check_model_folder(args.model)
     wavs = read_scp(args.scp) if args.scp is not None else _wav_ids(args.wav)
-    seconds, skipped = {}, {}
+    seconds, skipped, truncated = {}, {}, set()
     for utt, path in wavs.items():
         try:
-            seconds[utt] = _check_audio(path)
+            info = _check_audio(path)
+            seconds[utt] = info.seconds
+            if info.truncated:
+                truncated.add(utt)
         except (AudioError, OSError) as err:
             if not args.skip_bad:
                 raise AudioError(f"{err}" + ("; --skip-bad embeds the other files" if len(wavs) > 1 else "")) from None
@@ -553,23 +587,28 @@ def _embed(args: argparse.Namespace) -> int:
               "list_sha256": _list_digest(wavs)}
     partial, info = _partial_paths(args.out)
     resumed = _resume(args.out, settings, inputs, wavs)
-    done, done_seconds = resumed if resumed is not None else ({}, {})
+    done, done_seconds, narrowband = resumed if resumed is not None else ({}, {}, set())
     todo = sorted((u for u in seconds if u not in done), key=lambda u: (-seconds[u], u))
     model = load_model(args.model).to(args.device) if todo else None
 
     def durations_of(utt):
         return done_seconds.get(utt, seconds[utt] if args.windowed else min(seconds[utt], args.max_seconds))
 
+    def flags_of(utts):
+        return {"narrowband": [u in narrowband for u in utts], "truncated": [u in truncated for u in utts]}
+
     def checkpoint():
         utts = list(done)
         if utts:
             write_json(info, settings | inputs)
-            save_embeddings(partial, utts, np.stack([done[u] for u in utts]), durations=[durations_of(u) for u in utts])
+            save_embeddings(partial, utts, np.stack([done[u] for u in utts]), durations=[durations_of(u) for u in utts],
+                            flags=flags_of(utts))
 
     for a in range(0, len(todo), args.checkpoint_every):
         chunk = todo[a:a + args.checkpoint_every]
         try:
             table = _embed_files(model, {u: wavs[u] for u in chunk}, seconds, args, args.device)
+            narrowband.update(table.flagged("narrowband"))
         except (AudioError, SilentAudioError, EmbeddingRunError, MemoryError) as err:
             if not args.skip_bad:
                 checkpoint()
@@ -578,7 +617,9 @@ def _embed(args: argparse.Namespace) -> int:
             table = {}
             for utt in chunk:  # one at a time, to find the bad ones
                 try:
-                    table.update(_embed_files(model, {utt: wavs[utt]}, seconds, args, args.device))
+                    single = _embed_files(model, {utt: wavs[utt]}, seconds, args, args.device)
+                    table.update(single)
+                    narrowband.update(single.flagged("narrowband"))
                 except (AudioError, SilentAudioError, EmbeddingRunError, MemoryError) as one:
                     skipped[utt] = str(one)
         done.update({u: np.asarray(v) for u, v in table.items()})
@@ -588,7 +629,9 @@ def _embed(args: argparse.Namespace) -> int:
     utts = [u for u in wavs if u in done]
     if not utts:
         raise AudioError(f"{args.scp or 'the --wav files'}: no file could be embedded ({len(skipped)} skipped)")
-    save_embeddings(args.out, utts, np.stack([done[u] for u in utts]), durations=[durations_of(u) for u in utts])
+    save_embeddings(args.out, utts, np.stack([done[u] for u in utts]), durations=[durations_of(u) for u in utts],
+                    flags=flags_of(utts))
+    _narrowband_note([wavs[u] for u in utts if u in narrowband], len(utts), f"; flagged 'narrowband' in {args.out}")
     partial.unlink(missing_ok=True)
     info.unlink(missing_ok=True)
     dim = next(iter(done.values())).shape[0]
@@ -603,6 +646,9 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold-kind", choices=("bayes", "eer"), default="bayes",
                    help="calibrated Bayes threshold on the LLR (default) or the calibration list's EER threshold")
     p.add_argument("--threshold", type=float, help="use this cosine-score threshold instead of calibration.json")
+    p.add_argument("--allow-narrowband", action="store_true",
+                   help="decide on narrow-band audio (recorded below 16 kHz or with nothing above 4.25 kHz) although "
+                        "the calibration was fitted on wide-band trials: such audio of different speakers often matches")
     _device_arg(p)
     _windowed_arg(p)
 
@@ -619,13 +665,15 @@ def _verify(args: argparse.Namespace) -> int:
     if not args.model.is_dir():
         raise FileNotFoundError(f"{args.model}: model folder not found")
     check_model_folder(args.model)
-    seconds = {name: _check_audio(path) for name, path in zip(("enroll", "test"), args.wavs)}
+    infos = {name: _check_audio(path) for name, path in zip(("enroll", "test"), args.wavs)}
+    seconds = {name: info.seconds for name, info in infos.items()}
     thresholds = read_calibration_thresholds(args.model)
     if args.threshold is None and thresholds is None:
         raise FileNotFoundError(
             f"{args.model / CALIBRATION_FILE}: no calibration in the model folder, so no accept/reject threshold; "
             f"create it with `svlib calibrate-model --model {args.model} --data DATA_DIR --trials TRIALS` "
             "or pass --threshold")
+    _check_narrowband(args, infos, None if args.threshold is not None else thresholds["calibration"])
     model = load_model(args.model).to(args.device)
     table = _embed_files(model, dict(zip(("enroll", "test"), args.wavs)), seconds, args, args.device)
     emb = torch.from_numpy(table.matrix.astype("float64"))
@@ -653,6 +701,29 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_narrowband(args: argparse.Namespace, infos: dict, calibration) -> None:
+    """Refuse a decision on narrow-band audio (``svlib.audio.is_narrowband``, measured on what the model will
+    read) unless ``calibration`` was fitted on narrow-band trials or ``--allow-narrowband`` is given: 8 kHz
+    recordings of two different speakers scored LLR 6.8 ("accept") with a calibration fitted on 16 kHz
+    trials. A --threshold (no calibration) is no evidence about narrow-band audio either."""
+    from svlib.audio import NARROWBAND_NOTE, AudioError, is_narrowband, load_audio
+    from svlib.package import CALIBRATION_FILE, calibrated_on_narrowband
+
+    narrow = [path for path, info in zip(args.wavs, infos.values())
+              if is_narrowband(load_audio(path, max_seconds=args.max_seconds), info.sample_rate)]
+    if not narrow:
+        return
+    fitted = calibration is not None and calibrated_on_narrowband(calibration.meta)
+    if args.allow_narrowband or fitted:
+        why = "--allow-narrowband" if args.allow_narrowband else "the calibration was fitted on narrow-band trials"
+        _narrowband_note(narrow, len(args.wavs), f"; deciding anyway ({why})")
+        return
+    rule = (f"{args.model / CALIBRATION_FILE} was fitted on wide-band trials" if calibration is not None
+            else "--threshold was not chosen on narrow-band trials")
+    raise AudioError(f"{narrow[0]}: {NARROWBAND_NOTE}; refusing a decision: {rule} (calibrate the model on "
+                     "narrow-band trials with `svlib calibrate-model`, or pass --allow-narrowband)")
+
+
 def _calibrate_model_args(p: argparse.ArgumentParser) -> None:
     _model_arg(p)
     p.add_argument("--data", required=True, type=Path, help="Kaldi data dir (wav.scp, utt2spk) of the trial audio")
@@ -667,7 +738,8 @@ def _calibrate_model_args(p: argparse.ArgumentParser) -> None:
 def _calibrate_model(args: argparse.Namespace) -> int:
     from svlib.data.lists import DataDir, ListError, read_trials
     from svlib.evaluate import extract_embeddings
-    from svlib.package import CALIBRATION_FILE, check_model_folder, describe, load_model, write_model_card
+    from svlib.package import (CALIBRATION_FILE, NARROWBAND_META, check_model_folder, describe, load_model,
+                               write_model_card)
     from svlib.scoring.calibration import cllr, fit_calibration, min_cllr
     from svlib.scoring.metrics import compute_eer, cosine_scores
 
@@ -691,6 +763,8 @@ def _calibrate_model(args: argparse.Namespace) -> int:
               f"{args.max_seconds:g} and are cut to their first {args.max_seconds:g} s (e.g. {long[0]})")
     model = load_model(args.model).to(args.device)
     table = extract_embeddings(model, data, trials.utterances, cfg, device=args.device)
+    narrowband = table.flagged("narrowband", sorted(trials.utterances))
+    _narrowband_note(narrowband, len(trials.utterances), f" (recorded in {args.model / CALIBRATION_FILE})")
     scores = cosine_scores(table, trials, source=str(args.trials))
     cal = fit_calibration(scores, trials.labels, features=["score"], p_target=args.p_target)
     slope = float(cal.weights[0])
@@ -707,7 +781,9 @@ def _calibrate_model(args: argparse.Namespace) -> int:
     }
     llrs = cal.apply(scores)
     cal.meta.update({"thresholds": thresholds, "asnorm": None, "cllr": cllr(llrs, trials.labels),
-                     "min_cllr": min_cllr(scores, trials.labels)})
+                     "min_cllr": min_cllr(scores, trials.labels),
+                     # what `verify` checks before deciding on narrow-band input (package.calibrated_on_narrowband)
+                     NARROWBAND_META: {"utterances": len(narrowband), "of": len(trials.utterances)}})
     path = cal.save(args.model / CALIBRATION_FILE)
     write_model_card(args.model, {**describe(model), "calibration_trials": str(args.trials)})
     _print_table([("trials", f"{len(trials)}"),

@@ -127,13 +127,30 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
         raise ConfigError(f"{label}: {err}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: plain YAML keeps the
+    last value silently, so a second ``lr_backend:`` further down a long stage file would win unseen."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (first given on "
+                                  f"line {seen[key]}); a mapping may give each key once")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | os.PathLike) -> Any:
-    """The raw YAML content of a config file (not validated); errors name the file."""
+    """The raw YAML content of a config file (not validated); errors name the file. Duplicate keys are errors."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if data is None:  # an empty (or all-comment) file would otherwise give every default without a word

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from svlib.audio import SAMPLE_RATE
+from svlib.audio import SAMPLE_RATE, audio_info, is_narrowband
 from svlib.data.lists import DataDir, Trials
 from svlib.data.sampling import iterate_by_length
 from svlib.scoring.metrics import EmbeddingTable, cosine_scores, summarize
@@ -37,6 +37,10 @@ class EvalConfig:
     # refuse utterances whose RMS level is below this (dB re full scale, 20 log10 rms): all-zero or near-silent
     # audio still gets an embedding, and two silent files then "match" with cosine 1.0. None: no check.
     min_rms_dbfs: float | None = None
+    # record per utterance whether its audio is narrow-band (svlib.audio.is_narrowband) as the table's
+    # "narrowband" flag: one header read and a 32 ms-frame spectrum per file. The CLI turns it on; training's
+    # validation leaves it off (and a distributed run gathers only the embeddings).
+    flag_narrowband: bool = False
     amp: Literal["off", "bf16", "fp16"] = "off"   # forward precision (svlib.train.engine.autocast)
     # speaker-level bootstrap 95 % intervals of each list's EER/minDCF (svlib.scoring.bootstrap); 0: none
     ci_replicates: int = 1000
@@ -69,6 +73,12 @@ def _check_levels(names, waves, lengths, min_dbfs: float, datadir: DataDir) -> N
         if not level >= min_dbfs:
             raise SilentAudioError(f"{datadir.wavs[name]}: near-silent audio (RMS {level:.1f} dBFS, below the "
                                    f"{min_dbfs:g} dBFS threshold); refusing to embed '{name}'")
+
+
+def _narrowband(names, waves, lengths, datadir: DataDir) -> dict[str, bool]:
+    """``is_narrowband`` of each utterance of a batch, the file's own rate read from its header."""
+    return {name: is_narrowband(waves[b, : int(lengths[b])].numpy(), audio_info(datadir.wavs[name]).sample_rate)
+            for b, name in enumerate(names)}
 
 
 def _batch_failure(names, lengths, datadir: DataDir, err: BaseException) -> EmbeddingRunError:
@@ -116,6 +126,8 @@ def _embed(model: nn.Module, datadir: DataDir, utts: list[str], cfg: EvalConfig,
     for names, waves, lengths in iterate_by_length(datadir, utts, cfg.max_seconds, cfg.max_batch_seconds):
         if cfg.min_rms_dbfs is not None:
             _check_levels(names, waves, lengths, cfg.min_rms_dbfs, datadir)
+        if cfg.flag_narrowband:
+            table.set_flags("narrowband", _narrowband(names, waves, lengths, datadir))
         try:
             with autocast(cfg.amp, device):
                 emb = model(waves.to(device), lengths.to(device)).float().cpu().numpy()

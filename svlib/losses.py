@@ -96,6 +96,8 @@ class MarginSchedule:
     kind: Literal["exp", "linear"] = "exp"
 
     def __post_init__(self) -> None:
+        if self.final_margin < 0 or self.initial_margin < 0:
+            raise ValueError(f"margins must be >= 0, got initial {self.initial_margin}, final {self.final_margin}")
         if self.start_step < 0 or self.end_step < self.start_step:
             raise ValueError(f"margin schedule needs 0 <= start_step <= end_step, "
                              f"got {self.start_step}, {self.end_step}")

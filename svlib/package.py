@@ -36,6 +36,7 @@ __all__ = [
     "REGISTRY_EXPERIMENT",
     "PackageError",
     "backend_macs",
+    "calibrated_on_narrowband",
     "check_model_folder",
     "convert_reference_checkpoint",
     "describe",
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 CALIBRATION_FILE = "calibration.json"
+NARROWBAND_META = "narrowband"  # calibration meta: {"utterances": narrow-band trial utterances, "of": all of them}
 CARD_FILE = "model_card.json"
 README_FILE = "README.md"
 REGISTRY_EXPERIMENT = "model-registry"
@@ -260,6 +262,21 @@ def read_calibration_thresholds(folder: str | os.PathLike) -> dict | None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise PackageError(f"{path}: meta.thresholds.{kind}.{key} must be a finite number, got {value!r}")
     return {"calibration": cal, **thresholds}
+
+
+def calibrated_on_narrowband(meta: dict) -> bool:
+    """Whether a calibration was fitted on narrow-band audio: at least half of the trial utterances that
+    ``svlib calibrate-model`` embedded for it were narrow-band (meta ``narrowband``). A few narrow-band
+    utterances among wide-band ones do not teach the calibration how narrow-band pairs of different speakers
+    score, so a majority is required. A calibration without the record (older svlib, ``svlib calibrate``)
+    counts as wide-band."""
+    record = meta.get(NARROWBAND_META)
+    if not isinstance(record, dict):
+        return False
+    narrow, total = record.get("utterances"), record.get("of")
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in (narrow, total)) or total <= 0:
+        return False
+    return 2 * narrow >= total
 
 
 def _fmt_count(n: float) -> str:

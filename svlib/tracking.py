@@ -279,6 +279,31 @@ def copy_metrics(client, source_run: str, target_run: str) -> int:
     return len(points)
 
 
+OUT_DIR_TAG = "svlib.out_dir"  # the resolved out_dir of a pipeline's runs (parent and stages): its rerun finds them
+
+
+def close_stale_runs(tracking_uri: str, experiment_id: str, out_dir: str | os.PathLike) -> list[str]:
+    """Mark KILLED every run of ``experiment_id`` still RUNNING with tag ``svlib.out_dir`` = ``out_dir``.
+
+    A pipeline killed by SIGKILL (or one whose rank 0 died) cannot close its runs, and MLflow shows them
+    RUNNING forever. Call this while holding the out_dir's lock (``experiments.common.exclusive_out_dir``): the
+    lock proves no live pipeline writes there, so every such run is an orphan of a dead one. Returns their ids.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    target = str(Path(out_dir).resolve())
+    closed = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=50000):
+        if run.data.tags.get(OUT_DIR_TAG) == target:
+            client.set_tag(run.info.run_id, "svlib.closed_by", "rerun (its pipeline had died)")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    if closed:
+        log.info("closed %d MLflow run(s) of %s left RUNNING by a dead pipeline", len(closed), target)
+    return closed
+
+
 # ----------------------------------------------------------------------------------------- moving a store
 
 # (table, column) pairs of MLflow's SQL schema that hold artifact locations

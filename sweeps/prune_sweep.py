@@ -61,7 +61,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 import uuid
@@ -76,8 +75,9 @@ from experiments import evaluate as evaluate_stage
 from experiments import graft as graft_stage
 from experiments import prune as prune_stage
 from experiments import train as train_stage
-from experiments.common import (DataConfig, RankError, Timer, leave_process_group, rank_and_world, rank_zero_result,
-                                read_result, release_memory, setup_process_group, write_result)
+from experiments.common import (DataConfig, RankError, Timer, interrupt_on_sigterm, leave_process_group,
+                                rank_and_world, rank_zero_result, read_result, release_memory, setup_process_group,
+                                write_result)
 from svlib.config import ConfigError, check_relative, from_dict, merge_overrides, read_yaml
 from svlib.data.augment import AugmentConfig
 from svlib.files import write_json
@@ -907,10 +907,6 @@ def _existing_study(name: str, storage: str | None) -> optuna.Study | None:
         return None
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _trial_numbers(text: str | None) -> list[int] | None:
     if not text:
         return None
@@ -963,39 +959,37 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    # SIGTERM (a scheduler's stop, `kill`, torchrun stopping the job) unwinds like Ctrl-C: the running trial is
-    # marked FAIL, its MLflow runs closed, and report.json / curve.png are written before the worker exits.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        cfg = load_sweep_config(args.config, read_yaml(args.overrides) if args.overrides else None)
-        if args.plan:
-            budget = cfg.budget if args.budget is None else check_budget(args.budget, "--budget")
-            n_trials = len(cfg.grid) if args.grid else (args.n_trials or cfg.n_trials)
-            print(format_plan(plan_sweep(cfg, world_size=args.gpus, budget=budget, n_trials=n_trials, card=args.card,
-                                         train_utterances=args.train_utterances,
-                                         grid=cfg.grid if args.grid else None)))
-            return 0
-        if args.promote is not None or args.trials:
-            if args.budget is None:
-                raise SweepError("--promote: give --budget, the fidelity to re-run the chosen trials at")
-            setup_process_group(cfg.dist_timeout_minutes)
-            chosen = rank_zero_result(lambda: promote(cfg, budget=args.budget, grid=args.grid, storage=args.storage,
-                                                      best=args.promote, trials=_trial_numbers(args.trials)))
-            if rank_and_world()[0] == 0:
-                print(json.dumps({"promoted": chosen, "to": study_name(cfg, args.grid, args.budget)}, default=float))
-        out = run_sweep(cfg, storage=args.storage, grid=args.grid, n_trials=args.n_trials, worker=args.worker,
-                        tracking_uri=args.mlflow_uri, track=not args.no_tracking, max_failures=args.max_failures,
-                        budget=args.budget, wait_for_others=args.wait_for_others, snapshots=args.snapshots)
-    except (ConfigError, SweepError, RankError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        leave_process_group()  # the other ranks got the same error (or rank 0's stop order) and leave too
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the running trial is FAILED (a worker retries it); report.json and curve.png written",
-              file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    # SIGTERM unwinds like Ctrl-C: the running trial is marked FAIL, its MLflow runs closed, and report.json /
+    # curve.png are written before the worker exits.
+    with interrupt_on_sigterm():
+        try:
+            cfg = load_sweep_config(args.config, read_yaml(args.overrides) if args.overrides else None)
+            if args.plan:
+                budget = cfg.budget if args.budget is None else check_budget(args.budget, "--budget")
+                n_trials = len(cfg.grid) if args.grid else (args.n_trials or cfg.n_trials)
+                print(format_plan(plan_sweep(cfg, world_size=args.gpus, budget=budget, n_trials=n_trials, card=args.card,
+                                             train_utterances=args.train_utterances,
+                                             grid=cfg.grid if args.grid else None)))
+                return 0
+            if args.promote is not None or args.trials:
+                if args.budget is None:
+                    raise SweepError("--promote: give --budget, the fidelity to re-run the chosen trials at")
+                setup_process_group(cfg.dist_timeout_minutes)
+                chosen = rank_zero_result(lambda: promote(cfg, budget=args.budget, grid=args.grid, storage=args.storage,
+                                                          best=args.promote, trials=_trial_numbers(args.trials)))
+                if rank_and_world()[0] == 0:
+                    print(json.dumps({"promoted": chosen, "to": study_name(cfg, args.grid, args.budget)}, default=float))
+            out = run_sweep(cfg, storage=args.storage, grid=args.grid, n_trials=args.n_trials, worker=args.worker,
+                            tracking_uri=args.mlflow_uri, track=not args.no_tracking, max_failures=args.max_failures,
+                            budget=args.budget, wait_for_others=args.wait_for_others, snapshots=args.snapshots)
+        except (ConfigError, SweepError, RankError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            leave_process_group()  # the other ranks got the same error (or rank 0's stop order) and leave too
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted: the running trial is FAILED (a worker retries it); report.json and curve.png written",
+                  file=sys.stderr)
+            return 130
     leave_process_group()
     worker = out["worker"]
     if out["report"] is not None:  # rank 0

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from svlib.scoring.bootstrap import (BootstrapError, bootstrap_ci, ci_fields, paired_bootstrap, percentile_interval,
-                                     replicate_metrics, speaker_counts, speaker_of, trial_speakers, trial_weights,
-                                     weighted_metrics)
+from svlib.scoring.bootstrap import (BootstrapError, bootstrap_ci, ci_fields, few_speakers_note, paired_bootstrap,
+                                     percentile_interval, replicate_metrics, speaker_counts, speaker_of,
+                                     trial_speakers, trial_weights, weighted_metrics)
 from svlib.scoring.metrics import summarize
 
 
@@ -133,6 +133,12 @@ def test_paired_bootstrap_systems_that_differ():
     eer = res["eer_pct"]
     assert eer["a"] == pytest.approx(5.0) and eer["b"] == pytest.approx(35.0) and eer["diff"] == pytest.approx(-30.0)
     assert eer["ci"][1] < 0.0 and eer["excludes_zero"] and eer["p_value"] < 0.01
+    assert eer["significant"] and "note" not in res            # 20 speakers: enough to call it
+    few = all_pairs(10, 3)
+    small = paired_bootstrap(bad_speakers_scores(few[2], few[3], {0}), bad_speakers_scores(few[2], few[3], {0, 1, 2, 3, 4, 5}),
+                             few[2], trial_speakers(*few[:3]), replicates=200, seed=3)
+    assert small["eer_pct"]["excludes_zero"] and not small["eer_pct"]["significant"]
+    assert small["note"] == "10 speakers: intervals under-cover below ~20 speakers, not called significant"
 
 
 def test_paired_bootstrap_systems_that_do_not_differ():
@@ -155,8 +161,10 @@ def test_ci_fields_and_bad_settings():
     ci = bootstrap_ci(scores, labels, trial_speakers(enroll, test, labels), replicates=50, seed=0)
     fields = ci_fields(ci)
     assert set(fields) == {"eer_ci_pct", "mindcf_0.01_ci", "mindcf_0.05_ci", "ci_replicates", "ci_speakers",
-                           "ci_confidence", "ci_seed"}
+                           "ci_confidence", "ci_seed", "ci_note"}
     assert fields["eer_ci_pct"] == ci["eer_pct"] and fields["ci_speakers"] == 5
+    assert fields["ci_note"] == "5 speakers: intervals under-cover below ~20 speakers, not called significant"
+    assert few_speakers_note(19).startswith("19 speakers: intervals under-cover") and few_speakers_note(20) is None
     with pytest.raises(BootstrapError, match="replicates must be at least 1"):
         bootstrap_ci(scores, labels, trial_speakers(enroll, test, labels), replicates=0)
     with pytest.raises(BootstrapError, match="confidence must be in"):
@@ -184,6 +192,7 @@ def test_stage_summaries_mlflow_metrics_and_table_carry_the_intervals(tmp_path):
                                                              utt2spk), 200, seed=2)
     assert out["eer_ci_pct"] == ref["eer_pct"] and out["mindcf_0.01_ci"] == ref["mindcf_0.01"]
     assert out["ci_speakers"] == 6 and out["ci_replicates"] == 200
+    assert out["ci_note"] == "6 speakers: intervals under-cover below ~20 speakers, not called significant"
     assert out["eer_ci_pct"][0] <= out["eer_pct"] <= out["eer_ci_pct"][1]
     with pytest.raises(BootstrapError, match="trial list 'test': trial 1 .* is a target trial"):
         score_trials(emb, trials, ci_replicates=10)  # 'uttK' ids: every utterance its own speaker
@@ -199,6 +208,11 @@ def test_stage_summaries_mlflow_metrics_and_table_carry_the_intervals(tmp_path):
     bench = report({"stages": {"s2": {"test": {"test": summary}, "minutes": 1.0}}, "wall_minutes": 1.0},
                    tmp_path / "demo_pipeline.json")
     assert bench["final_test_eer_ci"] == ref["eer_pct"] and bench["test_speakers"] == 6
+    assert bench["test_ci_note"] == out["ci_note"]
+    from experiments.pipeline import interval_notes
+
+    assert interval_notes({"stages": {"s2": {"test": {"test": summary}}}, "baselines": {"fbank": {"test": summary}}}) \
+        == "\nnote: test: 6 speakers: intervals under-cover below ~20 speakers, not called significant"
     assert bench["stages"]["s2"]["eer_ci_pct"] == ref["eer_pct"]
 
 
@@ -239,3 +253,30 @@ def test_sparsity_curve_intervals_from_stored_scores(tmp_path):
     from sweeps.prune_sweep import plot_sweep
 
     assert plot_sweep(plotted, bench.plot_teacher(result), tmp_path / "curve.png").stat().st_size > 10_000
+
+
+def test_both_score_file_readers_report_a_nan_by_file_line(tmp_path):
+    """One parser under load_trial_scores (compare, final_vs_fbank) and read_labelled_scores (score_file_ci,
+    the analysis DET plots): a NaN on line k is ``file:k`` in every path, not a trial index."""
+    from svlib.analysis import read_scores
+    from svlib.data.lists import Trials
+    from svlib.scoring.bootstrap import load_trial_scores, read_labelled_scores, score_file_ci
+
+    enroll, test, labels, _ = all_pairs(4, 2)
+    lines = [f"{e} {t} {0.5 + y:.6f} {'target' if y else 'nontarget'}" for e, t, y in zip(enroll, test, labels)]
+    k = 6
+    lines[k - 1] = lines[k - 1].replace(" 0.500000 ", " nan ")
+    path = tmp_path / "scores.txt"
+    path.write_text("\n".join(lines) + "\n")
+    trials = Trials(enroll, test, labels)
+    message = rf"^{path}:{k}: score 'nan' is not finite$"
+    for read in (lambda: load_trial_scores(path, trials), lambda: read_labelled_scores(path),
+                 lambda: score_file_ci(path, replicates=10), lambda: read_scores(path)):
+        with pytest.raises(BootstrapError, match=message):
+            read()
+    # the labelled form is required where the labels come from the file, optional where the trial list has them
+    path.write_text(f"{enroll[0]} {test[0]} 0.5\n")
+    with pytest.raises(BootstrapError, match=rf"^{path}:1: expected 'enroll test score target\|nontarget', got 3"):
+        read_labelled_scores(path)
+    with pytest.raises(BootstrapError, match=rf"^{path}: no score for trial '{enroll[1]} {test[1]}'"):
+        load_trial_scores(path, trials)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import re
 import shutil
@@ -15,6 +16,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 import torch
 
 from experiments import pipeline
@@ -33,6 +35,18 @@ REPO = Path(__file__).resolve().parents[1]
 def _wav(path: Path, seconds: float, amplitude: float = 0.1, seed: int = 0) -> Path:
     wave = amplitude * np.random.default_rng(seed).standard_normal(int(seconds * SR)).astype(np.float32)
     sf.write(path, wave, SR)
+    return path
+
+
+def _flac_without_samples(path: Path, tmp: Path) -> Path:
+    """A FLAC of only its STREAMINFO block, total_samples 0 ("unknown" in the FLAC format): libsndfile reports
+    2**63 - 1 frames for it, and reading it asked NumPy for an array of that size."""
+    sf.write(tmp / "one_second.flac", np.zeros(SR, dtype=np.float32), SR)
+    head = bytearray((tmp / "one_second.flac").read_bytes()[:42])  # b"fLaC" + block header + 34-byte STREAMINFO
+    head[4] |= 0x80                                                  # the last metadata block
+    head[8 + 13] &= 0xF0                                             # total_samples: its 36 bits zeroed
+    head[8 + 14:8 + 18] = b"\0\0\0\0"
+    path.write_bytes(bytes(head))
     return path
 
 
@@ -78,6 +92,13 @@ def env(tmp_path_factory):
     _wav(tmp / "long.wav", 3.0, seed=2)
     sf.write(tmp / "zeros.wav", np.zeros(SR, dtype=np.float32), SR)
     (tmp / "corrupt.wav").write_bytes(b"RIFF....WAVEfmt garbage")
+    (tmp / "empty.flac").write_bytes(b"")
+    sf.write(tmp / "header_only.wav", np.zeros(0, dtype=np.float32), SR)
+    _flac_without_samples(tmp / "no_samples.flac", tmp)
+    noise = 0.1 * np.random.default_rng(3).standard_normal(SR).astype(np.float32)
+    sf.write(tmp / "rate8k.wav", soxr.resample(noise, SR, 8000), 8000)  # an 8 kHz file
+    # stored at 16 kHz, but nothing above 4 kHz
+    sf.write(tmp / "upsampled8k.wav", soxr.resample(soxr.resample(noise, SR, 8000), 8000, SR), SR)
     (tmp / "bad.scp").write_text(f"a {tmp / 'a.wav'}\ncorrupt {tmp / 'corrupt.wav'}\n")
     (tmp / "pipe.scp").write_text(f"a {tmp / 'a.wav'}\nb sox {tmp / 'b.wav'} -t wav - |\n")
     (tmp / "ref.pth").write_text("this is not a checkpoint\n")
@@ -108,9 +129,12 @@ def env(tmp_path_factory):
     whole = (tmp / "emb.npz").read_bytes()
     (tmp / "truncated.npz").write_bytes(whole[:len(whole) // 2])  # a copy cut short: zip magic, no directory
 
-    # pipeline configs: one train stage whose YAML is empty, one with a NaN learning rate
+    # pipeline configs: one train stage whose YAML is empty, one with a NaN learning rate, one with a negative
+    # one, one that gives a key twice
     s1 = (REPO / "experiments" / "configs" / "smoke" / "s1.yaml").read_text()
-    for name, stage in (("empty", "# nothing here yet\n"), ("nan", s1.replace("lr_frontend: 1.0e-3", "lr_frontend: .nan"))):
+    stages = (("empty", "# nothing here yet\n"), ("nan", s1.replace("lr_frontend: 1.0e-3", "lr_frontend: .nan")),
+              ("neglr", s1.replace("lr_backend: 1.0e-3", "lr_backend: -1.0e-3")), ("dup", s1 + "device: cpu\ndevice: cuda\n"))
+    for name, stage in stages:
         d = tmp / f"cfg_{name}"
         d.mkdir()
         (d / "s1.yaml").write_text(stage)
@@ -118,6 +142,15 @@ def env(tmp_path_factory):
             "name: t\nout_dir: exp/t\ndata: {train: d/train, val: d/val, val_trials: d/v.txt, test: d/test, "
             "test_trials: {test: d/t.txt}}\nstages:\n  - {name: s1, kind: train, config: s1.yaml}\n")
     assert "lr_frontend: .nan" in (tmp / "cfg_nan" / "s1.yaml").read_text()
+    assert "lr_backend: -1.0e-3" in (tmp / "cfg_neglr" / "s1.yaml").read_text()
+    # a pipeline whose data paths are misspelled (its one stage is a finished folder: nothing to train first)
+    (tmp / "done").mkdir()
+    (tmp / "done" / "result.json").write_text("{}\n")
+    here = os.path.relpath(tmp)  # configs hold relative paths only
+    (tmp / "cfg_paths.yaml").write_text(
+        f"name: t\nout_dir: {here}/exp_paths\nbaselines: false\n"
+        "data: {test: data/no-such-test, test_trials: {O: data/no-such-trials.txt}}\n"
+        f"stages:\n  - {{name: a, kind: use, path: {here}/done}}\n")
     return tmp
 
 
@@ -127,6 +160,11 @@ def _raise(exc: BaseException) -> Callable:
             raise exc
         monkeypatch.setattr(SpeakerModel, "forward", forward)
     return patch
+
+
+def _embed_before_the_model(name: str) -> Callable[[Path], list]:
+    """``svlib embed`` of one fixture file with the unloadable model: the file's error must come first."""
+    return lambda t: ["embed", "--model", t / "broken_model", "--wav", t / name, "--out", t / "x.npz"]
 
 
 class Case(NamedTuple):
@@ -205,6 +243,28 @@ CASES: dict[str, Case] = {
         lambda t: ["embed", "--model", t / "model", "--scp", t / "pipe.scp", "--out", t / "x.npz"],
         "svlib embed: error: {t}/pipe.scp:2: 'b' is a command pipe ('sox {t}/b.wav -t wav - |'); pipes are not "
         "supported, give a plain audio file path"),
+    # --- degenerate audio files: named, never a ZeroDivisionError or a NumPy allocation error
+    "embed a 0-byte .flac": Case(
+        _embed_before_the_model("empty.flac"),
+        "svlib embed: error: {t}/empty.flac: empty file (0 bytes)"),
+    "embed a WAV header without samples": Case(
+        _embed_before_the_model("header_only.wav"),
+        "svlib embed: error: {t}/header_only.wav: empty audio (a header without samples)"),
+    "embed a FLAC header of 0 samples": Case(
+        _embed_before_the_model("no_samples.flac"),
+        "svlib embed: error: {t}/no_samples.flac: empty audio (a header without samples)"),
+    # --- narrow-band input: verify refuses a decision, before the model loads
+    "verify an 8 kHz file with --threshold": Case(
+        lambda t: ["verify", "--model", t / "broken_model", t / "rate8k.wav", t / "a.wav", "--threshold", "0.5"],
+        "svlib verify: error: {t}/rate8k.wav: narrow-band audio (recorded below 16 kHz or no energy above 4.25 kHz): "
+        "its embeddings match across speakers; refusing a decision: --threshold was not chosen on narrow-band trials "
+        "(calibrate the model on narrow-band trials with `svlib calibrate-model`, or pass --allow-narrowband)"),
+    "verify upsampled 8 kHz audio with a wide-band calibration": Case(
+        lambda t: ["verify", "--model", _model_calibration(t / "model", {"score": 0.4, "llr": 0.0, "prior": 0.5},
+                                                          "wide_cal"), t / "a.wav", t / "upsampled8k.wav"],
+        "svlib verify: error: {t}/upsampled8k.wav: narrow-band audio (recorded below 16 kHz or no energy above "
+        "4.25 kHz): its embeddings match across speakers; refusing a decision: {t}/wide_cal/calibration.json was "
+        "fitted on wide-band trials"),
     # --- near-silent audio
     "embed all-zero audio": Case(
         lambda t: ["embed", "--model", t / "model", "--wav", t / "zeros.wav", "--out", t / "x.npz", "--no-progress"],
@@ -315,6 +375,17 @@ CASES: dict[str, Case] = {
         lambda t: ["--config", t / "cfg_nan" / "pipeline.yaml", "--no-tracking"],
         "error: {t}/cfg_nan/s1.yaml: train.optim.lr_frontend: expected a finite number, got nan",
         runner=pipeline.main),
+    "negative learning rate": Case(
+        lambda t: ["--config", t / "cfg_neglr" / "pipeline.yaml", "--no-tracking"],
+        "error: {t}/cfg_neglr/s1.yaml: train.optim: lr_backend must be >= 0, got -0.001", runner=pipeline.main),
+    "a key given twice in a stage YAML": Case(
+        lambda t: ["--config", t / "cfg_dup" / "pipeline.yaml", "--no-tracking"],
+        "error: {t}/cfg_dup/s1.yaml: line 11: duplicate key 'device' (first given on line 10); a mapping may give "
+        "each key once", runner=pipeline.main),
+    "misspelled data paths, found before any stage runs": Case(
+        lambda t: ["--config", t / "cfg_paths.yaml", "--no-tracking"],
+        "error: data.test: data/no-such-test: no such data directory; data.test_trials.O: data/no-such-trials.txt: "
+        "no such file", runner=pipeline.main),
 }
 
 
@@ -334,3 +405,19 @@ def test_bad_input_is_one_line_exit_2(env, capsys, monkeypatch, name):
     expected = case.first_line.replace("{t}", str(env)).replace("{{}}", "{}")
     pattern = ".*".join(re.escape(part) for part in expected.split("*"))
     assert re.match(pattern, lines[0]), f"\n got: {lines[0]}\nwant: {expected}"
+
+
+def test_skip_bad_skips_degenerate_audio(env, capsys):
+    """--skip-bad lists a 0-byte FLAC, a header-only WAV and a FLAC of 0 samples and embeds the good file."""
+    bad = ["empty.flac", "header_only.wav", "no_samples.flac"]
+    code = main(["embed", "--model", str(env / "model"), "--wav", str(env / "a.wav"), *[str(env / b) for b in bad],
+                 "--out", str(env / "skip.npz"), "--skip-bad", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "wrote 1 embeddings of dimension 24" in captured.out and "(3 skipped)" in captured.out
+    skipped = [line for line in captured.err.splitlines() if line.startswith("svlib embed: skipped")]
+    assert skipped == [f"svlib embed: skipped {env / 'empty.flac'}: {env / 'empty.flac'}: empty file (0 bytes)",
+                       f"svlib embed: skipped {env / 'header_only.wav'}: {env / 'header_only.wav'}: empty audio "
+                       "(a header without samples)",
+                       f"svlib embed: skipped {env / 'no_samples.flac'}: {env / 'no_samples.flac'}: empty audio "
+                       "(a header without samples)"]

@@ -157,6 +157,7 @@ def test_score_ci_prints_the_library_interval(setup, capsys):
     assert _interval_row(out, "minDCF (p=0.01) 95% CI") == pytest.approx(ref["mindcf_0.01"], abs=5e-5)
     assert ref["speakers"] == 12 and ref["eer_pct"][0] < float(_table(out)["EER (%)"]) < ref["eer_pct"][1]
     assert "300 x 12 speakers, seed 4" in out
+    assert "# note: 12 speakers: intervals under-cover below ~20 speakers, not called significant" in out
 
 
 def test_compare_differing_and_identical_systems(setup, capsys):
@@ -176,10 +177,13 @@ def test_compare_differing_and_identical_systems(setup, capsys):
     t = read_trials(trials)
     ref = paired_bootstrap(cosine_scores(table, t), cosine_scores(load_embeddings(noisy), t), t.labels,
                            trial_speakers(t.enroll, t.test, t.labels), replicates=400, seed=0)
-    saved = json.loads((tmp / "cmp.json").read_text())["eer_pct"]
+    compared = json.loads((tmp / "cmp.json").read_text())
+    saved = compared["eer_pct"]
     assert saved["ci"] == pytest.approx(ref["eer_pct"]["ci"], abs=1e-5)  # scores were written with 6 decimals
     assert saved["diff"] < 0 and saved["ci"][1] < 0 and saved["excludes_zero"]
-    assert "excludes 0: the systems differ" in out
+    # 12 speakers: the interval is reported, the difference not called significant (test_compare_wording)
+    assert not saved["significant"] and compared["note"].startswith("12 speakers: intervals under-cover")
+    assert "excludes 0 (bootstrap p" in out and "the systems differ" not in out
     # the same scores in another line order: the pairs are matched by id, the difference is 0 in every replicate
     lines = (tmp / "a.txt").read_text().splitlines()
     (tmp / "a_shuffled.txt").write_text("\n".join(lines[::-1]) + "\n")
@@ -187,3 +191,34 @@ def test_compare_differing_and_identical_systems(setup, capsys):
                  "--replicates", "50"]) == 0
     out = capsys.readouterr().out
     assert "EER difference A - B = +0.000 points, 95% CI [0.000, 0.000] contains 0" in out
+
+
+def _two_systems(tmp: Path, speakers: int) -> Path:
+    """Score files of a good (A) and a worse (B) system on all pairs of ``speakers`` x 2 utterances."""
+    utts = [f"s{s:02d}-u{u}" for s in range(speakers) for u in range(2)]
+    pairs = [(utts[i], utts[j]) for i in range(len(utts)) for j in range(i + 1, len(utts))]
+    labels = np.array([e[:3] == t[:3] for e, t in pairs], dtype=float)
+    noise = np.random.default_rng(speakers).normal(size=(2, len(pairs)))
+    trials = tmp / f"trials{speakers}.txt"
+    trials.write_text("".join(f"{e} {t} {'target' if y else 'nontarget'}\n" for (e, t), y in zip(pairs, labels)))
+    for name, scores in (("a", labels + 0.3 * noise[0]), ("b", labels + 0.9 * noise[1])):
+        (tmp / f"{name}{speakers}.txt").write_text("".join(f"{e} {t} {s:.6f}\n" for (e, t), s in zip(pairs, scores)))
+    return trials
+
+
+@pytest.mark.parametrize("speakers", [10, 25])
+def test_compare_wording(tmp_path, capsys, speakers):
+    """p below the two-sided resolution 2/R reads "p < 2/R"; a list of fewer than 20 speakers gets the
+    under-coverage note and no significance call, a larger one the verdict."""
+    trials = _two_systems(tmp_path, speakers)
+    assert main(["compare", str(tmp_path / f"a{speakers}.txt"), str(tmp_path / f"b{speakers}.txt"), "--trials",
+                 str(trials), "--replicates", "400"]) == 0
+    out = capsys.readouterr().out
+    verdict = next(line for line in out.splitlines() if line.startswith("EER difference"))
+    assert verdict.endswith("(bootstrap p < 0.005)")          # no replicate crossed 0: p < 2/400
+    assert f"{speakers} speakers, paired speaker bootstrap x 400" in out
+    if speakers < 20:
+        assert "excludes 0 (bootstrap" in verdict and "significant" not in verdict and "systems differ" not in verdict
+        assert out.splitlines()[-1] == "note: 10 speakers: intervals under-cover below ~20 speakers, not called significant"
+    else:
+        assert "excludes 0: the systems differ (bootstrap" in verdict and "note" not in out

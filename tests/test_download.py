@@ -28,12 +28,19 @@ def _archive() -> bytes:
 
 class Server:
     """Serves ``files`` (path -> bytes); ``cut[path] = n``: the next GET of it sends only ``n`` bytes (its
-    headers announce all of them) and drops the connection. Records each request's Range header."""
+    headers announce all of them) and drops the connection. Records each request's Range and If-Range header.
+
+    Like a real server it sends an ETag (a digest of the content; ``etag = False``: none) and honours If-Range
+    (a stale validator: the whole file, 200). ``wrong_range = True``: a broken server that answers every
+    range request 206 with the whole file (``Content-Range: bytes 0-...``)."""
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
         self.cut: dict[str, int] = {}
         self.ranges: list[str | None] = []
+        self.if_ranges: list[str | None] = []
+        self.etag = True
+        self.wrong_range = False
         self.sent = 0
         owner = self
 
@@ -47,9 +54,12 @@ class Server:
                 if data is None:
                     self.send_error(404)
                     return
+                owner.if_ranges.append(self.headers.get("If-Range"))
+                etag = f'"{hashlib.sha256(data).hexdigest()[:16]}"'
+                stale = self.headers.get("If-Range") not in (None, etag)
                 start = 0
-                if self.headers.get("Range"):
-                    start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
+                if self.headers.get("Range") and not stale:
+                    start = 0 if owner.wrong_range else int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
                     if start >= len(data):
                         self.send_response(416)
                         self.send_header("Content-Range", f"bytes */{len(data)}")
@@ -59,6 +69,8 @@ class Server:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 else:
                     self.send_response(200)
+                if owner.etag:
+                    self.send_header("ETag", etag)
                 body = data[start:]
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -128,6 +140,85 @@ def test_retries_resume_within_one_call(server, tmp_path):
     dest = download(f"{server.url}/c.tar.gz", tmp_path / "c.tar.gz", sha256=_sha(data), retries=2, backoff=0.0,
                     progress=False)
     assert dest.read_bytes() == data and server.ranges == [None, "bytes=123457-"]
+
+
+# ---- resumes are validated: no byte of another file, or of a stale part, ends up in a download ----------
+def _cut_first_try(server, tmp_path, at: int = 70_000):
+    """A download with no digest (trust on first use, like speechocean762 / ESC-50) cut after ``at`` bytes."""
+    server.cut["/c.tar.gz"] = at
+    with pytest.raises(DownloadError, match="rerun to resume"):
+        download(f"{server.url}/c.tar.gz", tmp_path / "c.tar.gz", retries=0, progress=False)
+    assert (tmp_path / "c.tar.gz.part").stat().st_size == at
+
+
+def _record(tmp_path):
+    path = tmp_path / "checksums.json"
+    return json.loads(path.read_text()).get("c.tar.gz") if path.is_file() else None
+
+
+def test_a_416_is_complete_only_at_the_remote_size(server, tmp_path):
+    data = server.files["/c.tar.gz"]
+    part = tmp_path / "c.tar.gz.part"
+    _cut_first_try(server, tmp_path)
+    part.write_bytes(data + bytes(70))   # 70 bytes longer than the file (200,402 vs 200,332 in the issue)
+    dest = download(f"{server.url}/c.tar.gz", tmp_path / "c.tar.gz", retries=0, progress=False)
+    assert dest.read_bytes() == data     # the 416 said "*/200332": the part was dropped and fetched whole
+    assert server.ranges == [None, f"bytes={len(data) + 70}-", None]
+    assert _record(tmp_path)["origin"] == "first complete download (trust on first use)"
+    assert not part.exists() and not (tmp_path / "c.tar.gz.part.json").exists()
+    # the same over-long part left by hand (no record of where it came from): not even asked about
+    dest.unlink()
+    part.write_bytes(data + bytes(70))
+    assert download(f"{server.url}/c.tar.gz", dest, retries=0, progress=False).read_bytes() == data
+    assert server.ranges[3:] == [None]
+
+
+def test_a_prefix_of_another_file_is_never_spliced_in(server, tmp_path):
+    old = server.files["/c.tar.gz"]
+    new = np.random.default_rng(1).bytes(len(old))
+    _cut_first_try(server, tmp_path)
+    server.files["/c.tar.gz"] = new       # the remote file changed between the cut and the rerun
+    dest = download(f"{server.url}/c.tar.gz", tmp_path / "c.tar.gz", retries=0, progress=False)
+    etag_of_old = f'"{_sha(old)[:16]}"'
+    assert server.ranges[1] == "bytes=70000-" and server.if_ranges[1] == etag_of_old
+    assert dest.read_bytes() == new       # If-Range did not match: 200 with the whole new file
+    # a 70 kB prefix of another file left as the part: restarted from zero, never resumed
+    dest.unlink()
+    (tmp_path / "checksums.json").unlink()
+    (tmp_path / "c.tar.gz.part").write_bytes(old[:70_000])
+    assert download(f"{server.url}/c.tar.gz", dest, retries=0, progress=False).read_bytes() == new
+    assert server.ranges[2:] == [None]
+
+
+def test_a_206_must_start_at_the_requested_offset(server, tmp_path):
+    data = server.files["/c.tar.gz"]
+    _cut_first_try(server, tmp_path)
+    server.wrong_range = True             # answers "bytes=70000-" with 206 "bytes 0-200331/200332"
+    dest = download(f"{server.url}/c.tar.gz", tmp_path / "c.tar.gz", retries=0, progress=False)
+    assert dest.read_bytes() == data and server.ranges == [None, "bytes=70000-", None]
+
+
+def test_a_resumed_download_records_no_first_use_digest(server, tmp_path, capsys):
+    data = server.files["/c.tar.gz"]
+    _cut_first_try(server, tmp_path)
+    dest = download(f"{server.url}/c.tar.gz", tmp_path / "c.tar.gz", retries=0, progress=False)
+    assert dest.read_bytes() == data and server.ranges == [None, "bytes=70000-"]   # resumed (the ETag held)
+    assert _record(tmp_path) is None
+    assert (f"note: {dest} was assembled from a resumed transfer: no first-use checksum recorded for it"
+            in capsys.readouterr().err)
+    dest.unlink()                         # the next download in one piece records it
+    download(f"{server.url}/c.tar.gz", dest, retries=0, progress=False)
+    assert _record(tmp_path) == {**file_digests(dest), "url": f"{server.url}/c.tar.gz",
+                                 "origin": "first complete download (trust on first use)"}
+
+
+def test_no_validator_and_no_digest_restarts_from_zero(server, tmp_path):
+    data = server.files["/c.tar.gz"]
+    server.etag = False                   # nothing to send as If-Range, nothing to check the result by
+    _cut_first_try(server, tmp_path)
+    dest = download(f"{server.url}/c.tar.gz", tmp_path / "c.tar.gz", retries=0, progress=False)
+    assert dest.read_bytes() == data and server.ranges == [None, None]
+    assert _record(tmp_path)["sha256"] == _sha(data)
 
 
 def test_bad_checksum_is_refused(server, tmp_path):

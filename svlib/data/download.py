@@ -7,14 +7,27 @@
 Each archive goes to ``ROOT/<file>`` and is unpacked into ``ROOT/<name>/`` (a ``.complete`` stamp marks a
 finished extraction, so a rerun skips it). Transfers are **resumable**: bytes arrive in ``ROOT/<file>.part``;
 after a cut (lost connection, killed process) the next attempt asks for the rest with an HTTP ``Range:
-bytes=<have>-`` request and appends it (a server that answers 200 instead of 206 sends the whole file again,
-which then replaces the part). ``retries`` attempts are made in one call, and a rerun resumes too.
+bytes=<have>-`` request and appends it. ``retries`` attempts are made in one call, and a rerun resumes too.
+
+**Resumes are validated**, so a part is only ever continued with bytes of the same remote file:
+
+- Beside the part, ``<file>.part.json`` (written atomically) remembers the URL, the remote size and the
+  validator the server sent with the first bytes (``ETag``, else ``Last-Modified``). A part without it (a
+  foreign file, an older svlib's part) or for another URL is not resumed: the download starts from zero.
+- The resume request carries ``If-Range: <validator>``: a server whose file changed since answers 200 with
+  the whole new file, which replaces the part.
+- A 206 reply must carry ``Content-Range: bytes <have>-.../<size>`` starting at the requested offset and
+  naming the remembered size; a 416 reply ("nothing past what you have") counts as complete only when its
+  ``Content-Range: bytes */<size>`` equals the part's size. Anything else discards the part and restarts.
+- Without a validator (a server that sends neither header) a part is resumed only when a digest will check
+  the result (published, or recorded earlier); otherwise the download restarts from zero.
 
 **Checksums.** A finished file is verified before it replaces anything: its MD5 and SHA-256 against the
 published digests where there are some (LibriSpeech: the MD5s of openslr's ``md5sum.txt`` and the SHA-256s
 torchaudio pins). speechocean762 (openslr 101) and ESC-50's GitHub archive publish none: their size, MD5 and
 SHA-256 are recorded in ``ROOT/checksums.json`` on the first complete download ("trust on first use") and every
-later download is checked against that record. A mismatch moves the file to ``<file>.bad`` and fails.
+later download is checked against that record. A mismatch moves the file to ``<file>.bad`` and fails. A file
+assembled from a resume never becomes that record (see ``download``).
 
 Errors are one line (``DownloadError``): no network / connection refused, HTTP errors, a cut that retries did
 not overcome (rerun to resume), a bad checksum, an unsafe archive member (absolute or ``..`` paths).
@@ -26,6 +39,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import socket
 import sys
 import tarfile
@@ -33,7 +47,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from svlib.files import write_json
@@ -103,14 +117,19 @@ def _check(path: Path, got: dict, expected: dict, url: str) -> None:
                                 f"was moved to {bad}: delete it and rerun (or check the source)")
 
 
-def _open(url: str, offset: int, timeout: float):
-    request = urllib.request.Request(url, headers={"User-Agent": "svlib-download",
-                                                   **({"Range": f"bytes={offset}-"} if offset else {})})
+def _open(url: str, offset: int, validator: str | None, timeout: float):
+    """The response to a GET of ``url`` from byte ``offset``; a 416 reply to a range request is returned too
+    (its ``Content-Range`` tells whether the part is complete)."""
+    headers = {"User-Agent": "svlib-download"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+        if validator is not None:
+            headers["If-Range"] = validator  # a changed remote file makes the server answer 200 with all of it
     try:
-        return urllib.request.urlopen(request, timeout=timeout)
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as err:
         if err.code == 416 and offset:
-            return None  # nothing past what we have: the part is complete
+            return err
         raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from None
     except (socket.timeout, TimeoutError) as err:
         raise _Cut(f"timeout ({err})") from None
@@ -125,20 +144,102 @@ class _Cut(Exception):
     """The transfer stopped early; the next attempt resumes."""
 
 
-def _transfer(url: str, part: Path, timeout: float, bar) -> None:
-    """One attempt: append the rest of ``url`` to ``part`` (or restart it if the server ignores Range)."""
-    offset = part.stat().st_size if part.exists() else 0
-    response = _open(url, offset, timeout)
-    if response is None:
-        return
+@dataclass
+class _PartState:
+    """What ``<file>.part.json`` remembers about the remote file whose bytes the part holds."""
+
+    url: str
+    validator: str | None  # strong ETag, else Last-Modified: sent as If-Range on a resume
+    size: int | None       # the remote file's size
+    resumed: bool = False  # the part holds bytes of more than one response
+
+
+def _state_path(part: Path) -> Path:
+    return part.with_name(part.name + ".json")
+
+
+def _read_state(part: Path, url: str) -> _PartState | None:
+    """The part's remembered state, or None when there is none for ``url`` (then the part cannot be resumed)."""
+    try:
+        data = json.loads(_state_path(part).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("url") != url:
+        return None
+    return _PartState(url, data.get("validator"), data.get("size"), bool(data.get("resumed")))
+
+
+def _discard(part: Path) -> None:
+    """Remove the part, then its state (a kill in between leaves a state without a part, which is ignored)."""
+    part.unlink(missing_ok=True)
+    _state_path(part).unlink(missing_ok=True)
+
+
+def _validator(headers) -> str | None:
+    """The validator ``If-Range`` may carry: a strong ETag (a weak ``W/`` one is not allowed there), else
+    ``Last-Modified``; None when the server sent neither."""
+    etag = headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return headers.get("Last-Modified")
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """``bytes <first>-<last>/<size>`` -> ``(first, size)``; ``bytes */<size>`` -> ``(None, size)``; a size of
+    ``*`` or an unparsable header gives None there."""
+    match = re.fullmatch(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)", (value or "").strip())
+    if match is None:
+        return None, None
+    first, size = match.groups()
+    return (None if first is None else int(first)), (None if size == "*" else int(size))
+
+
+def _transfer(url: str, part: Path, timeout: float, bar, checked: bool) -> None:
+    """One attempt: append the rest of ``url`` to ``part``, or restart it from zero where the part cannot be
+    shown to hold the start of the same remote file (module docstring). ``checked``: a digest will verify the
+    result, so a part may be resumed even from a server that sends no validator."""
+    if not _attempt(url, part, timeout, bar, checked):
+        _attempt(url, part, timeout, bar, checked)  # from zero: the part was discarded
+
+
+def _attempt(url: str, part: Path, timeout: float, bar, checked: bool) -> bool:
+    """``_transfer``'s one request; False when the reply showed the part unusable: it was discarded, and the
+    caller starts again from zero."""
+    state = _read_state(part, url) if part.exists() else None
+    if state is None or not (state.validator is not None or checked):
+        _discard(part)
+        state = None
+    offset = part.stat().st_size if state is not None else 0
+    response = _open(url, offset, None if state is None else state.validator, timeout)
     with response:
         status = response.status
-        if status == 200 and offset:
-            offset = 0  # the server sent the whole file: start the part again
-        elif status not in (200, 206):
+        if status == 416:  # "nothing past byte <offset>": complete only when the remote size is what we have
+            size = _content_range(response.headers.get("Content-Range"))[1]
+            if size == offset and state.size in (None, size):
+                return True
+            _discard(part)
+            return False
+        if status == 206:
+            first, size = _content_range(response.headers.get("Content-Range"))
+            if first != offset or size is None or (offset and state.size is not None and size != state.size):
+                if not offset:
+                    raise DownloadError(f"{url}: HTTP 206 with Content-Range "
+                                        f"{response.headers.get('Content-Range')!r} to a request for the whole file")
+                _discard(part)  # not the rest of the bytes we have: never splice it on
+                return False
+            total = size
+        elif status == 200:  # the whole file: a server without Range support, or If-Range saw a changed file
+            length = response.headers.get("Content-Length")
+            total = int(length) if length is not None else None
+            offset = 0
+        else:
             raise DownloadError(f"{url}: unexpected HTTP {status}")
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length is not None else None
+        if offset:
+            state.resumed = True
+            write_json(_state_path(part), asdict(state))
+        else:
+            _discard(part)  # before the new state: a kill in between must not pair old bytes with it
+            write_json(_state_path(part), asdict(_PartState(url, _validator(response.headers), total)))
         if bar is not None:
             bar.reset(total=total)
             bar.update(offset)
@@ -157,6 +258,7 @@ def _transfer(url: str, part: Path, timeout: float, bar) -> None:
                     bar.update(len(block))
         if total is not None and received < total:
             raise _Cut(f"connection closed at {received:,} of {total:,} bytes")
+    return True
 
 
 def _record_path(dest: Path) -> Path:
@@ -179,7 +281,12 @@ def download(url: str, dest: str | os.PathLike, md5: str | None = None, sha256: 
     """``url`` -> ``dest``, resumable and verified (module docstring); returns ``dest``.
 
     Without ``md5``/``sha256``/``size`` the digests recorded in ``dest.parent/checksums.json`` by the first
-    complete download are the reference (and the first download records them).
+    complete download are the reference, and the first download records them, but only when its bytes came in
+    one response. A file assembled from a resume is kept and used (its resume was validated: If-Range, the
+    offset and the size) yet no digest is recorded for it, and a note says so: the record is the reference
+    every later download is judged by, so it must not rest on the assumption that two responses, perhaps
+    days apart, sent parts of one file. Downloading the whole file again just to record it would double
+    the largest transfers for that assumption; the next download that arrives in one piece records it.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +309,7 @@ def download(url: str, dest: str | os.PathLike, md5: str | None = None, sha256: 
     try:
         for attempt in range(retries + 1):
             try:
-                _transfer(url, part, timeout, bar)
+                _transfer(url, part, timeout, bar, checked=bool(expected))
                 break
             except _Cut as cut:
                 if attempt == retries:
@@ -213,14 +320,22 @@ def download(url: str, dest: str | os.PathLike, md5: str | None = None, sha256: 
     finally:
         if bar is not None:
             bar.close()
+    state = _read_state(part, url)
+    resumed = state is None or state.resumed
     got = file_digests(part)
     if expected:
         _check(part, got, expected, url)
     os.replace(part, dest)
-    if not recorded:
-        records[dest.name] = {**got, "url": url,
-                              "origin": "published" if expected else "first complete download (trust on first use)"}
-        write_json(_record_path(dest), records)
+    _state_path(part).unlink(missing_ok=True)
+    if recorded:
+        return dest
+    if not expected and resumed:
+        print(f"note: {dest} was assembled from a resumed transfer: no first-use checksum recorded for it "
+              f"(the next download that arrives in one piece records one)", file=sys.stderr)
+        return dest
+    records[dest.name] = {**got, "url": url,
+                          "origin": "published" if expected else "first complete download (trust on first use)"}
+    write_json(_record_path(dest), records)
     return dest
 
 

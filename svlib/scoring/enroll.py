@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from svlib.scoring.metrics import EmbeddingTable, MissingEmbeddingError, ScoringError, l2_normalize
+from svlib.scoring.metrics import QUALITY_FLAGS, EmbeddingTable, MissingEmbeddingError, ScoringError, l2_normalize
 
 __all__ = ["EnrollError", "read_enroll_list", "write_enroll_list", "enroll_models", "with_enroll_models"]
 
@@ -84,7 +84,17 @@ def enroll_models(table: EmbeddingTable, models: dict[str, list[str]], source: s
         out[i] = unit.astype(np.float64).mean(axis=0)
         if durations is not None:
             durations.append(float(np.sum(table.durations[rows])))
-    return EmbeddingTable(names, out, durations, source=f"enrolment models ({source or 'enrolment list'})")
+    models_table = EmbeddingTable(names, out, durations, source=f"enrolment models ({source or 'enrolment list'})")
+    _carry_flags(table, models_table, models)
+    return models_table
+
+
+def _carry_flags(table: EmbeddingTable, out: EmbeddingTable, members: dict[str, list[str]]) -> None:
+    """Quality flags of ``table`` onto ``out``: an entry of ``out`` is flagged when any of its ``members``
+    (``table`` utterances) is: one narrow-band or truncated utterance is enough to make a model suspect."""
+    for name in QUALITY_FLAGS:
+        if table.flag(name) is not None:
+            out.set_flags(name, {key: bool(table.flagged(name, utts)) for key, utts in members.items()})
 
 
 def with_enroll_models(table: EmbeddingTable, models: dict[str, list[str]], trials, source: str = "") -> EmbeddingTable:
@@ -112,4 +122,7 @@ def with_enroll_models(table: EmbeddingTable, models: dict[str, list[str]], tria
     durations = None
     if table.durations is not None:
         durations = np.concatenate([enrolled.durations, table.durations[test_rows]])
-    return EmbeddingTable(enrolled.utts + tests, matrix, durations, source=table.source)
+    out = EmbeddingTable(enrolled.utts + tests, matrix, durations, source=table.source)
+    _carry_flags(enrolled, out, {m: [m] for m in enrolled.utts})
+    _carry_flags(table, out, {t: [t] for t in tests})
+    return out

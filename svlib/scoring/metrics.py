@@ -44,6 +44,10 @@ __all__ = [
 ]
 
 DCF_TARGETS = (0.01, 0.05)
+# per-utterance quality flags an embeddings file may hold (bool arrays under these names): "narrowband" (the
+# audio had no content above 4 kHz, svlib.audio.is_narrowband), "truncated" (the file held less audio than its
+# header declared, svlib.audio.AudioInfo.truncated). Files without them (older svlib) load with the flag unknown.
+QUALITY_FLAGS = ("narrowband", "truncated")
 ZIP_MAGIC = b"PK\x03\x04"  # every .npz starts with a zip local-file header
 
 
@@ -291,18 +295,20 @@ class EmbeddingTable(dict):
     Build it either from a file-like ``(utts, matrix)`` pair (values are then row views of ``matrix``) or
     empty, filling it like a dict (``table[utt] = vector``). ``utts``, ``matrix`` and ``index`` are
     rebuilt lazily after any change. ``durations`` (seconds, aligned with ``utts``; NaN where unknown) is
-    ``None`` unless the file or ``set_durations`` provided some.
+    ``None`` unless the file or ``set_durations`` provided some; likewise each of the ``QUALITY_FLAGS``
+    (``flag(name)``, ``set_flags``).
     """
 
     def __init__(self, utts: Sequence[str] | None = None, matrix: np.ndarray | None = None,
-                 durations=None, source: str = ""):
+                 durations=None, source: str = "", flags: Mapping[str, Sequence[bool]] | None = None):
         super().__init__()
         self.source = source
         self._cache: tuple[list[str], np.ndarray, dict[str, int]] | None = None
         self._durations: dict[str, float] = {}
+        self._flags: dict[str, dict[str, bool]] = {}
         if utts is None and matrix is None:
-            if durations is not None:
-                raise EmbeddingFileError("durations given without utterances")
+            if durations is not None or flags:
+                raise EmbeddingFileError("durations or flags given without utterances")
             return
         where = f"{source}: " if source else ""
         if utts is None or matrix is None:
@@ -323,6 +329,12 @@ class EmbeddingTable(dict):
             if durations.shape != (len(utts),):
                 raise EmbeddingFileError(f"{where}durations has shape {durations.shape}, expected ({len(utts)},)")
             self._durations = dict(zip(utts, durations.tolist()))
+        for name, values in (flags or {}).items():
+            values = np.asarray(values)
+            if name not in QUALITY_FLAGS or values.dtype != np.bool_ or values.shape != (len(utts),):
+                raise EmbeddingFileError(f"{where}flag {name!r} must be one of {QUALITY_FLAGS} with a boolean "
+                                         f"({len(utts)},) array, got {values.dtype} {values.shape}")
+            self._flags[name] = dict(zip(utts, values.tolist()))
         matrix = matrix.view()
         matrix.flags.writeable = False  # values are views: writing one would silently change the matrix
         dict.update(self, zip(utts, matrix))
@@ -385,9 +397,29 @@ class EmbeddingTable(dict):
         """Attach per-utterance durations (seconds), used by quality-measure calibration."""
         self._durations.update({str(u): float(d) for u, d in durations.items()})
 
+    def flag(self, name: str) -> np.ndarray | None:
+        """Boolean array of quality flag ``name`` aligned with ``utts`` (False where not recorded), or None
+        when no utterance has it recorded (e.g. a file of an older svlib)."""
+        if name not in QUALITY_FLAGS:
+            raise KeyError(f"unknown quality flag {name!r} (known: {', '.join(QUALITY_FLAGS)})")
+        values = self._flags.get(name)
+        return None if not values else np.array([values.get(u, False) for u in self.utts], dtype=bool)
+
+    def flagged(self, name: str, utts: Iterable[str] | None = None) -> list[str]:
+        """The utterances (of ``utts``, default all) that carry quality flag ``name``."""
+        values = self._flags.get(name, {})
+        return [u for u in (self.utts if utts is None else utts) if values.get(u, False)]
+
+    def set_flags(self, name: str, values: Mapping[str, bool]) -> None:
+        """Record quality flag ``name`` (one of ``QUALITY_FLAGS``) for some utterances."""
+        if name not in QUALITY_FLAGS:
+            raise KeyError(f"unknown quality flag {name!r} (known: {', '.join(QUALITY_FLAGS)})")
+        self._flags.setdefault(name, {}).update({str(u): bool(v) for u, v in values.items()})
+
     def __reduce__(self):
-        # the default dict pickling would skip the constructor and lose source/durations
-        return (type(self), (self.utts, np.array(self.matrix), self.durations, self.source))
+        # the default dict pickling would skip the constructor and lose source/durations/flags
+        flags = {name: self.flag(name) for name in self._flags if self._flags[name]}
+        return (type(self), (self.utts, np.array(self.matrix), self.durations, self.source, flags))
 
     def rows(self, utts: Iterable[str]) -> np.ndarray:
         """Row indices of ``utts``; raises ``MissingEmbeddingError`` naming the first absent one."""
@@ -416,22 +448,28 @@ class EmbeddingTable(dict):
         if isinstance(emb, EmbeddingTable):
             table.source = emb.source
             table._durations = {u: emb._durations[u] for u in keys if u in emb._durations}
+            table._flags = {name: {u: values[u] for u in keys if u in values} for name, values in emb._flags.items()}
         return table
 
 
-def save_embeddings(path, utts: Sequence[str], matrix, durations=None) -> Path:
-    """Write ``path`` (.npz): ``utts`` (unicode array, ids may contain '/'), ``embeddings`` (N, E) float32
-    and optionally ``durations`` (N,) seconds, used by quality-measure calibration. Atomic (tmp + rename)
-    so a crashed extraction never leaves a half-written file that looks valid."""
+def save_embeddings(path, utts: Sequence[str], matrix, durations=None,
+                    flags: Mapping[str, Sequence[bool]] | None = None) -> Path:
+    """Write ``path`` (.npz): ``utts`` (unicode array, ids may contain '/'), ``embeddings`` (N, E) float32,
+    optionally ``durations`` (N,) seconds, used by quality-measure calibration, and ``flags``: boolean (N,)
+    arrays stored under their names (``QUALITY_FLAGS``: narrowband, truncated). Atomic (tmp + rename) so a
+    crashed extraction never leaves a half-written file that looks valid."""
     path = Path(path)
     matrix = np.asarray(matrix, dtype=np.float32)
-    table = EmbeddingTable(utts, matrix, durations, source=str(path))  # validates shapes and duplicates
+    flags = {name: np.asarray(values, dtype=bool) for name, values in (flags or {}).items()}
+    # validates shapes, duplicates and flag names
+    table = EmbeddingTable(utts, matrix, durations, source=str(path), flags=flags)
     if not np.isfinite(matrix).all():
         bad = int(np.flatnonzero(~np.isfinite(matrix).all(axis=1))[0])
         raise EmbeddingFileError(f"{path}: embedding of {table.utts[bad]!r} contains NaN or inf")
     arrays = {"utts": np.array(table.utts, dtype=np.str_), "embeddings": matrix}
     if durations is not None:
         arrays["durations"] = np.asarray(durations, dtype=np.float64)
+    arrays.update(flags)
 
     def write_arrays(fd: int, tmp: str) -> None:
         with os.fdopen(fd, "wb") as fh:
@@ -465,6 +503,7 @@ def load_embeddings(path) -> EmbeddingTable:
             utts = data["utts"]
             matrix = data["embeddings"]
             durations = data["durations"] if "durations" in keys else None
+            flags = {name: data[name] for name in QUALITY_FLAGS if name in keys}
     except EmbeddingFileError:
         raise
     except (OSError, ValueError) as err:  # pickle/format problems
@@ -475,7 +514,7 @@ def load_embeddings(path) -> EmbeddingTable:
         raise EmbeddingFileError(f"{path}: 'utts' must be an array of strings, got dtype {utts.dtype}")
     if matrix.dtype.kind != "f":
         raise EmbeddingFileError(f"{path}: 'embeddings' must be floating point, got dtype {matrix.dtype}")
-    return EmbeddingTable(utts.astype(str).tolist(), matrix, durations, source=str(path))
+    return EmbeddingTable(utts.astype(str).tolist(), matrix, durations, source=str(path), flags=flags)
 
 
 def l2_normalize(matrix: np.ndarray, names: Sequence[str] | None = None, source: str = "") -> np.ndarray:

@@ -76,6 +76,9 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
+import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -113,6 +116,16 @@ class OptimConfig:
     # 3.8 GiB at W=8); checkpoints still hold the full optimizer state. Ignored (logged once) without a group.
     zero: bool = False
 
+    def __post_init__(self) -> None:
+        # a negative learning rate trains, uphill, without a word: every bound here is an error up front
+        for name in ("lr_frontend", "lr_backend", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}")
+        if not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+
 
 @dataclass
 class TrainConfig:
@@ -142,6 +155,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if self.val_every < 0 or self.keep_checkpoints < 0:
             raise ValueError("val_every and keep_checkpoints must be >= 0")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
         if self.steps is not None and self.epochs is not None:
             raise ValueError(f"give steps or epochs, not both (steps={self.steps}, epochs={self.epochs})")
         if self.val_every_epochs is not None and self.val_every:
@@ -240,7 +255,33 @@ def setup_distributed(timeout_minutes: float | None = None) -> tuple[int, int, i
             backend = "gloo"
         dist.init_process_group(backend=backend, **({"timeout": timeout} if timeout is not None else {}))
         _group_timeout = timeout
+        if os.environ.get("TORCHELASTIC_RUN_ID"):  # started by torchrun
+            exit_with_launcher(rank)
     return rank, world, local_rank
+
+
+LAUNCHER_GRACE_SECONDS = 30.0  # after its SIGTERM, how long an orphaned rank may take to unwind before it exits
+
+
+def exit_with_launcher(rank: int, poll_seconds: float = 1.0, grace_seconds: float = LAUNCHER_GRACE_SECONDS) -> None:
+    """End this rank when the process that launched it dies.
+
+    torchrun's agent stops its workers when it is stopped itself, but a SIGKILL (or an OOM kill) of the agent
+    leaves them orphaned: they run on, write stage folders and hold the out_dir's lock, and a rerun then races
+    them. A daemon thread polls the parent PID; once it changes (the orphan was re-parented), the rank sends
+    itself SIGTERM, which unwinds like Ctrl-C where a caller installed that (MLflow runs closed, locks released),
+    and exits outright after ``grace_seconds`` if that is stuck (e.g. in a collective with a dead peer)."""
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_seconds)
+        print(f"rank {rank}: its launcher (pid {launcher}) is gone; stopping", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="svlib-launcher-watch", daemon=True).start()
 
 
 _group_timeout: timedelta | None = None  # what setup_distributed gave init_process_group (the side group's too)

@@ -46,6 +46,8 @@ class ScheduleConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.step_size is not None and self.step_size <= 0:
             raise ValueError(f"step_size must be > 0, got {self.step_size}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         for steps, epochs in (("warmup_steps", "warmup_epochs"), ("step_size", "step_size_epochs"),
