@@ -15,6 +15,7 @@ MLflow model registry.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -43,6 +44,7 @@ __all__ = [
     "enable_pruned_loading",
     "load_model",
     "load_registered",
+    "model_digest",
     "read_calibration_thresholds",
     "register_model",
     "write_model_card",
@@ -89,6 +91,31 @@ def load_model(folder: str | os.PathLike) -> SpeakerModel:
 def check_model_folder(folder: str | os.PathLike) -> dict:
     """The manifest of ``folder`` after the cheap checks (exists, JSON, format name and version)."""
     return read_manifest(folder)
+
+
+# Files a model folder holds beside its weights that do not change what it computes: `svlib calibrate-model`
+# and `write_model_card` rewrite them in place without making earlier embeddings stale.
+NOT_WEIGHTS = (CALIBRATION_FILE, CARD_FILE, README_FILE)
+
+
+def model_digest(folder: str | os.PathLike) -> str:
+    """sha256 of what decides a model folder's embeddings: every file's relative path, size and content
+    (weights, encoder config, manifest), in sorted path order.
+
+    Content, not path or modification time: retraining into the same folder changes it, copying the folder
+    elsewhere does not. ``NOT_WEIGHTS`` and hidden files (an atomic write's temporary file) are left out.
+    Each file is streamed (``hashlib.file_digest``), so a 2.3 GB encoder costs about a second of reading,
+    which also warms the page cache for the model load that follows."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if not path.is_file() or rel.as_posix() in NOT_WEIGHTS or any(part.startswith(".") for part in rel.parts):
+            continue
+        with open(path, "rb") as fh:
+            content = hashlib.file_digest(fh, "sha256").hexdigest()
+        digest.update(f"{rel.as_posix()}\0{path.stat().st_size}\0{content}\n".encode())
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ describe

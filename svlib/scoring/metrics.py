@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import operator
 import os
-import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from svlib.files import respect_umask
+from svlib.files import replace_atomic
 
 __all__ = [
     "ScoringError",
@@ -469,20 +470,15 @@ def save_embeddings(path, utts: Sequence[str], matrix, durations=None,
     if durations is not None:
         arrays["durations"] = np.asarray(durations, dtype=np.float64)
     arrays.update(flags)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
+
+    def write_arrays(fd: int, tmp: str) -> None:
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **arrays)  # a file handle: np.savez would append ".npz" to a path
             fh.flush()
             os.fsync(fh.fileno())
-        respect_umask(tmp)  # mkstemp creates 0600: teammates could not read shared embeddings
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    # the umask's mode (mkstemp's 0600 would lock teammates out); a full disk names the file
+    return replace_atomic(path, write_arrays)
 
 
 def load_embeddings(path) -> EmbeddingTable:
@@ -510,8 +506,10 @@ def load_embeddings(path) -> EmbeddingTable:
             flags = {name: data[name] for name in QUALITY_FLAGS if name in keys}
     except EmbeddingFileError:
         raise
-    except (OSError, ValueError) as err:  # zip/pickle/format problems
+    except (OSError, ValueError) as err:  # pickle/format problems
         raise EmbeddingFileError(f"{path}: not a readable .npz file ({err})") from None
+    except (zipfile.BadZipFile, EOFError, zlib.error) as err:  # not OSError/ValueError: a traceback otherwise
+        raise EmbeddingFileError(f"{path}: truncated or corrupt .npz file ({err}); write it again") from None
     if utts.dtype.kind not in "US":
         raise EmbeddingFileError(f"{path}: 'utts' must be an array of strings, got dtype {utts.dtype}")
     if matrix.dtype.kind != "f":
