@@ -140,9 +140,9 @@ def _trial_speakers(args: argparse.Namespace, trials):
         raise ValueError(f"{flag} must be a positive number, got {args.replicates}")
     utt2spk = None
     if args.utt2spk is not None:
-        from svlib.data.lists import _read_table  # the list reader's strict 2-field table (line-numbered errors)
+        from svlib.data.lists import read_utt2spk
 
-        utt2spk = _read_table(args.utt2spk, 2, "<utt> <speaker>").values
+        utt2spk = read_utt2spk(args.utt2spk)
     return trial_speakers(trials.enroll, trials.test, trials.labels, utt2spk,
                           source=str(args.utt2spk or args.trials))
 

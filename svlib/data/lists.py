@@ -196,6 +196,11 @@ def _read_table_by_line(path: Path, lines: list[str], num_fields: int | None, wh
     return out
 
 
+def read_utt2spk(path: str | os.PathLike) -> dict[str, str]:
+    """A lone ``utt2spk`` (``<utt> <speaker>`` per line) as utt -> speaker; errors name the file and line."""
+    return _read_table(Path(path), 2, "<utt> <speaker>").values
+
+
 def read_scp(path: str | os.PathLike) -> dict[str, str]:
     """A lone ``wav.scp`` (``<utt> <path>`` per line, the rest of the line being the path) as utt -> path."""
     path = Path(path)
