@@ -382,7 +382,8 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
     with exclusive_out_dir(out):  # one pipeline per out_dir; every rank holds or checks it
         if tracker is None:
             return body()
-        close_stale_runs(tracker.tracking_uri, tracker.experiment_id, out)  # a dead pipeline's, under our lock
+        if isinstance(tracker, Tracker):  # an MLflow store (not a stand-in such as the rehearsal's monitor)
+            close_stale_runs(tracker.tracking_uri, tracker.experiment_id, out)  # a dead pipeline's, under our lock
         with tracker.run(f"pipeline:{cfg.name}", tags=tags, params={"pipeline": to_dict(cfg)}):
             return body()
 
