@@ -8,16 +8,18 @@ from svlib.config import read_yaml
 from sweeps.prune_sweep import load_sweep_config
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINES = sorted((ROOT / "experiments" / "configs").glob("*/pipeline.yaml"))
+# pipeline.yaml of each recipe folder and its variants (pipeline_<variant>.yaml, e.g. w2vbert's no-LoRA ablation)
+PIPELINES = sorted((ROOT / "experiments" / "configs").glob("*/pipeline*.yaml"))
 SWEEPS = sorted((ROOT / "sweeps" / "configs").glob("*.yaml"))
 
 
 def test_every_recipe_folder_has_a_pipeline():
-    folders = {p.parent.name for p in PIPELINES}
+    folders = {p.parent.name for p in PIPELINES if p.name == "pipeline.yaml"}
     assert {"w2vbert", "prune", "demo", "demo_prune", "smoke"} <= folders
+    assert ROOT / "experiments" / "configs" / "w2vbert" / "pipeline_no_lora.yaml" in PIPELINES
 
 
-@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_pipeline_and_its_stage_configs_validate(path):
     cfg, stage_cfgs = load_pipeline(path)
     assert cfg.stages
@@ -72,3 +74,27 @@ def test_recipe_search_candidates_validate_and_never_read_the_test_lists(tmp_pat
         assert set(stages) == {"s1", "s2", "s3"}
     # the unchanged demo config does read the test lists
     assert load_pipeline(ROOT / PIPELINE)[0].data.test_trials
+
+
+def test_the_no_lora_ablation_differs_from_the_reference_recipe_in_stage_1_lora_alone():
+    """w2vbert/pipeline_no_lora.yaml (the authors' VoxCeleb2 result: Adapter_MFA without LoRA in stage 1 beats
+    LoRA_Adapter_MFA): s1 without LoRA, no merge (nothing to merge), s2 from s1; every other setting is the
+    reference's, so the two runs compare the LoRA alone."""
+    folder = ROOT / "experiments" / "configs" / "w2vbert"
+    reference, reference_stages = load_pipeline(folder / "pipeline.yaml")
+    ablation, ablation_stages = load_pipeline(folder / "pipeline_no_lora.yaml")
+    assert [(s.name, s.kind, s.init) for s in ablation.stages] == [
+        ("s1", "train", None), ("s2", "train", "s1"), ("s3", "train", "s2"), ("eval", "evaluate", "s3")]
+    assert ablation.out_dir == "exp/w2vbert_no_lora" and ablation.out_dir != reference.out_dir
+    assert ablation.data == reference.data and ablation.device == reference.device
+    assert ablation.dist_timeout_minutes == reference.dist_timeout_minutes and ablation.baselines is False
+    assert reference_stages["s1"].lora.r == 64 and ablation_stages["s1"].lora is None
+    assert ablation_stages["s1"].freeze_frontend is True
+    reference_stages["s1"].lora = None
+    assert ablation_stages["s1"] == reference_stages["s1"]
+    for name in ("s2", "s3"):
+        assert ablation_stages[name] == reference_stages[name], name
+    # the source and its numbers are named where a user reads the recipe
+    for path in (folder / "pipeline_no_lora.yaml", folder / "s1_no_lora.yaml"):
+        text = path.read_text()
+        assert "ZXHY-82/w2v-BERT-2.0_SV" in text and "0.18 / 0.37 /" in text and "0.23 / 0.46 / 1.03" in text, path
