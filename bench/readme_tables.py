@@ -1,6 +1,6 @@
 """The result tables of the README and docs/, rendered from the committed JSON under bench/results/.
 
-    python bench/readme_tables.py demo                      # print one table (demo, search, pruning, snapshots, speed)
+    python bench/readme_tables.py demo                      # print one table (see TABLES)
     python bench/readme_tables.py --check README.md docs/*.md   # exit 1 naming each block that differs
     python bench/readme_tables.py --write README.md docs/*.md   # rewrite those blocks in place
 
@@ -122,6 +122,11 @@ def search() -> list[str]:
                      "model - baseline, paired"], rows)
 
 
+def recipes() -> list[str]:
+    """Every recipe of the search on val, as bench/demo_recipe_search.py printed it (its ``table``, title cut)."""
+    return ["```", *read("demo_recipe_search.json")["table"].splitlines()[1:], "```"]
+
+
 def kd_point(points: list[dict], method: str, target: float) -> dict | None:
     return next((p for p in points if p["method"] == method and p["target"] == target), None)
 
@@ -185,7 +190,7 @@ def speed() -> list[str]:
                         f"{'/'.join(map(str, setup['repeats']))} runs, load average {load[0]:.2f}-{load[1]:.2f}."]
 
 
-TABLES = {"demo": demo, "search": search, "pruning": pruning, "snapshots": snapshots, "speed": speed}
+TABLES = {"demo": demo, "search": search, "recipes": recipes, "pruning": pruning, "snapshots": snapshots, "speed": speed}
 
 
 def render(name: str) -> str:

@@ -79,9 +79,10 @@ NOT_RUN = {
     "python bench/sweep_scale.py": "the 580M sweep on 2 ranks: 20 GiB and ten minutes",
     "python bench/sparsity_curve.py": "a benchmark: the demo grid sweep on make demo's teacher (tens of minutes)",
     "python bench/gpu.py": "needs a GPU (its --dry form runs in test_gpu_dry.py)",
-    "torchrun --nproc_per_node 8 -m experiments.pipeline --config experiments/configs/w2vbert/pipeline.yaml":
+    # the reference recipe and its no-LoRA ablation (their configs validate in test_shipped_configs.py)
+    "torchrun --nproc_per_node 8 -m experiments.pipeline --config experiments/configs/w2vbert/":
         "needs 8 GPUs, VoxCeleb2 and the pretrained W2V-BERT 2.0 weights",
-    "torchrun --nproc_per_node 4 -m experiments.pipeline --config experiments/configs/w2vbert/pipeline.yaml":
+    "torchrun --nproc_per_node 4 -m experiments.pipeline --config experiments/configs/w2vbert/":
         "needs 4 GPUs, VoxCeleb2 and the pretrained W2V-BERT 2.0 weights",
     "torchrun --standalone --nproc_per_node 8 -m sweeps.prune_sweep":
         "needs an 8-GPU node, VoxCeleb2 and PostgreSQL; the smoke sweep runs under torchrun in test_sweep_torchrun.py",
