@@ -98,15 +98,17 @@ def demo() -> list[str]:
     machine = report["machine"]
     lines = markdown(["stage", "test EER % [95 % CI]", "minDCF 0.01", "test_ls10 EER %", "test_so762 EER %",
                       "best val EER %", "minutes"], rows)
-    lines += ["", f"{report['wall_minutes']:.1f} minutes for the stages and the baselines ({machine['threads']} "
-              f"threads on {machine['cpu_count']} cores, load average {machine['load_average_start'][0]:.2f} at the "
-              f"start, {machine['load_average_end'][0]:.2f} at the end); test = {report['test_speakers']} speakers. "
+    # a rerun skips finished stages and keeps their minutes, so the load is that of the report's own run
+    lines += ["", f"{report['wall_minutes']:.1f} minutes in all: each stage's minutes from the run that trained it, "
+              f"plus the baselines ({machine['threads']} threads on {machine['cpu_count']} cores; load average "
+              f"{machine['load_average_start'][0]:.2f} at the start of the report's run, "
+              f"{machine['load_average_end'][0]:.2f} at its end); test = {report['test_speakers']} speakers. "
               f"EER({final}) - EER(mean/std log-mel baseline), paired on the same trials:", ""]
     for name, cmp in report["final_vs_fbank"].items():
         # a small list's note says why no call is made (bootstrap.MIN_SPEAKERS); else the call itself
         call = cmp.get("note") or ("significant" if cmp["final_better"] else "not significant")
-        lines.append(f"* {name}: {cmp['eer_diff']:+.2f} points {paired(cmp['eer_diff_ci'])}, p {cmp['p_value']:.3f}, "
-                     f"{call}")
+        p_value = f"p {cmp['p_value']:.3f}" if cmp["p_value"] > 0 else "no bootstrap replicate crossed 0"
+        lines.append(f"* {name}: {cmp['eer_diff']:+.2f} points {paired(cmp['eer_diff_ci'])}, {p_value}, {call}")
     return lines
 
 

@@ -45,7 +45,8 @@ def test_the_demo_table_prints_the_reports_numbers():
     assert "| baseline: same model, random init | {:.2f} [{:.2f}, {:.2f}] |".format(
         report["baselines"]["random_init"]["eer_pct"], *report["baselines"]["random_init"]["eer_ci_pct"]) in table
     assert "{:.2f} [{:.2f}, {:.2f}]".format(random_init["eer_pct"], *random_init["eer_ci_pct"]) in table
-    assert f"{report['wall_minutes']:.1f} minutes for the stages and the baselines" in table
+    assert f"{report['wall_minutes']:.1f} minutes in all" in table
+    assert "* test: -5.95 points [-8.01, -3.65], no bootstrap replicate crossed 0, significant" in table
     # today's committed run, as the README prints it
     assert "| eval | **8.09 [5.60, 10.78]** | **0.696** | 2.67 [0.67, 4.89] | 9.52 [6.83, 12.44] | – | 0.3 |" in README
 
