@@ -189,7 +189,7 @@ def speed() -> list[str]:
                       f"forward s, batch {batch} x {frames} frames", "speed-up"], rows)
     load = setup["load_average_1min"]
     return lines + ["", f"{setup['device'].upper()}, {setup['threads']} threads, torch {setup['torch']}, median of "
-                        f"{'/'.join(map(str, setup['repeats']))} runs, load average {load[0]:.2f}-{load[1]:.2f}."]
+                        f"{'/'.join(map(str, setup['repeats']))} runs, load average {load[0]:.2f} before, {load[1]:.2f} after."]
 
 
 TABLES = {"demo": demo, "search": search, "recipes": recipes, "pruning": pruning, "snapshots": snapshots, "speed": speed}
