@@ -268,5 +268,5 @@ def test_real_demo_split(tmp_path):
     for part in ("train", "val", "test"):  # children and adults of both genders everywhere
         assert set(summary["so762_strata"][part]) == {"adult-f", "adult-m", "child-f", "child-m"}
     assert sum(summary["so762_strata"]["test"].values()) == 32 >= 30
-    # The README's table is this function's output for this split (regenerate it with `prepare demo-table`).
-    assert split_table(summary) in (REPO / "README.md").read_text()
+    # docs/data.md's table is this function's output for this split (regenerate it with `prepare demo-table`).
+    assert split_table(summary) in (REPO / "docs" / "data.md").read_text()

@@ -4,7 +4,7 @@
         --so762 ../shared/data/speechocean762-train --esc10 ../shared/data/esc10-noise/manifest.csv --out data/demo
     python -m svlib.corpora.prepare esc10    --manifest ../shared/data/esc10-noise/manifest.csv --out data/esc10
     python -m svlib.corpora.prepare simrirs  --out data/rirs-sim [--num 200 --seed 0]
-    python -m svlib.corpora.prepare demo-table --summary data/demo/split_summary.json   # the README's split table
+    python -m svlib.corpora.prepare demo-table --summary data/demo/split_summary.json   # docs/data.md's split table
 
 **Splits** (``prepare_demo``), speakers disjoint across train / val / test, deterministic from ``seed``:
 
@@ -433,7 +433,7 @@ SET_LABELS = {"train": "train", "val": "val", "test": "test (all pairs)",
 
 
 def split_table(summary: dict) -> str:
-    """The README's markdown table of a ``prepare demo`` summary: speakers / utts / minutes / trials per set,
+    """docs/data.md's markdown table of a ``prepare demo`` summary: speakers / utts / minutes / trials per set,
     and where the speakers come from (speechocean762 strata in brackets)."""
     short = {"librispeech_train-clean-100": "train-clean-100", "librispeech_test-other": "test-other",
              "arabic_sc": "Arabic SC", "speechocean762": "speechocean762"}
