@@ -206,6 +206,13 @@ def test_pruned_structure_notebook_on_a_sweep(sweep_store, tmp_path):
     assert _series(text, "bar series:") == rows
 
 
+def test_pruned_structure_notebook_names_the_structures_it_leaves_out(sweep_store, tmp_path):
+    _nb, text = _run("pruned_structure", sweep_store["root"], tracking_uri=sweep_store["uri"], experiment=BOTH,
+                     figures_dir=str(tmp_path), max_models=2)
+    assert "note: 2 of 4 structures left out (max_models = 2): trial 1 (sparsity 0.30); trial 2 (sparsity 0.60)" in text
+    assert _series(text, "bar series:") == ["teacher s2 (dense)", "trial 0 (sparsity 0.00)"]
+
+
 def test_training_curves_notebook_on_a_sweep(sweep_store, tmp_path):
     # every stage run of both experiments (pipeline_run=None): the demo's stages and each trial's
     _nb, text = _run("training_curves", sweep_store["root"], tracking_uri=sweep_store["uri"], experiment=BOTH,

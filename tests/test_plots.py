@@ -220,3 +220,23 @@ def test_det_legend_lies_below_the_curves(tmp_path):
     assert [s.split(" (")[0] for s in A.figure_series(fig)] == ["weak", "strong"]
     _legend_clear_of_axes(fig)
     plt.close(fig)
+
+
+@pytest.mark.parametrize("script, data_flag, name", [("pruning_curve", "--result", "pruning_curve"),
+                                                     ("sparsity_curve", "--out", "sparsity_curve")])
+def test_bench_figures_redraw_from_their_committed_json(script, data_flag, name, tmp_path):
+    """bench/results/*.png are drawn by the code above: ``--plot-only`` redraws one from its JSON, training nothing."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    data = tmp_path / f"{name}.json"
+    shutil.copy(REPO / "bench" / "results" / f"{name}.json", data)
+    before = data.read_bytes()
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / f"{script}.py"), "--plot-only", data_flag, str(data),
+                           "--plot", str(tmp_path / f"{name}.png")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"redrew {tmp_path / name}.png from {data}" in proc.stdout
+    assert (tmp_path / f"{name}.png").stat().st_size > 30_000 and data.read_bytes() == before
