@@ -578,6 +578,13 @@ def _teacher_legend(teacher: Mapping, metrics: Sequence[str]) -> str:
     return f"teacher {_teacher_name(teacher)}" + (f" ({', '.join(values)})" if values else "")
 
 
+def _point_text(row: pd.Series) -> str:
+    # trials are told apart by their target; pipeline models by their stage name
+    if row["source"] != "trial":
+        return str(row["label"])
+    return f"{row['target_sparsity']:.2f}" if pd.notna(row["target_sparsity"]) else ""
+
+
 def _point_labels(ax, items: Sequence[tuple[float, float, str, Any]], tolerance: float = 0.015) -> list:
     """Annotate points so that none overprints another: points within ``tolerance`` of both axes' spans of
     one another (the pruned stages that share one encoder, grid targets that reach the same sparsity) get
@@ -675,10 +682,7 @@ def plot_pruning_curve(points: pd.DataFrame, teacher: Mapping | None = None, *, 
                 ax.xaxis.set_major_formatter(FuncFormatter(human_count))
             else:
                 ax.set_xlim(0.0, 1.0)  # a sparsity is a fraction: never a negative axis around dense-only points
-            # trials are told apart by their target; pipeline models by their stage name
-            items = [(row[x], row[metric], f"{row['target_sparsity']:.2f}" if row["source"] == "trial" and
-                      pd.notna(row["target_sparsity"]) else "" if row["source"] == "trial" else str(row["label"]),
-                      colors.get(row["run_id"], styles[row["source"]]["color"]))
+            items = [(row[x], row[metric], _point_text(row), colors.get(row["run_id"], styles[row["source"]]["color"]))
                      for _, row in (points.iterrows() if len(points) else ())
                      if pd.notna(row[x]) and pd.notna(row[metric])]
             labels += _point_labels(ax, items)
@@ -863,10 +867,10 @@ def load_structures(runs: pd.DataFrame, tracking_uri: str | None = None, *, incl
     Returns ``{run_id: {"label", "run_id", "run_ids", "names", "kept", "dense", "sparsity", "source"}}`` ordered
     by sparsity (dense first), one entry per distinct structure (:func:`_merge_identical`: runs that kept the
     same widths share one, keyed by the first); a stage run inside a sweep trial is left out (the trial run
-    carries the trial's structure), where ``kept``/``dense`` are frames from :func:`parse_structure`. ``include_dense`` adds the teacher's
-    dense structure from its ``model/encoder/config.json`` so a store without pruning runs still shows
-    something (and pruned runs have a reference). ``points`` (from :func:`pruning_points`) supplies the
-    achieved sparsity used in labels.
+    carries the trial's structure), where ``kept``/``dense`` are frames from :func:`parse_structure`.
+    ``include_dense`` adds the teacher's dense structure from its ``model/encoder/config.json`` so a store
+    without pruning runs still shows something (and pruned runs have a reference). ``points`` (from
+    :func:`pruning_points`) supplies the achieved sparsity used in labels.
     """
     from mlflow import MlflowClient
 
@@ -1072,7 +1076,8 @@ def plot_training_curves(histories: pd.DataFrame, metrics: Sequence[str], *, nco
     if not metrics:
         raise ValueError("plot_training_curves: no metrics")
     nrows = math.ceil(len(metrics) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols + 2.4, 3.2 * nrows), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols + 2.4, 3.2 * nrows), squeeze=False,
+                             layout="constrained")  # room for the legend outside the panels
     # one colour per run across every panel
     run_ids = list(dict.fromkeys(histories["run_id"])) if len(histories) else []
     colours = {r: f"C{i % 10}" for i, r in enumerate(run_ids)}
