@@ -232,7 +232,7 @@ def test_readme_optuna_dashboard_serves_the_grid_study(root, tmp_path):
 
 
 def test_readme_notebook_commands_run_headless(root):
-    for pattern, product in (("jupyter execute", "exp/figures/det_curves.png"),
+    for pattern, product in (("jupyter execute", "exp/figures/demo_det_curves.png"),
                              ("papermill notebooks", "exp/pruning_curve.ipynb")):
         words = _command(pattern)
         proc = subprocess.run(_exe(words), cwd=root, capture_output=True, text=True, timeout=300)
@@ -243,3 +243,18 @@ def test_readme_notebook_commands_run_headless(root):
     executed = nbformat.read(root / "exp" / "pruning_curve.ipynb", as_version=4)
     text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.outputs)
     assert "points by source: {'dense': 5, 'trial': 3}" in text  # both experiments of the -y parameter
+    assert (root / "exp" / "figures" / "demo+demo-prune-grid_pruning_curve.png").stat().st_size > 10_000
+
+
+def test_readme_says_how_to_make_every_experiment_of_the_papermill_example():
+    """Right after `make demo` the store holds the demo only: the README names the command of every other
+    experiment the papermill line plots (the notebook's error names it too, svlib.analysis.experiment_command)."""
+    from svlib.analysis import experiment_command
+
+    words = _command("papermill notebooks")
+    names = re.fullmatch(r"experiment: \[(.*)\]", words[words.index("-y") + 1]).group(1).split(", ")
+    assert names == ["demo", "demo-prune-grid"]
+    for name in names:
+        command = experiment_command(name)
+        assert command == "make demo" or f"`{command}`" in README, (name, command)
+    assert experiment_command("demo-prune-grid") == "python -m sweeps.prune_sweep --config sweeps/configs/demo.yaml --grid"

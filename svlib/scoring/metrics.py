@@ -231,6 +231,9 @@ def draw_det(ax, curves: Mapping[str, tuple], title: str | None = None, mindcf_p
     """Draw DET curves on ``ax`` with normal-deviate (probit) axes; each legend entry shows its EER
     (and its minDCF at ``mindcf_p`` when given).
 
+    The legend is the figure's, below the axes (``ax``'s figure should use constrained layout, which makes
+    room for it): inside, a high-EER curve runs through whichever corner it is put in.
+
     ``curves`` maps a name to ``(scores, labels)``. Rates of exactly 0 or 1 sit at +/- infinity on a
     probit axis, so they are clipped to the plotted range.
     """
@@ -261,7 +264,7 @@ def draw_det(ax, curves: Mapping[str, tuple], title: str | None = None, mindcf_p
     ax.set_xlabel("False alarm rate (%)")
     ax.set_ylabel("Miss rate (%)")
     ax.grid(True, color="0.85", linewidth=0.6)
-    ax.legend(loc="upper right", fontsize=legend_size)
+    ax.figure.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=legend_size)
     if title:
         ax.set_title(title)
 
@@ -274,12 +277,11 @@ def plot_det(curves: Mapping[str, tuple], path, title: str | None = None) -> Pat
     if not curves:
         raise ScoringError("plot_det: no curves given")
     # A bare Figure with the Agg canvas: no pyplot state, so a notebook's backend is left alone.
-    fig = Figure(figsize=(5.5, 5.5))
+    fig = Figure(figsize=(5.5, 5.5 + 0.2 * len(curves)), layout="constrained")
     FigureCanvasAgg(fig)
     draw_det(fig.add_subplot(), curves, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     return path
 
