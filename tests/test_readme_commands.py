@@ -246,9 +246,9 @@ def test_readme_notebook_commands_run_headless(root):
     assert (root / "exp" / "figures" / "demo+demo-prune-grid_pruning_curve.png").stat().st_size > 10_000
 
 
-def test_readme_says_how_to_make_every_experiment_of_the_papermill_example():
-    """Right after `make demo` the store holds the demo only: the README names the command of every other
-    experiment the papermill line plots (the notebook's error names it too, svlib.analysis.experiment_command)."""
+def test_the_guide_says_how_to_make_every_experiment_of_the_papermill_example():
+    """Right after `make demo` the store holds the demo only: the page with the papermill line names the command
+    of every other experiment it plots (the notebook's error names it too, svlib.analysis.experiment_command)."""
     from svlib.analysis import experiment_command
 
     words = _command("papermill notebooks")
@@ -256,5 +256,5 @@ def test_readme_says_how_to_make_every_experiment_of_the_papermill_example():
     assert names == ["demo", "demo-prune-grid"]
     for name in names:
         command = experiment_command(name)
-        assert command == "make demo" or f"`{command}`" in README, (name, command)
+        assert command == "make demo" or f"`{command}`" in PAGES[REPO / "docs" / "tracking.md"], (name, command)
     assert experiment_command("demo-prune-grid") == "python -m sweeps.prune_sweep --config sweeps/configs/demo.yaml --grid"
