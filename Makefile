@@ -20,14 +20,14 @@ mlflow-ui:
 	$(PY) -m svlib.tracking ui --db mlruns/mlflow.db --port 5000
 
 prepare:
-	$(PY) -m svlib.data.prepare manifest --manifest ../shared/data/sv-bench/manifest.csv --out data/sv-bench
+	$(PY) -m svlib.corpora.prepare manifest --manifest ../shared/data/sv-bench/manifest.csv --out data/sv-bench
 
 # the larger speaker-disjoint split with speechocean762, ESC-10 noise lists and simulated RIRs (README "Data"):
 # from $(SHARED) when it has the three folders, else downloaded into data/downloads and rebuilt under data/public
 # (set SVLIB_DOWNLOAD_MIRROR=URL to fetch the archives from URL/<file>)
 SHARED ?= ../shared/data
 prepare-demo:
-	$(PY) -m svlib.data.demo_sources --shared $(SHARED) --downloads data/downloads --public data/public --out data/demo
+	$(PY) -m svlib.corpora.demo_sources --shared $(SHARED) --downloads data/downloads --public data/public --out data/demo
 
 demo: prepare-demo
 	$(PY) -m experiments.pipeline --config experiments/configs/demo/pipeline.yaml

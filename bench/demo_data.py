@@ -1,6 +1,6 @@
 """Cost of the demo's data foundations: simulated RIRs, the telephone channel, and ``prepare demo``.
 
-* RIRs (``svlib.data.demo_data.simulate_one``): the same ``--rirs`` rooms (seeds ``[0, i]``) simulated with the
+* RIRs (``svlib.corpora.demo_data.simulate_one``): the same ``--rirs`` rooms (seeds ``[0, i]``) simulated with the
   image-source method capped at order 25 (the default), at order 10, and with pyroomacoustics' hybrid
   (image sources to order 3 + ray tracing), interleaved room by room so machine load hits all alike; per
   setting the seconds per RIR and the measured / target RT60 ratio (median, 10th and 90th percentiles:
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from svlib.data.channel import TelephoneConfig, telephone  # noqa: E402
-from svlib.data.demo_data import RirSimConfig, prepare_demo, simulate_one  # noqa: E402
+from svlib.corpora.demo_data import RirSimConfig, prepare_demo, simulate_one  # noqa: E402
 from svlib.files import write_json  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"

@@ -11,6 +11,9 @@ with the speaker-level bootstrap 95 % interval (``svlib.scoring.bootstrap``), an
 * ``val_eer_pct``, ``val_eer_ci``, ``val_mindcf_0.01``: the s3 model the pipeline would evaluate;
 * ``stage_val_eer_pct``: each training stage's best val EER, and ``minutes`` per stage and in total;
 * ``threads`` and the machine's load average before and after;
+* ``test_looks`` (the whole search, from ``demo_recipes.yaml``): each time a chosen recipe was scored on the
+  test lists by the pipeline (never by a search run), with what it scored and what was done next: a look at
+  test can steer a search, and the record must say so;
 * ``control``: what the encoder is worth (``--control``, on for every recipe from round 7 on). s2's encoder is
   removed (``experiments.prune.control_encoder``: every head, FFN unit and conv channel cut), then it goes
   through the demo pruning's own graft -> ps1 -> ps2 -> ps3 (``experiments/configs/demo_prune``), exactly as a
@@ -306,6 +309,9 @@ def finish(results: dict) -> None:
     results["selection"] = "lowest val EER of the s3 model; the test lists are never loaded by a search run"
     # candidates started and stopped before a result (demo_recipes.yaml ``stopped``), with the reason
     results["stopped"] = {n: r.get("why", "") for n, r in (read_yaml(RECIPES).get("stopped") or {}).items()}
+    # every time a chosen recipe was scored on the test lists (by the pipeline, never by a search run) and what
+    # was done next (demo_recipes.yaml ``test_looks``): a look at test can steer a search, so the record lists it
+    results["test_looks"] = read_yaml(RECIPES).get("test_looks") or []
     results["table"] = print_table(rows, ["recipe", "val_eer_pct", "val_eer_ci", "val_mindcf_0.01", "minutes",
                                           "threads", "teacher_val", "removed_val", "removed-teacher"],
                                    title="demo recipe search (val trials only; removed = the encoder-removed "

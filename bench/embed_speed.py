@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
 
     if not (args.data / "wav.scp").is_file():
-        sys.exit(f"embed_speed: no data dir at {args.data} (prepare it: python -m svlib.data.prepare ...)")
+        sys.exit(f"embed_speed: no data dir at {args.data} (prepare it: python -m svlib.corpora.prepare ...)")
     data = DataDir.load(args.data)
     everything = sorted(data.wavs)
     step = max(1, len(everything) // max(1, args.num_utts))

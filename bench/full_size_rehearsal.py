@@ -6,7 +6,7 @@
    SpecAugment and LayerDrop on + ``model.safetensors`` under the HF names, ``masked_spec_embed``
    included), streamed tensor by tensor so the 2.3 GB are never held twice, to
    ``<scratch>/pretrained/w2v-bert-2.0`` (the folder ``experiments/configs/w2vbert/s1.yaml`` names).
-2. Prepares the sv-bench lists with ``python -m svlib.data.prepare manifest`` and cuts a few-utterance
+2. Prepares the sv-bench lists with ``python -m svlib.corpora.prepare manifest`` and cuts a few-utterance
    validation and test list from them (evaluation of a 580M model on 2 cores must stay cheap), a noise list
    (ESC-10 + speech for babble) and two synthetic room responses.
 3. Runs ``experiments/configs/w2vbert/pipeline.yaml`` (s1 frozen + LoRA -> merge -> s2 -> s3 -> eval) and then
@@ -147,10 +147,10 @@ def prepare_data(scratch: Path, shared: Path, tiny_per_speaker: int = 2, tiny_sp
     import soundfile as sf
 
     from svlib.data.lists import AudioEntry, DataDir, write_audio_list, write_trials
-    from svlib.data.prepare import all_pairs
+    from svlib.corpora.manifest import all_pairs
 
     manifest = shared / "sv-bench" / "manifest.csv"
-    subprocess.run([sys.executable, "-m", "svlib.data.prepare", "manifest", "--manifest",
+    subprocess.run([sys.executable, "-m", "svlib.corpora.prepare", "manifest", "--manifest",
                     os.path.relpath(manifest, scratch), "--out", "data/sv-bench"],
                    cwd=scratch, check=True, env=_child_env(), stdout=subprocess.DEVNULL)
     out = {}

@@ -160,10 +160,10 @@ def training(name: str, lora: bool, args, device: torch.device) -> dict:
 
 def prune1(args, device: torch.device) -> dict:
     """One prune1 step as the stage runs it: DistillPair (student with gates + frozen teacher) + objective."""
-    from experiments.prune import DistillConfig, DistillObjective, DistillPair, PruneConfig
     from svlib.features import W2VBertFbank
     from svlib.model.frontend import Frontend, build_encoder
-    from svlib.pruning import MaskConfig, attach_masks, param_groups
+    from svlib.pruning import (DistillConfig, DistillObjective, DistillPair, MaskConfig, PruneConfig, attach_masks,
+                               param_groups)
 
     with torch.device(device):
         student = Frontend(build_encoder(args.preset)).to(device)

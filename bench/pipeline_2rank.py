@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from experiments.common import print_table  # noqa: E402
 from experiments.pipeline import launch_command  # noqa: E402
-from svlib.data.prepare import prepare_manifest  # noqa: E402
+from svlib.corpora.manifest import prepare_manifest  # noqa: E402
 from svlib.files import write_json  # noqa: E402
 
 CONFIG = REPO / "experiments" / "configs" / "smoke" / "pipeline.yaml"

@@ -3,6 +3,7 @@ from one run, each point with its speaker-level bootstrap interval and paired in
 
     python bench/pruning_curve.py [--teacher exp/demo/s2] [--out exp/pruning_curve] [--methods kd random task]
                                   [--targets 0 0.5 0.7 0.8 0.9 0.95 T] [--no-snapshots] [--seed-runs D ...]
+    python bench/pruning_curve.py --plot-only     # redraw the PNG from the committed JSON, nothing trained
 
 Needs the demo pipeline's stage-2 folder (``make demo``). Everything below is one pipeline (its stage YAMLs are
 ``experiments/configs/demo_prune/*.yaml``, prune1's target rewritten per point into ``<out>/configs``), so a
@@ -274,6 +275,16 @@ def seed_results(folders: list[str]) -> list[dict]:
     return out
 
 
+def draw(result: dict, path: Path) -> None:
+    """The figure of ``result`` (the JSON this script writes), as the notebook draws it
+    (``svlib.analysis.plot_method_curve``)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from svlib.analysis import plot_method_curve
+
+    plot_method_curve(result).savefig(path, dpi=150, bbox_inches="tight")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="exp/demo/s2", help="the demo pipeline's stage-2 folder")
@@ -290,9 +301,15 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", default=str(PLOT.relative_to(REPO)))
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("--experiment", default="pruning_curve", help="MLflow experiment")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="train nothing: redraw --plot from the existing --result JSON and exit")
     args = parser.parse_args(argv)
     if args.run_seed is not None:
         print(run_seed(args.run_seed))
+        return 0
+    if args.plot_only:
+        draw(json.loads((REPO / args.result).read_text()), REPO / args.plot)
+        print(f"[pruning_curve] redrew {args.plot} from {args.result}")
         return 0
 
     teacher = Path(args.teacher)
@@ -412,10 +429,7 @@ def main(argv=None) -> int:
                                   title=f"pruning curve (test list, teacher {teacher_eer:.2f} %; intervals: 95 %, "
                                         "paired ones are EER(row) - EER(teacher / KD))")
     write_json(REPO / args.result, result)
-    from svlib.analysis import plot_method_curve
-    import matplotlib
-    matplotlib.use("Agg")
-    plot_method_curve(result).savefig(REPO / args.plot, dpi=150, bbox_inches="tight")
+    draw(result, REPO / args.plot)
     if tracker is not None:  # the notebook (notebooks/pruning_curve.ipynb) reads the comparison from MLflow
         with tracker.run("curve_summary", tags={"kind": CURVE_SUMMARY_KIND}):
             tracker.log_artifact(REPO / args.result)

@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
              [args.data / "val_trials.txt", args.data / "test_trials.txt"]
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
-        sys.exit(f"score_backend: missing {missing[0]} (prepare the data: python -m svlib.data.prepare ...)")
+        sys.exit(f"score_backend: missing {missing[0]} (prepare the data: python -m svlib.corpora.prepare ...)")
     try:
         model = load_model(args.model)
         splits = {s: DataDir.load(args.data / s) for s in ("train", "val", "test")}

@@ -21,6 +21,7 @@ same short fine-tune) and writes
 
 ``--replot`` redraws the figure from the existing JSON, adding the intervals of every point whose trial
 folder still holds its scores (no sweep is run); points without stored scores are listed in ``ci_note``.
+``--plot-only`` redraws it from the JSON as it is (the intervals it holds), reading nothing else.
 
 It first waits for the demo pipeline (``exp/demo/eval/result.json`` and no ``experiments.pipeline`` process on
 the demo config) and for ``bench/pruning_curve.py`` to finish: one heavy job on the machine at a time. The
@@ -160,10 +161,19 @@ def main(argv=None) -> int:
     parser.add_argument("--ci-replicates", type=int, default=1000)
     parser.add_argument("--ci-seed", type=int, default=0)
     parser.add_argument("--test-list", default="test", help="with --replot: the trial list of the points")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="no sweep, no intervals recomputed: redraw --plot from --out as it is")
     args = parser.parse_args(argv)
     os.chdir(REPO)
     if args.replot:
         return replot(args)
+    if args.plot_only:
+        from sweeps import prune_sweep
+
+        result = json.loads(Path(args.out).read_text())
+        prune_sweep.plot_sweep(plot_points(result), plot_teacher(result), args.plot, title="demo sparsity curve")
+        print(f"[sparsity_curve] redrew {args.plot} from {args.out}")
+        return 0
 
     import torch
 

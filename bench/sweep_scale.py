@@ -99,7 +99,7 @@ def study_outcome(storage: str, study: str) -> dict:
 # ------------------------------------------------------------------------------------------ 1. smoke grid
 
 def smoke(scratch: Path, shared: Path) -> dict:
-    from svlib.data.prepare import prepare_manifest
+    from svlib.corpora.manifest import prepare_manifest
 
     scratch.mkdir(parents=True, exist_ok=True)
     cwd = Path.cwd()

@@ -70,7 +70,7 @@ def fill_store(workdir: Path) -> str:
     if "smoke" not in have:
         if not MANIFEST.exists():
             sys.exit(f"sv-mini not found at {MANIFEST}")
-        subprocess.run([sys.executable, "-m", "svlib.data.prepare", "manifest", "--manifest", str(MANIFEST),
+        subprocess.run([sys.executable, "-m", "svlib.corpora.prepare", "manifest", "--manifest", str(MANIFEST),
                         "--out", "data/sv-mini"], cwd=workdir, env=env, check=True)
         subprocess.run([sys.executable, "-m", "experiments.pipeline", "--config", str(SMOKE), "--experiment", "smoke"],
                        cwd=workdir, env=env, check=True)

@@ -395,7 +395,8 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
     with exclusive_out_dir(out):  # one pipeline per out_dir; every rank holds or checks it
         if tracker is None:
             return body()
-        close_stale_runs(tracker.tracking_uri, tracker.experiment_id, out)  # a dead pipeline's, under our lock
+        if isinstance(tracker, Tracker):  # an MLflow store (not a stand-in such as the rehearsal's monitor)
+            close_stale_runs(tracker.tracking_uri, tracker.experiment_id, out)  # a dead pipeline's, under our lock
         with tracker.run(f"pipeline:{cfg.name}", tags=tags, params={"pipeline": to_dict(cfg)}):
             return body()
 
@@ -449,13 +450,34 @@ def compare_with_fbank(cfg: PipelineConfig, out: Path) -> dict:
     return out_lists
 
 
+# what report() keeps of one list's evaluation summary: the numbers a results table prints (no score paths)
+LIST_NUMBERS = ("eer_pct", "eer_ci_pct", "mindcf_0.01", "mindcf_0.01_ci", "mindcf_0.05", "mindcf_0.05_ci",
+                "num_trials", "num_target", "ci_speakers", "ci_note")
+
+
+def list_numbers(results: dict | None) -> dict[str, dict]:
+    """``{list: evaluation summary}`` -> ``{list: its LIST_NUMBERS}``: every list a stage or baseline was scored on
+    (the test lists and, for an evaluation stage, val), so a table of any list is read from the report alone."""
+    return {name: {k: res[k] for k in LIST_NUMBERS if res.get(k) is not None} for name, res in (results or {}).items()}
+
+
 def report(summary: dict, path: Path, list_name: str = "test") -> dict:
-    """The benchmark JSON the issue asks for: per-stage test EER/minDCF and minutes, baselines, wall time."""
+    """The benchmark JSON the issue asks for: per-stage test EER/minDCF and minutes, baselines, wall time.
+
+    The flat keys are the headline list's (``list_name``); ``lists`` under each stage and baseline holds every
+    list it was scored on, and a training stage's ``best_val_eer_pct`` is the val EER its checkpoint was chosen
+    by: the README's demo table is generated from this file (bench/readme_tables.py), so every number it
+    prints must be here.
+    """
     stages = {}
     final = final_ci = test_speakers = ci_note = None
     for name, record in summary["stages"].items():
         test = (record.get("test") or {}).get(list_name)
         stages[name] = {"minutes": record.get("minutes")}
+        if record.get("best_val_eer_pct") is not None:
+            stages[name]["best_val_eer_pct"] = record["best_val_eer_pct"]
+        if record.get("test"):
+            stages[name]["lists"] = list_numbers(record["test"])
         if test is not None:
             stages[name] |= {"eer_pct": test["eer_pct"], "mindcf_0.01": test["mindcf_0.01"], "mindcf_0.05": test["mindcf_0.05"]}
             # speaker-level bootstrap 95 % interval [low, high] and the list's speaker count, when evaluated with one
@@ -477,7 +499,8 @@ def report(summary: dict, path: Path, list_name: str = "test") -> dict:
         "wall_minutes": summary["wall_minutes"],
         "machine": summary.get("machine"),
         "stages": stages,
-        "baselines": {k: v.get(list_name) | {"minutes": summary["baseline_minutes"][k]} for k, v in base.items()},
+        "baselines": {k: v.get(list_name) | {"minutes": summary["baseline_minutes"][k], "lists": list_numbers(v)}
+                      for k, v in base.items()},
     }
     write_json(path, out)
     return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -30,7 +31,8 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
-    "PRUNE_STAGES", "TEACHER_STAGES", "KINDS", "resolve_uri", "figures_folder", "load_runs", "run_labels", "require_runs",
+    "PRUNE_STAGES", "TEACHER_STAGES", "KINDS", "resolve_uri", "figures_folder", "figure_path", "load_runs",
+    "experiment_command", "run_labels", "require_runs",
     "figure_series", "limit_structures", "stage_runs", "trial_runs",
     "metric_histories", "pruning_points", "teacher_reference", "pareto_mask", "study_pareto",
     "plot_pruning_curve", "parse_structure", "load_structures", "plot_structure_heatmap", "plot_structure_bars",
@@ -44,6 +46,8 @@ PRUNE_STAGES = ("prune1", "shrink", "prune2", "graft", "ps1", "ps2", "ps3")
 # Where the dense teacher's numbers live, preferred first (s1 still carries unmerged LoRA params).
 TEACHER_STAGES = ("s3", "eval", "s2", "merge")
 KINDS = ("heads", "ffn1", "ffn2", "conv")
+# What a distilling pruning stage logs as its distillation loss (its ``train_loss`` adds the sparsity penalty).
+DISTILL_LOSS = "distill_loss"
 _KIND_ALIASES = {"heads": "heads", "attention_heads": "heads", "num_heads": "heads", "attn": "heads",
                  "ffn1": "ffn1", "ffn_1": "ffn1", "ffn2": "ffn2", "ffn_2": "ffn2",
                  "conv": "conv", "conv_channels": "conv", "channels": "conv"}
@@ -81,6 +85,18 @@ def figures_folder(uri: str, figures_dir: str | os.PathLike | None = None) -> Pa
         out = REPO / "exp" / "figures"
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def figure_path(folder: str | os.PathLike, experiment: str | Sequence[str], name: str) -> Path:
+    """``folder/<experiment>_<name>.png``: the experiment(s) a figure shows are in its file name, so the
+    figures of a second experiment (or of the demo plus a sweep) never overwrite the first's.
+
+    A list of experiments is joined with ``+`` (``demo+demo-prune-grid_pruning_curve.png``); characters a
+    file name should not hold become ``-``.
+    """
+    names = [experiment] if isinstance(experiment, str) else list(experiment)
+    stem = "+".join(re.sub(r"[^A-Za-z0-9._-]+", "-", str(n)).strip("-") or "experiment" for n in names)
+    return Path(folder) / f"{stem}_{name}.png"
 
 
 def _sqlite_missing(uri: str) -> bool:
@@ -181,15 +197,58 @@ def require_runs(runs: pd.DataFrame) -> pd.DataFrame:
     if missing or runs.empty:
         uri = runs.attrs.get("tracking_uri")
         where = "no such store" if uri and _sqlite_missing(uri) else "not in the store"
-        raise LookupError(f"experiment(s) {', '.join(map(repr, missing)) or '?'} {where} at {uri}: run the "
-                          "pipeline or sweep first (make demo) or point tracking_uri/experiment elsewhere")
+        makers = [f"{name!r} is made by `{command}`" for name in missing if (command := experiment_command(name))]
+        hint = "; ".join(makers) or "run the pipeline or sweep that logs it"
+        raise LookupError(f"experiment(s) {', '.join(map(repr, missing)) or '?'} {where} at {uri}: {hint}; "
+                          "or point tracking_uri/experiment elsewhere")
     return runs
+
+
+def _config_names(pattern: str) -> dict[str, Path]:
+    """``{name: config file}`` for the repo's configs matching ``pattern`` that set a top-level ``name:``."""
+    found = {}
+    for path in sorted(REPO.glob(pattern)):
+        match = re.search(r"^name:\s*['\"]?([^'\"\s#]+)", path.read_text(), flags=re.MULTILINE)
+        if match:
+            found[match.group(1)] = path.relative_to(REPO)
+    return found
+
+
+def _make_target(config: Path) -> str | None:
+    # the Makefile target whose recipe runs ``config`` (``make demo`` for the demo pipeline)
+    makefile = REPO / "Makefile"
+    target = None
+    for line in makefile.read_text().splitlines() if makefile.is_file() else ():
+        if re.match(r"^[A-Za-z0-9_.-]+:", line):
+            target = line.split(":", 1)[0]
+        elif line.startswith("\t") and str(config) in line and target:
+            return target
+    return None
+
+
+def experiment_command(name: str) -> str | None:
+    """The command that logs the MLflow experiment ``name``, read off the repo's configs, or None.
+
+    A pipeline's experiment is its config's ``name`` (``make demo``, or ``python -m experiments.pipeline
+    --config ...``); a sweep's is its study: the sweep config's ``name``, with ``-grid`` for ``--grid`` and
+    ``-snapshots`` for ``--snapshots``. A notebook asked for an experiment that is not in the store names it,
+    so the fix for a missing sweep is the sweep, not ``make demo`` again.
+    """
+    pipelines = _config_names("experiments/configs/*/pipeline.yaml")
+    if name in pipelines:
+        target = _make_target(pipelines[name])
+        return f"make {target}" if target else f"python -m experiments.pipeline --config {pipelines[name]}"
+    for sweep, config in _config_names("sweeps/configs/*.yaml").items():
+        for suffix, flag in (("", ""), ("-grid", " --grid"), ("-snapshots", " --snapshots")):
+            if name == sweep + suffix:
+                return f"python -m sweeps.prune_sweep --config {config}{flag}"
+    return None
 
 
 def figure_series(fig) -> list[str]:
     """What a figure plots, one entry per series: legend entries of every axes, and the rows of heatmaps
     (their y tick labels), first appearance order; a notebook prints it so a headless run can be checked."""
-    out: list[str] = []
+    out: list[str] = list(dict.fromkeys(t.get_text() for legend in fig.legends for t in legend.get_texts()))
     for ax in fig.axes:
         legend = ax.get_legend()
         names = [t.get_text() for t in legend.get_texts()] if legend is not None else []
@@ -248,6 +307,9 @@ def metric_histories(runs: pd.DataFrame, metrics: Sequence[str], tracking_uri: s
     """Long frame ``run_id, label, metric, step, value`` with every logged step of ``metrics``.
 
     Only (run, metric) pairs the run actually has are queried, so asking for absent metrics costs nothing.
+    A run that logged ``distill_loss`` (a pruning stage that distils) has no ``train_loss`` rows: its training
+    loss is the distillation loss (about -1) plus the sparsity penalty, on another scale than the AAM-softmax
+    loss of the training stages, so it is read as ``distill_loss`` and plotted apart.
     """
     from mlflow import MlflowClient
 
@@ -257,8 +319,9 @@ def metric_histories(runs: pd.DataFrame, metrics: Sequence[str], tracking_uri: s
         return pd.DataFrame(columns=["run_id", "label", "metric", "step", "value"])
     client = MlflowClient(uri)
     for order, (_, row) in enumerate(runs.iterrows()):
+        distilled = pd.notna(row.get(f"metrics.{DISTILL_LOSS}", np.nan))
         for key in metrics:
-            if pd.isna(row.get(f"metrics.{key}", np.nan)):
+            if pd.isna(row.get(f"metrics.{key}", np.nan)) or (key == "train_loss" and distilled):
                 continue
             for m in client.get_metric_history(row["run_id"], key):
                 rows.append({"run_id": row["run_id"], "label": _label(row), "metric": key,
@@ -482,6 +545,86 @@ def _point_series(points: pd.DataFrame, styles: Mapping[str, Mapping]) -> list[t
     return out
 
 
+METRIC_NAMES = {"eer_pct": "EER (%)", "mindcf_0.01": "minDCF (P_target 0.01)", "mindcf_0.05": "minDCF (P_target 0.05)"}
+
+
+def metric_label(metric: str, split: str = "test") -> str:
+    """An axis label a paper can print: ``Test EER (%)``, ``Val minDCF (P_target 0.01)``."""
+    return f"{split[:1].upper()}{split[1:]} {METRIC_NAMES.get(metric, metric)}"
+
+
+def human_count(value: float, _pos: int | None = None) -> str:
+    """A parameter count in human units, for tick labels: 40000 -> ``40k``, 406720 -> ``407k``,
+    1.5e6 -> ``1.5M`` (a ``FuncFormatter``; scientific ``1e5`` offsets are hard to read off a plot)."""
+    size = abs(value)
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if size >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def _teacher_name(teacher: Mapping) -> str:
+    # a sweep's teacher run is labelled "teacher:s2": the legend says "teacher" once
+    label = str(teacher.get("label", ""))
+    return label.split(":", 1)[1] if label.startswith("teacher:") else label
+
+
+def _teacher_legend(teacher: Mapping, metrics: Sequence[str]) -> str:
+    """One legend entry for the teacher's line and star across every panel: ``teacher s2 (EER 17.00 %,
+    minDCF 0.950)``."""
+    short = {"eer_pct": "EER", "mindcf_0.01": "minDCF", "mindcf_0.05": "minDCF(0.05)"}
+    values = [f"{short.get(m, m)} {teacher[m]:.2f} %" if m.endswith("_pct") else f"{short.get(m, m)} {teacher[m]:.3f}"
+              for m in metrics if teacher.get(m) is not None and not math.isnan(teacher[m])]
+    return f"teacher {_teacher_name(teacher)}" + (f" ({', '.join(values)})" if values else "")
+
+
+def _point_text(row: pd.Series) -> str:
+    # trials are told apart by their target; pipeline models by their stage name
+    if row["source"] != "trial":
+        return str(row["label"])
+    return f"{row['target_sparsity']:.2f}" if pd.notna(row["target_sparsity"]) else ""
+
+
+def _point_labels(ax, items: Sequence[tuple[float, float, str, Any]], tolerance: float = 0.015) -> list:
+    """Annotate points so that none overprints another: points within ``tolerance`` of both axes' spans of
+    one another (the pruned stages that share one encoder, grid targets that reach the same sparsity) get
+    one label listing them all. :func:`_separate_labels` then moves apart the labels that still touch."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    groups: list[list] = []
+    for x, y, text, colour in items:
+        near = next((g for g in groups if abs(x - g[0][0]) <= tolerance * abs(x1 - x0)
+                     and abs(y - g[0][1]) <= tolerance * abs(y1 - y0)), None)
+        if near is None:
+            groups.append([(x, y, text, colour)])
+        else:
+            near.append((x, y, text, colour))
+    out = []
+    for group in groups:
+        text = ", ".join(dict.fromkeys(t for _, _, t, _ in group if t))
+        if text:
+            label = ax.annotate(text, group[0][:2], textcoords="offset points", xytext=(4, 4), fontsize=7,
+                                color=group[0][3], annotation_clip=False)
+            label.set_in_layout(False)  # a long label may run past the axes: it must not shrink them
+            out.append(label)
+    return out
+
+
+def _separate_labels(fig, labels: Sequence, max_moves: int = 40) -> None:
+    """Move each annotation up, a line at a time, until it overlaps none placed before it (lowest first).
+
+    Text extents exist only once the figure is laid out, so this draws the figure first."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    placed: list = []
+    for label in sorted(labels, key=lambda a: (a.xy[1], a.xy[0])):
+        for _ in range(max_moves):
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            label.xyann = (label.xyann[0], label.xyann[1] + box.height * 72.0 / fig.dpi + 1.0)
+        placed.append(label.get_window_extent(renderer))
+
+
 def plot_pruning_curve(points: pd.DataFrame, teacher: Mapping | None = None, *, pareto_run_ids: Iterable[str] | None = None,
                        metrics: Sequence[str] = ("eer_pct", "mindcf_0.01"), split: str = "test"):
     """EER/minDCF against encoder parameters (left column) and achieved sparsity (right column).
@@ -490,23 +633,30 @@ def plot_pruning_curve(points: pd.DataFrame, teacher: Mapping | None = None, *, 
     with their target sparsity; trials of several budgets, e.g. a study and its promoted re-runs, one colour
     per budget, each budget's points joined by a thin line: two fidelities side by side); the Pareto front
     (``pareto_run_ids`` from an Optuna study, else the
-    ``pareto`` column) is joined by a line; the teacher is a dashed horizontal line (and a star). Points with
+    ``pareto`` column) is joined by a line; the teacher is a dashed horizontal line and a star. Points with
     ``<metric>_ci_low/high`` columns get their 95 % interval as a vertical bar.
+
+    Written to be read in a paper: parameters in human units (``40k``, ``400k``), sparsity on [0, 1], labels
+    of coinciding points merged and the others kept apart, one legend for every panel outside the axes.
     """
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    fig, axes = plt.subplots(len(metrics), 2, figsize=(11, 3.6 * len(metrics)), squeeze=False)
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(12.5, 3.6 * len(metrics)), squeeze=False, layout="constrained")
     front = points["run_id"].isin(set(pareto_run_ids)) if pareto_run_ids is not None else points.get("pareto", False)
     front = pd.Series(front, index=points.index).fillna(False).astype(bool) if len(points) else pd.Series(dtype=bool)
     styles = {"dense": dict(marker="s", color="0.45"), "pruned": dict(marker="o", color="tab:blue"),
               "trial": dict(marker="^", color="tab:orange")}
     series = _point_series(points, styles)
     colors = {run: style["color"] for _, sel, style, _ in series for run in sel["run_id"]}  # the labels' colours
+    teacher_label = _teacher_legend(teacher, metrics) if teacher is not None else ""
+    labels = []
     for r, metric in enumerate(metrics):
         for c, x in enumerate(("params_encoder", "achieved_sparsity")):
             ax = axes[r, c]
             for label, sel, style, joined in series:
-                ax.scatter(sel[x], sel[metric], s=36, label=label, alpha=0.85, **style)
+                # unclipped: a dense point sits on the sparsity axis' left edge (0) and stays whole
+                ax.scatter(sel[x], sel[metric], s=36, label=label, alpha=0.85, clip_on=False, **style)
                 _draw_intervals(ax, sel, x, metric, style["color"])
                 if joined:
                     line = sel[sel[x].notna() & sel[metric].notna()].sort_values(x)
@@ -515,37 +665,32 @@ def plot_pruning_curve(points: pd.DataFrame, teacher: Mapping | None = None, *, 
                 f = points[front].sort_values(x)
                 ax.plot(f[x], f[metric], color="tab:red", linewidth=1.3, zorder=3)
                 ax.scatter(f[x], f[metric], s=90, facecolors="none", edgecolors="tab:red", linewidths=1.4,
-                           label="Pareto front", zorder=4)
-            for _, row in points.iterrows() if len(points) else ():
-                if pd.isna(row[x]) or pd.isna(row[metric]):
-                    continue
-                # trials are told apart by their target; pipeline models by their stage name
-                if row["source"] == "trial":
-                    text = f"{row['target_sparsity']:.2f}" if pd.notna(row["target_sparsity"]) else ""
-                else:
-                    text = str(row["label"])
-                ax.annotate(text, (row[x], row[metric]), textcoords="offset points", xytext=(4, 4), fontsize=7,
-                            color=colors.get(row["run_id"], styles[row["source"]]["color"]))
+                           label="Pareto front", zorder=4, clip_on=False)
             if teacher is not None and teacher.get(metric) is not None and not math.isnan(teacher[metric]):
-                ax.axhline(teacher[metric], color="k", linestyle="--", linewidth=1,
-                           label=f"teacher ({teacher.get('label', '')}) {teacher[metric]:.3g}")
+                ax.axhline(teacher[metric], color="k", linestyle="--", linewidth=1)
                 if teacher.get(f"{metric}_ci_low") is not None and teacher.get(f"{metric}_ci_high") is not None:
                     ax.axhspan(teacher[f"{metric}_ci_low"], teacher[f"{metric}_ci_high"], color="k", alpha=0.07,
                                linewidth=0)  # the teacher's 95 % interval
                 tx = teacher.get("params_encoder") if x == "params_encoder" else 0.0
-                if tx is not None:
-                    ax.scatter([tx], [teacher[metric]], marker="*", s=160, color="k", zorder=5)
-            ax.set_xlabel("encoder parameters" if x == "params_encoder" else "achieved sparsity")
-            ax.set_ylabel(f"{split} {metric.replace('_pct', ' (%)')}")
+                if tx is not None:  # the star with a dashed line: the legend shows both as one entry
+                    ax.plot([tx], [teacher[metric]], marker="*", markersize=13, linestyle="--", linewidth=1, color="k",
+                            zorder=5, clip_on=False, label=teacher_label)
+            ax.set_xlabel("Encoder parameters" if x == "params_encoder" else "Achieved sparsity")
+            ax.set_ylabel(metric_label(metric, split))
             ax.grid(True, color="0.9")
             if x == "params_encoder":
-                ax.ticklabel_format(axis="x", style="sci", scilimits=(-3, 4))
-            if r == 0 and c == 0 and ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7, loc="best")
+                ax.xaxis.set_major_formatter(FuncFormatter(human_count))
+            else:
+                ax.set_xlim(0.0, 1.0)  # a sparsity is a fraction: never a negative axis around dense-only points
+            items = [(row[x], row[metric], _point_text(row), colors.get(row["run_id"], styles[row["source"]]["color"]))
+                     for _, row in (points.iterrows() if len(points) else ())
+                     if pd.notna(row[x]) and pd.notna(row[metric])]
+            labels += _point_labels(ax, items)
             if not len(points):
                 ax.text(0.5, 0.5, "no evaluated runs", transform=ax.transAxes, ha="center", color="0.5")
-    fig.suptitle(f"{split} EER / minDCF vs size")
-    fig.tight_layout()
+    _figure_legend(fig, axes.ravel(), fontsize=8)
+    fig.suptitle(f"{metric_label('eer_pct', split).replace(' (%)', '')} / minDCF vs encoder size")
+    _separate_labels(fig, labels)
     return fig
 
 
@@ -600,7 +745,7 @@ def plot_method_curve(result: Mapping):
         label, colour, style, marker = METHOD_STYLES[method]
         points = sorted(points, key=lambda p: p["achieved_sparsity"])
         # methods side by side at the same target (2.5 % apart on the log axis), so no interval hides another
-        x = [dense * (1 - p["achieved_sparsity"]) / 1e3 * 1.025 ** (shift - 1.5) for p in points]
+        x = [dense * (1 - p["achieved_sparsity"]) * 1.025 ** (shift - 1.5) for p in points]
         y = [p["eer_pct"] for p in points]
         err = [[p["eer_pct"] - p["eer_ci"][0] for p in points], [p["eer_ci"][1] - p["eer_pct"] for p in points]]
         ax.errorbar(x, y, yerr=err, color=colour, ls=style, marker=marker, ms=5, capsize=3, lw=1.4, label=label)
@@ -608,22 +753,22 @@ def plot_method_curve(result: Mapping):
 
     ax.set_xscale("log")
     ax.invert_xaxis()  # pruning goes to the right
-    ax.set_xlabel("encoder parameters (thousands, log scale)")
-    ax.set_ylabel("test EER (%), 95 % interval")
-    kept = [dense * f / 1e3 for f in (1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.03)]
+    ax.set_xlabel("Encoder parameters (log scale)")
+    ax.set_ylabel(f"{metric_label('eer_pct', result.get('test_list', 'test'))}, 95 % interval")
+    kept = [dense * f for f in (1.0, 0.5, 0.3, 0.2, 0.1, 0.05, 0.03)]
     ax.xaxis.set_major_locator(FixedLocator(kept))
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticklabels([f"{k:.0f}" for k in kept])
+    ax.set_xticklabels([human_count(k) for k in kept])  # 407k, 203k, ...: the units on the axis
     # the same axis read as sparsity: a twin with the same (log, inverted) limits, ticks at round sparsities
     top = ax.twiny()
     top.set_xscale("log")
     top.set_xlim(ax.get_xlim())
     top.xaxis.set_major_locator(FixedLocator(kept))
     top.xaxis.set_minor_locator(NullLocator())
-    top.set_xticklabels([f"{1 - k * 1e3 / dense:.2f}" for k in kept])
-    top.set_xlabel("encoder sparsity")
+    top.set_xticklabels([f"{1 - k / dense:.2f}" for k in kept])
+    top.set_xlabel("Encoder sparsity")
     ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(f"Pruning the demo encoder ({dense / 1e3:.0f}k parameters), {result.get('test_list', 'test')} list",
+    ax.set_title(f"Pruning the demo encoder ({human_count(dense)} parameters), {result.get('test_list', 'test')} list",
                  fontsize=10, pad=28)
     fig.legend(loc="outside right center", fontsize=8, frameon=False)
     return fig
@@ -719,12 +864,13 @@ def load_structures(runs: pd.DataFrame, tracking_uri: str | None = None, *, incl
                     points: pd.DataFrame | None = None) -> dict[str, dict]:
     """Per-layer kept widths of every run that has ``structure.json`` (or a shrunk ``model/encoder``).
 
-    Returns ``{run_id: {"label", "run_id", "kept", "dense", "sparsity", "source"}}`` ordered by sparsity (dense
-    first); a stage run inside a sweep trial is left out (the trial run carries the trial's structure),
-    where ``kept``/``dense`` are frames from :func:`parse_structure`. ``include_dense`` adds the teacher's
-    dense structure from its ``model/encoder/config.json`` so a store without pruning runs still shows
-    something (and pruned runs have a reference). ``points`` (from :func:`pruning_points`) supplies the
-    achieved sparsity used in labels.
+    Returns ``{run_id: {"label", "run_id", "run_ids", "names", "kept", "dense", "sparsity", "source"}}`` ordered
+    by sparsity (dense first), one entry per distinct structure (:func:`_merge_identical`: runs that kept the
+    same widths share one, keyed by the first); a stage run inside a sweep trial is left out (the trial run
+    carries the trial's structure), where ``kept``/``dense`` are frames from :func:`parse_structure`.
+    ``include_dense`` adds the teacher's dense structure from its ``model/encoder/config.json`` so a store
+    without pruning runs still shows something (and pruned runs have a reference). ``points`` (from
+    :func:`pruning_points`) supplies the achieved sparsity used in labels.
     """
     from mlflow import MlflowClient
 
@@ -756,20 +902,54 @@ def load_structures(runs: pd.DataFrame, tracking_uri: str | None = None, *, incl
             if kept is None:
                 continue
             s = sparsity.get(row["run_id"], float("nan"))
-            label = _label(row) + (f" (sparsity {s:.2f})" if pd.notna(s) else "")
-            found[row["run_id"]] = {"label": label, "run_id": row["run_id"], "kept": kept, "dense": dense,
+            found[row["run_id"]] = {"names": [_label(row)], "suffix": f" (sparsity {s:.2f})" if pd.notna(s) else "",
+                                    "run_id": row["run_id"], "kept": kept, "dense": dense,
                                     "sparsity": s, "source": "trial" if row["kind"] == "trial" else "pruned"}
         if include_dense and teacher is not None and teacher["run_id"] not in found:
             path = _download(uri, teacher["run_id"], "model/encoder/config.json", tmp)
             if path is not None:
                 kept, dense = _encoder_config_structure(json.loads(path.read_text()))
-                found[teacher["run_id"]] = {"label": f"teacher {teacher['label']} (dense)", "run_id": teacher["run_id"],
-                                            "kept": kept, "dense": dense, "sparsity": 0.0, "source": "dense"}
+                found[teacher["run_id"]] = {"names": [f"teacher {_teacher_name(teacher)}"], "suffix": " (dense)",
+                                            "run_id": teacher["run_id"], "kept": kept, "dense": dense, "sparsity": 0.0,
+                                            "source": "dense"}
     dense_ref = next((v["kept"] for v in found.values() if v["source"] == "dense"), None)
     for v in found.values():
         if v["dense"] is None and dense_ref is not None and dense_ref.shape == v["kept"].shape:
             v["dense"] = dense_ref
-    return dict(sorted(found.items(), key=lambda kv: (np.nan_to_num(kv[1]["sparsity"], nan=2.0), kv[1]["label"])))
+    # merged in run order (a merged row reads "prune1, shrink, graft, ps1"), the teacher first; then by sparsity
+    merged = _merge_identical(dict(sorted(found.items(), key=lambda kv: kv[1]["source"] != "dense")))
+    return dict(sorted(merged.items(), key=lambda kv: (kv[1]["source"] != "dense", _sparsity_order(kv[1]),
+                                                       kv[1]["names"][0])))
+
+
+def _sparsity_order(entry: Mapping) -> float:
+    # the achieved sparsity; without one (no points given), the fraction of widths removed ranks it among the others
+    if pd.notna(entry["sparsity"]):
+        return float(entry["sparsity"])
+    return 1.0 - float(entry["kept"].to_numpy().sum()) / max(float(_dense_widths(entry).to_numpy().sum()), 1.0)
+
+
+def _merge_identical(structures: Mapping[str, dict]) -> dict[str, dict]:
+    """One entry per distinct structure: runs that kept the same widths in every layer (graft and the
+    fine-tunes after it share one shrunk encoder; a sweep's dense trial is the teacher's encoder) become one
+    row labelled with all their names (``graft, ps1, ps2, ps3 (sparsity 0.42)``), keyed by the first run.
+    Sets each entry's ``label`` and ``run_ids``."""
+    merged: dict[str, dict] = {}
+    by_widths: dict[tuple, str] = {}
+    for run_id, entry in structures.items():
+        key = (entry["kept"].shape, tuple(entry["kept"].to_numpy().ravel().tolist()))
+        first = by_widths.setdefault(key, run_id)
+        if first == run_id:
+            merged[run_id] = dict(entry, names=list(entry["names"]), run_ids=[run_id])
+            continue
+        kept = merged[first]
+        kept["names"] += entry["names"]
+        kept["run_ids"].append(run_id)
+        if not kept["suffix"]:
+            kept["suffix"], kept["sparsity"] = entry["suffix"], entry["sparsity"]
+    for entry in merged.values():
+        entry["label"] = ", ".join(entry["names"]) + entry["suffix"]
+    return merged
 
 
 def limit_structures(structures: Mapping[str, Mapping], max_models: int) -> dict[str, Mapping]:
@@ -787,12 +967,16 @@ def limit_structures(structures: Mapping[str, Mapping], max_models: int) -> dict
     return {k: v for k, v in structures.items() if k in keep}
 
 
-def _fraction(entry: Mapping) -> pd.DataFrame:
+def _dense_widths(entry: Mapping) -> pd.DataFrame:
     kept, dense = entry["kept"], entry["dense"]
     if dense is None:
         # without the dense widths the best scale is each kind's own maximum
         dense = pd.DataFrame({k: kept[k].max() for k in kept}, index=kept.index)
-    return (kept / dense.replace(0, np.nan)).fillna(0.0)
+    return dense
+
+
+def _fraction(entry: Mapping) -> pd.DataFrame:
+    return (entry["kept"] / _dense_widths(entry).replace(0, np.nan)).fillna(0.0)
 
 
 def plot_structure_heatmap(structures: Mapping[str, Mapping]):
@@ -830,62 +1014,96 @@ def plot_structure_heatmap(structures: Mapping[str, Mapping]):
     return fig
 
 
+KIND_TITLES = {"heads": "attention heads", "ffn1": "FFN 1 units", "ffn2": "FFN 2 units", "conv": "conv channels"}
+
+
 def plot_structure_bars(structures: Mapping[str, Mapping]):
-    """Bar charts per kind: kept width per layer, one bar group per layer, one bar per run."""
+    """Bar charts per kind: kept width per layer, one bar group per layer, one bar per (distinct) structure.
+
+    Layers are whole numbers on the x axis (one tick per layer), and the legend sits outside the panels,
+    so no bar is hidden behind it."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if not structures:
         raise ValueError("plot_structure_bars: no structures")
-    fig, axes = plt.subplots(2, 2, figsize=(12, 6.5), squeeze=False)
+    fig, axes = plt.subplots(2, 2, figsize=(13, 6.5), squeeze=False, layout="constrained")
     width = 0.8 / len(structures)
+    n_layers = max(len(entry["kept"]) for entry in structures.values())
     for ax, kind in zip(axes.ravel(), KINDS):
         for i, (key, entry) in enumerate(structures.items()):
             kept = entry["kept"][kind]
             ax.bar(np.arange(len(kept)) + (i - (len(structures) - 1) / 2) * width, kept.to_numpy(), width,
                    label=entry.get("label", key))
-        ax.set_title(f"kept {kind}" + (" (channels)" if kind == "conv" else " (units)" if kind != "heads" else ""),
-                     fontsize=9)
-        ax.set_xlabel("layer")
+        ax.set_title(f"{KIND_TITLES[kind]} kept per layer", fontsize=9)
+        ax.set_xlabel("Layer")
+        ax.set_ylabel(f"Kept {KIND_TITLES[kind].split()[-1]}")
+        ax.set_xlim(-0.5, n_layers - 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a layer is a whole number, so is a width
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, axis="y", color="0.9")
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
+    _figure_legend(fig, axes[:1, 0], fontsize=7)
     return fig
 
 
 # ------------------------------------------------------------------------------------ training curves
 
-def plot_training_curves(histories: pd.DataFrame, metrics: Sequence[str], *, ncols: int = 2, logy: Sequence[str] = ()):
-    """One panel per metric (in ``metrics`` order), one line per run, x = step.
+def _figure_legend(fig, axes, **kwargs) -> None:
+    """One legend for every panel (a run keeps its colour across them), outside the axes so it hides no line;
+    the first handle of each label, panel order."""
+    handles: dict = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="outside right upper", **kwargs)
 
-    ``histories`` comes from :func:`metric_histories`. Metrics no run logged get an empty panel saying so,
-    so a figure always has the same layout.
+
+def plot_training_curves(histories: pd.DataFrame, metrics: Sequence[str], *, ncols: int = 2, logy: Sequence[str] = ()):
+    """One panel per metric (in ``metrics`` order), one line per run; x = progress through the run's own stage.
+
+    ``histories`` comes from :func:`metric_histories`. Stages differ a hundredfold in length (the demo's s1 and
+    s3: 30 steps, s2: 1,850), so on a shared step axis the short ones are squashed at x = 0: each run is drawn
+    against the fraction of its steps (its last logged step), its length in the legend (``s2 (1,850 steps)``).
+    A run that logged a metric only at step 0 (an evaluation stage's val EER of the final model) has no
+    curve: it is a dotted horizontal line (``eval (evaluation)``), not a point at the start. Metrics no run
+    logged get an empty panel saying so, so a figure always has the same layout. One legend for all panels,
+    outside them.
     """
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
 
     if not metrics:
         raise ValueError("plot_training_curves: no metrics")
     nrows = math.ceil(len(metrics) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols + 2.4, 3.2 * nrows), squeeze=False,
+                             layout="constrained")  # room for the legend outside the panels
     # one colour per run across every panel
     run_ids = list(dict.fromkeys(histories["run_id"])) if len(histories) else []
     colours = {r: f"C{i % 10}" for i, r in enumerate(run_ids)}
+    last_step = histories.groupby("run_id")["step"].max().to_dict() if len(histories) else {}
     for ax, metric in zip(axes.ravel(), metrics):
         sel = histories[histories["metric"] == metric] if len(histories) else histories
         for (run_id, label), grp in (sel.groupby(["run_id", "label"], sort=False) if len(sel) else ()):
-            ax.plot(grp["step"], grp["value"], marker="." if len(grp) < 30 else None, linewidth=1.2, label=label,
-                    color=colours[run_id])
+            steps = last_step[run_id]
+            if steps <= 0:
+                ax.axhline(grp["value"].iloc[-1], color=colours[run_id], linestyle=":", linewidth=1.4,
+                           label=f"{label} (evaluation)")
+                continue
+            ax.plot(grp["step"] / steps, grp["value"], marker="." if len(grp) < 30 else None, linewidth=1.2,
+                    label=f"{label} ({steps:,} steps)", color=colours[run_id])
         if len(sel) == 0:
             ax.text(0.5, 0.5, f"no run logged {metric}", transform=ax.transAxes, ha="center", va="center", color="0.5")
         elif metric in logy:
             ax.set_yscale("log")
         ax.set_title(metric, fontsize=10)
-        ax.set_xlabel("step")
+        ax.set_xlim(0.0, 1.0)
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set_xlabel("Progress through the stage (its steps)")
         ax.grid(True, color="0.9")
-        if len(sel):
-            ax.legend(fontsize=7)
     for ax in axes.ravel()[len(metrics):]:
         ax.set_visible(False)
-    fig.tight_layout()
+    _figure_legend(fig, axes.ravel(), fontsize=7)
     return fig
 
 
@@ -933,7 +1151,6 @@ def plot_det_curves(files: Mapping[str, str | os.PathLike], title: str | None = 
 
     if not files:
         raise ValueError("plot_det_curves: no score files")
-    fig, ax = plt.subplots(figsize=(6, 6))
+    fig, ax = plt.subplots(figsize=(6, 6 + 0.18 * len(files)), layout="constrained")  # the legend goes below
     draw_det(ax, {name: read_scores(path) for name, path in files.items()}, title, mindcf_p=0.01, legend_size=7)
-    fig.tight_layout()
     return fig

@@ -140,9 +140,9 @@ def _trial_speakers(args: argparse.Namespace, trials):
         raise ValueError(f"{flag} must be a positive number, got {args.replicates}")
     utt2spk = None
     if args.utt2spk is not None:
-        from svlib.data.lists import _read_table  # the list reader's strict 2-field table (line-numbered errors)
+        from svlib.data.lists import read_utt2spk
 
-        utt2spk = _read_table(args.utt2spk, 2, "<utt> <speaker>").values
+        utt2spk = read_utt2spk(args.utt2spk)
     return trial_speakers(trials.enroll, trials.test, trials.labels, utt2spk,
                           source=str(args.utt2spk or args.trials))
 
@@ -480,7 +480,8 @@ def _embed_args(p: argparse.ArgumentParser) -> None:
                         "stopping at the first")
     p.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY, metavar="N",
                    help=f"save the embeddings so far to OUT.partial.npz every N utterances (default "
-                        f"{CHECKPOINT_EVERY}); a rerun of the same command resumes from it")
+                        f"{CHECKPOINT_EVERY}); a rerun of the same command resumes from it while the model's "
+                        "weights and the list are unchanged")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -488,9 +489,38 @@ def _partial_paths(out: Path) -> tuple[Path, Path]:
     return out.with_name(out.name + ".partial.npz"), out.with_name(out.name + ".partial.json")
 
 
-def _resume(out: Path, settings: dict, wavs: dict[str, str]):
-    """The embeddings, seconds and narrow-band utterances of an interrupted run of the same command (same
-    model and settings), or None."""
+def _list_digest(wavs: dict[str, str]) -> str:
+    """sha256 of the list as ``utt -> absolute path`` pairs (order-free): the same ids naming other files (an
+    edited wav.scp, relative --wav paths from another folder) are another list."""
+    import hashlib
+    import json
+
+    pairs = sorted((utt, os.path.abspath(path)) for utt, path in wavs.items())
+    return hashlib.sha256(json.dumps(pairs).encode("utf-8")).hexdigest()
+
+
+def _stale_partial(recorded: dict, inputs: dict) -> str | None:
+    """Why a partial recorded with ``recorded`` was made from other inputs than ``inputs``, or None."""
+    was = recorded.get("model_sha256")
+    if not isinstance(was, str):
+        return "it does not record which model weights made it (an older svlib wrote it)"
+    if was != inputs["model_sha256"]:
+        return (f"made with other model weights (sha256 {was[:12]}, {inputs['model']} now has "
+                f"{inputs['model_sha256'][:12]})")
+    if recorded.get("list_sha256") != inputs["list_sha256"]:
+        return "made from another list (other utterance ids or files)"
+    return None
+
+
+def _resume(out: Path, settings: dict, inputs: dict, wavs: dict[str, str]):
+    """The embeddings, seconds and narrow-band utterances of an interrupted run of the same command, or None.
+
+    ``inputs`` holds the digests of the model weights and of the list. A partial of other weights (retrained
+    into the same folder) or of another list is never right for this run: a note says why, both files are
+    deleted (a kill between this run's first writes of the two must not pair new digests with old
+    embeddings) and the run starts over; refusing would only make the user delete them by hand. Other
+    ``settings`` are refused instead: they come from this command line, the partial is still right for the
+    command that made it, and the user decides which one was meant."""
     import json
 
     from svlib.scoring.metrics import load_embeddings
@@ -502,9 +532,16 @@ def _resume(out: Path, settings: dict, wavs: dict[str, str]):
         recorded = json.loads(info.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         recorded = None
-    if recorded != settings:
-        raise ValueError(f"{partial}: partial embeddings of a run with other settings ({info} says {recorded}, this "
-                         f"run is {settings}); delete both files to start over")
+    stale = _stale_partial(recorded if isinstance(recorded, dict) else {}, inputs)
+    if stale is not None:
+        _note(f"{partial}: not resumed, {stale}; deleted, embedding all {len(wavs)} utterances again")
+        partial.unlink(missing_ok=True)
+        info.unlink(missing_ok=True)
+        return None
+    recorded_settings = {key: recorded.get(key) for key in settings}
+    if recorded_settings != settings:
+        raise ValueError(f"{partial}: partial embeddings of a run with other settings ({info} says "
+                         f"{recorded_settings}, this run is {settings}); delete both files to start over")
     table = load_embeddings(partial)
     keep = [u for u in table.utts if u in wavs]
     _note(f"resuming from {partial}: {len(keep)} of {len(wavs)} utterances already embedded")
@@ -520,7 +557,7 @@ def _embed(args: argparse.Namespace) -> int:
     from svlib.data.lists import read_scp
     from svlib.evaluate import EmbeddingRunError, SilentAudioError
     from svlib.files import write_json
-    from svlib.package import check_model_folder, load_model
+    from svlib.package import check_model_folder, load_model, model_digest
     from svlib.scoring.metrics import save_embeddings
 
     # everything cheap first: output, device, model folder, list, audio headers; then the model
@@ -544,10 +581,12 @@ def _embed(args: argparse.Namespace) -> int:
             if not args.skip_bad:
                 raise AudioError(f"{err}" + ("; --skip-bad embeds the other files" if len(wavs) > 1 else "")) from None
             skipped[utt] = str(err)
-    settings = {"model": str(args.model.resolve()), "max_seconds": args.max_seconds,
-                "windowed": bool(args.windowed), "min_dbfs": args.min_dbfs}
+    settings = {"max_seconds": args.max_seconds, "windowed": bool(args.windowed), "min_dbfs": args.min_dbfs}
+    # what the partial embeddings were made from, by content: the same folder retrained is another model
+    inputs = {"model": str(args.model.resolve()), "model_sha256": model_digest(args.model),
+              "list_sha256": _list_digest(wavs)}
     partial, info = _partial_paths(args.out)
-    resumed = _resume(args.out, settings, wavs)
+    resumed = _resume(args.out, settings, inputs, wavs)
     done, done_seconds, narrowband = resumed if resumed is not None else ({}, {}, set())
     todo = sorted((u for u in seconds if u not in done), key=lambda u: (-seconds[u], u))
     model = load_model(args.model).to(args.device) if todo else None
@@ -561,7 +600,7 @@ def _embed(args: argparse.Namespace) -> int:
     def checkpoint():
         utts = list(done)
         if utts:
-            write_json(info, settings)
+            write_json(info, settings | inputs)
             save_embeddings(partial, utts, np.stack([done[u] for u in utts]), durations=[durations_of(u) for u in utts],
                             flags=flags_of(utts))
 
@@ -709,6 +748,9 @@ def _calibrate_model(args: argparse.Namespace) -> int:
     _check_device(args.device)
     cfg = _eval_config(args, progress=not args.no_progress)
     check_model_folder(args.model)
+    # calibration.json and the model card go into the model folder: a read-only one is refused now, not
+    # after embedding every trial utterance
+    _check_output(args.model / CALIBRATION_FILE, ".json", "--model")
     trials = read_trials(args.trials)
     data = DataDir.load(args.data, check_files=True)
     unknown = sorted(trials.utterances - set(data.wavs))

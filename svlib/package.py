@@ -11,11 +11,12 @@ MLflow model registry.
 * ``register_model`` / ``load_registered``: the folder as an MLflow run artifact plus a registered model
   version, and back; ``register_logged_model``: a stage's logged model (its run's) as a registered version
   with an alias (``models:/NAME@champion``).
-* ``load_model``: ``svlib.model.speaker.load_model`` that also reads pruned folders (see
-  ``enable_pruned_loading``).
+* ``load_model``: ``svlib.model.speaker.load_model`` with this module's checks first (dense and pruned
+  folders alike: ``load_encoder`` rebuilds shrunk encoders, ``svlib.model.structure``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -29,6 +30,7 @@ from torch import nn
 from svlib.files import write_json
 from svlib.model.speaker import MANIFEST, ModelFormatError, SpeakerModel, read_manifest, save_model
 from svlib.model.speaker import load_model as _load_model
+from svlib.model.structure import KINDS, layer_sizes
 
 __all__ = [
     "CALIBRATION_FILE",
@@ -44,6 +46,7 @@ __all__ = [
     "enable_pruned_loading",
     "load_model",
     "load_registered",
+    "model_digest",
     "read_calibration_thresholds",
     "register_logged_model",
     "register_model",
@@ -55,8 +58,6 @@ NARROWBAND_META = "narrowband"  # calibration meta: {"utterances": narrow-band t
 CARD_FILE = "model_card.json"
 README_FILE = "README.md"
 REGISTRY_EXPERIMENT = "model-registry"
-PRUNED_KEY = "svlib_pruned_layers"  # svlib.pruning.shrink.CONFIG_KEY; repeated so describe works without it
-KINDS = ("heads", "ffn1", "ffn2", "conv")
 # Reference duration for MACs per second: self-attention is quadratic in time, so the per-second cost grows
 # with utterance length; 3 s is the pruning module's reference (svlib.pruning.counting.macs_per_second).
 MACS_SECONDS = 3.0
@@ -71,15 +72,8 @@ class PackageError(ValueError):
 
 
 def enable_pruned_loading() -> bool:
-    """Make ``load_encoder`` rebuild pruned encoders (kept for callers; ``load_encoder`` now does it itself).
-
-    Returns False when ``svlib.pruning`` is not available.
-    """
-    try:
-        from svlib.pruning.shrink import enable_pruned_loading as enable
-    except ImportError:
-        return False
-    enable()
+    """Kept for callers: ``load_encoder`` rebuilds pruned encoders itself (``svlib.model.structure``), so
+    there is nothing left to enable. Always True."""
     return True
 
 
@@ -89,7 +83,6 @@ def load_model(folder: str | os.PathLike) -> SpeakerModel:
     if not folder.is_dir():
         raise ModelFormatError(f"{folder}: model folder not found")
     check_model_folder(folder)
-    enable_pruned_loading()
     from safetensors import SafetensorError
 
     try:
@@ -103,22 +96,32 @@ def check_model_folder(folder: str | os.PathLike) -> dict:
     return read_manifest(folder)
 
 
+# Files a model folder holds beside its weights that do not change what it computes: `svlib calibrate-model`
+# and `write_model_card` rewrite them in place without making earlier embeddings stale.
+NOT_WEIGHTS = (CALIBRATION_FILE, CARD_FILE, README_FILE)
+
+
+def model_digest(folder: str | os.PathLike) -> str:
+    """sha256 of what decides a model folder's embeddings: every file's relative path, size and content
+    (weights, encoder config, manifest), in sorted path order.
+
+    Content, not path or modification time: retraining into the same folder changes it, copying the folder
+    elsewhere does not. ``NOT_WEIGHTS`` and hidden files (an atomic write's temporary file) are left out.
+    Each file is streamed (``hashlib.file_digest``), so a 2.3 GB encoder costs about a second of reading,
+    which also warms the page cache for the model load that follows."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if not path.is_file() or rel.as_posix() in NOT_WEIGHTS or any(part.startswith(".") for part in rel.parts):
+            continue
+        with open(path, "rb") as fh:
+            content = hashlib.file_digest(fh, "sha256").hexdigest()
+        digest.update(f"{rel.as_posix()}\0{path.stat().st_size}\0{content}\n".encode())
+    return digest.hexdigest()
+
+
 # ------------------------------------------------------------------------------------ describe
-
-
-def _layer_sizes(encoder) -> list[dict[str, int]]:
-    try:
-        from svlib.pruning.shrink import layer_sizes
-
-        return layer_sizes(encoder)
-    except ImportError:
-        config = encoder.config
-        recorded = getattr(config, PRUNED_KEY, None)
-        if recorded:
-            return [{k: int(s[k]) for k in KINDS} for s in recorded]
-        full = {"heads": config.num_attention_heads, "ffn1": config.intermediate_size,
-                "ffn2": config.intermediate_size, "conv": config.hidden_size}
-        return [dict(full) for _ in range(config.num_hidden_layers)]
 
 
 def _encoder_macs(config, sizes, seconds: float) -> int:
@@ -173,7 +176,7 @@ def describe(model: SpeakerModel, seconds: float = MACS_SECONDS) -> dict[str, An
     encoder architecture and, when pruned, the kept heads / FFN units / conv channels of every layer."""
     encoder = model.frontend.encoder
     config = encoder.config
-    sizes = _layer_sizes(encoder)
+    sizes = layer_sizes(encoder)
     dense = {"heads": config.num_attention_heads, "ffn1": config.intermediate_size,
              "ffn2": config.intermediate_size, "conv": config.hidden_size}
     pruned = any(s[k] != dense[k] for s in sizes for k in KINDS)

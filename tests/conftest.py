@@ -8,6 +8,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# what a user reads commands and numbers from: the README and the guide it maps (docs/*.md, one page per task)
+DOC_PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 DATA = REPO.parent / "shared" / "data"
 
 # SVLIB_TEST_THREADS=1 when several suites share the two cores (threads spinning against each other's load)
@@ -64,7 +66,7 @@ def smoke_run(tmp_path_factory, sv_mini):
 
     from experiments import pipeline
     from svlib.config import load_config
-    from svlib.data.prepare import prepare_manifest
+    from svlib.corpora.manifest import prepare_manifest
     from svlib.tracking import Tracker
 
     workdir = tmp_path_factory.mktemp("smoke")

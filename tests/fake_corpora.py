@@ -1,6 +1,6 @@
-"""Fake public-corpus layouts (what the archives of ``svlib.data.download.SOURCES`` unpack to), tiny audio.
+"""Fake public-corpus layouts (what the archives of ``svlib.corpora.download.SOURCES`` unpack to), tiny audio.
 
-``write_layout(root)`` writes ``root/<source name>/...`` as ``svlib.data.download.fetch`` leaves it;
+``write_layout(root)`` writes ``root/<source name>/...`` as ``svlib.corpora.download.fetch`` leaves it;
 ``write_archives(layout, out)`` packs each ``layout/<name>/`` into ``out/<the source's file name>``.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from svlib.audio import write_audio
-from svlib.data.download import SOURCES
+from svlib.corpora.download import SOURCES
 
 RATE = 16000
 

@@ -213,7 +213,7 @@ def test_pruning_curve_plot(store, tmp_path):
     ax = fig.axes[0]
     front = [line for line in ax.lines if line.get_color() == "tab:red"]
     assert len(front) == 1 and front[0].get_xdata().tolist() == [480.0]  # the study's front, not the computed one
-    assert any("teacher" in t.get_text() for t in ax.get_legend().get_texts())
+    assert any(s.startswith("teacher s3 (EER 2.00 %") for s in A.figure_series(fig))
     fig.savefig(tmp_path / "p.png")
     plt.close(fig)
     empty = A.plot_pruning_curve(A.pruning_points(runs.iloc[0:0]), None)
@@ -227,7 +227,7 @@ def test_scores_and_det(store, tmp_path):
     scores, labels = A.read_scores(files["eval/test"])
     assert scores.tolist() == [0.9, 0.1, 0.4, 0.7] and labels.tolist() == [1, 0, 0, 1]
     fig = A.plot_det_curves({"a": files["eval/test"], "b": files["eval/test"]})
-    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    legend = A.figure_series(fig)
     assert legend[0].startswith("a (EER 0.00%")  # perfectly separated scores
     plt.close(fig)
     bad = tmp_path / "bad.txt"
@@ -272,10 +272,10 @@ def test_the_sweeps_teacher_is_the_reference_and_every_trial_is_kept(sweep_store
     assert len(A.figure_series(fig)) == 4
     structures = A.load_structures(runs, points=A.pruning_points(runs))
     labels = [s["label"] for s in structures.values()]
-    assert labels == ["teacher teacher:s2 (dense)", "trial 0 (sparsity 0.00)", "trial 1 (sparsity 0.30)",
+    assert labels == ["teacher s2 (dense)", "trial 0 (sparsity 0.00)", "trial 1 (sparsity 0.30)",
                       "trial 2 (sparsity 0.60)"]
     limited = A.limit_structures(structures, 3)  # the teacher stays, the trials are spread
-    assert [s["label"] for s in limited.values()] == ["teacher teacher:s2 (dense)", "trial 0 (sparsity 0.00)",
+    assert [s["label"] for s in limited.values()] == ["teacher s2 (dense)", "trial 0 (sparsity 0.00)",
                                                       "trial 2 (sparsity 0.60)"]
     assert len(A.figure_series(A.plot_structure_heatmap(structures))) == 4
     plt.close("all")
@@ -343,7 +343,10 @@ def test_method_curve_is_read_back_from_mlflow_and_plotted(tmp_path):
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert labels == ["teacher (s2) 5.00 %", "control: encoder removed 9.00 %", "control: random init 14.00 %",
                       "KD (reference)", "random structure", "task loss, no teacher", "KD, one-run snapshots"]
-    assert fig.axes[0].get_xlabel().startswith("encoder parameters") and fig.axes[1].get_xlabel() == "encoder sparsity"
-    # the top axis reads the bottom one as sparsity: the tick at the dense size is sparsity 0
-    assert fig.axes[1].get_xticklabels()[0].get_text() == "0.00" and fig.axes[0].get_xticklabels()[0].get_text() == "400"
+    assert fig.axes[0].get_xlabel() == "Encoder parameters (log scale)" and fig.axes[1].get_xlabel() == "Encoder sparsity"
+    assert fig.axes[0].get_ylabel() == "Test EER (%), 95 % interval"
+    # the top axis reads the bottom one as sparsity: the tick at the dense size is sparsity 0; human units below
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["400k", "200k", "120k", "80k", "40k", "20k", "12k"]
+    assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == ["0.00", "0.50", "0.70", "0.80", "0.90", "0.95",
+                                                                     "0.97"]
     plt.close(fig)

@@ -25,6 +25,7 @@ from svlib.model.speaker import SpeakerModel, save_model
 from svlib.scoring.calibration import Calibration
 from svlib.scoring.metrics import save_embeddings
 
+from test_files import READ_ONLY_BITES, full_disk
 from test_speaker import tiny_model
 
 SR = 16000
@@ -63,6 +64,19 @@ def _model_calibration(folder: Path, bayes: dict, name: str) -> Path:
            "meta": {"thresholds": {"bayes": bayes, "eer": {"score": 0.3, "eer_pct": 10.0}, "trials": "t.txt"}}}
     # json.dumps writes NaN for float('nan') and json.loads reads it back: exactly what a user's file can hold
     (out / "calibration.json").write_text(json.dumps(cal))
+    return out
+
+
+def _unwritable_model(folder: Path, name: str, how: str) -> Path:
+    """A copy of ``folder`` whose calibration.json cannot be written: a folder in its place
+    (``how="dir"``) or a read-only model folder (``how="read-only"``)."""
+    out = folder.parent / name
+    if not out.exists():
+        shutil.copytree(folder, out)
+        if how == "dir":
+            (out / "calibration.json").mkdir()
+        else:
+            out.chmod(0o555)
     return out
 
 
@@ -112,6 +126,8 @@ def env(tmp_path_factory):
     np.save(tmp / "array.npy", np.zeros((3, 8)))
     shutil.move(tmp / "array.npy", tmp / "array.npz")
     (tmp / "pickled.npz").write_bytes(pickle.dumps({"utts": ["a"], "embeddings": [[1.0]]}))
+    whole = (tmp / "emb.npz").read_bytes()
+    (tmp / "truncated.npz").write_bytes(whole[:len(whole) // 2])  # a copy cut short: zip magic, no directory
 
     # pipeline configs: one train stage whose YAML is empty, one with a NaN learning rate, one with a negative
     # one, one that gives a key twice
@@ -292,6 +308,30 @@ CASES: dict[str, Case] = {
     "a pickle given as embeddings": Case(
         lambda t: ["score", "--trials", t / "trials.txt", "--embeddings", t / "pickled.npz"],
         "svlib score: error: {t}/pickled.npz: not an .npz embeddings file (not a zip archive)"),
+    "a truncated .npz": Case(
+        lambda t: ["score", "--trials", t / "trials.txt", "--embeddings", t / "truncated.npz"],
+        "svlib score: error: {t}/truncated.npz: truncated or corrupt .npz file (File is not a zip file); write it "
+        "again"),
+    "a truncated AS-norm cohort": Case(
+        lambda t: ["score", "--trials", t / "trials.txt", "--embeddings", t / "emb.npz", "--asnorm",
+                   t / "truncated.npz", "--top-n", "10"],
+        "svlib score: error: {t}/truncated.npz: truncated or corrupt .npz file (File is not a zip file); write it "
+        "again"),
+    # --- outputs that cannot be written name the file asked for (not the temporary file beside it)
+    "score --scores-out on a full disk": Case(
+        lambda t: ["score", "--trials", t / "trials.txt", "--embeddings", t / "emb.npz", "--scores-out",
+                   t / "full" / "scores.txt"],
+        "svlib score: error: {t}/full/scores.txt: cannot write (No space left on device)", patch=full_disk),
+    # --- calibrate-model writes into the model folder: checked before the model loads or anything is embedded
+    "calibrate-model: calibration.json is a folder": Case(
+        lambda t: ["calibrate-model", "--model", _unwritable_model(t / "broken_model", "caldir_model", "dir"),
+                   "--data", t / "no_data", "--trials", t / "trials.txt"],
+        "svlib calibrate-model: error: --model {t}/caldir_model/calibration.json: is a directory"),
+    "calibrate-model: read-only model folder": Case(
+        lambda t: ["calibrate-model", "--model", _unwritable_model(t / "broken_model", "ro_model", "read-only"),
+                   "--data", t / "no_data", "--trials", t / "trials.txt"],
+        "svlib calibrate-model: error: --model {t}/ro_model/calibration.json: folder {t}/ro_model is not writable",
+        skip=None if READ_ONLY_BITES else "this user writes into read-only folders (root)"),
     # --- enrolment lists
     "trial enrolment id without a model": Case(
         lambda t: ["score", "--trials", t / "enroll_trials.txt", "--embeddings", t / "emb.npz", "--enroll",

@@ -254,7 +254,7 @@ def _bench_module():
 
 
 def test_score_backend_pipeline_on_sv_mini(setup, tmp_path):
-    from svlib.data.prepare import prepare_manifest
+    from svlib.corpora.manifest import prepare_manifest
     from svlib.data.lists import read_trials
     from svlib.scoring.calibration import cllr, min_cllr
     from svlib.scoring.metrics import summarize

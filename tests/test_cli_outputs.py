@@ -106,10 +106,74 @@ def test_interrupted_embed_resumes_from_its_checkpoint(env, capsys, monkeypatch)
     np.testing.assert_allclose(resumed.durations, whole.durations)
 
     # a partial checkpoint of other settings is refused, not silently mixed in
-    save_embeddings(partial, ["u0"], np.ones((1, 24)))
-    out.with_name(out.name + ".partial.json").write_text('{"model": "elsewhere"}')
-    code, _, err = _run(argv, capsys)
+    _killed_after_two(argv, capsys, monkeypatch)
+    code, _, err = _run(argv + ["--max-seconds", "30"], capsys)
     assert code == 2 and "partial embeddings of a run with other settings" in err
+
+
+def _killed_after_two(argv, capsys, monkeypatch) -> None:
+    """Run ``argv`` (embed, --checkpoint-every 1) with the model failing on its third file, as a kill would
+    stop it: the two longest files' embeddings stay in the partial file."""
+    forward = SpeakerModel.forward
+    calls = []
+
+    def dies_on_the_third(self, waves, lengths):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return forward(self, waves, lengths)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SpeakerModel, "forward", dies_on_the_third)
+        code, _, err = _run(argv, capsys)
+    assert code == 2 and "2 embeddings kept in" in err, err
+
+
+def test_resume_never_mixes_models_or_lists(env, capsys, monkeypatch):
+    """A partial is resumed only with the weights and the list it was made from (their content): retrained
+    weights in the same folder, or the same ids naming other files, start over, with a note, and give what a
+    clean run gives. Resuming them mixed two models' embeddings (cosine 0.96 to a clean run)."""
+    tmp, _ = env
+    folder = tmp / "retrained"
+    save_model(tiny_model(seed=1), folder, {})
+    out = tmp / "mixed.npz"
+    partial = out.with_name(out.name + ".partial.npz")
+    argv = ["embed", "--model", folder, "--scp", tmp / "good.scp", "--out", out, "--checkpoint-every", "1",
+            "--no-progress"]
+    _killed_after_two(argv, capsys, monkeypatch)
+    model_b = tiny_model(seed=2)
+    save_model(model_b, folder, {})  # retrained into the same folder
+
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if "not resumed" in line]
+    assert len(notes) == 1 and notes[0].startswith(f"svlib: note: {partial}: not resumed, made with other model "
+                                                   "weights (sha256 ") and notes[0].endswith(
+        "; deleted, embedding all 4 utterances again"), err
+    resumed = load_embeddings(out)
+    for i in range(4):
+        wave = sf.read(tmp / f"u{i}.wav", dtype="float32")[0]
+        np.testing.assert_allclose(resumed[f"u{i}"], _alone(model_b, wave), atol=2e-5)
+        assert np.abs(_alone(tiny_model(seed=1), wave) - _alone(model_b, wave)).max() > 0.1  # A's would show
+
+    # the same ids, two of them naming each other's file: another list
+    lines = (tmp / "good.scp").read_text().splitlines()
+    swapped = tmp / "swapped.scp"
+    swapped.write_text("\n".join(lines[:2] + [f"u2 {tmp / 'u3.wav'}", f"u3 {tmp / 'u2.wav'}"]) + "\n")
+    _killed_after_two(argv, capsys, monkeypatch)  # u3 and u2 of good.scp in the partial
+    code, _, err = _run(argv[:4] + [swapped] + argv[5:], capsys)
+    assert code == 0 and f"{partial}: not resumed, made from another list (other utterance ids or files)" in err
+    resumed = load_embeddings(out)
+    for utt, name in (("u2", "u3.wav"), ("u3", "u2.wav")):
+        np.testing.assert_allclose(resumed[utt], _alone(model_b, sf.read(tmp / name, dtype="float32")[0]), atol=2e-5)
+
+    # a partial of an svlib that recorded the model's path, not its weights: which model made it is unknown
+    save_embeddings(partial, ["u0"], np.ones((1, 24)))
+    out.with_name(out.name + ".partial.json").write_text(f'{{"model": "{folder}"}}')
+    code, _, err = _run(argv, capsys)
+    assert code == 0 and f"{partial}: not resumed, it does not record which model weights made it" in err
+    np.testing.assert_allclose(load_embeddings(out)["u0"], _alone(model_b, sf.read(tmp / "u0.wav", dtype="float32")[0]),
+                               atol=2e-5)
 
 
 def test_long_files_are_said_to_be_cut_or_embedded_in_windows(env, capsys):

@@ -9,9 +9,9 @@ import pytest
 import soundfile as sf
 
 from svlib.cli import main as svlib_main
-from svlib.data.cnceleb import prepare_cnceleb
+from svlib.corpora.cnceleb import prepare_cnceleb
+from svlib.corpora.prepare import main as prepare_main
 from svlib.data.lists import DataDir, ListError, read_trials
-from svlib.data.prepare import main as prepare_main
 from svlib.model.speaker import save_model
 from svlib.scoring.enroll import EnrollError, read_enroll_list
 from svlib.scoring.metrics import load_embeddings, save_embeddings

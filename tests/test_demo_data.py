@@ -1,4 +1,4 @@
-"""Demo data (svlib.data.demo_data): speaker-disjoint splits with speechocean762, ESC-10 fold lists, simulated RIRs."""
+"""Demo data (svlib.corpora.demo_data): speaker-disjoint splits with speechocean762, ESC-10 fold lists, simulated RIRs."""
 from __future__ import annotations
 
 import json
@@ -11,11 +11,12 @@ import soundfile as sf
 import torch
 
 from svlib.audio import load_audio, write_audio
+from svlib.corpora.demo_data import (RirSimConfig, prepare_demo, prepare_esc10, simulate_one, simulate_rirs,
+                                     split_table, stratified_pick)
+from svlib.corpora.manifest import prepare_manifest
+from svlib.corpora.prepare import main
 from svlib.data.augment import AugmentConfig, Augmenter, read_noise_list, read_rir_list
-from svlib.data.demo_data import (RirSimConfig, prepare_demo, prepare_esc10, simulate_one, simulate_rirs, split_table,
-                                  stratified_pick)
 from svlib.data.lists import DataDir, ListError, read_trials
-from svlib.data.prepare import main, prepare_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -267,5 +268,5 @@ def test_real_demo_split(tmp_path):
     for part in ("train", "val", "test"):  # children and adults of both genders everywhere
         assert set(summary["so762_strata"][part]) == {"adult-f", "adult-m", "child-f", "child-m"}
     assert sum(summary["so762_strata"]["test"].values()) == 32 >= 30
-    # The README's table is this function's output for this split (regenerate it with `prepare demo-table`).
-    assert split_table(summary) in (REPO / "README.md").read_text()
+    # docs/data.md's table is this function's output for this split (regenerate it with `prepare demo-table`).
+    assert split_table(summary) in (REPO / "docs" / "data.md").read_text()

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from svlib.data.demo_sources import MIRROR_ENV, main, mirrored
-from svlib.data.download import SOURCES
+from svlib.corpora.demo_sources import MIRROR_ENV, main, mirrored
+from svlib.corpora.download import SOURCES
+from svlib.corpora.public_corpora import build_public
 from svlib.data.lists import DataDir, read_trials
-from svlib.data.public_corpora import build_public
 from tests.fake_corpora import write_archives, write_layout
 from tests.test_download import Server
 

@@ -12,7 +12,7 @@ import pytest
 
 from experiments import pipeline
 from svlib.config import load_config
-from svlib.data.prepare import prepare_manifest
+from svlib.corpora.manifest import prepare_manifest
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "smoke" / "pipeline.yaml"
 # what may differ between two identical runs: wall time (and the folder names, see ``numbers``)

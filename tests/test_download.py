@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from svlib.data.download import SOURCES, DownloadError, download, extract, file_digests, main
+from svlib.corpora.download import SOURCES, DownloadError, download, extract, file_digests, main
 
 
 def _archive() -> bytes:

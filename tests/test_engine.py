@@ -590,6 +590,54 @@ def test_atomic_save_failure_keeps_previous(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind
 
 
+# a writer killed in the middle of a checkpoint save: torch.save never returns
+KILLED_WRITER = """
+import sys, time, torch
+from svlib.train.checkpoint import save_checkpoint
+
+def hangs(obj, f, *args, **kwargs):
+    print("writing", flush=True)
+    time.sleep(600)
+
+torch.save = hangs
+save_checkpoint(sys.argv[1], {"step": 3})
+"""
+
+
+def test_temp_files_of_killed_writers_are_removed_at_the_next_save(tmp_path):
+    """kill -9 during a save leaves the temporary file (nothing runs its cleanup); the next save removes it,
+    since its name says which PID on which host wrote it and that PID is gone, or a zombie nobody reaps (a
+    torchrun rank orphaned in a container without an init). A live writer's, another host's and a pre-PID
+    name's are kept: their writers may still be at it."""
+    writers = [subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path / f"ckpt_0000000{k}.pt")],
+                                cwd=REPO, stdout=subprocess.PIPE, text=True) for k in (1, 2)]
+    reaped, zombie = writers
+    try:
+        # both mid-write before either dies: a save starting later would already clean up after the first
+        assert [writer.stdout.readline() for writer in writers] == ["writing\n"] * 2
+        for writer in writers:
+            writer.kill()
+        reaped.wait()
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the killed writer did not become a zombie"
+            time.sleep(0.05)
+        left = sorted(p.name for p in tmp_path.glob(".ckpt_*.tmp"))
+        assert [name.split(".")[3].split("@")[0] for name in left] == [str(reaped.pid), str(zombie.pid)], left
+        host = left[0].split("@")[1].split(".")[0]
+        kept = [f".ckpt_00000001.pt.{reaped.pid}@other-{host}.a1b2c3d4.tmp",  # another host: its PIDs mean nothing
+                f".ckpt_00000001.pt.{os.getpid()}@{host}.e5f6g7h8.tmp",       # this process: alive
+                ".ckpt_00000002.pt.x1y2z3w4.tmp"]                             # no writer recorded
+        for name in kept:
+            (tmp_path / name).touch()
+        ck.save_checkpoint(tmp_path / "ckpt_00000004.pt", {"step": 4})
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["ckpt_00000004.pt"])
+    finally:
+        for writer in writers:
+            writer.kill()
+            writer.wait()
+
+
 def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(ck.CheckpointError, match="ckpt_00000007.pt: checkpoint not found"):
         ck.load_checkpoint(tmp_path / "ckpt_00000007.pt")

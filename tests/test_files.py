@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from svlib.files import write_json, write_lines_atomic, write_text_atomic
 
@@ -181,3 +182,148 @@ def test_checkpoints_get_the_umask_mode(tmp_path):
     finally:
         os.umask(old)
     assert load_checkpoint(path)["step"] == 10 and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+# ---- failed writes name the file the caller asked for: a full disk, a read-only folder
+
+class FullDisk:
+    """A file handle on a disk with ``room`` bytes left: a write past it fails with ENOSPC, as the kernel's
+    does. ``full_disk`` installs it under every ``os.fdopen``, where the atomic writers open their temp file."""
+
+    def __init__(self, handle, room: int) -> None:
+        self.handle, self.room, self.written = handle, room, 0
+
+    def write(self, data):
+        import errno
+        import os
+
+        if self.written + len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.written += len(data)
+        return self.handle.write(data)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name):
+        return getattr(self.handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def full_disk(monkeypatch, room: int = 64) -> None:
+    import os
+
+    real = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, *args, **kwargs: FullDisk(real(fd, *args, **kwargs), room))
+
+
+def _writers():
+    """(name, file name, write(path, version)) for every atomic writer of svlib."""
+    import torch
+
+    from svlib.files import save_tensors_atomic
+    from svlib.scoring.metrics import save_embeddings
+    from svlib.train.checkpoint import save_checkpoint
+
+    return [
+        ("json", "r.json", lambda path, v: write_json(path, {"v": v, "pad": list(range(100))})),
+        ("lines", "wav.scp", lambda path, v: write_lines_atomic(path, (f"u{i} /x/{v}/{i}.wav" for i in range(50)))),
+        ("embeddings", "emb.npz", lambda path, v: save_embeddings(path, ["a", "b"], np.full((2, 64), v))),
+        ("checkpoint", "ckpt_00000001.pt", lambda path, v: save_checkpoint(path, {"w": torch.full((64,), v)})),
+        ("tensors", "w.safetensors", lambda path, v: save_tensors_atomic({"w": torch.full((64,), v)}, path)),
+    ]
+
+
+def _safetensors_full_disk(monkeypatch):
+    """safetensors writes from Rust, past os.fdopen; its full-disk error is this text (safetensors 0.4)."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def save_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 8)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+@pytest.mark.parametrize("writer", [w[0] for w in _writers()])
+def test_a_full_disk_names_the_target_and_keeps_the_old_file(tmp_path, monkeypatch, writer):
+    import errno
+
+    from svlib.files import WriteError
+
+    _, name, write = next(w for w in _writers() if w[0] == writer)
+    path = tmp_path / name
+    write(path, 1)
+    before = path.read_bytes()
+    full_disk(monkeypatch)
+    if writer == "tensors":
+        _safetensors_full_disk(monkeypatch)
+    with pytest.raises(WriteError) as caught:
+        write(path, 2)
+    assert str(caught.value) == f"{path}: cannot write (No space left on device)"
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # the temp file went
+
+
+def read_only_folders_bite() -> bool:
+    """Whether a folder with mode 555 stops this process from creating files in it: not for root (with
+    CAP_DAC_OVERRIDE), who writes anyway, so the chmod cases skip there. Tried, not inferred from the uid:
+    root without that capability (``setpriv --inh-caps=-dac_override ...``) runs them."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        os.chmod(folder, 0o555)
+        try:
+            open(os.path.join(folder, "probe"), "w").close()
+        except PermissionError:
+            return True
+        finally:
+            os.chmod(folder, 0o755)
+    return False
+
+
+READ_ONLY_BITES = read_only_folders_bite()
+
+
+@pytest.mark.parametrize("writer", [w[0] for w in _writers()])
+@pytest.mark.parametrize("how", ["chmod", "mkstemp"])
+def test_a_read_only_folder_names_the_target_not_the_temp_file(tmp_path, monkeypatch, writer, how):
+    """chmod 555 (skipped as root, who writes anyway), and mkstemp's own PermissionError as it comes from a
+    read-only folder: it names the temporary file, which the user never asked for."""
+    import errno
+    import os
+    import tempfile
+
+    from svlib.files import WriteError
+
+    if how == "chmod" and not READ_ONLY_BITES:
+        pytest.skip("this user writes into read-only folders (root)")
+    _, name, write = next(w for w in _writers() if w[0] == writer)
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    path = folder / name
+    if how == "chmod":
+        folder.chmod(0o555)
+    else:
+        def read_only(dir=None, prefix="", suffix="", **kwargs):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.path.join(dir, f"{prefix}x1y2{suffix}"))
+
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    try:
+        with pytest.raises(WriteError) as caught:
+            write(path, 1)
+    finally:
+        folder.chmod(0o755)
+    assert str(caught.value) == f"{path}: cannot write (Permission denied)"
+    assert caught.value.errno == errno.EACCES and ".tmp" not in str(caught.value)
+    assert list(folder.iterdir()) == []

@@ -199,6 +199,36 @@ def test_embedding_file_errors(tmp_path):
         save_embeddings(tmp_path / "n.npz", ["a", "b"], np.array([[1, 2], [np.nan, 1]]))
 
 
+def test_truncated_or_corrupt_npz_is_an_embedding_file_error(tmp_path):
+    """A copy cut short (zip magic, no central directory) or a flipped byte raised zipfile.BadZipFile, which
+    is no ValueError/OSError: `svlib score` printed its traceback."""
+    whole = save_embeddings(tmp_path / "e.npz", ["a", "b", "c"], np.arange(24.0).reshape(3, 8)).read_bytes()
+    damaged = {"cut at 40%": whole[:len(whole) * 2 // 5], "last byte missing": whole[:-1]}
+    flipped = bytearray(whole)
+    flipped[200] ^= 0xFF  # inside the first member: its header or data no longer checks out
+    damaged["a flipped byte"] = bytes(flipped)
+    for name, data in damaged.items():
+        path = tmp_path / f"{name}.npz"
+        path.write_bytes(data)
+        with pytest.raises(EmbeddingFileError) as err:
+            load_embeddings(path)
+        assert str(err.value).startswith(f"{path}: truncated or corrupt .npz file ("), name
+        assert str(err.value).endswith("); write it again"), name
+
+
+def test_every_npz_read_goes_through_load_embeddings():
+    """One loader, one set of errors: no other module calls np.load."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    loader = repo / "svlib" / "scoring" / "metrics.py"
+    direct = [f"{p.relative_to(repo)}:{n}" for folder in ("svlib", "experiments", "bench")
+              for p in sorted((repo / folder).rglob("*.py")) if p != loader
+              for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\b(np|numpy)\.load\(", line)]
+    assert direct == [], direct
+
+
 def test_cosine_scores_values_and_table_equals_dict():
     emb = {"a/1": np.array([1.0, 0.0]), "b/1": np.array([3.0, 4.0]), "c/1": np.array([0.0, -2.0])}
     trials = SimpleNamespace(enroll=["a/1", "a/1", "b/1"], test=["b/1", "c/1", "c/1"])

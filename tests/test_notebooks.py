@@ -96,7 +96,7 @@ def test_pruning_curve_notebook(smoke_run, smoke_study, tmp_path):
     storage, runs = smoke_study
     nb, text = _run("pruning_curve", smoke_run["workdir"], tracking_uri=smoke_run["tracking_uri"], experiment="smoke",
                     figures_dir=str(tmp_path), optuna_storage=storage, optuna_study="smoke-prune")
-    assert (tmp_path / "pruning_curve.png").stat().st_size > 20_000
+    assert (tmp_path / "smoke_pruning_curve.png").stat().st_size > 20_000
     assert _images(nb) == 1
     assert "14 runs" in text  # the pipeline parent + 13 stage runs
     assert "note: no pruned models or sweep trials" not in text  # the pruning stages are in the store now
@@ -124,15 +124,15 @@ def test_pruned_structure_notebook(smoke_run, tmp_path):
     assert "note: no structure.json" not in text
     assert "teacher s3 (dense)" in text
     # the pruned layers: prune1's and shrink's structure.json, the shrunk encoder of graft and the ps stages
-    for label in ("prune1", "shrink", "graft", "ps1 (sparsity", "ps3 (sparsity"):
-        assert label in text
+    # prune1's structure is the one shrink cuts to, graft and the fine-tunes keep: one row, named after all
+    assert "prune1, shrink, graft, ps1, ps2, ps3 (sparsity" in text
     sizes = smoke_run["summary"]["stages"]["prune1"]["sizes"]
     kept = {k: [layer[k] for layer in sizes] for k in ("heads", "ffn1", "ffn2", "conv")}
     table = _displayed(nb)
     for kind, widths in kept.items():  # each shown table row: kind, then the kept width per layer
         assert any(line.split() == [kind, *map(str, widths)] for line in table.splitlines()), (kind, widths)
     assert smoke_run["summary"]["stages"]["prune1"]["achieved_sparsity"] > 0  # those widths are a real cut
-    for png in ("structure_heatmap.png", "structure_bars.png"):
+    for png in ("smoke_structure_heatmap.png", "smoke_structure_bars.png"):
         assert (tmp_path / png).stat().st_size > 10_000
     assert _images(nb) == 2
 
@@ -148,7 +148,7 @@ def test_training_curves_notebook(smoke_run, tmp_path):
     assert det == ["s1/test", "s2/test", "s3/test", "eval/test", "eval/val", "ps1/test", "ps2/test", "ps3/test",
                    "eval_pruned/test", "eval_pruned/val"]
     assert f"{len(det)} score files: {', '.join(det)}" in text
-    for png in ("training_curves.png", "pruning_schedule.png", "det_curves.png"):
+    for png in ("smoke_training_curves.png", "smoke_pruning_schedule.png", "smoke_det_curves.png"):
         assert (tmp_path / png).stat().st_size > 10_000
     assert _images(nb) == 3
 
@@ -190,20 +190,27 @@ def test_pruning_curve_notebook_on_a_sweep(sweep_store, tmp_path):
     assert "points with a 95 % interval: 3 of 8" in text  # the trials logged test_eer_pct_ci_low/high
     series = _series(text, "series:")
     assert series[:2] == ["dense", "trial"] and "Pareto front" in series
-    assert any(s.startswith("teacher (teacher:s2) 17") for s in series), series  # the sweep's teacher, 17 %
+    assert "teacher s2 (EER 17.00 %, minDCF 0.950)" in series, series  # the sweep's teacher, 17 %
     table = _displayed(nb)
     assert sorted({" ".join(row[3:5]) for row in (line.split() for line in table.splitlines())
                    if row[1:2] == ["trial"]}) == TRIALS
-    assert (tmp_path / "pruning_curve.png").stat().st_size > 20_000
+    assert (tmp_path / "demo+demo-prune-grid_pruning_curve.png").stat().st_size > 20_000
 
 
 def test_pruned_structure_notebook_on_a_sweep(sweep_store, tmp_path):
     _nb, text = _run("pruned_structure", sweep_store["root"], tracking_uri=sweep_store["uri"], experiment=BOTH,
                      figures_dir=str(tmp_path))
-    rows = ["teacher teacher:s2 (dense)", "trial 0 (sparsity 0.00)", "trial 1 (sparsity 0.30)",
+    rows = ["teacher s2 (dense)", "trial 0 (sparsity 0.00)", "trial 1 (sparsity 0.30)",
             "trial 2 (sparsity 0.60)"]
     assert _series(text, "heatmap rows:") == rows
     assert _series(text, "bar series:") == rows
+
+
+def test_pruned_structure_notebook_names_the_structures_it_leaves_out(sweep_store, tmp_path):
+    _nb, text = _run("pruned_structure", sweep_store["root"], tracking_uri=sweep_store["uri"], experiment=BOTH,
+                     figures_dir=str(tmp_path), max_models=2)
+    assert "note: 2 of 4 structures left out (max_models = 2): trial 1 (sparsity 0.30); trial 2 (sparsity 0.60)" in text
+    assert _series(text, "bar series:") == ["teacher s2 (dense)", "trial 0 (sparsity 0.00)"]
 
 
 def test_training_curves_notebook_on_a_sweep(sweep_store, tmp_path):
@@ -211,16 +218,29 @@ def test_training_curves_notebook_on_a_sweep(sweep_store, tmp_path):
     _nb, text = _run("training_curves", sweep_store["root"], tracking_uri=sweep_store["uri"], experiment=BOTH,
                      figures_dir=str(tmp_path), pipeline_run=None, det_lists=["test"])
     assert _series(text, "training_curves series:") == \
-        ["s1", "s2", "s3"] + [f"{t}/ps1" for t in TRIALS] + [f"{t}/eval_pruned" for t in TRIALS]  # + val EER
-    assert _series(text, "pruning_schedule series:") == ["trial 1/prune1", "trial 2/prune1"]
+        ["s1 (5 steps)", "s2 (5 steps)", "s3 (5 steps)"] + [f"{t}/ps1 (3 steps)" for t in TRIALS] + \
+        [f"{t}/eval_pruned (evaluation)" for t in TRIALS]  # the evaluations' val EER: a level, not a curve
+    assert _series(text, "pruning_schedule series:") == ["trial 1/prune1 (4 steps)", "trial 2/prune1 (4 steps)"]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        f"demo+demo-prune-grid_{name}.png" for name in ("det_curves", "pruning_schedule", "training_curves")]
     det = _series(text, "DET series:")
     assert [d.split(" (")[0] for d in det] == ["eval/test"] + [f"{t}/eval_pruned/test" for t in TRIALS]
+
+
+def test_training_curves_notebook_without_pruning_stages(sweep_store, tmp_path):
+    # the demo alone (as right after `make demo`): no empty pruning-schedule panels, a note instead; the
+    # figures carry the experiment's name, so the sweep's (above) are not overwritten
+    _nb, text = _run("training_curves", sweep_store["root"], tracking_uri=sweep_store["uri"], experiment="demo",
+                     figures_dir=str(tmp_path))
+    assert "note: no pruning stage in these runs" in text and "pruning_schedule series:" not in text
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["demo_det_curves.png", "demo_training_curves.png"]
 
 
 def test_headless_run_of_an_absent_experiment_fails(sweep_store, tmp_path):
     from nbclient.exceptions import CellExecutionError
 
-    with pytest.raises(CellExecutionError, match="'demo-prune' not in the store"):
+    with pytest.raises(CellExecutionError, match="'demo-prune' not in the store.*'demo-prune' is made by `python -m "
+                       "sweeps.prune_sweep --config sweeps/configs/demo.yaml`"):
         _run("pruning_curve", sweep_store["root"], tracking_uri=sweep_store["uri"], experiment=["demo", "demo-prune"],
              figures_dir=str(tmp_path))
     assert not list(tmp_path.glob("*.png"))

@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from experiments import pipeline
 from experiments.common import LOCK, exclusive_out_dir
 from tests.conftest import REPO
+from tests.test_files import full_disk
 
 # A pipeline whose stage never returns: the parent run and the stage's nested run are open while it sleeps.
 STUCK = """
@@ -206,10 +207,7 @@ def test_a_read_only_out_dir_is_one_line(tmp_path, monkeypatch, capsys):
 def test_a_full_disk_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     config = _config(tmp_path)
-
-    def full(path, *args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-
-    monkeypatch.setattr(pipeline, "write_json", full)
+    full_disk(monkeypatch)  # 64 bytes left: summary.json does not fit
     assert pipeline.main(["--config", str(config), "--no-tracking"]) == 2
-    assert _one_line(capsys) == "error: [Errno 28] No space left on device: 'exp/p/summary.json'"
+    assert _one_line(capsys) == "error: exp/p/summary.json: cannot write (No space left on device)"
+    assert not (tmp_path / "exp" / "p" / "summary.json").exists()

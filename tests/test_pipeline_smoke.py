@@ -273,3 +273,38 @@ def test_the_command_registers_its_final_model_and_says_where_the_results_are(sm
         f"  runs table: {runs_page(url, eid)}",
         f"  run {parent.info.run_id}: {run_page(url, eid, parent.info.run_id)}",
         f"  models: {models_page(url, eid)}"]
+
+
+def _scored(eer: float, speakers: int, note: str | None = None) -> dict:
+    """One list's evaluation summary as svlib.evaluate returns it (with the score arrays report() drops)."""
+    res = {"eer_pct": eer, "mindcf_0.01": eer / 10, "mindcf_0.05": eer / 20, "num_trials": 100, "num_target": 10,
+           "eer_ci_pct": [eer - 2, eer + 2], "mindcf_0.01_ci": [0.1, 0.9], "mindcf_0.05_ci": [0.1, 0.8],
+           "ci_speakers": speakers, "ci_replicates": 1000, "scores": [0.5], "labels": [1]}
+    return res | ({"ci_note": note} if note else {})
+
+
+def test_report_holds_every_list_of_every_stage_and_the_val_eers(tmp_path):
+    """What the README's demo table prints comes from the report: each stage's and baseline's per-list EERs with
+    intervals (not only the headline list's), the val EER each training stage chose its checkpoint by, and
+    an evaluation stage's val list."""
+    lists = {"test": _scored(8.0, 42), "test_ls10": _scored(2.5, 10, "10 speakers: intervals under-cover")}
+    summary = {"stages": {"s1": {"minutes": 0.8, "best_val_eer_pct": 21.5},
+                          "merge": {"minutes": 0.01},
+                          "eval": {"minutes": 0.3, "test": lists | {"val": _scored(4.7, 33)}}},
+               "baselines": {"fbank": {"test": _scored(14.0, 42), "test_ls10": _scored(13.0, 10)}},
+               "baseline_minutes": {"fbank": 0.1}, "wall_minutes": 1.21, "machine": {"threads": 2}}
+    out = pipeline.report(summary, tmp_path / "demo_pipeline.json")
+    assert out["stages"]["s1"] == {"minutes": 0.8, "best_val_eer_pct": 21.5}
+    assert out["stages"]["merge"] == {"minutes": 0.01}
+    evaluated = out["stages"]["eval"]["lists"]
+    assert list(evaluated) == ["test", "test_ls10", "val"]
+    assert evaluated["test_ls10"] == {"eer_pct": 2.5, "eer_ci_pct": [0.5, 4.5], "mindcf_0.01": 0.25,
+                                      "mindcf_0.01_ci": [0.1, 0.9], "mindcf_0.05": 0.125, "mindcf_0.05_ci": [0.1, 0.8],
+                                      "num_trials": 100, "num_target": 10, "ci_speakers": 10,
+                                      "ci_note": "10 speakers: intervals under-cover"}
+    assert evaluated["val"]["eer_ci_pct"] == [2.7, 6.7]
+    # the flat keys of the headline list stay as they were
+    assert out["stages"]["eval"]["eer_pct"] == 8.0 and out["final_test_eer_pct"] == 8.0
+    assert out["baselines"]["fbank"]["eer_pct"] == 14.0 and out["baselines"]["fbank"]["minutes"] == 0.1
+    assert out["baselines"]["fbank"]["lists"]["test_ls10"]["eer_ci_pct"] == [11.0, 15.0]
+    assert json.loads((tmp_path / "demo_pipeline.json").read_text()) == out

@@ -123,7 +123,7 @@ baselines: false
 def test_a_stage_failing_on_rank_zero_stops_every_rank_with_its_error(tmp_path, monkeypatch):
     """eval runs on rank 0 alone and fails (its init has a result.json but no model); rank 1, waiting for rank
     0's record, must raise rank 0's error at once, not sit in the broadcast until the 5-minute timeout."""
-    from svlib.data.prepare import prepare_manifest
+    from svlib.corpora.manifest import prepare_manifest
     from tests.conftest import DATA
 
     if not (DATA / "sv-mini").exists():

@@ -9,8 +9,11 @@ import pytest
 import soundfile as sf
 
 from svlib.audio import audio_seconds, load_audio, write_audio
+from svlib.corpora.manifest import prepare_manifest
+from svlib.corpora.noise import prepare_musan, prepare_rirs
+from svlib.corpora.prepare import main
+from svlib.corpora.voxceleb import prepare_voxceleb
 from svlib.data.lists import DataDir, ListError, read_audio_list, read_trials
-from svlib.data.prepare import main, prepare_manifest, prepare_musan, prepare_rirs, prepare_voxceleb
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -307,3 +310,20 @@ def test_utt2dur_names_a_broken_file_after_the_first(tmp_path):
     with pytest.raises(ListError, match=r"utt2dur of 'id00012/21Uxsk56VDQ/00002.m4a': .*00002.m4a: not a readable "
                                          r"audio file"):
         prepare_voxceleb(tmp_path / "vox2", tmp_path / "out", relative_to=tmp_path, workers=1, progress=False)
+
+
+@pytest.mark.parametrize("module", ["svlib.corpora.prepare", "svlib.data.prepare"])
+def test_prepare_command_under_its_new_and_old_module_paths(tmp_path, module):
+    """``python -m svlib.data.prepare`` (what users' scripts call) still runs the command, which now lives in
+    ``svlib.corpora.prepare``: same subcommands, same one-line error and exit code 2."""
+    import subprocess
+    import sys
+
+    (tmp_path / "musan").mkdir()
+    run = [sys.executable, "-m", module]
+    out = subprocess.run(run + ["musan", "--root", str(tmp_path / "musan"), "--out", str(tmp_path / "m.list")],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr == f"error: {tmp_path / 'musan'}: no MUSAN files in {{noise,music,speech}}/<sub>/*.wav\n"
+    listed = subprocess.run(run + ["-h"], capture_output=True, text=True, timeout=120, cwd=REPO).stdout
+    assert "{manifest,voxceleb,cnceleb,musan,rirs,demo,esc10,simrirs,demo-table}" in listed

@@ -19,7 +19,8 @@ from experiments import train as train_stage
 from experiments.common import DataConfig, max_relative_diff
 from svlib.config import ConfigError, from_dict
 from svlib.model.speaker import SpeakerModelConfig, build_speaker_model, load_model, save_model
-from svlib.pruning import MaskConfig, attach_masks, count_params, dense_sizes, layer_sizes, shrink_encoder
+from svlib.pruning import (DistillObjective, MaskConfig, attach_masks, count_params, dense_sizes, layer_sizes,
+                           random_masks, shrink_encoder)
 from svlib.pruning.counting import KINDS
 from svlib.tracking import Tracker
 
@@ -43,7 +44,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, sv_mini):
-    from svlib.data.prepare import prepare_manifest
+    from svlib.corpora.manifest import prepare_manifest
 
     root = tmp_path_factory.mktemp("prune")
     old = os.getcwd()
@@ -245,10 +246,10 @@ def test_random_baseline_keeps_the_per_kind_counts(work, chain, tmp_path):
     def widths(masks):
         return [{k: int(m[k].sum()) for k in KINDS} for m in masks]
 
-    assert [{k: layer[k] for k in KINDS} for layer in rnd] == widths(P.random_masks(dense, kd, 3))
+    assert [{k: layer[k] for k in KINDS} for layer in rnd] == widths(random_masks(dense, kd, 3))
     # ... and the widths per layer are random too: a fixed set of seeds (deterministic) gives several
     # structures, not only the KD one (with 2 layers, 16 of 128 FFN units, a draw can repeat it by chance)
-    drawn = [widths(P.random_masks(dense, kd, seed)) for seed in range(8)]
+    drawn = [widths(random_masks(dense, kd, seed)) for seed in range(8)]
     assert all(sum(w[i][k] for i in range(len(w))) == sum(layer[k] for layer in kd) for w in drawn for k in KINDS)
     assert len({json.dumps(w) for w in drawn}) > 2
     assert any(w != [{k: layer[k] for k in KINDS} for layer in kd] for w in drawn)
@@ -278,7 +279,7 @@ def test_random_baseline_matched_per_layer(work, chain, tmp_path):
     assert record["params_encoder"] == kd_record["params_encoder"]
     # the units: not the ones distillation kept, and exactly the ones random_masks draws
     teacher = load_model(work["teacher"] / "model").frontend.encoder
-    drawn = P.random_masks(layer_sizes(teacher), kd_record["layers"], 3, "layer")
+    drawn = random_masks(layer_sizes(teacher), kd_record["layers"], 3, "layer")
     kd_units = kd_kept_units(root)
     partial = [(i, k) for i, layer in enumerate(kd_record["layers"]) for k in KINDS
                if 0 < layer[k] < dense_sizes(teacher.config)[i][k]]
@@ -319,7 +320,7 @@ def test_prune1_target_ramps_from_the_initial_gates():
                                                                "backend": {"type": "mfa", "adapter_dim": 16,
                                                                            "embed_dim": 32}})).frontend.encoder
     mask_set = attach_masks(model, cfg.prune.masks)
-    objective = P.DistillObjective(cfg.distill, 3, cfg.prune, mask_set)
+    objective = DistillObjective(cfg.distill, 3, cfg.prune, mask_set)
     start = float(mask_set.expected_sparsity())
     assert 0.0 < start < 0.6
     assert objective.schedule(0) == pytest.approx(start) and objective.schedule(10) == 0.6
@@ -355,7 +356,7 @@ def test_deterministic_constraint_is_straight_through():
     for mode in ("expected", "deterministic"):
         cfg = from_dict(P.DistillStageConfig, {"prune": {"target_sparsity": 0.5, "warmup_steps": 0,
                                                          "lambda1_init": 1.0, "constrain": mode}})
-        objective = P.DistillObjective(cfg.distill, 3, cfg.prune, mask_set).eval()
+        objective = DistillObjective(cfg.distill, 3, cfg.prune, mask_set).eval()
         mask_set.zero_grad()
         losses[mode], _, extras[mode] = objective(outputs, None)
         losses[mode].backward()

@@ -407,13 +407,13 @@ def test_a_retry_copies_the_metrics_of_the_stages_it_reuses(tmp_path):
 
 
 def test_readme_pareto_command_reads_the_readme_grid_sweep(fake_trials):
-    """The README's `sweeps.study pareto` line, run after the README's grid sweep (same study and storage)."""
+    """docs/sweeps.md's `sweeps.study pareto` line, run after the page's grid sweep (same study and storage)."""
     import shlex
     import subprocess
     import sys
 
     root, _calls = fake_trials
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "sweeps.md").read_text()
     grid_line = next(line for line in readme.splitlines() if "sweeps.prune_sweep" in line and "--grid" in line
                      and "demo.yaml" in line)
     pareto = next(line for line in readme.splitlines() if "sweeps.study pareto" in line)

@@ -8,9 +8,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Wav2Vec2BertConfig, Wav2Vec2BertModel
 
-from svlib.pruning import shrink as shrink_module
+from svlib.model import structure as shrink_module
 from svlib.pruning import (
     ConstantBlock,
+    DistillPair,
     Lagrangian,
     MaskConfig,
     TargetSchedule,
@@ -261,12 +262,12 @@ def test_target_schedule_of_a_tensor_step_equals_the_float_one():
 
 
 def distill_objective(mask_set, constrain="expected", warmup_steps=10):
-    from experiments import prune as P
     from svlib.config import from_dict
+    from svlib.pruning import DistillConfig, DistillObjective, PruneConfig
 
-    cfg = from_dict(P.DistillStageConfig, {"prune": {"target_sparsity": 0.5, "warmup_steps": warmup_steps,
-                                                     "lambda2_init": 1.0, "constrain": constrain}})
-    return P.DistillObjective(cfg.distill, mask_set.config.num_hidden_layers + 1, cfg.prune, mask_set)
+    prune = from_dict(PruneConfig, {"target_sparsity": 0.5, "warmup_steps": warmup_steps, "lambda2_init": 1.0,
+                                    "constrain": constrain})
+    return DistillObjective(DistillConfig(), mask_set.config.num_hidden_layers + 1, prune, mask_set)
 
 
 def student_and_teacher(model, teacher, feats, mask):
@@ -339,7 +340,6 @@ class _Batches:
 
 def test_engine_reads_pruning_metrics_only_on_log_steps(tmp_path):
     """Through the engine (prune1's loop): the extras stay on the device between log steps."""
-    from experiments import prune as P
     from svlib.config import from_dict
     from svlib.features import W2VBertFbank
     from svlib.model.frontend import Frontend
@@ -353,7 +353,7 @@ def test_engine_reads_pruning_metrics_only_on_log_steps(tmp_path):
     torch.manual_seed(0)
     student, teacher = tiny_frontend(), tiny_frontend()
     mask_set = attach_masks(student.encoder)
-    pair = P.DistillPair(Frontend(student.encoder), teacher, mask_set, features=W2VBertFbank())
+    pair = DistillPair(Frontend(student.encoder), teacher, mask_set, features=W2VBertFbank())
     objective = distill_objective(mask_set)
     per_step = []
     forward = objective.forward
@@ -377,7 +377,6 @@ def test_engine_reads_pruning_metrics_only_on_log_steps(tmp_path):
 def test_distill_pair_feeds_both_encoders_the_teacher_models_features():
     """A teacher trained on un-normalised log-mel is distilled on the same features, never silently on the
     per-utterance normalised default (run_distill's wiring: tests/test_prune_stages.py)."""
-    from experiments import prune as P
     from svlib.config import from_dict
     from svlib.features import W2VBertFbank
     from svlib.model.speaker import SpeakerModelConfig, build_speaker_model
@@ -389,8 +388,8 @@ def test_distill_pair_feeds_both_encoders_the_teacher_models_features():
     student = build_speaker_model(from_dict(SpeakerModelConfig, {
         "frontend": {"preset": "tiny"}, "backend": {"type": "mfa", "adapter_dim": 16, "embed_dim": 32}})).frontend
     with pytest.raises(TypeError, match="features"):
-        P.DistillPair(student, teacher.frontend)  # no silent default
-    pair = P.DistillPair(student, teacher.frontend, None, features=teacher.features).eval()
+        DistillPair(student, teacher.frontend)  # no silent default
+    pair = DistillPair(student, teacher.frontend, None, features=teacher.features).eval()
     g = torch.Generator().manual_seed(1)
     waves, lengths = 0.1 * torch.randn(2, 16000, generator=g), torch.tensor([16000, 12000])
     with torch.no_grad():
@@ -586,3 +585,25 @@ def test_rotary_head_shrinking_refused_on_transformers_4(monkeypatch):
     monkeypatch.setattr(shrink_module, "TRANSFORMERS_VERSION", "5.0.0")
     shrink_encoder(model, [{"heads": layer["heads"]} for layer in masks])
     assert [s["heads"] for s in layer_sizes(model)] == [int((m["heads"] != 0).sum()) for m in masks]
+
+
+def test_a_pruned_folder_loads_through_the_model_layer_alone(tmp_path):
+    """``load_encoder`` rebuilds a shrunk folder at its recorded widths without importing ``svlib.pruning``
+    (the model layer never imports it: tests/test_import_cycles.py)."""
+    import subprocess
+
+    model = tiny_model(5)
+    mask_set = attach_masks(model)
+    randomise_gates(mask_set, 5, empty={(0, "conv")})
+    prune_model(model, mask_set)
+    folder = save_pruned_encoder(model, tmp_path / "pruned")
+    code = ("import json, sys; from svlib.model.frontend import load_encoder; "
+            "from svlib.model.structure import layer_sizes; "
+            f"encoder = load_encoder({str(folder)!r}); "
+            "print(json.dumps([layer_sizes(encoder), sorted(m for m in sys.modules if m.startswith('svlib.pruning'))]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    sizes, pruning_modules = json.loads(out.stdout)
+    assert sizes == layer_sizes(model) and sizes[0]["conv"] == 0
+    assert pruning_modules == []

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from svlib.data.demo_data import prepare_demo, prepare_esc10
+from svlib.corpora.demo_data import prepare_demo, prepare_esc10
+from svlib.corpora.public_corpora import build_public, main
 from svlib.data.lists import DataDir, ListError, read_trials
-from svlib.data.public_corpora import build_public, main
 from tests.fake_corpora import write_layout
 
 

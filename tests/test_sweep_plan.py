@@ -266,13 +266,13 @@ def test_format_plan(cfg):
 
 
 def test_the_readmes_plan_output_is_what_its_command_prints():
-    """README "Sweeps": the --plan command, run as written, prints every line of the output the README shows."""
+    """docs/sweeps.md: the --plan command, run as written, prints every line of the output the page shows."""
     import re
     import shlex
     import subprocess
     import sys
 
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "sweeps.md").read_text()
     line = next(line for line in readme.splitlines() if "sweeps.prune_sweep" in line and "--plan" in line)
     words = shlex.split(line.split("  #")[0])
     shown = readme.split("Its output for the full-size grid", 1)[1]

@@ -5,7 +5,7 @@ from experiments import pipeline
 from experiments.common import read_result
 from experiments.train import TrainStageConfig, run
 from svlib.config import load_config
-from svlib.data.prepare import prepare_manifest
+from svlib.corpora.manifest import prepare_manifest
 from tests.conftest import SMOKE_CONFIG
 
 

@@ -1,4 +1,9 @@
-"""Data lists (Kaldi data dirs, trials, noise/RIR lists), preparation, sampling and augmentation."""
+"""What training reads: Kaldi-style lists (``lists``: data dirs, trials, noise/RIR lists), batches (``sampling``),
+augmentation (``augment``: noise, reverb) and the telephone channel (``channel``).
+
+Not here: turning a corpus into those lists (``svlib.corpora``; ``svlib.data.prepare`` is only an alias of its
+command). This package never imports ``svlib.corpora``.
+"""
 from svlib.data.lists import (
     AudioEntry,
     DataDir,

@@ -40,13 +40,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import numpy as np
 import torch
 
 from svlib.audio import SAMPLE_RATE, audio_info, fit_length, load_audio
-from svlib.data.channel import TelephoneConfig, telephone
+from svlib.data.channel import TelephoneConfig, reverberate, telephone, valid_mask
 from svlib.data.lists import ListError, read_audio_list
 from svlib.data.sampling import WaveCache
 
@@ -136,44 +136,19 @@ def read_rir_list(path: str | os.PathLike) -> list[str]:
     return out
 
 
-def _valid_mask(lengths: torch.Tensor | None, batch: int, num: int, device) -> torch.Tensor:
-    if lengths is None:
-        return torch.ones(batch, num, dtype=torch.bool, device=device)
-    return torch.arange(num, device=device)[None, :] < lengths.to(device)[:, None]
-
-
 def add_noise(waves: torch.Tensor, noise: torch.Tensor, snr_db: torch.Tensor,
               lengths: torch.Tensor | None = None) -> torch.Tensor:
     """``x + g n`` with ``g = sqrt(P_x / (P_n 10^(snr/10)))``, powers over valid samples; rows [B, N].
 
     A silent noise row (``P_n = 0``) leaves its utterance unchanged instead of dividing by zero.
     """
-    mask = _valid_mask(lengths, waves.shape[0], waves.shape[1], waves.device).to(waves.dtype)
+    mask = valid_mask(lengths, waves.shape[0], waves.shape[1], waves.device).to(waves.dtype)
     noise = noise * mask
     p_x = (waves * waves * mask).sum(1)
     p_n = (noise * noise).sum(1)  # the count of valid samples cancels in the ratio
     gain = torch.where(p_n > 0, torch.sqrt(p_x / (p_n.clamp_min(1e-30) * 10.0 ** (snr_db.to(waves) / 10.0))),
                        torch.zeros_like(p_n))
     return waves + gain[:, None] * noise
-
-
-def reverberate(waves: torch.Tensor, rirs: torch.Tensor, peaks: torch.Tensor | Sequence[int],
-                lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """Row ``b`` becomes ``(x_b * h_b)[n + peaks[b]]`` for ``n < lengths[b]`` (padding is kept as it was).
-
-    ``rirs`` [B, R] are used as given (normalise them first); FFT size ``>= N + R - 1`` so the linear
-    convolution does not wrap around.
-    """
-    batch, num = waves.shape
-    mask = _valid_mask(lengths, batch, num, waves.device)
-    x = waves * mask
-    size = num + rirs.shape[1] - 1
-    size = 1 << (size - 1).bit_length()  # power of two: fastest FFT path on both CPU and GPU
-    full = torch.fft.irfft(torch.fft.rfft(x, n=size) * torch.fft.rfft(rirs.to(x), n=size), n=size)
-    peaks = torch.as_tensor(peaks, device=waves.device, dtype=torch.long)
-    index = peaks[:, None] + torch.arange(num, device=waves.device)[None, :]
-    shifted = torch.gather(full, 1, index)
-    return torch.where(mask, shifted, waves)
 
 
 class Augmenter:
@@ -224,7 +199,7 @@ class Augmenter:
     @classmethod
     def from_lists(cls, cfg: AugmentConfig, noise_list_path: str | os.PathLike | None = None,
                    rir_list_path: str | os.PathLike | None = None, **kwargs) -> "Augmenter":
-        """Build from the lists that ``svlib.data.prepare`` writes (either may be None when unused)."""
+        """Build from the lists that ``svlib.corpora.prepare`` writes (either may be None when unused)."""
         noises = read_noise_list(noise_list_path) if noise_list_path is not None else []
         rirs = read_rir_list(rir_list_path) if rir_list_path is not None else []
         return cls(cfg, noises, rirs, **kwargs)

@@ -13,7 +13,8 @@ The telephone path of an utterance ``x`` at 16 kHz:
    ``interp_cutoff`` < 4 kHz) that removes the spectral image of step 2 above 4 kHz (the gain 2 restores the
    level the zeros halved).
 
-The filters are symmetric, so they are applied by ``svlib.data.augment.reverberate`` with their centre tap as
+The filters are symmetric, so they are applied by ``reverberate`` (here: the linear filter that both a room's
+impulse response in ``svlib.data.augment`` and the telephone line's FIRs go through) with their centre tap as
 the "direct-path peak": zero delay, the speech stays where it was (crops, labels and lengths stay valid) and
 padding is kept as it was. With ``taps`` = 255 and Kaiser ``beta`` = 8 (~80 dB side lobes, transition
 ~0.32 kHz) the band above 4 kHz is attenuated by more than 60 dB and the pass band is flat to ~0.1 dB
@@ -22,13 +23,14 @@ padding is kept as it was. With ``taps`` = 255 and Kaiser ``beta`` = 8 (~80 dB s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from svlib.audio import SAMPLE_RATE
 
-__all__ = ["TelephoneConfig", "fir_bandpass", "mu_law", "telephone"]
+__all__ = ["TelephoneConfig", "fir_bandpass", "mu_law", "reverberate", "telephone", "valid_mask"]
 
 MU = 255.0
 PHONE_RATE = 8000
@@ -77,10 +79,34 @@ def mu_law(x: torch.Tensor, bits: int = 8, mu: float = MU) -> torch.Tensor:
     return torch.sign(c) * ((1.0 + mu) ** c.abs() - 1.0) / mu
 
 
+def valid_mask(lengths: torch.Tensor | None, batch: int, num: int, device) -> torch.Tensor:
+    """[B, N] True on the samples before each row's length (all of them when ``lengths`` is None)."""
+    if lengths is None:
+        return torch.ones(batch, num, dtype=torch.bool, device=device)
+    return torch.arange(num, device=device)[None, :] < lengths.to(device)[:, None]
+
+
+def reverberate(waves: torch.Tensor, rirs: torch.Tensor, peaks: torch.Tensor | Sequence[int],
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """Row ``b`` becomes ``(x_b * h_b)[n + peaks[b]]`` for ``n < lengths[b]`` (padding is kept as it was).
+
+    ``rirs`` [B, R] are used as given (normalise them first); FFT size ``>= N + R - 1`` so the linear
+    convolution does not wrap around.
+    """
+    batch, num = waves.shape
+    mask = valid_mask(lengths, batch, num, waves.device)
+    x = waves * mask
+    size = num + rirs.shape[1] - 1
+    size = 1 << (size - 1).bit_length()  # power of two: fastest FFT path on both CPU and GPU
+    full = torch.fft.irfft(torch.fft.rfft(x, n=size) * torch.fft.rfft(rirs.to(x), n=size), n=size)
+    peaks = torch.as_tensor(peaks, device=waves.device, dtype=torch.long)
+    index = peaks[:, None] + torch.arange(num, device=waves.device)[None, :]
+    shifted = torch.gather(full, 1, index)
+    return torch.where(mask, shifted, waves)
+
+
 def _filter(waves: torch.Tensor, h: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     """Zero-delay linear-phase FIR on the valid part of rows [B, N] (the centre tap is ``reverberate``'s peak)."""
-    from svlib.data.augment import reverberate  # augment imports this module; import here to avoid a cycle
-
     rows = h.to(waves)[None].expand(waves.shape[0], -1)
     return reverberate(waves, rows, [(h.numel() - 1) // 2] * waves.shape[0], lengths)
 

@@ -40,6 +40,7 @@ __all__ = [
     "write_audio_list",
     "read_scp",
     "read_segment",
+    "read_fields",
 ]
 
 
@@ -65,7 +66,9 @@ def _raw_lines(path: Path) -> Iterator[tuple[int, str, list[str]]]:
             yield number, line.strip(), fields
 
 
-def _lines(path: Path) -> Iterator[tuple[int, list[str]]]:
+def read_fields(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """``(line_number, fields)`` of every non-blank line of a whitespace-separated text file (for readers of
+    other Kaldi-style lists, e.g. a corpus's own, whose errors then name the file and line)."""
     for number, _, fields in _raw_lines(path):
         yield number, fields
 
@@ -191,6 +194,11 @@ def _read_table_by_line(path: Path, lines: list[str], num_fields: int | None, wh
             raise ListError(f"{path}:{number}: duplicate key '{key}' (first on line {first[key]})")
         out[key], first[key] = value, number
     return out
+
+
+def read_utt2spk(path: str | os.PathLike) -> dict[str, str]:
+    """A lone ``utt2spk`` (``<utt> <speaker>`` per line) as utt -> speaker; errors name the file and line."""
+    return _read_table(Path(path), 2, "<utt> <speaker>").values
 
 
 def read_scp(path: str | os.PathLike) -> dict[str, str]:
@@ -457,7 +465,7 @@ class DataDir:
         if s2u_path.exists():
             # A stale spk2utt (utt2spk edited, spk2utt not regenerated) silently breaks Kaldi tools; catch it.
             seen: set[str] = set()
-            for number, fields in _lines(s2u_path):
+            for number, fields in read_fields(s2u_path):
                 spk, utts = fields[0], fields[1:]
                 if set(map(utt2spk.get, utts)) != {spk}:  # C-level lookups; the loop below only names the culprit
                     for utt in utts:
@@ -621,7 +629,7 @@ def read_trials(path: str | os.PathLike) -> Trials:
     path = Path(path)
     enroll, test, labels = [], [], []
     form = None
-    for number, fields in _lines(path):
+    for number, fields in read_fields(path):
         if len(fields) != 3:
             raise ListError(f"{path}:{number}: expected 3 fields ('1 enroll test' or 'enroll test target'), got {len(fields)}")
         if form is None:
@@ -672,7 +680,7 @@ def read_audio_list(path: str | os.PathLike, check_files: bool = False) -> list[
     """Read a ``name category path`` list (noise or RIR); relative paths resolve against the cwd."""
     path = Path(path)
     out, seen = [], {}
-    for number, fields in _lines(path):
+    for number, fields in read_fields(path):
         if len(fields) != 3:
             raise ListError(f"{path}:{number}: expected 3 fields '<name> <category> <path>', got {len(fields)}")
         name, category, file = fields

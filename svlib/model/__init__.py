@@ -1,4 +1,9 @@
-"""Speaker model: W2V-BERT 2.0 front-end (HF model, LoRA), back-ends (Layer-Adapter MFA, MHFA), save/load."""
+"""Speaker model: W2V-BERT 2.0 front-end (HF model, LoRA), back-ends (Layer-Adapter MFA, MHFA), save/load, and the
+encoder's per-layer widths (``structure``: shrinking, and rebuilding pruned folders when they load).
+
+Not here: how pruning chooses what to remove (masks, distillation: ``svlib.pruning``, which builds on this
+package; the model layer never imports it).
+"""
 from svlib.model.backends import MHFA, AdapterMFA, BackendConfig, build_backend
 from svlib.model.frontend import (
     PRESETS,

@@ -6,10 +6,10 @@ as ``facebook/w2v-bert-2.0`` ships) loads as is and a trained one can be handed 
 * ``PRESETS``: ``w2v-bert-2.0`` (the published architecture, 580,492,096 parameters), ``small`` (the CPU
   demo model, trained from scratch) and ``tiny`` (tests).
 * ``load_encoder(folder)`` is the one place an encoder folder becomes a model. Every build goes through
-  ``encoder_from_config``, which runs the hooks registered with ``register_encoder_hook`` between building the
-  stock modules and loading weights: structured pruning uses this to resize layers to the per-layer sizes
-  its folders carry in ``config.json``. It then gives the relative_key attention modules the exact, leaner
-  forward of ``svlib.model.attention`` (same modules and weights; ``SVLIB_ATTENTION=stock`` keeps HF's).
+  ``encoder_from_config``, which between building the stock modules and loading weights resizes the layers
+  to the per-layer widths a shrunk encoder's ``config.json`` records (``svlib.model.structure``: pruned
+  folders load without ``svlib.pruning``) and runs the hooks registered with ``register_encoder_hook``. It
+  then gives the relative_key attention modules the exact, leaner forward of ``svlib.model.attention`` (same modules and weights; ``SVLIB_ATTENTION=stock`` keeps HF's).
 * SpecAugment masking and LayerDrop are switched off whatever the folder says: the speaker model never uses
   ``masked_spec_embed`` (the published parameter count excludes it) and LayerDrop would drop hidden states
   that the multi-layer back-ends consume.
@@ -33,6 +33,7 @@ from transformers import Wav2Vec2BertConfig, Wav2Vec2BertModel
 from svlib.config import ConfigError, check_relative
 from svlib.files import save_tensors_atomic
 from svlib.model.attention import default_implementation, set_attention
+from svlib.model.structure import apply_recorded_widths
 
 __all__ = [
     "PRESETS",
@@ -210,9 +211,11 @@ def encoder_config(preset_or_folder: str | os.PathLike) -> Wav2Vec2BertConfig:
 
 
 def encoder_from_config(config: Wav2Vec2BertConfig) -> Wav2Vec2BertModel:
-    """A randomly initialised encoder for ``config`` (on the current default device), hooks applied, with the
-    attention implementation ``SVLIB_ATTENTION`` selects (default: the lean relative_key forward)."""
+    """A randomly initialised encoder for ``config`` (on the current default device), at the per-layer widths
+    the config records (a shrunk encoder, ``svlib.model.structure``), hooks applied, with the attention
+    implementation ``SVLIB_ATTENTION`` selects (default: the lean relative_key forward)."""
     encoder = Wav2Vec2BertModel(_prepare_config(config))
+    apply_recorded_widths(encoder)
     for hook in _ENCODER_HOOKS:
         hook(encoder)
     return set_attention(encoder, default_implementation())
@@ -294,10 +297,6 @@ def load_encoder(folder: str | os.PathLike) -> Wav2Vec2BertModel:
     """
     folder = Path(folder)
     config = encoder_config(folder)
-    if getattr(config, "svlib_pruned_layers", None):
-        from svlib.pruning.shrink import enable_pruned_loading  # pruning depends on this module, not back
-
-        enable_pruned_loading()
     weights = {k: v for k, v in _read_weights(folder).items() if k not in IGNORED_KEYS}
     return encoder_with_weights(config, weights, str(folder))
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-KINDS = ("heads", "ffn1", "ffn2", "conv")
+from svlib.model.structure import KINDS
+
 FRAMES_PER_SECOND = 50  # 10 ms fbank hop, two frames stacked by the W2V-BERT feature extractor
 
 

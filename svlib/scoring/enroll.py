@@ -33,13 +33,13 @@ class EnrollError(ValueError):
 
 def read_enroll_list(path: str | os.PathLike) -> dict[str, list[str]]:
     """``<enroll-id> <utt> [<utt> ...]`` per line -> ``{enroll_id: [utt, ...]}`` (file order kept)."""
-    from svlib.data.lists import ListError, _lines
+    from svlib.data.lists import ListError, read_fields
 
     path = Path(path)
     out: dict[str, list[str]] = {}
     first_line: dict[str, int] = {}
     try:
-        for number, fields in _lines(path):
+        for number, fields in read_fields(path):
             if len(fields) < 2:
                 raise EnrollError(f"{path}:{number}: expected '<enroll-id> <utt> [<utt> ...]', "
                                   f"got {len(fields)} field(s)")

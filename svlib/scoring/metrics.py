@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import operator
 import os
-import tempfile
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from svlib.files import respect_umask
+from svlib.files import replace_atomic
 
 __all__ = [
     "ScoringError",
@@ -230,6 +231,9 @@ def draw_det(ax, curves: Mapping[str, tuple], title: str | None = None, mindcf_p
     """Draw DET curves on ``ax`` with normal-deviate (probit) axes; each legend entry shows its EER
     (and its minDCF at ``mindcf_p`` when given).
 
+    The legend is the figure's, below the axes (``ax``'s figure should use constrained layout, which makes
+    room for it): inside, a high-EER curve runs through whichever corner it is put in.
+
     ``curves`` maps a name to ``(scores, labels)``. Rates of exactly 0 or 1 sit at +/- infinity on a
     probit axis, so they are clipped to the plotted range.
     """
@@ -260,7 +264,7 @@ def draw_det(ax, curves: Mapping[str, tuple], title: str | None = None, mindcf_p
     ax.set_xlabel("False alarm rate (%)")
     ax.set_ylabel("Miss rate (%)")
     ax.grid(True, color="0.85", linewidth=0.6)
-    ax.legend(loc="upper right", fontsize=legend_size)
+    ax.figure.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize=legend_size)
     if title:
         ax.set_title(title)
 
@@ -273,12 +277,11 @@ def plot_det(curves: Mapping[str, tuple], path, title: str | None = None) -> Pat
     if not curves:
         raise ScoringError("plot_det: no curves given")
     # A bare Figure with the Agg canvas: no pyplot state, so a notebook's backend is left alone.
-    fig = Figure(figsize=(5.5, 5.5))
+    fig = Figure(figsize=(5.5, 5.5 + 0.2 * len(curves)), layout="constrained")
     FigureCanvasAgg(fig)
     draw_det(fig.add_subplot(), curves, title)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
     fig.savefig(path, dpi=120, format="png")
     return path
 
@@ -469,20 +472,15 @@ def save_embeddings(path, utts: Sequence[str], matrix, durations=None,
     if durations is not None:
         arrays["durations"] = np.asarray(durations, dtype=np.float64)
     arrays.update(flags)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
+
+    def write_arrays(fd: int, tmp: str) -> None:
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **arrays)  # a file handle: np.savez would append ".npz" to a path
             fh.flush()
             os.fsync(fh.fileno())
-        respect_umask(tmp)  # mkstemp creates 0600: teammates could not read shared embeddings
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    # the umask's mode (mkstemp's 0600 would lock teammates out); a full disk names the file
+    return replace_atomic(path, write_arrays)
 
 
 def load_embeddings(path) -> EmbeddingTable:
@@ -510,8 +508,10 @@ def load_embeddings(path) -> EmbeddingTable:
             flags = {name: data[name] for name in QUALITY_FLAGS if name in keys}
     except EmbeddingFileError:
         raise
-    except (OSError, ValueError) as err:  # zip/pickle/format problems
+    except (OSError, ValueError) as err:  # pickle/format problems
         raise EmbeddingFileError(f"{path}: not a readable .npz file ({err})") from None
+    except (zipfile.BadZipFile, EOFError, zlib.error) as err:  # not OSError/ValueError: a traceback otherwise
+        raise EmbeddingFileError(f"{path}: truncated or corrupt .npz file ({err}); write it again") from None
     if utts.dtype.kind not in "US":
         raise EmbeddingFileError(f"{path}: 'utts' must be an array of strings, got dtype {utts.dtype}")
     if matrix.dtype.kind != "f":

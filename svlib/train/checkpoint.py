@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from svlib.files import umask_mode
+from svlib.files import remove_stale_temp_files, replace_atomic
 
 CKPT_PATTERN = re.compile(r"^ckpt_(\d+)\.pt$")
 
@@ -43,25 +42,48 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class _WriteRecorder:
+    """A file handle that remembers the ``OSError`` of a failed write: ``torch.save`` swallows it into
+    ``RuntimeError: unexpected pos 704 vs 598`` (a full disk), which says neither what nor where."""
+
+    def __init__(self, handle) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name: str):  # flush, tell, seek...: the handle's own
+        return getattr(self.handle, name)
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Atomically write ``state`` to ``path`` (creating its directory)."""
+    """Atomically write ``state`` to ``path`` (creating its directory); a failed write raises
+    ``svlib.files.WriteError`` naming ``path``.
+
+    Temporary files that killed writers left in the directory go first (``remove_stale_temp_files``: only
+    this host's, of PIDs that no longer run), so a run killed during saves does not pile them up."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
+    remove_stale_temp_files(path.parent)
+
+    def write_state(fd: int, tmp: str) -> None:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
+            recorder = _WriteRecorder(handle)
+            try:
+                torch.save(state, recorder)
+            except RuntimeError:
+                if recorder.error is None:
+                    raise
+                raise recorder.error from None
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp_name, umask_mode())  # mkstemp creates 0600: a teammate resuming or reading must get in
-        os.replace(tmp_name, path)
-    except BaseException:
-        # Includes KeyboardInterrupt: never leave temporary files to pile up next to the checkpoints.
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
+
+    # a failure removes the temporary file (KeyboardInterrupt included): none pile up next to the checkpoints
+    replace_atomic(path, write_state)
     _fsync_dir(path.parent)
     return path
 

@@ -1,7 +1,7 @@
 """Download the public corpora of the demo when ``../shared/data`` is absent: resumable, checksummed, with progress.
 
-    python -m svlib.data.download --list
-    python -m svlib.data.download librispeech-test-other librispeech-train-clean-100 speechocean762 esc50 \\
+    python -m svlib.corpora.download --list
+    python -m svlib.corpora.download librispeech-test-other librispeech-train-clean-100 speechocean762 esc50 \\
         [--root data/downloads] [--no-extract]
 
 Each archive goes to ``ROOT/<file>`` and is unpacked into ``ROOT/<name>/`` (a ``.complete`` stamp marks a
@@ -377,7 +377,7 @@ def fetch(name: str, root: str | os.PathLike = "data/downloads", unpack: bool = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m svlib.data.download", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m svlib.corpora.download", description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", help=f"corpora to fetch: {', '.join(SOURCES)}")
     parser.add_argument("--root", default="data/downloads")
     parser.add_argument("--no-extract", action="store_true")

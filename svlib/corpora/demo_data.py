@@ -1,10 +1,10 @@
 """Data for the demo beyond sv-bench: speechocean762 speakers, ESC-10 noise lists and simulated room responses.
 
-    python -m svlib.data.prepare demo     --sv-bench ../shared/data/sv-bench/manifest.csv \\
+    python -m svlib.corpora.prepare demo     --sv-bench ../shared/data/sv-bench/manifest.csv \\
         --so762 ../shared/data/speechocean762-train --esc10 ../shared/data/esc10-noise/manifest.csv --out data/demo
-    python -m svlib.data.prepare esc10    --manifest ../shared/data/esc10-noise/manifest.csv --out data/esc10
-    python -m svlib.data.prepare simrirs  --out data/rirs-sim [--num 200 --seed 0]
-    python -m svlib.data.prepare demo-table --summary data/demo/split_summary.json   # the README's split table
+    python -m svlib.corpora.prepare esc10    --manifest ../shared/data/esc10-noise/manifest.csv --out data/esc10
+    python -m svlib.corpora.prepare simrirs  --out data/rirs-sim [--num 200 --seed 0]
+    python -m svlib.corpora.prepare demo-table --summary data/demo/split_summary.json   # docs/data.md's split table
 
 **Splits** (``prepare_demo``), speakers disjoint across train / val / test, deterministic from ``seed``:
 
@@ -42,7 +42,6 @@ the first ``n`` RIRs of ``num = 2n`` equal those of ``num = n``.
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import time
@@ -53,9 +52,10 @@ from pathlib import Path
 import numpy as np
 
 from svlib.audio import SAMPLE_RATE, audio_info, write_audio
+from svlib.corpora.common import check_first_decodes, csv_rows, cut_segments, inside_folder, pick, relative_path
+from svlib.corpora.manifest import (LONG_FOLDERS, TEST_FOLDERS, WORD_FOLDERS, ManifestRow, all_pairs, read_manifest,
+                                    sampled_pairs, true_seconds)
 from svlib.data.lists import AudioEntry, DataDir, ListError, Trials, write_audio_list, write_trials
-from svlib.data.prepare import (LONG_FOLDERS, TEST_FOLDERS, WORD_FOLDERS, ManifestRow, _cut, _pick, _rel,
-                                _true_seconds, all_pairs, check_first_decodes, read_manifest, sampled_pairs)
 from svlib.files import write_json
 
 __all__ = ["CHILD_MAX_AGE", "RirSimConfig", "prepare_demo", "prepare_esc10", "read_speaker_table",
@@ -79,28 +79,20 @@ def prepare_esc10(manifest: str | os.PathLike, out: str | os.PathLike, train_fol
     parts: dict[str, list[AudioEntry]] = {"train": [], "heldout": []}
     folds: dict[str, set] = {"train": set(), "heldout": set()}
     classes: dict[str, set] = {"train": set(), "heldout": set()}
-    with open(manifest, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in ESC10_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ListError(f"{manifest}:1: header lacks column(s) {missing}; has {reader.fieldnames}")
-        for row in reader:
-            line = reader.line_num
-            rel, label = (row.get("path") or "").strip(), (row.get("class") or "").strip()
-            if not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
-                raise ListError(f"{manifest}:{line}: path must be relative and inside the manifest's folder, "
-                                f"got {rel!r}")
-            if not label or any(c.isspace() for c in label):
-                raise ListError(f"{manifest}:{line}: class {label!r} is empty or contains whitespace")
-            try:
-                fold = int(row.get("fold") or "")
-            except ValueError:
-                raise ListError(f"{manifest}:{line}: fold must be an integer, got {row.get('fold')!r}") from None
-            part = "train" if fold in train_folds else "heldout"
-            parts[part].append(AudioEntry(f"esc10-{label}-{Path(rel).stem}", "noise",
-                                          _rel(manifest.parent / rel, relative_to)))
-            folds[part].add(fold)
-            classes[part].add(label)
+    for line, row in csv_rows(manifest, ESC10_COLUMNS):
+        rel = inside_folder(manifest, line, (row.get("path") or "").strip())
+        label = (row.get("class") or "").strip()
+        if not label or any(c.isspace() for c in label):
+            raise ListError(f"{manifest}:{line}: class {label!r} is empty or contains whitespace")
+        try:
+            fold = int(row.get("fold") or "")
+        except ValueError:
+            raise ListError(f"{manifest}:{line}: fold must be an integer, got {row.get('fold')!r}") from None
+        part = "train" if fold in train_folds else "heldout"
+        parts[part].append(AudioEntry(f"esc10-{label}-{Path(rel).stem}", "noise",
+                                      relative_path(manifest.parent / rel, relative_to)))
+        folds[part].add(fold)
+        classes[part].add(label)
     if not parts["train"]:
         raise ListError(f"{manifest}: no clip in the training folds {sorted(train_folds)}")
     for part, entries in parts.items():
@@ -251,7 +243,7 @@ def simulate_rirs(cache: str | os.PathLike, cfg: RirSimConfig = RirSimConfig(), 
         if verbose:
             print(f"{cache}: {cfg.num} RIRs in {seconds:.1f} s; measured/target RT60 median "
                   f"{manifest['rt60_measured_over_target_median']}")
-    entries = [AudioEntry(r["name"], r["category"], _rel(cache / "wav" / f"{r['name']}.wav", relative_to))
+    entries = [AudioEntry(r["name"], r["category"], relative_path(cache / "wav" / f"{r['name']}.wav", relative_to))
                for r in manifest["rirs"]]
     write_audio_list(cache / "rir.list", entries)
     return manifest
@@ -279,7 +271,7 @@ def read_speaker_table(path: str | os.PathLike, speakers, what: str) -> dict[str
 
 def stratified_pick(strata: dict[str, list[str]], n: int, seed: int, stream: int) -> list[str]:
     """``n`` speakers, ``n_s`` from stratum ``s`` with ``n_s`` proportional to its size (largest remainders,
-    ties by stratum name), each chosen by ``_pick`` with its own stream (so one stratum's size does not move
+    ties by stratum name), each chosen by ``pick`` with its own stream (so one stratum's size does not move
     another's choice)."""
     total = sum(len(v) for v in strata.values())
     if n > total:
@@ -290,7 +282,7 @@ def stratified_pick(strata: dict[str, list[str]], n: int, seed: int, stream: int
     by_remainder = sorted(names, key=lambda s: (-(quota[s] - counts[s]), s))
     for s in by_remainder[: n - sum(counts.values())]:
         counts[s] += 1
-    return sorted(u for s in names for u in _pick(strata[s], counts[s], seed, stream + zlib.crc32(s.encode())))
+    return sorted(u for s in names for u in pick(strata[s], counts[s], seed, stream + zlib.crc32(s.encode())))
 
 
 def _stratum(age: str, gender: str, where: str) -> str:
@@ -357,7 +349,7 @@ def prepare_demo(sv_bench_manifest: str | os.PathLike, so762_dir: str | os.PathL
 
     long_ok = sorted(s for s, f in folder_of.items() if f in LONG_FOLDERS
                      and any(r.seconds >= 2 * segment_seconds for r in by_speaker[s]))
-    val_long = _pick(long_ok, val_long_speakers, seed, 1)
+    val_long = pick(long_ok, val_long_speakers, seed, 1)
     bench_train = sorted(s for s, f in folder_of.items() if f not in TEST_FOLDERS and s not in set(val_long))
     if not so_train or not bench_train:
         raise ListError("no speechocean762 or sv-bench speakers left for training; hold fewer out")
@@ -399,7 +391,7 @@ def prepare_demo(sv_bench_manifest: str | os.PathLike, so762_dir: str | os.PathL
         return dict(sorted(counts.items()))
 
     summary = {
-        "sv_bench_manifest": _rel(Path(sv_bench_manifest), relative_to), "so762": _rel(so762_dir, relative_to),
+        "sv_bench_manifest": relative_path(Path(sv_bench_manifest), relative_to), "so762": relative_path(so762_dir, relative_to),
         "seed": seed,
         "params": {"so762_test_speakers": so762_test_speakers, "so762_val_speakers": so762_val_speakers,
                    "val_long_speakers": val_long_speakers, "segment_seconds": segment_seconds,
@@ -425,7 +417,7 @@ def _val_dir(manifest: Path, long_rows: dict[str, list[ManifestRow]], plain_rows
     wavs, utt2spk, segments, utt2rec, durations = {}, {}, {}, {}, {}
     for spk, rows in long_rows.items():
         for r in rows:
-            for start, end in _cut(_true_seconds(manifest, r, relative_to), segment_seconds):
+            for start, end in cut_segments(true_seconds(manifest, r, relative_to), segment_seconds):
                 seg = f"{r.utt}-{round(start * 1000):07d}-{round(end * 1000):07d}"
                 wavs[seg], utt2spk[seg], segments[seg], utt2rec[seg] = r.path, spk, (start, end), r.utt
                 durations[seg] = round(end - start, 3)
@@ -441,7 +433,7 @@ SET_LABELS = {"train": "train", "val": "val", "test": "test (all pairs)",
 
 
 def split_table(summary: dict) -> str:
-    """The README's markdown table of a ``prepare demo`` summary: speakers / utts / minutes / trials per set,
+    """docs/data.md's markdown table of a ``prepare demo`` summary: speakers / utts / minutes / trials per set,
     and where the speakers come from (speechocean762 strata in brackets)."""
     short = {"librispeech_train-clean-100": "train-clean-100", "librispeech_test-other": "test-other",
              "arabic_sc": "Arabic SC", "speechocean762": "speechocean762"}
@@ -461,7 +453,7 @@ def split_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-# ---- command line (``python -m svlib.data.prepare demo | esc10 | simrirs | demo-table``) ----------------------
+# ---- command line (``python -m svlib.corpora.prepare demo | esc10 | simrirs | demo-table``) ----------------------
 SUBCOMMANDS = ("demo", "esc10", "simrirs", "demo-table")
 
 

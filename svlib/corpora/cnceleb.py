@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from svlib.data.lists import DataDir, ListError, Trials, _lines, write_trials
+from svlib.corpora.common import relative_path
+from svlib.data.lists import DataDir, ListError, Trials, read_fields, write_trials
 
 __all__ = ["prepare_cnceleb", "AUDIO_EXTENSIONS"]
 
@@ -40,7 +41,7 @@ ENROLL_MODES = ("map", "lst")
 
 
 def _speaker_list(path: Path) -> list[str]:
-    speakers = [fields[0] for _, fields in _lines(path)]
+    speakers = [fields[0] for _, fields in read_fields(path)]
     if not speakers:
         raise ListError(f"{path}: no speakers listed")
     return speakers
@@ -91,7 +92,7 @@ def _enrolment(cn1: Path, mode: str, rel) -> tuple[dict[str, list[str]], dict[st
     models: dict[str, list[str]] = {}
     wavs: dict[str, str] = {}
     utt2spk: dict[str, str] = {}
-    for number, fields in _lines(path):
+    for number, fields in read_fields(path):
         if len(fields) < 2 or (mode == "lst" and len(fields) != 2):
             raise ListError(f"{path}:{number}: expected '<enroll-id> <file>{' [<file> ...]' if mode == 'map' else ''}'")
         model, files = fields[0], fields[1:]
@@ -115,7 +116,7 @@ def _trials(cn1: Path, models: dict[str, list[str]], rel) -> tuple[Trials, dict[
     path = cn1 / "eval" / "lists" / "trials.lst"
     enroll, test, labels = [], [], []
     wavs: dict[str, str] = {}
-    for number, fields in _lines(path):
+    for number, fields in read_fields(path):
         if len(fields) != 3 or fields[2] not in ("0", "1"):
             raise ListError(f"{path}:{number}: expected '<enroll-id> test/<file> 0|1', got {' '.join(fields)!r}")
         model, name, label = fields
@@ -140,7 +141,6 @@ def prepare_cnceleb(root: str | os.PathLike, out: str | os.PathLike, root2: str 
 
     ``root`` is CN-Celeb1 (``CN-Celeb_flac`` or its parent), ``root2`` optionally CN-Celeb2 for training.
     """
-    from svlib.data.prepare import _rel
     from svlib.scoring.enroll import write_enroll_list
 
     if enroll not in ENROLL_MODES:
@@ -159,7 +159,7 @@ def prepare_cnceleb(root: str | os.PathLike, out: str | os.PathLike, root2: str 
             raise ListError(f"{root2}: not a CN-Celeb2 folder (no data/)")
 
     def rel(path: Path) -> str:
-        return _rel(path, relative_to)
+        return relative_path(path, relative_to)
 
     out = Path(out)
     train = _train_dir(cn1, cn2, rel)
@@ -179,3 +179,21 @@ def prepare_cnceleb(root: str | os.PathLike, out: str | os.PathLike, root2: str 
     return {"train_speakers": len(train.speakers), "train_utterances": len(train),
             "enroll_models": len(models), "enroll_utterances": len(enroll_wavs),
             "test_utterances": len(test_wavs), "trials": len(trials), "target_trials": trials.num_target}
+
+
+# ---- command line (``python -m svlib.corpora.prepare cnceleb``) -----------------------------------------------
+SUBCOMMANDS = ("cnceleb",)
+
+
+def add_subcommands(sub) -> None:
+    c = sub.add_parser("cnceleb", help="train/eval dirs, enrolment list and trials from CN-Celeb1 (+ CN-Celeb2)")
+    c.add_argument("--root", required=True, help="CN-Celeb1 (CN-Celeb_flac)")
+    c.add_argument("--root2", help="CN-Celeb2 (CN-Celeb2_flac), added to training")
+    c.add_argument("--enroll", choices=("map", "lst"), default="map",
+                   help="enrolment utterances from enroll.map (several per model, default) or enroll.lst (one)")
+    c.add_argument("--out", required=True)
+
+
+def run_subcommand(args) -> None:
+    counts = prepare_cnceleb(args.root, args.out, args.root2, args.enroll, args.relative_to)
+    print(f"{args.out}: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in counts.items()))

@@ -1,12 +1,12 @@
-"""The shared-data folders rebuilt from the public downloads (``svlib.data.download``), for machines without
+"""The shared-data folders rebuilt from the public downloads (``svlib.corpora.download``), for machines without
 ``../shared/data``:
 
-    python -m svlib.data.download librispeech-test-other librispeech-train-clean-100 speechocean762 esc50
-    python -m svlib.data.public_corpora --downloads data/downloads --out data/public
-    python -m svlib.data.prepare demo --sv-bench data/public/sv-bench/manifest.csv \\
+    python -m svlib.corpora.download librispeech-test-other librispeech-train-clean-100 speechocean762 esc50
+    python -m svlib.corpora.public_corpora --downloads data/downloads --out data/public
+    python -m svlib.corpora.prepare demo --sv-bench data/public/sv-bench/manifest.csv \\
         --so762 data/public/speechocean762-train --esc10 data/public/esc10-noise/manifest.csv --out data/demo
 
-Each folder gets the ``manifest.csv`` (and speaker tables) that ``svlib.data.prepare`` / ``svlib.data.demo_data``
+Each folder gets the ``manifest.csv`` (and speaker tables) that ``svlib.corpora.prepare`` / ``svlib.corpora.demo_data``
 read, with symbolic links into the extracted archives (nothing is copied; paths stay inside the folder):
 
 - ``sv-bench/``: LibriSpeech test-other, ``test_speakers`` speakers with at least two chapters, ``test_utts``
@@ -43,7 +43,7 @@ HEADER = "path,speaker,source,licence,seconds,sample_rate"
 def _link(target: Path, link: Path) -> None:
     """``link`` -> ``target`` (absolute), replacing an older link; the folder's paths stay relative to it."""
     if not target.is_dir():
-        raise ListError(f"{target}: expected an extracted corpus folder here (run svlib.data.download first)")
+        raise ListError(f"{target}: expected an extracted corpus folder here (run svlib.corpora.download first)")
     link.parent.mkdir(parents=True, exist_ok=True)
     if link.is_symlink():
         link.unlink()
@@ -186,7 +186,7 @@ def build_public(downloads: str | os.PathLike, out: str | os.PathLike, seed: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m svlib.data.public_corpora", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m svlib.corpora.public_corpora", description=__doc__.split("\n\n")[0])
     parser.add_argument("--downloads", default="data/downloads")
     parser.add_argument("--out", default="data/public")
     parser.add_argument("--seed", type=int, default=0)

@@ -1,14 +1,14 @@
 """The demo's input folders, from ``../shared/data`` or, without it, from the public corpora (``make prepare-demo``):
 
-    python -m svlib.data.demo_sources [--shared ../shared/data] [--downloads data/downloads] \\
+    python -m svlib.corpora.demo_sources [--shared ../shared/data] [--downloads data/downloads] \\
         [--public data/public] [--out data/demo] [--mirror URL] [prepare demo options...]
 
 If ``SHARED`` has ``sv-bench/manifest.csv``, ``speechocean762-train/manifest.csv`` and ``esc10-noise/manifest.csv``
-they are used as they are. Otherwise the four public corpora (``svlib.data.download.SOURCES``) are downloaded and
+they are used as they are. Otherwise the four public corpora (``svlib.corpora.download.SOURCES``) are downloaded and
 unpacked into ``DOWNLOADS`` (resumable and checksummed; a corpus whose ``DOWNLOADS/<name>/.complete`` stamp
-exists is not fetched again) and ``svlib.data.public_corpora.build_public`` rebuilds the three folders under
+exists is not fetched again) and ``svlib.corpora.public_corpora.build_public`` rebuilds the three folders under
 ``PUBLIC`` (skipped when nothing new was fetched and they are complete). Either way the same
-``python -m svlib.data.prepare demo --sv-bench ... --so762 ... --esc10 ... --out OUT`` follows; options after
+``python -m svlib.corpora.prepare demo --sv-bench ... --so762 ... --esc10 ... --out OUT`` follows; options after
 the ones above (``--seed``, ``--so762-test-speakers``, ``--rir-cache -``, ...) are passed on to it.
 
 **Mirror.** ``--mirror URL`` (default: the ``SVLIB_DOWNLOAD_MIRROR`` environment variable) fetches every archive
@@ -27,9 +27,9 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from svlib.data.download import SOURCES, DownloadError, Source, download, extract
+from svlib.corpora.download import SOURCES, DownloadError, Source, download, extract
 from svlib.data.lists import ListError
-from svlib.data.public_corpora import build_public
+from svlib.corpora.public_corpora import build_public
 
 __all__ = ["CORPORA", "FOLDERS", "ensure_public", "has_folders", "main", "mirrored"]
 
@@ -71,24 +71,24 @@ def ensure_public(downloads: str | os.PathLike, public: str | os.PathLike,
 
 
 def _prepare_argv(root: str, out: str, rest: list[str]) -> list[str]:
-    """``python -m svlib.data.prepare`` arguments: ``demo`` on the three folders under ``root``."""
+    """``python -m svlib.corpora.prepare`` arguments: ``demo`` on the three folders under ``root``."""
     return ["demo", "--sv-bench", f"{root}/sv-bench/manifest.csv", "--so762", f"{root}/speechocean762-train",
             "--esc10", f"{root}/esc10-noise/manifest.csv", "--out", out, *rest]
 
 
 def _check_demo_options(argv: list[str]) -> None:
     """Parse ``argv`` as ``prepare demo`` would, so that a bad option fails before any download."""
-    from svlib.data.demo_data import add_subcommands
+    from svlib.corpora.demo_data import add_subcommands
 
-    parser = argparse.ArgumentParser(prog="python -m svlib.data.demo_sources ... (prepare demo options)")
+    parser = argparse.ArgumentParser(prog="python -m svlib.corpora.demo_sources ... (prepare demo options)")
     add_subcommands(parser.add_subparsers(dest="command"))
     parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None, sources: Mapping[str, Source] | None = None) -> int:
     """The command line; ``sources`` replaces ``SOURCES`` (tests: a local server, no published digests)."""
-    parser = argparse.ArgumentParser(prog="python -m svlib.data.demo_sources", description=__doc__.split("\n\n")[0],
-                                     epilog="Other options go to prepare demo (python -m svlib.data.prepare demo -h).",
+    parser = argparse.ArgumentParser(prog="python -m svlib.corpora.demo_sources", description=__doc__.split("\n\n")[0],
+                                     epilog="Other options go to prepare demo (python -m svlib.corpora.prepare demo -h).",
                                      allow_abbrev=False)  # prefixes of prepare demo options are not ours
     parser.add_argument("--shared", default="../shared/data", help="read-only shared data, used when complete")
     parser.add_argument("--downloads", default="data/downloads", help="where the archives go and are unpacked")
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None, sources: Mapping[str, Source] | None = N
     except (DownloadError, ListError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from svlib.data.prepare import main as prepare
+    from svlib.corpora.prepare import main as prepare
 
     return prepare(_prepare_argv(root.as_posix(), args.out, rest))
 
