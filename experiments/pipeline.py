@@ -319,6 +319,9 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg())}}
     dirs = stage_dirs(cfg)
     logged_models: dict[str, str] = {}  # stage -> its MLflow logged model's id (rank 0, tracked)
+    # an MLflow store, not a stand-in with the tracker's run/log interface (the full-size rehearsal's monitor):
+    # only a store keeps logged models and a dead pipeline's runs
+    to_store = isinstance(tracker, Tracker)
 
     def run_tracked(spec: StageSpec) -> dict:
         """This rank's part of one stage, in its own nested MLflow run on rank 0."""
@@ -335,10 +338,11 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
                     k: float(record[k]) for k in ("achieved_sparsity", "params_encoder") if k in record})
             # the stage's row of the runs table, and its model in the experiment's Models tab (an evaluation's
             # numbers go to the model it scored)
-            scored = logged_models.get(spec.init) if spec.kind == "evaluate" else None
-            model_id = log_stage_results(tracker, spec.name, spec.kind, dirs[spec.name], record, params, scored)
-            if model_id is not None:
-                logged_models[spec.name] = model_id
+            if to_store:
+                scored = logged_models.get(spec.init) if spec.kind == "evaluate" else None
+                model_id = log_stage_results(tracker, spec.name, spec.kind, dirs[spec.name], record, params, scored)
+                if model_id is not None:
+                    logged_models[spec.name] = model_id
         return record
 
     def finish() -> dict:
@@ -369,7 +373,7 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
         columns = ["stage"] + sorted({k for r in rows for k in r if k != "stage" and k != "minutes"}) + ["minutes"]
         summary["table"] = print_table(rows, columns, title=f"pipeline {cfg.name}: test trials per stage")
         summary["table"] += interval_notes(summary)
-        if tracker is not None:  # where its runs and its final model are (the printout, --register)
+        if to_store:  # where its runs and its final model are (the printout, --register)
             summary["mlflow"] = {"experiment": tracker.experiment, "experiment_id": tracker.experiment_id,
                                  "run_id": tracker.active_run_id,
                                  "final_model_id": logged_models.get(final_model_stage(cfg, summary) or "")}
@@ -395,7 +399,7 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
     with exclusive_out_dir(out):  # one pipeline per out_dir; every rank holds or checks it
         if tracker is None:
             return body()
-        if isinstance(tracker, Tracker):  # an MLflow store (not a stand-in such as the rehearsal's monitor)
+        if to_store:
             close_stale_runs(tracker.tracking_uri, tracker.experiment_id, out)  # a dead pipeline's, under our lock
         with tracker.run(f"pipeline:{cfg.name}", tags=tags, params={"pipeline": to_dict(cfg)}):
             return body()
