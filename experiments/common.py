@@ -224,9 +224,13 @@ def exclusive_out_dir(out: Path):
             raise OutDirBusy(f"{out}: another pipeline is running on this out_dir ({holder}); wait for it or stop "
                              "it, or give another out_dir") from None
         holder = _lock_holder()
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{holder}\n".encode())
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{holder}\n".encode())
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)  # releases the lock too
+            raise
         handle.append(fd)
         return holder
 
@@ -334,8 +338,31 @@ def log_stage_results(tracker, name: str, kind: str, stage_dir: Path, record: di
 
     model_id = None
     if kind in MODEL_KINDS and (stage_dir / "model" / MANIFEST).is_file():
-        model_id = tracker.log_model(stage_dir / "model", name, params, tags={"stage": name, "kind": kind})
+        model_id = _logged_model(tracker, stage_dir, name, kind, params)
     tracker.log_metrics(stage_headline(record), model_id=model_id or scored_model)
+    return model_id
+
+
+LOGGED_MODEL = "mlflow_model.json"  # <stage>/mlflow_model.json: the stage's logged model, per tracking store
+
+
+def _logged_model(tracker, stage_dir: Path, name: str, kind: str, params: Any) -> str | None:
+    """The id of ``stage_dir``'s model as a logged model of ``tracker``'s store: the one logged earlier (a rerun
+    skips the finished stage, and must not upload its 2.3 GB folder again for every rerun), else a new upload.
+    A failed upload (quota, an upload limit) is a warning: the stage's work is done and on disk."""
+    import logging
+
+    record_path = stage_dir / LOGGED_MODEL
+    known = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if known.get(tracker.tracking_uri):
+        return known[tracker.tracking_uri]
+    try:
+        model_id = tracker.log_model(stage_dir / "model", name, params, tags={"stage": name, "kind": kind})
+    except Exception as err:  # noqa: BLE001
+        logging.getLogger("experiments").warning("stage %s: its model was not logged to MLflow: %s", name, err)
+        return None
+    if model_id is not None:
+        write_json(record_path, known | {tracker.tracking_uri: model_id})
     return model_id
 
 

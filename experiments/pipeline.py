@@ -18,7 +18,9 @@ a rank failing inside a collective stage exits and torchrun stops the others.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,9 +44,11 @@ from svlib.config import (ConfigError, check_overrides, check_relative, from_dic
 from svlib.data.lists import ListError
 from svlib.files import write_json
 from svlib.package import PackageError, check_registry_name
-from svlib.tracking import (OUT_DIR_TAG, Tracker, close_stale_runs, data_fingerprint, git_commit, headline_metrics,
+from svlib.tracking import (HOST_TAG, OUT_DIR_TAG, Tracker, close_stale_runs, data_fingerprint, git_commit, headline_metrics,
                             test_list_of, where_to_look)
 from svlib.train.engine import ResumeError
+
+log = logging.getLogger("experiments.pipeline")
 
 STAGE_KINDS = ("train", "merge", "evaluate", "prune", "shrink", "graft", "random_prune", "control", "use")
 # kinds with a stage YAML, and the config class it is validated into
@@ -313,7 +317,7 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
     tags = {}
     if tracker is not None:
         tags = {"kind": "pipeline", "git_commit": git_commit(), "data_fingerprint": data_fingerprint(cfg.data.list_files()),
-                OUT_DIR_TAG: str(out.resolve())}
+                OUT_DIR_TAG: str(out.resolve()), HOST_TAG: socket.gethostname()}
     # the machine's state, for reading the minutes (shared machines swing 2-5x): threads, cores, load averages
     summary: dict = {"name": cfg.name, "stages": {}, "machine": {
         "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average_start": list(os.getloadavg())}}
@@ -400,7 +404,10 @@ def run(cfg: PipelineConfig, config_dir: Path, tracker: Tracker | None = None, *
         if tracker is None:
             return body()
         if to_store:
-            close_stale_runs(tracker.tracking_uri, tracker.experiment_id, out)  # a dead pipeline's, under our lock
+            try:  # a dead pipeline's, under our lock; a store's hiccup must not stop this pipeline
+                close_stale_runs(tracker.tracking_uri, tracker.experiment_id, out, socket.gethostname())
+            except Exception as err:  # noqa: BLE001
+                log.warning("could not close the runs a dead pipeline left RUNNING: %s", err)
         with tracker.run(f"pipeline:{cfg.name}", tags=tags, params={"pipeline": to_dict(cfg)}):
             return body()
 
@@ -565,7 +572,7 @@ def main(argv=None) -> int:
             try:
                 if args.register:
                     print(register_final_model(summary, args.register, args.alias, tracker.tracking_uri), flush=True)
-            except ConfigError as err:
+            except Exception as err:  # noqa: BLE001  (ConfigError, the registry's MlflowException): the work is done
                 print(f"error: {err}", file=sys.stderr)
                 code = 2
             files = [p for p in (Path(cfg.out_dir) / "summary.json", args.report) if p and Path(p).is_file()]

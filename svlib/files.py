@@ -36,6 +36,15 @@ class WriteError(OSError):
     def __str__(self) -> str:
         return f"{self.filename}: cannot write ({self.strerror})"
 
+    def __reduce__(self):
+        # OSError would rebuild it as WriteError(errno, strerror, filename), which __init__ does not take: a
+        # WriteError raised in a multiprocessing worker must survive the trip back to the parent
+        return _rebuild_write_error, (self.filename, self.errno, self.strerror)
+
+
+def _rebuild_write_error(path: str, errno_: int | None, reason: str) -> WriteError:
+    return WriteError(path, OSError(errno_, reason))
+
 
 # .<target>.<pid>@<host>.<mkstemp's random part: letters, digits, '_'>.tmp
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)@(?P<host>[^.@/]+)\.\w+\.tmp$")

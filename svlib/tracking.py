@@ -398,14 +398,18 @@ def copy_metrics(client, source_run: str, target_run: str) -> int:
 
 
 OUT_DIR_TAG = "svlib.out_dir"  # the resolved out_dir of a pipeline's runs (parent and stages): its rerun finds them
+HOST_TAG = "svlib.host"        # the host of the pipeline's rank 0
 
 
-def close_stale_runs(tracking_uri: str, experiment_id: str, out_dir: str | os.PathLike) -> list[str]:
-    """Mark KILLED every run of ``experiment_id`` still RUNNING with tag ``svlib.out_dir`` = ``out_dir``.
+def close_stale_runs(tracking_uri: str, experiment_id: str, out_dir: str | os.PathLike, host: str) -> list[str]:
+    """Mark KILLED every run of ``experiment_id`` still RUNNING with tags ``svlib.out_dir`` = ``out_dir`` and
+    ``svlib.host`` = ``host``.
 
     A pipeline killed by SIGKILL (or one whose rank 0 died) cannot close its runs, and MLflow shows them
     RUNNING forever. Call this while holding the out_dir's lock (``experiments.common.exclusive_out_dir``): the
-    lock proves no live pipeline writes there, so every such run is an orphan of a dead one. Returns their ids.
+    lock proves no live pipeline writes there, so every such run is an orphan of a dead one. The host too,
+    because the lock covers one filesystem: the same path on another machine's scratch disk, tracked to one
+    team server, is another pipeline's live run. Returns their ids.
     """
     from mlflow import MlflowClient
 
@@ -413,7 +417,7 @@ def close_stale_runs(tracking_uri: str, experiment_id: str, out_dir: str | os.Pa
     target = str(Path(out_dir).resolve())
     closed = []
     for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=50000):
-        if run.data.tags.get(OUT_DIR_TAG) == target:
+        if run.data.tags.get(OUT_DIR_TAG) == target and run.data.tags.get(HOST_TAG) == host:
             client.set_tag(run.info.run_id, "svlib.closed_by", "rerun (its pipeline had died)")
             client.set_terminated(run.info.run_id, "KILLED")
             closed.append(run.info.run_id)

@@ -216,6 +216,21 @@ class FullDisk:
         self.handle.close()
 
 
+def test_a_write_error_survives_pickling():
+    """A WriteError raised in a multiprocessing worker travels back to the parent pickled."""
+    import copy
+    import errno
+    import os
+    import pickle
+
+    from svlib.files import WriteError
+
+    err = WriteError("exp/a.json", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    for back in (pickle.loads(pickle.dumps(err)), copy.copy(err)):
+        assert type(back) is WriteError and back.errno == errno.ENOSPC
+        assert str(back) == "exp/a.json: cannot write (No space left on device)"
+
+
 def full_disk(monkeypatch, room: int = 64) -> None:
     import os
 

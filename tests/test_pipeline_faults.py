@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 
 from experiments import pipeline
-from experiments.common import LOCK, exclusive_out_dir
+from experiments.common import LOCK, exclusive_out_dir, log_stage_results
 from tests.conftest import REPO
 from tests.test_files import full_disk
 
@@ -144,10 +144,48 @@ def test_runs_of_another_out_dir_are_left_alone(tmp_path, monkeypatch):
     config = _config(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
-    other = client.create_run(client.create_experiment("p"), tags={"svlib.out_dir": str(tmp_path / "exp" / "q")})
+    experiment = client.create_experiment("p")
+    host = os.uname().nodename
+    other = client.create_run(experiment, tags={"svlib.out_dir": str(tmp_path / "exp" / "q"), "svlib.host": host})
+    # the same path on another machine (its scratch disk, tracked to one team server): its lock is not ours
+    elsewhere = client.create_run(experiment, tags={"svlib.out_dir": str(tmp_path / "exp" / "p"),
+                                                    "svlib.host": f"not-{host}"})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     assert pipeline.main(["--config", str(config)]) == 0
     assert client.get_run(other.info.run_id).info.status == "RUNNING"
+    assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"
+
+
+class _Store:
+    """The part of a Tracker that log_stage_results uses, counting uploads; ``fail`` makes them raise."""
+
+    tracking_uri = "sqlite:///store.db"
+
+    def __init__(self, fail: bool = False) -> None:
+        self.uploads, self.fail, self.metrics = 0, fail, []
+
+    def log_model(self, folder, name, params=None, tags=None) -> str:
+        self.uploads += 1
+        if self.fail:
+            raise RuntimeError("upload limit exceeded")
+        return f"m-{self.uploads}"
+
+    def log_metrics(self, metrics, step=None, model_id=None) -> None:
+        self.metrics.append(model_id)
+
+
+def test_a_rerun_does_not_upload_a_finished_stages_model_again(tmp_path):
+    from svlib.model.speaker import MANIFEST
+
+    (tmp_path / "s2" / "model").mkdir(parents=True)
+    (tmp_path / "s2" / "model" / MANIFEST).write_text("{}")
+    record = {"best_val_eer_pct": 5.0}
+    failing = _Store(fail=True)
+    assert log_stage_results(failing, "s2", "train", tmp_path / "s2", record) is None  # a warning, not a crash
+    store = _Store()
+    assert log_stage_results(store, "s2", "train", tmp_path / "s2", record) == "m-1"
+    assert log_stage_results(store, "s2", "train", tmp_path / "s2", record) == "m-1"  # the rerun: no upload
+    assert store.uploads == 1 and store.metrics == ["m-1", "m-1"]
 
 
 def _alive(pid: int) -> bool:

@@ -286,7 +286,7 @@ def download(url: str, dest: str | os.PathLike, md5: str | None = None, sha256: 
     offset and the size) yet no digest is recorded for it, and a note says so: the record is the reference
     every later download is judged by, so it must not rest on the assumption that two responses, perhaps
     days apart, sent parts of one file. Downloading the whole file again just to record it would double
-    the largest transfers for that assumption; the next download that arrives in one piece records it.
+    the largest transfers for that assumption; to record one, delete the file and download it again.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -331,7 +331,7 @@ def download(url: str, dest: str | os.PathLike, md5: str | None = None, sha256: 
         return dest
     if not expected and resumed:
         print(f"note: {dest} was assembled from a resumed transfer: no first-use checksum recorded for it "
-              f"(the next download that arrives in one piece records one)", file=sys.stderr)
+              f"(to record one, delete it and download again: a transfer in one piece records it)", file=sys.stderr)
         return dest
     records[dest.name] = {**got, "url": url,
                           "origin": "published" if expected else "first complete download (trust on first use)"}
