@@ -92,13 +92,14 @@ class DataConfig:
                 problems.append(f"data.{key}: {path}: no such file")
         if problems:
             raise ConfigError("; ".join(problems))
-        loaded: dict[str, set[str]] = {}
+        loaded: dict[str, set[str]] = {}  # data dir key -> its utterances, each dir read once
         for key, path, dir_key in trial_lists:
             if path is None or getattr(self, dir_key) is None:
                 continue
             try:
-                utts = loaded.setdefault(dir_key, set(DataDir.load(getattr(self, dir_key)).utt2spk))
-                unknown = sorted(read_trials(path).utterances - utts)
+                if dir_key not in loaded:
+                    loaded[dir_key] = set(DataDir.load(getattr(self, dir_key)).utt2spk)
+                unknown = sorted(read_trials(path).utterances - loaded[dir_key])
             except ListError as err:
                 problems.append(f"data.{key}: {err}")
                 continue

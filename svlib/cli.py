@@ -230,7 +230,7 @@ def _score(args: argparse.Namespace) -> int:
         cal = load_calibration(args.calibration)
         _check_calibration_norm(cal, args.calibration, args)
     trials, table, scores = _load_scores(args)
-    used = list(dict.fromkeys([*trials.enroll, *trials.test]))
+    used = sorted(trials.utterances)
     _narrowband_note(table.flagged("narrowband", used), len(used), f" (flagged in {args.embeddings})")
     calibrated = None if cal is None else cal.apply(scores, table, trials)
     final = scores if calibrated is None else calibrated
